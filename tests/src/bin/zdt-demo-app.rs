@@ -1,0 +1,206 @@
+//! The demo service: an HTTP server that follows the app-side contract zdt relies on.
+//!
+//! - warm-up of `--warmup`: `/` and `/readyz` answer 503, `/livez` 200;
+//! - `/readyz` and `/livez` also on a per-instance admin port (`--admin-port`, 0 = any free port);
+//! - every answer names the pid and version (`x-zdt-pid`, `x-zdt-version`, and the body);
+//! - on SIGTERM: `/readyz` turns 503, the process stops accepting, closes its listener
+//!   `--close-gap` later, finishes in-flight requests and exits;
+//! - `--bind-at start` binds the public port at once (zdt mode: zdt sends it nothing until it is
+//!   promoted); `--bind-at ready` binds only after warm-up (plain SO_REUSEPORT handover).
+//!
+//! It prints `admin=ADDR` and `bound=ADDR` lines on stdout as those sockets start listening.
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BindAt {
+    Start,
+    Ready,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "0.0.0.0")]
+    addr: IpAddr,
+    #[arg(long, default_value_t = 0)]
+    admin_port: u16,
+    #[arg(long, default_value = "v1")]
+    version: String,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    #[arg(long, value_enum, default_value = "start")]
+    bind_at: BindAt,
+    /// Gap between the last accept() and close() of the listener after SIGTERM.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    close_gap: Duration,
+    /// Time spent on each request of `/`.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: Duration,
+    #[arg(long, default_value_t = 4096)]
+    backlog: i32,
+    /// Never accept on the public port (a stuck process: connections pile up in its queue).
+    #[arg(long)]
+    no_accept: bool,
+    /// Bind without SO_REUSEPORT (to see zdt refuse such a socket).
+    #[arg(long)]
+    no_reuseport: bool,
+}
+
+struct App {
+    version: String,
+    pid: u32,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    delay: Duration,
+}
+
+fn listener(addr: SocketAddr, reuseport: bool, backlog: i32) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    // The kernel puts a socket into the port's reuseport group only if SO_REUSEPORT is set
+    // before bind(); this is the one change zdt asks of an app.
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+fn response(status: u16, app: &App, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("x-zdt-pid", app.pid.to_string())
+        .header("x-zdt-version", app.version.as_str())
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(format!(
+            "{body} version={} pid={}\n",
+            app.version, app.pid
+        ))))
+        .expect("valid response")
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    app: Arc<App>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let ready = app.ready.load(Ordering::SeqCst);
+    let draining = app.draining.load(Ordering::SeqCst);
+    Ok(match req.uri().path() {
+        "/livez" => response(200, &app, "alive"),
+        "/readyz" | "/healthz" if ready && !draining => response(200, &app, "ready"),
+        "/readyz" | "/healthz" => response(503, &app, "not ready"),
+        _ if !ready => response(503, &app, "warming up"),
+        _ => {
+            if !app.delay.is_zero() {
+                tokio::time::sleep(app.delay).await;
+            }
+            response(200, &app, "hello")
+        }
+    })
+}
+
+fn serve(stream: tokio::net::TcpStream, app: &Arc<App>, graceful: &GracefulShutdown) {
+    let _ = stream.set_nodelay(true);
+    let app = app.clone();
+    let conn = http1::Builder::new().serve_connection(
+        TokioIo::new(stream),
+        service_fn(move |r| handle(r, app.clone())),
+    );
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let app = Arc::new(App {
+        version: args.version.clone(),
+        pid: std::process::id(),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        delay: args.delay,
+    });
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let graceful = GracefulShutdown::new();
+
+    // Admin port: readiness of *this* instance, whoever owns the public port.
+    let admin = listener(SocketAddr::new(args.addr, args.admin_port), false, 128)?;
+    println!("admin={}", admin.local_addr()?);
+    let admin_app = app.clone();
+    tokio::spawn(async move {
+        let never = GracefulShutdown::new();
+        while let Ok((s, _)) = admin.accept().await {
+            serve(s, &admin_app, &never);
+        }
+    });
+
+    let public = SocketAddr::new(args.addr, args.port);
+    let bind = || listener(public, !args.no_reuseport, args.backlog);
+    let mut listener = if args.bind_at == BindAt::Start {
+        let l = bind()?;
+        println!("bound={}", l.local_addr()?);
+        Some(l)
+    } else {
+        None
+    };
+    let warm = tokio::time::sleep(args.warmup);
+    tokio::pin!(warm);
+    tokio::select! {
+        _ = &mut warm => {}
+        _ = sigterm.recv() => return Ok(()),
+    }
+    if listener.is_none() {
+        let l = bind()?;
+        println!("bound={}", l.local_addr()?);
+        listener = Some(l);
+    }
+    app.ready.store(true, Ordering::SeqCst);
+    println!("ready");
+    let listener = listener.expect("bound above");
+
+    loop {
+        tokio::select! {
+            r = listener.accept(), if !args.no_accept => {
+                if let Ok((s, _)) = r {
+                    serve(s, &app, &graceful);
+                }
+            }
+            _ = sigterm.recv() => break,
+        }
+    }
+    // SIGTERM: not ready any more; no more accept(); the listener stays open for the gap (its
+    // queue still fills if anyone sends it connections), then closes.
+    app.draining.store(true, Ordering::SeqCst);
+    tokio::time::sleep(args.close_gap).await;
+    drop(listener);
+    println!("closed");
+    // Finish in-flight requests; idle keep-alive connections are closed.
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    Ok(())
+}

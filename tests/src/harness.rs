@@ -1,0 +1,240 @@
+//! Real processes in a test namespace: the demo service and zdt-ctl, started from the binaries
+//! that `cargo xtask build` puts in target/release.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::netns::Netns;
+
+/// Directory of the workspace's binaries: $ZDT_BIN_DIR, else the directory of the running
+/// executable (a test runs from target/<profile>/deps, a binary from target/<profile>).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("ZDT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut d = exe.parent().expect("exe dir").to_path_buf();
+            if d.ends_with("deps") {
+                d.pop();
+            }
+            d
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build` (or `cargo build --release --bins`) first",
+        path.display()
+    );
+    path
+}
+
+/// Options of one demo service instance.
+#[derive(Debug, Clone)]
+pub struct AppOpts {
+    pub port: u16,
+    pub version: String,
+    pub warmup: Duration,
+    /// true: bind the public port at start (zdt mode); false: after warm-up (plain handover).
+    pub bind_at_start: bool,
+    pub close_gap: Duration,
+    pub extra: Vec<String>,
+}
+
+impl AppOpts {
+    pub fn new(port: u16, version: &str) -> Self {
+        AppOpts {
+            port,
+            version: version.into(),
+            warmup: Duration::ZERO,
+            bind_at_start: true,
+            close_gap: Duration::from_millis(100),
+            extra: Vec::new(),
+        }
+    }
+    pub fn warmup(mut self, d: Duration) -> Self {
+        self.warmup = d;
+        self
+    }
+    pub fn bind_after_warmup(mut self) -> Self {
+        self.bind_at_start = false;
+        self
+    }
+    pub fn close_gap(mut self, d: Duration) -> Self {
+        self.close_gap = d;
+        self
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+}
+
+/// A running demo service. Killed (SIGKILL) when dropped if it is still running.
+pub struct App {
+    pub child: Child,
+    pub pid: i32,
+    pub admin: SocketAddr,
+    pub version: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl App {
+    /// Starts the service and waits until its public listener is bound (or, for a service that
+    /// binds after warm-up, until its admin port is up).
+    pub fn start(ns: &Netns, o: &AppOpts) -> anyhow::Result<App> {
+        let mut cmd = Command::new(bin("zdt-demo-app"));
+        cmd.args(["--port", &o.port.to_string(), "--version", &o.version])
+            .args(["--warmup", &format!("{}ms", o.warmup.as_millis())])
+            .args(["--close-gap", &format!("{}ms", o.close_gap.as_millis())])
+            .args(["--bind-at", if o.bind_at_start { "start" } else { "ready" }])
+            .args(&o.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        ns.command(&mut cmd);
+        let mut child = cmd.spawn().context("starting zdt-demo-app")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut app = App {
+            pid: child.id() as i32,
+            child,
+            admin: "0.0.0.0:0".parse().expect("addr"),
+            version: o.version.clone(),
+            lines,
+        };
+        let admin = app.wait_line("admin=", Duration::from_secs(10))?;
+        app.admin = admin.parse().context("admin address")?;
+        // The admin port binds the wildcard; probe it on loopback.
+        app.admin.set_ip([127, 0, 0, 1].into());
+        if o.bind_at_start {
+            app.wait_line("bound=", Duration::from_secs(10))?;
+        }
+        Ok(app)
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest of it.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).with_context(|| {
+                format!("zdt-demo-app {} printed no {prefix:?} line", self.version)
+            })?;
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Ok(rest.to_string());
+            }
+        }
+    }
+
+    pub fn readyz(&self) -> String {
+        format!("http://{}/readyz", self.admin)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
+    }
+
+    /// Waits for the process to exit; true if it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Output of one zdt-ctl run.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+impl From<Output> for Ctl {
+    fn from(o: Output) -> Self {
+        Ctl {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `zdt-ctl ARGS` inside the namespace.
+pub fn zdt(ns: &Netns, args: &[&str]) -> Ctl {
+    zdt_command(ns, args)
+        .output()
+        .expect("running zdt-ctl")
+        .into()
+}
+
+/// The zdt-ctl command, ready to spawn inside the namespace.
+pub fn zdt_command(ns: &Netns, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("zdt-ctl"));
+    cmd.args(args).stdin(Stdio::null());
+    ns.command(&mut cmd);
+    cmd
+}
+
+/// Runs zdt-ctl and fails with its output if it did not succeed.
+pub fn zdt_ok(ns: &Netns, args: &[&str]) -> anyhow::Result<Ctl> {
+    let r = zdt(ns, args);
+    anyhow::ensure!(
+        r.ok(),
+        "zdt-ctl {} exited {}:\n{}{}",
+        args.join(" "),
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    Ok(r)
+}
+
+/// `zdt-ctl status PORT --json`, parsed.
+pub fn status(ns: &Netns, port: u16) -> anyhow::Result<serde_json::Value> {
+    let r = zdt_ok(ns, &["status", &port.to_string(), "--json"])?;
+    serde_json::from_str(&r.stdout).context("status JSON")
+}
+
+/// Every byte of zdt's pinned state for `port` except the traffic counters, read inside the
+/// namespace; equal fingerprints mean the state did not change.
+pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
+    ns.run(move || {
+        zdt_ctl::state::State::open_read(port)?
+            .map(|s| s.fingerprint())
+            .transpose()
+    })?
+}

@@ -1,0 +1,330 @@
+//! A load client that classifies every request: ok, http-5xx, other HTTP status, refused, reset,
+//! eof, timeout, slow. Raw TCP (not an HTTP library) so that a reset is told from an EOF exactly
+//! as the kernel reported it.
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// A request that took at least this long counts as slow: a SYN retransmit costs 1 s.
+pub const SLOW: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ok,
+    Http5xx,
+    HttpOther,
+    Refused,
+    Reset,
+    Eof,
+    Timeout,
+    /// 200, but after [`SLOW`] or more.
+    Slow,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::Http5xx,
+        Outcome::HttpOther,
+        Outcome::Refused,
+        Outcome::Reset,
+        Outcome::Eof,
+        Outcome::Timeout,
+        Outcome::Slow,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Http5xx => "http-5xx",
+            Outcome::HttpOther => "http-other",
+            Outcome::Refused => "refused",
+            Outcome::Reset => "reset",
+            Outcome::Eof => "eof",
+            Outcome::Timeout => "timeout",
+            Outcome::Slow => "slow",
+        }
+    }
+}
+
+/// One finished request.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub outcome: Outcome,
+    /// The `x-zdt-version` header of the answer, if any.
+    pub version: Option<String>,
+    pub latency: Duration,
+    /// When the request started, from the start of the run.
+    pub started: Duration,
+}
+
+/// Counts per outcome and per answering version.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Tally {
+    pub requests: u64,
+    pub outcomes: BTreeMap<Outcome, u64>,
+    pub versions: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub fn add(&mut self, s: &Sample) {
+        self.requests += 1;
+        *self.outcomes.entry(s.outcome).or_default() += 1;
+        if let Some(v) = &s.version {
+            *self.versions.entry(v.clone()).or_default() += 1;
+        }
+    }
+
+    pub fn count(&self, o: Outcome) -> u64 {
+        self.outcomes.get(&o).copied().unwrap_or(0)
+    }
+
+    /// Everything that is not a timely 200.
+    pub fn failures(&self) -> u64 {
+        self.requests - self.count(Outcome::Ok)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub addr: SocketAddr,
+    /// Requests per second (open loop), or None for closed loop with `workers` workers.
+    pub rate: Option<f64>,
+    pub workers: usize,
+    /// Reuse connections (HTTP/1.1 keep-alive) instead of one connection per request.
+    pub keepalive: bool,
+    /// Upper bounds: the run stops at whichever comes first (or when `stop` is set).
+    pub duration: Duration,
+    pub max_requests: u64,
+    pub request_timeout: Duration,
+}
+
+impl LoadSpec {
+    /// Open loop at `rate` req/s, new connection per request.
+    pub fn open(addr: SocketAddr, rate: f64, duration: Duration) -> Self {
+        LoadSpec {
+            addr,
+            rate: Some(rate),
+            workers: 1,
+            keepalive: false,
+            duration,
+            max_requests: (rate * duration.as_secs_f64() * 2.0) as u64 + 10,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs the load on a current-thread runtime in the calling thread (call it from a thread inside
+/// the target's network namespace). `stop` ends the run early; every sample goes to `sink`.
+pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let deadline = start + spec.duration;
+        let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let more = |issued: &std::sync::atomic::AtomicU64| {
+            !stop.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
+        };
+        match spec.rate {
+            Some(rate) => {
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut conn: Option<TcpStream> = None;
+                while more(&issued) {
+                    tick.tick().await;
+                    if spec.keepalive {
+                        // One connection, requests in sequence at the given rate.
+                        let s = one(spec, &mut conn, start).await;
+                        samples.lock().unwrap().push(s);
+                    } else {
+                        let (spec, samples) = (spec.clone(), samples.clone());
+                        tasks.spawn(async move {
+                            let s = one(&spec, &mut None, start).await;
+                            samples.lock().unwrap().push(s);
+                        });
+                    }
+                    // Keep the set from growing without bound: reap finished tasks.
+                    while tasks.try_join_next().is_some() {}
+                }
+            }
+            None => {
+                for _ in 0..spec.workers {
+                    let (spec, samples, issued, stop) =
+                        (spec.clone(), samples.clone(), issued.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        let mut conn = None;
+                        while !stop.load(Ordering::Relaxed)
+                            && Instant::now() < deadline
+                            && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
+                        {
+                            let s = one(&spec, &mut conn, start).await;
+                            samples.lock().unwrap().push(s);
+                        }
+                    });
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    for s in samples.lock().unwrap().drain(..) {
+        sink(s);
+    }
+}
+
+/// One request; with keep-alive, reuses `conn` and replaces it after any failure.
+async fn one(spec: &LoadSpec, conn: &mut Option<TcpStream>, start: Instant) -> Sample {
+    let t = Instant::now();
+    let reused = conn.is_some();
+    let result = tokio::time::timeout(spec.request_timeout, exchange(spec, conn)).await;
+    let latency = t.elapsed();
+    let (outcome, version) = match result {
+        Err(_) => (Outcome::Timeout, None),
+        Ok(Ok((status, version))) => {
+            let o = match status {
+                200 if latency >= SLOW => Outcome::Slow,
+                200 => Outcome::Ok,
+                500..=599 => Outcome::Http5xx,
+                _ => Outcome::HttpOther,
+            };
+            (o, version)
+        }
+        Ok(Err(e)) => (classify(&e), None),
+    };
+    if outcome != Outcome::Ok && outcome != Outcome::Http5xx {
+        *conn = None;
+    }
+    // A keep-alive connection that the server closed while idle is the normal end of keep-alive:
+    // the request was never taken by anyone, so it is retried once on a new connection.
+    if reused && matches!(outcome, Outcome::Eof | Outcome::Reset) {
+        return Box::pin(one(spec, conn, start)).await;
+    }
+    Sample {
+        outcome,
+        version,
+        latency,
+        started: t - start,
+    }
+}
+
+fn classify(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => Outcome::Reset,
+        io::ErrorKind::TimedOut => Outcome::Timeout,
+        _ => Outcome::Eof,
+    }
+}
+
+/// Sends `GET /` and reads one response: (status, x-zdt-version).
+async fn exchange(
+    spec: &LoadSpec,
+    conn: &mut Option<TcpStream>,
+) -> io::Result<(u16, Option<String>)> {
+    if conn.is_none() {
+        let s = TcpStream::connect(spec.addr).await?;
+        s.set_nodelay(true)?;
+        *conn = Some(s);
+    }
+    let stream = conn.as_mut().expect("connected above");
+    let req: &[u8] = if spec.keepalive {
+        b"GET / HTTP/1.1\r\nHost: zdt\r\n\r\n"
+    } else {
+        b"GET / HTTP/1.1\r\nHost: zdt\r\nConnection: close\r\n\r\n"
+    };
+    stream.write_all(req).await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a full reply");
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(eof());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(eof)?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(eof());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if !spec.keepalive || header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+        *conn = None;
+    }
+    Ok((status, header("x-zdt-version")))
+}
+
+/// A load running on its own thread inside a namespace, stopped on demand.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+impl Background {
+    pub fn start(ns: &crate::netns::Netns, spec: LoadSpec) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = ns.spawn_thread(move || {
+            let mut out = Vec::new();
+            run(&spec, &flag, &mut |s| out.push(s));
+            out
+        });
+        Background { stop, handle }
+    }
+
+    pub fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread")
+    }
+}
+
+pub fn tally(samples: &[Sample]) -> Tally {
+    let mut t = Tally::default();
+    for s in samples {
+        t.add(s);
+    }
+    t
+}

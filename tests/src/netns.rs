@@ -1,0 +1,127 @@
+//! A fresh network namespace per test: its own loopback, sockets, reuseport groups, kernel
+//! counters and zdt state (zdt keys its pinned state by the namespace's cookie).
+use std::{
+    fs::File,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    process::Command,
+};
+
+use anyhow::Context as _;
+use nix::sched::{setns, unshare, CloneFlags};
+
+pub struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    /// Creates a namespace (unshare(CLONE_NEWNET) on a throwaway thread: a namespace belongs to
+    /// the thread that made it, and lives on while we hold its fd) and brings its loopback up.
+    pub fn new() -> anyhow::Result<Self> {
+        let fd = std::thread::spawn(|| -> anyhow::Result<OwnedFd> {
+            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET): run as root")?;
+            let f = File::open("/proc/thread-self/ns/net")?;
+            Ok(f.into())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))??;
+        let ns = Netns { fd };
+        ns.run(loopback_up)??;
+        Ok(ns)
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it creates belong to the namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.spawn_thread(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))
+    }
+
+    /// Like [`Netns::run`], without waiting.
+    pub fn spawn_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let fd = self.fd.try_clone().expect("dup netns fd");
+        std::thread::spawn(move || {
+            setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns into test netns");
+            f()
+        })
+    }
+
+    /// Makes `cmd` start inside the namespace.
+    pub fn command(&self, cmd: &mut Command) {
+        let raw = self.fd.as_raw_fd();
+        // SAFETY: setns is a plain syscall, safe between fork and exec. The fd stays open in the
+        // parent for as long as self lives, which outlives the spawn call.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(raw);
+                setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+    }
+
+    /// Reads a counter of /proc/net/netstat or /proc/net/snmp (e.g. "TcpExt", "TCPMigrateReqSuccess")
+    /// as seen from inside the namespace.
+    pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
+        let (group, name) = (group.to_string(), name.to_string());
+        self.run(move || read_counter(&group, &name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Remove zdt's pinned state of this namespace, so no pinned program outlives the test.
+        let _ = self.run(|| {
+            if let Ok(dir) = zdt_ctl::state::netns_dir() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        });
+    }
+}
+
+fn loopback_up() -> anyhow::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    // SAFETY: ifreq is plain data; the ioctls read and write only it.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo");
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo");
+        }
+    }
+    Ok(())
+}
+
+/// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines).
+pub fn read_counter(group: &str, name: &str) -> anyhow::Result<u64> {
+    for file in ["/proc/net/netstat", "/proc/net/snmp"] {
+        let text = std::fs::read_to_string(file)?;
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [head, vals] = pair else { continue };
+            let prefix = format!("{group}:");
+            if !head.starts_with(&prefix) || !vals.starts_with(&prefix) {
+                continue;
+            }
+            let keys = head.split_whitespace().skip(1);
+            let values = vals.split_whitespace().skip(1);
+            if let Some((_, v)) = keys.zip(values).find(|(k, _)| *k == name) {
+                return Ok(v.parse()?);
+            }
+        }
+    }
+    anyhow::bail!("counter {group}:{name} not found")
+}

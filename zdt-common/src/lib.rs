@@ -1,0 +1,168 @@
+//! Types and constants shared by the BPF program (`zdt-ebpf`) and userspace (`zdt-ctl`).
+//!
+//! Every type here is `#[repr(C)]` and has the same layout on both sides: the BPF program reads
+//! and writes map values through these structs, `zdt-ctl` does the same through the `bpf(2)`
+//! syscall. Changing a layout means changing [`LAYOUT_VERSION`], so that `zdt-ctl` refuses a
+//! pinned state written by another layout instead of misreading it.
+#![no_std]
+
+/// Bumped whenever a map layout below changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Number of slots in the socket array (one listening socket per slot).
+pub const MAX_SLOTS: u32 = 256;
+
+/// Maximum number of sockets of one address family in the active set. The program walks the
+/// active list in a bounded loop, so this bounds the work per new connection too.
+pub const MAX_ACTIVE: usize = 32;
+
+/// `AF_INET` / `AF_INET6`, as the kernel's `bpf_sock.family` reports them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// Index of the per-family list inside [`ActiveSet`].
+#[inline(always)]
+pub fn family_index(family: u32) -> Option<usize> {
+    match family {
+        AF_INET => Some(0),
+        AF_INET6 => Some(1),
+        _ => None,
+    }
+}
+
+/// Map names: the program's maps are pinned under these names in the state directory.
+pub mod names {
+    pub const PROGRAM: &str = "zdt_select";
+    pub const SOCKETS: &str = "ZDT_SOCKETS";
+    pub const CONTROL: &str = "ZDT_CONTROL";
+    pub const ACTIVE: &str = "ZDT_ACTIVE";
+    pub const SLOT_COUNTERS: &str = "ZDT_SLOT_COUNTERS";
+    pub const GLOBAL_COUNTERS: &str = "ZDT_GLOBAL_COUNTERS";
+    pub const SLOT_META: &str = "ZDT_SLOT_META";
+}
+
+/// Value of the one-entry `ZDT_CONTROL` array.
+///
+/// `active_buf` selects which of the two `ZDT_ACTIVE` buffers the program reads:
+/// 0 = nothing promoted yet (the program returns SK_PASS and the kernel hashes as if no program
+/// were attached), 1 = buffer 0, 2 = buffer 1. Userspace only ever changes it 0->1, 1->2, 2->1 or
+/// back to 0; 1 <-> 2 differ in one byte, so even a byte-wise copy by the kernel cannot produce a
+/// third value.
+///
+/// The other fields are written once by `attach` and read only by `zdt-ctl`: the layout the
+/// state was created with, and the listeners it manages (`[ADDR]:PORT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    pub active_buf: u32,
+    pub layout_version: u32,
+    pub port: u32,
+    /// 0 = wildcard (`:PORT`), 4 = IPv4 address, 6 = IPv6 address in `addr`.
+    pub addr_kind: u32,
+    pub addr: [u8; 16],
+}
+
+/// The sockets that receive new connections, per address family (0 = IPv4 group, 1 = IPv6
+/// group). A listener belongs to exactly one reuseport group and the kernel rejects a selection
+/// across groups, so the program only walks the list of the group it runs for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveSet {
+    pub lists: [SlotList; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotList {
+    pub len: u32,
+    pub slots: [u32; MAX_ACTIVE],
+}
+
+impl SlotList {
+    pub const EMPTY: SlotList = SlotList {
+        len: 0,
+        slots: [0; MAX_ACTIVE],
+    };
+
+    /// The valid prefix of `slots`.
+    pub fn as_slice(&self) -> &[u32] {
+        let len = (self.len as usize).min(MAX_ACTIVE);
+        &self.slots[..len]
+    }
+}
+
+impl ActiveSet {
+    pub const EMPTY: ActiveSet = ActiveSet {
+        lists: [SlotList::EMPTY; 2],
+    };
+
+    pub fn contains(&self, slot: u32) -> bool {
+        self.lists.iter().any(|l| l.as_slice().contains(&slot))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lists.iter().all(|l| l.len == 0)
+    }
+}
+
+/// Per-slot counters, written by the program (per-CPU array: no atomics needed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    /// New connections (SYNs) steered to this slot's socket.
+    pub steered: u64,
+    /// Queued connections moved to this slot's socket from a closing listener.
+    pub migrated: u64,
+}
+
+/// Group-wide counters, written by the program (per-CPU array, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCounters {
+    /// Selections while nothing was promoted: SK_PASS to kernel hashing, by design.
+    pub passthrough: u64,
+    /// New connections handed to kernel hashing because no active socket could be selected.
+    pub fallback: u64,
+    /// Individual `bpf_sk_select_reuseport` calls that failed (a closed slot, say).
+    pub select_failed: u64,
+    /// Migrations for which no active socket could be selected (kernel picked by hash).
+    pub migrate_no_target: u64,
+}
+
+/// Userspace-only metadata per slot; the program never reads it. Lives in a pinned map so that
+/// all of zdt's state is in one place and every update of it is one atomic map write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotMeta {
+    /// Socket cookie when the slot was filled. The socket array returns the cookie of the socket
+    /// in a slot; a mismatch means the slot was cleared (socket closed) and perhaps refilled.
+    pub cookie: u64,
+    /// Start time of `pid` (clock ticks since boot, /proc/PID/stat field 22): tells a reused
+    /// pid from the process that was promoted.
+    pub pid_start: u64,
+    /// Unix time in milliseconds when this slot entered its current role.
+    pub since_ms: u64,
+    pub pid: u32,
+    /// One of the `ROLE_*` constants.
+    pub role: u32,
+    pub family: u32,
+    pub _pad: u32,
+}
+
+/// In the socket array, not yet promoted (or a promote was interrupted before its switch).
+pub const ROLE_CANDIDATE: u32 = 1;
+/// In the active set.
+pub const ROLE_ACTIVE: u32 = 2;
+/// Was active, taken out of the active set; its socket still listens.
+pub const ROLE_DRAINING: u32 = 3;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for ActiveSet {}
+    unsafe impl aya::Pod for SlotCounters {}
+    unsafe impl aya::Pod for GlobalCounters {}
+    unsafe impl aya::Pod for SlotMeta {}
+}

@@ -1,0 +1,148 @@
+//! The `[ADDR]:PORT` argument and durations, parsed with errors that name the input.
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use crate::error::bad_input;
+
+/// Which listeners of a port zdt manages: `:80` means the wildcard listeners (0.0.0.0 and/or
+/// [::]), `127.0.0.1:8080` or `[::1]:80` the listeners bound to that address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+}
+
+const FORMS: &str = "expected [ADDR]:PORT, e.g. :80, 127.0.0.1:8080 or [::]:80";
+
+impl FromStr for PortSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let invalid = |why: &str| bad_input(format!("invalid address {s:?}: {why}"));
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| invalid(&format!("no port; {FORMS}")))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| invalid(&format!("port {port:?} is not a number from 1 to 65535")))?;
+        if port == 0 {
+            return Err(invalid("port 0 is not a port a service listens on"));
+        }
+        let addr = match host {
+            "" => None,
+            h if h.starts_with('[') && h.ends_with(']') => Some(IpAddr::V6(
+                h[1..h.len() - 1]
+                    .parse()
+                    .map_err(|_| invalid(&format!("{h} is not an IPv6 address; {FORMS}")))?,
+            )),
+            h => Some(IpAddr::V4(h.parse().map_err(|_| {
+                invalid(&format!(
+                    "{h:?} is not an IPv4 address (write IPv6 as [ADDR]); {FORMS}"
+                ))
+            })?)),
+        };
+        // The unspecified addresses are the wildcard: `0.0.0.0:80` and `[::]:80` name the same
+        // kind of listener as `:80` but keep the family.
+        Ok(PortSpec { addr, port })
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            None => write!(f, ":{}", self.port),
+            Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.port),
+            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
+        }
+    }
+}
+
+impl PortSpec {
+    /// Whether a listener bound to `local` belongs to the listeners this spec names.
+    pub fn matches(&self, local: &std::net::SocketAddr) -> bool {
+        local.port() == self.port
+            && match self.addr {
+                None => local.ip().is_unspecified(),
+                Some(a) => a == local.ip(),
+            }
+    }
+}
+
+/// Parses a port given alone (`80`) or as `[ADDR]:PORT`; used by `status`.
+pub fn parse_port(s: &str) -> anyhow::Result<u16> {
+    if s.contains(':') {
+        return Ok(s.parse::<PortSpec>()?.port);
+    }
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(bad_input(format!(
+            "invalid port {s:?}: expected a number from 1 to 65535"
+        ))),
+    }
+}
+
+/// Parses a duration such as `30s`, `500ms` or `2m`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(s).map_err(|e| {
+        bad_input(format!(
+            "invalid duration {s:?}: {e}; write it like 30s, 500ms or 2m"
+        ))
+    })
+}
+
+/// Parses a pid argument: a positive integer that can be a process id.
+pub fn parse_pid(s: &str) -> anyhow::Result<i32> {
+    match s.parse::<i64>() {
+        Ok(p) if p > 0 && p <= i64::from(i32::MAX) => Ok(p as i32),
+        Ok(_) => Err(bad_input(format!(
+            "invalid pid {s:?}: a pid is a positive number (see `pgrep`, `systemctl show -p MainPID`)"
+        ))),
+        Err(_) => Err(bad_input(format!(
+            "invalid pid {s:?}: not a number (see `pgrep`, `systemctl show -p MainPID`)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs() {
+        let p: PortSpec = ":80".parse().unwrap();
+        assert_eq!(p, PortSpec { addr: None, port: 80 });
+        let p: PortSpec = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(p.addr, Some("127.0.0.1".parse().unwrap()));
+        let p: PortSpec = "[::]:80".parse().unwrap();
+        assert_eq!(p.addr, Some("::".parse().unwrap()));
+        assert_eq!(p.to_string(), "[::]:80");
+        for bad in ["80", ":0", ":65536", "x:80", "[zz]:80", "::1:80", ":http", ""] {
+            let e = bad.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn spec_matches_only_its_listeners() {
+        let any: PortSpec = ":80".parse().unwrap();
+        assert!(any.matches(&"0.0.0.0:80".parse().unwrap()));
+        assert!(any.matches(&"[::]:80".parse().unwrap()));
+        assert!(!any.matches(&"127.0.0.1:80".parse().unwrap()));
+        assert!(!any.matches(&"0.0.0.0:81".parse().unwrap()));
+        let lo: PortSpec = "127.0.0.1:80".parse().unwrap();
+        assert!(lo.matches(&"127.0.0.1:80".parse().unwrap()));
+        assert!(!lo.matches(&"0.0.0.0:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn pids_and_durations() {
+        assert_eq!(parse_pid("42").unwrap(), 42);
+        for bad in ["0", "-1", "abc", "99999999999", ""] {
+            assert!(parse_pid(bad).unwrap_err().to_string().contains(bad));
+        }
+        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").unwrap_err().to_string().contains("soon"));
+        assert_eq!(parse_port("8080").unwrap(), 8080);
+        assert_eq!(parse_port(":8080").unwrap(), 8080);
+        assert!(parse_port("0").is_err());
+    }
+}

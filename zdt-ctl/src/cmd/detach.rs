@@ -1,0 +1,44 @@
+//! `zdt-ctl detach [ADDR]:PORT`: take the program off the port's groups and remove the state.
+use std::collections::BTreeSet;
+
+use aya::programs::SkReuseport;
+
+use crate::{
+    addr::PortSpec,
+    error::{bad_input, require_root},
+    sockets,
+    state::State,
+};
+
+pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
+    require_root()?;
+    let state = State::open_locked(spec.port)?;
+    if state.spec != spec {
+        return Err(bad_input(format!(
+            "port {} is attached as {}, not {spec}; run `zdt-ctl detach {}`",
+            spec.port, state.spec, state.spec
+        )));
+    }
+    // One member of each group is enough: the program belongs to the group. Detach first, then
+    // remove the pins: if this is interrupted, the state still says "attached" and a second
+    // detach finishes the job.
+    let table = sockets::listen_entries()?;
+    let inodes: BTreeSet<u64> = table
+        .values()
+        .filter(|e| spec.matches(&e.local))
+        .map(|e| e.inode)
+        .collect();
+    let mut families_done = BTreeSet::new();
+    for (inode, (_, fd)) in sockets::fetch_by_inode(&inodes)? {
+        let (Some(fd), Some(entry)) = (fd, table.get(&inode)) else {
+            continue;
+        };
+        if families_done.insert(entry.local.is_ipv4()) {
+            // ENOENT means the group has no program (re-created since): nothing to detach.
+            let _ = SkReuseport::detach(&fd);
+        }
+    }
+    state.remove()?;
+    tracing::info!(port = spec.port, groups = families_done.len(), "detached");
+    Ok(families_done.len())
+}

@@ -1,0 +1,87 @@
+//! Errors that tell the user what was wrong and what to do, each with its own exit code so that
+//! deploy scripts can branch on the outcome.
+use std::fmt;
+
+/// What kind of failure an error is. The exit code of `zdt-ctl` is derived from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Anything unexpected: a kernel call that should not fail, a bug.
+    Internal,
+    /// Bad input: a malformed argument, a pid that does not exist or has no suitable socket.
+    BadInput,
+    /// The port is not under zdt's control (`zdt-ctl attach` first).
+    NotAttached,
+    /// The readiness URL never answered 200 within the timeout.
+    ReadinessTimeout,
+    /// The process being promoted exited before the switch.
+    ProcessDied,
+    /// Not run as root.
+    PermissionDenied,
+    /// The request is valid but would break the service (e.g. draining the last active member).
+    Refused,
+}
+
+impl Kind {
+    /// Documented in the README ("Exit codes").
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Kind::Internal => 1,
+            Kind::BadInput => 2,
+            Kind::NotAttached => 3,
+            Kind::ReadinessTimeout => 4,
+            Kind::ProcessDied => 5,
+            Kind::PermissionDenied => 6,
+            Kind::Refused => 7,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ZdtError {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl fmt::Display for ZdtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ZdtError {}
+
+/// Builds an [`anyhow::Error`] of the given kind.
+pub fn err(kind: Kind, message: impl Into<String>) -> anyhow::Error {
+    ZdtError {
+        kind,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Shorthand for the most common kind.
+pub fn bad_input(message: impl Into<String>) -> anyhow::Error {
+    err(Kind::BadInput, message)
+}
+
+/// The kind of an error chain: the first [`ZdtError`] in it, else `Internal`.
+pub fn kind_of(error: &anyhow::Error) -> Kind {
+    error
+        .chain()
+        .find_map(|e| e.downcast_ref::<ZdtError>())
+        .map_or(Kind::Internal, |e| e.kind)
+}
+
+/// zdt loads BPF programs, writes pinned maps and duplicates other processes' sockets: all of it
+/// needs root. Checked first, so a non-root run touches nothing.
+pub fn require_root() -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(err(
+            Kind::PermissionDenied,
+            "zdt-ctl must run as root: it loads a BPF program, writes its pinned maps under \
+             /sys/fs/bpf and takes listening sockets from other processes. Run it with sudo.",
+        ))
+    }
+}

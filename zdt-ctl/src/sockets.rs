@@ -1,0 +1,368 @@
+//! Finding and validating listening sockets: which sockets listen on a port in this network
+//! namespace, which processes hold them, and duplicating them into zdt-ctl with pidfd_getfd.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
+
+use anyhow::Context as _;
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process},
+};
+use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+use socket2::SockRef;
+
+use crate::{
+    addr::PortSpec,
+    error::{bad_input, err, Kind},
+};
+
+/// A TCP listener of this network namespace, as /proc/net/tcp{,6} shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenEntry {
+    pub inode: u64,
+    pub local: SocketAddr,
+    pub uid: u32,
+}
+
+/// Every TCP socket in LISTEN state in the caller's network namespace, by inode.
+/// Kernel contract: /proc/net/tcp shows the sockets of the reader's network namespace only, so a
+/// socket found here is in the same namespace as zdt-ctl (and as the pinned state).
+pub fn listen_entries() -> anyhow::Result<BTreeMap<u64, ListenEntry>> {
+    let mut out = BTreeMap::new();
+    let v4 = procfs::net::tcp().context("reading /proc/net/tcp")?;
+    // An IPv6-disabled kernel has no tcp6 table; that only means there are no IPv6 listeners.
+    let v6 = procfs::net::tcp6().unwrap_or_default();
+    for e in v4.into_iter().chain(v6) {
+        if e.state == TcpState::Listen {
+            out.insert(
+                e.inode,
+                ListenEntry {
+                    inode: e.inode,
+                    local: e.local_address,
+                    uid: e.uid,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Socket inodes among `pid`'s open files, with one fd number for each.
+fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
+    let proc = Process::new(pid).map_err(|_| no_such_pid(pid))?;
+    let fds = proc.fd().map_err(|e| {
+        if let procfs::ProcError::NotFound(_) = e {
+            no_such_pid(pid)
+        } else {
+            anyhow::Error::new(e).context(format!("reading /proc/{pid}/fd"))
+        }
+    })?;
+    let mut out = BTreeMap::new();
+    for fd in fds.flatten() {
+        if let FDTarget::Socket(inode) = fd.target {
+            out.entry(inode).or_insert(fd.fd);
+        }
+    }
+    Ok(out)
+}
+
+fn no_such_pid(pid: i32) -> anyhow::Error {
+    bad_input(format!(
+        "pid {pid} does not exist (or has already exited); pass the pid of the running service process"
+    ))
+}
+
+/// The processes holding each of `inodes`, lowest pid first (a master process before the workers
+/// it forked, which share its listening sockets).
+pub fn owners(inodes: &BTreeSet<u64>) -> BTreeMap<u64, Vec<i32>> {
+    let mut out: BTreeMap<u64, Vec<i32>> = BTreeMap::new();
+    let Ok(all) = procfs::process::all_processes() else {
+        return out;
+    };
+    let mut pids: Vec<i32> = all.flatten().map(|p| p.pid).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        // Processes may exit while we look: skip what vanished.
+        if let Ok(fds) = socket_fds(pid) {
+            for inode in fds.keys().filter(|i| inodes.contains(i)) {
+                out.entry(*inode).or_default().push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// A listening socket of another process, duplicated into zdt-ctl. Dropping it closes the
+/// duplicate. Kernel contract: a duplicate keeps the listener alive (close() stops listening only
+/// on the last reference), so these must never outlive the command.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub inode: u64,
+    pub local: SocketAddr,
+    pub cookie: u64,
+}
+
+impl Listener {
+    pub fn family(&self) -> u32 {
+        if self.local.is_ipv4() {
+            zdt_common::AF_INET
+        } else {
+            zdt_common::AF_INET6
+        }
+    }
+}
+
+/// An open pidfd: refers to one process for its whole life, whatever happens to its pid number.
+pub struct PidFd {
+    pub pid: i32,
+    pub fd: OwnedFd,
+    /// Process start time (clock ticks since boot), to tell this process from a later one that
+    /// reuses the pid.
+    pub start: u64,
+}
+
+impl PidFd {
+    pub fn open(pid: i32) -> anyhow::Result<Self> {
+        let p = Pid::from_raw(pid).ok_or_else(|| no_such_pid(pid))?;
+        let fd = pidfd_open(p, PidfdFlags::empty()).map_err(|e| match e {
+            rustix::io::Errno::SRCH => no_such_pid(pid),
+            e => anyhow::Error::new(e).context(format!("pidfd_open({pid})")),
+        })?;
+        let stat = Process::new(pid)
+            .and_then(|p| p.stat())
+            .map_err(|_| no_such_pid(pid))?;
+        if stat.state == 'Z' {
+            return Err(bad_input(format!(
+                "pid {pid} is a zombie (it has exited); pass the pid of a running service process"
+            )));
+        }
+        if stat.flags & 0x0020_0000 != 0 {
+            // PF_KTHREAD
+            return Err(bad_input(format!(
+                "pid {pid} ({}) is a kernel thread, not a service process",
+                stat.comm
+            )));
+        }
+        Ok(PidFd {
+            pid,
+            fd,
+            start: stat.starttime,
+        })
+    }
+
+    /// Whether the process is still running. Kernel contract: a pidfd becomes readable when its
+    /// process exits (pidfd_open(2)), so a zero-timeout poll tells without any race on the pid.
+    pub fn alive(&self) -> bool {
+        !wait_readable(self.fd.as_fd(), 0)
+    }
+
+    /// Waits up to `timeout` for the process to exit; true if it did.
+    pub fn wait_exit(&self, timeout: std::time::Duration) -> bool {
+        wait_readable(
+            self.fd.as_fd(),
+            i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX),
+        )
+    }
+
+    /// Sends `sig` through the pidfd, so it can only reach this very process.
+    pub fn signal(&self, sig: rustix::process::Signal) -> anyhow::Result<()> {
+        rustix::process::pidfd_send_signal(self.fd.as_fd(), sig)
+            .with_context(|| format!("sending {sig:?} to pid {}", self.pid))
+    }
+}
+
+fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+}
+
+/// Start time of `pid`, or None if it has exited.
+pub fn start_time(pid: i32) -> Option<u64> {
+    Process::new(pid)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.starttime)
+}
+
+/// Command name of `pid` (`/proc/PID/comm`).
+pub fn comm(pid: i32) -> Option<String> {
+    Process::new(pid).and_then(|p| p.stat()).ok().map(|s| s.comm)
+}
+
+/// Duplicates fd `target_fd` of the process behind `pidfd` into zdt-ctl (pidfd_getfd(2),
+/// kernel >= 5.6; needs ptrace access to the process, which root has).
+fn dup_from(pidfd: &PidFd, target_fd: i32) -> anyhow::Result<OwnedFd> {
+    pidfd_getfd(pidfd.fd.as_fd(), target_fd, PidfdGetfdFlags::empty()).map_err(|e| match e {
+        rustix::io::Errno::SRCH | rustix::io::Errno::BADF => err(
+            Kind::ProcessDied,
+            format!("pid {} exited (or closed its socket) while zdt was reading it", pidfd.pid),
+        ),
+        e => anyhow::Error::new(e).context(format!(
+            "pidfd_getfd(pid {}, fd {target_fd}): cannot take the socket",
+            pidfd.pid
+        )),
+    })
+}
+
+fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+    }
+    Ok(cookie)
+}
+
+/// Checks that a duplicated socket can join zdt's group: a TCP listener with SO_REUSEPORT. The
+/// kernel only puts a socket into a reuseport group if SO_REUSEPORT was set before bind(), and
+/// the socket array accepts only sockets that are in a group (reuseport_array.c).
+fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr) -> anyhow::Result<()> {
+    let sock = SockRef::from(fd);
+    let what = format!("the socket of pid {pid} listening on {local}");
+    if sock.r#type().context("getsockopt(SO_TYPE)")? != socket2::Type::STREAM {
+        return Err(bad_input(format!("{what} is not a TCP socket")));
+    }
+    if !sock.is_listener().context("getsockopt(SO_ACCEPTCONN)")? {
+        return Err(bad_input(format!("{what} is not listening")));
+    }
+    if !sock.reuse_port().context("getsockopt(SO_REUSEPORT)")? {
+        return Err(bad_input(format!(
+            "{what} has no SO_REUSEPORT: the service must set SO_REUSEPORT before bind() \
+             (nginx: `listen {} reuseport;`) so that old and new processes can share the port",
+            local.port()
+        )));
+    }
+    Ok(())
+}
+
+/// The listening sockets of `pid` that `spec` names, duplicated and validated.
+///
+/// Errors name the pid and say what is wrong: no such pid, no listener on the port (listing the
+/// ports it does listen on), a listener in another network namespace, a listener bound to another
+/// address, a listener without SO_REUSEPORT.
+pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Listener>> {
+    let pid = pidfd.pid;
+    let fds = socket_fds(pid)?;
+    let table = listen_entries()?;
+    let mine: Vec<(&ListenEntry, i32)> = fds
+        .iter()
+        .filter_map(|(inode, fd)| table.get(inode).map(|e| (e, *fd)))
+        .collect();
+    let on_port: Vec<_> = mine
+        .iter()
+        .filter(|(e, _)| e.local.port() == spec.port)
+        .collect();
+    let matching: Vec<_> = on_port
+        .iter()
+        .filter(|(e, _)| spec.matches(&e.local))
+        .collect();
+    if matching.is_empty() {
+        let mut why = format!("pid {pid} has no listening TCP socket on {spec}");
+        if !on_port.is_empty() {
+            let addrs: Vec<String> = on_port.iter().map(|(e, _)| e.local.to_string()).collect();
+            why += &format!(
+                " (it listens on {}, another address; attach that address instead)",
+                addrs.join(", ")
+            );
+        } else if !mine.is_empty() {
+            let ports: BTreeSet<u16> = mine.iter().map(|(e, _)| e.local.port()).collect();
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            why += &format!(" (it listens on port {} only)", ports.join(", "));
+        } else if other_netns(pid) {
+            why += " (it is in another network namespace; run zdt-ctl inside that namespace)";
+        } else {
+            why += "; is it the service process, and has it bound the port yet?";
+        }
+        return Err(bad_input(why));
+    }
+    let mut out = Vec::new();
+    for (entry, fd) in matching {
+        let dup = dup_from(pidfd, *fd)?;
+        validate(pid, &dup, entry.local)?;
+        let cookie = socket_cookie(dup.as_fd())?;
+        out.push(Listener {
+            fd: dup,
+            inode: entry.inode,
+            local: entry.local,
+            cookie,
+        });
+    }
+    Ok(out)
+}
+
+/// Duplicates one listening socket (any holder) for each inode in `inodes`.
+pub fn fetch_by_inode(
+    inodes: &BTreeSet<u64>,
+) -> anyhow::Result<BTreeMap<u64, (i32, Option<OwnedFd>)>> {
+    let mut out = BTreeMap::new();
+    for (inode, pids) in owners(inodes) {
+        let Some(&pid) = pids.first() else { continue };
+        let fd = PidFd::open(pid)
+            .ok()
+            .and_then(|p| socket_fds(pid).ok().map(|f| (p, f)))
+            .and_then(|(p, fds)| fds.get(&inode).and_then(|fd| dup_from(&p, *fd).ok()));
+        out.insert(inode, (pid, fd));
+    }
+    Ok(out)
+}
+
+/// Validates a socket found by inode (attach takes over existing listeners).
+pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Result<Listener> {
+    validate(pid, &fd, entry.local)?;
+    let cookie = socket_cookie(fd.as_fd())?;
+    Ok(Listener {
+        fd,
+        inode: entry.inode,
+        local: entry.local,
+        cookie,
+    })
+}
+
+fn other_netns(pid: i32) -> bool {
+    let ino = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    match (ino(&format!("/proc/{pid}/ns/net")), ino("/proc/self/ns/net")) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
+/// Cookie of the caller's network namespace (SO_NETNS_COOKIE, kernel >= 5.14). Unlike the
+/// namespace's inode number, a cookie is never reused during a boot, so state pinned for a
+/// namespace that is gone can never be mistaken for the state of a new one.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
+        .context("creating a socket to read the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE): zdt needs kernel >= 5.14");
+    }
+    Ok(cookie)
+}

@@ -1,0 +1,610 @@
+//! zdt's state for one port: the BPF program and its maps, pinned under
+//! `/sys/fs/bpf/zdt/<netns cookie>/<port>/`, and the state machine over those maps.
+//!
+//! There is no daemon: every command opens the pinned objects, takes an exclusive flock on the
+//! port's directory (so two commands never interleave), changes the maps, and exits. Every change
+//! is ordered so that a command killed at any point leaves a state the next command accepts:
+//! - creation pins the maps first and the program last; a directory without the program pin is
+//!   an interrupted creation and is wiped and redone by the next `attach`;
+//! - sockets enter the socket array as candidates, which the program never selects; only the
+//!   one-word flip of `ZDT_CONTROL` makes a new active set live (see [`State::switch`]).
+use std::{
+    fs::{self, File},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::{DirBuilderExt, PermissionsExt},
+    },
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{SkReuseport, SkReuseportAttachType},
+    Ebpf,
+};
+use zdt_common::{
+    family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, LAYOUT_VERSION,
+    MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANDIDATE, ROLE_DRAINING,
+};
+
+use crate::{
+    addr::PortSpec,
+    error::{err, Kind},
+    sockets::{self, Listener},
+};
+
+/// The BPF object built from zdt-ebpf by build.rs.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdt"));
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const ALL_MAPS: [&str; 6] = [
+    names::SOCKETS,
+    names::CONTROL,
+    names::ACTIVE,
+    names::SLOT_COUNTERS,
+    names::GLOBAL_COUNTERS,
+    names::SLOT_META,
+];
+
+/// `/sys/fs/bpf/zdt/<netns cookie>`: the state of every port of this network namespace.
+pub fn netns_dir() -> anyhow::Result<PathBuf> {
+    Ok(Path::new(BPFFS)
+        .join("zdt")
+        .join(sockets::netns_cookie()?.to_string()))
+}
+
+/// The directory of one port's state.
+pub fn port_dir(port: u16) -> anyhow::Result<PathBuf> {
+    Ok(netns_dir()?.join(port.to_string()))
+}
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a minimal system or container).
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let is_bpffs = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_bpffs(BPFFS) {
+        return Ok(());
+    }
+    fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
+    Ok(())
+}
+
+/// Creates `dir` (and parents) readable and writable by root only.
+fn mkdir_private(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))
+}
+
+/// An exclusive flock on a state directory, released when dropped (also when the process dies:
+/// the kernel drops flocks with the last fd, so a killed command never leaves the lock held).
+pub struct Lock {
+    _dir: File,
+}
+
+impl Lock {
+    fn take(dir: &Path) -> anyhow::Result<Self> {
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", dir.display()));
+        }
+        Ok(Lock { _dir: file })
+    }
+}
+
+/// One slot of the socket array that holds a live socket, with what zdt knows about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u32,
+    pub meta: SlotMeta,
+    pub counters: SlotCounters,
+    pub active: bool,
+}
+
+impl Slot {
+    pub fn role(&self) -> &'static str {
+        if self.active {
+            "active"
+        } else if self.meta.role == ROLE_CANDIDATE {
+            "candidate"
+        } else {
+            "draining"
+        }
+    }
+}
+
+/// The opened state of one port.
+pub struct State {
+    pub dir: PathBuf,
+    pub spec: PortSpec,
+    sockets: MapData,
+    control: Array<MapData, Control>,
+    active: Array<MapData, ActiveSet>,
+    slot_counters: PerCpuArray<MapData, SlotCounters>,
+    global_counters: PerCpuArray<MapData, GlobalCounters>,
+    meta: Array<MapData, SlotMeta>,
+    program: SkReuseport,
+    _lock: Option<Lock>,
+}
+
+fn open_map(dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+}
+
+pub fn not_attached(port: u16) -> anyhow::Error {
+    err(
+        Kind::NotAttached,
+        format!("port {port} is not attached: run `zdt-ctl attach :{port}` first"),
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl State {
+    /// Whether a complete state exists for `port` (the program pin is written last).
+    pub fn exists(port: u16) -> anyhow::Result<bool> {
+        Ok(port_dir(port)?.join(names::PROGRAM).exists())
+    }
+
+    /// Opens the state of `port` and takes its lock (for commands that change it).
+    pub fn open_locked(port: u16) -> anyhow::Result<Self> {
+        let dir = port_dir(port)?;
+        if !dir.exists() {
+            return Err(not_attached(port));
+        }
+        let lock = Lock::take(&dir)?;
+        // A detach may have removed the state while we waited for the lock.
+        if !dir.join(names::PROGRAM).exists() {
+            return Err(not_attached(port));
+        }
+        Self::open_at(dir, Some(lock))
+    }
+
+    /// Opens the state of `port` without the lock, for reading (status). Every map read is one
+    /// syscall and each value is consistent by itself.
+    pub fn open_read(port: u16) -> anyhow::Result<Option<Self>> {
+        let dir = port_dir(port)?;
+        if !dir.join(names::PROGRAM).exists() {
+            return Ok(None);
+        }
+        Self::open_at(dir, None).map(Some)
+    }
+
+    fn open_at(dir: PathBuf, lock: Option<Lock>) -> anyhow::Result<Self> {
+        let control: Array<MapData, Control> =
+            Map::Array(open_map(&dir, names::CONTROL)?).try_into()?;
+        let c = control.get(&0, 0)?;
+        if c.layout_version != LAYOUT_VERSION {
+            anyhow::bail!(
+                "the state in {} was written by another zdt version (layout {} != {LAYOUT_VERSION}); \
+                 detach with that version, or remove the directory, then attach again",
+                dir.display(),
+                c.layout_version
+            );
+        }
+        let spec = decode_spec(&c);
+        let program = SkReuseport::from_pin(
+            dir.join(names::PROGRAM),
+            SkReuseportAttachType::SelectOrMigrate,
+        )
+        .with_context(|| format!("opening pinned program in {}", dir.display()))?;
+        Ok(State {
+            sockets: open_map(&dir, names::SOCKETS)?,
+            control,
+            active: Map::Array(open_map(&dir, names::ACTIVE)?).try_into()?,
+            slot_counters: Map::PerCpuArray(open_map(&dir, names::SLOT_COUNTERS)?).try_into()?,
+            global_counters: Map::PerCpuArray(open_map(&dir, names::GLOBAL_COUNTERS)?)
+                .try_into()?,
+            meta: Map::Array(open_map(&dir, names::SLOT_META)?).try_into()?,
+            program,
+            dir,
+            spec,
+            _lock: lock,
+        })
+    }
+
+    /// Creates the state for `spec` (or opens it if it exists for the same spec), locked.
+    /// Returns the state and whether it was created now.
+    pub fn create(spec: PortSpec) -> anyhow::Result<(Self, bool)> {
+        ensure_bpffs()?;
+        let dir = port_dir(spec.port)?;
+        mkdir_private(&dir)?;
+        let lock = Lock::take(&dir)?;
+        if dir.join(names::PROGRAM).exists() {
+            let state = Self::open_at(dir, Some(lock))?;
+            if state.spec != spec {
+                return Err(crate::error::bad_input(format!(
+                    "port {} is already attached as {}; run `zdt-ctl detach {}` first to attach {spec}",
+                    spec.port, state.spec, state.spec
+                )));
+            }
+            return Ok((state, false));
+        }
+        // No program pin: nothing, or an interrupted creation. Start clean.
+        for name in ALL_MAPS {
+            let _ = fs::remove_file(dir.join(name));
+        }
+        let mut ebpf = Ebpf::load(PROGRAM_OBJECT).context("loading the BPF object")?;
+        for name in ALL_MAPS {
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("BPF object has no map {name}"))?;
+            let path = dir.join(name);
+            map.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        }
+        {
+            let mut control: Array<&mut MapData, Control> = ebpf
+                .map_mut(names::CONTROL)
+                .context("BPF object has no control map")?
+                .try_into()?;
+            control.set(0, encode_control(&spec, 0), 0)?;
+        }
+        let program: &mut SkReuseport = ebpf
+            .program_mut(names::PROGRAM)
+            .context("BPF object has no program zdt_select")?
+            .try_into()?;
+        program
+            .load()
+            .context("loading the sk_reuseport program (the kernel verifier rejected it)")?;
+        let path = dir.join(names::PROGRAM);
+        program
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        Ok((Self::open_at(dir, Some(lock))?, true))
+    }
+
+    /// Removes the pinned state. The program pin goes first, so an interrupted removal reads as
+    /// "not attached" and the next attach starts clean.
+    pub fn remove(self) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
+        fs::remove_file(dir.join(names::PROGRAM))
+            .with_context(|| format!("removing {}", dir.display()))?;
+        for name in ALL_MAPS {
+            let _ = fs::remove_file(dir.join(name));
+        }
+        drop(self);
+        fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        // Leave the per-netns directory for other ports; remove it when it is empty.
+        if let Some(parent) = dir.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// Attaches the program to the reuseport group of `socket`. Kernel contract: the program
+    /// belongs to the group, not the socket; attaching through any member replaces the group's
+    /// program (SO_ATTACH_REUSEPORT_EBPF), so this is idempotent. A group re-created after all its
+    /// listeners closed starts without a program: attaching again through a new member fixes it.
+    pub fn attach_to_group(&self, socket: impl AsFd) -> anyhow::Result<()> {
+        self.program
+            .attach(socket)
+            .context("attaching the program to the port's SO_REUSEPORT group")
+    }
+
+    pub fn control(&self) -> anyhow::Result<Control> {
+        Ok(self.control.get(&0, 0)?)
+    }
+
+    /// The live active set, or None while nothing was promoted (pass-through).
+    pub fn active_set(&self) -> anyhow::Result<Option<ActiveSet>> {
+        let c = self.control()?;
+        if c.active_buf == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.active.get(&(c.active_buf - 1), 0)?))
+    }
+
+    /// Cookie of the socket in `slot`, or None if the slot is empty. Kernel contract: a lookup
+    /// of a REUSEPORT_SOCKARRAY from userspace returns the socket's cookie (8 bytes), and -ENOENT
+    /// for a slot whose socket has closed (reuseport_array.c).
+    fn cookie_at(&self, slot: u32) -> anyhow::Result<Option<u64>> {
+        let mut cookie: u64 = 0;
+        let mut attr: libc_bpf_attr = libc_bpf_attr {
+            map_fd: self.sockets.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: &slot as *const u32 as u64,
+            value: &mut cookie as *mut u64 as u64,
+            flags: 0,
+        };
+        // SAFETY: BPF_MAP_LOOKUP_ELEM reads `key` (4 bytes) and writes `value` (8 bytes).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                1, /* BPF_MAP_LOOKUP_ELEM */
+                &mut attr as *mut libc_bpf_attr,
+                std::mem::size_of::<libc_bpf_attr>() as u32,
+            )
+        };
+        if rc == 0 {
+            return Ok(Some(cookie));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(e).context("looking up the socket array")
+        }
+    }
+
+    /// Every slot that holds a live socket zdt put there (cookie matches its metadata).
+    pub fn slots(&self) -> anyhow::Result<Vec<Slot>> {
+        let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let mut out = Vec::new();
+        for index in 0..MAX_SLOTS {
+            let Some(cookie) = self.cookie_at(index)? else {
+                continue;
+            };
+            let meta = self.meta.get(&index, 0)?;
+            if meta.cookie != cookie {
+                continue;
+            }
+            let counters = self
+                .slot_counters
+                .get(&index, 0)?
+                .iter()
+                .fold(SlotCounters::default(), |a, c| SlotCounters {
+                    steered: a.steered + c.steered,
+                    migrated: a.migrated + c.migrated,
+                });
+            out.push(Slot {
+                index,
+                meta,
+                counters,
+                active: active.contains(index),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn global_counters(&self) -> anyhow::Result<GlobalCounters> {
+        Ok(self
+            .global_counters
+            .get(&0, 0)?
+            .iter()
+            .fold(GlobalCounters::default(), |a, c| GlobalCounters {
+                passthrough: a.passthrough + c.passthrough,
+                fallback: a.fallback + c.fallback,
+                select_failed: a.select_failed + c.select_failed,
+                migrate_no_target: a.migrate_no_target + c.migrate_no_target,
+            }))
+    }
+
+    /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
+    /// slots. A socket already in the array keeps its slot. A new one takes a slot that is empty
+    /// and not named by the live active set: the program must never start sending connections
+    /// to a socket merely because it landed in a slot that a dead active socket left behind.
+    pub fn insert(
+        &mut self,
+        pid: i32,
+        pid_start: u64,
+        listeners: &[Listener],
+    ) -> anyhow::Result<Vec<u32>> {
+        let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let live = self.slots()?;
+        let mut taken: Vec<u32> = live.iter().map(|s| s.index).collect();
+        let mut out = Vec::new();
+        for l in listeners {
+            if let Some(s) = live.iter().find(|s| s.meta.cookie == l.cookie) {
+                out.push(s.index);
+                continue;
+            }
+            let slot = (0..MAX_SLOTS)
+                .find(|i| !taken.contains(i) && !active.contains(*i) && self.is_empty_slot(*i))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("all {MAX_SLOTS} socket slots are in use; drain old members")
+                })?;
+            let meta = SlotMeta {
+                cookie: l.cookie,
+                pid_start,
+                since_ms: now_ms(),
+                pid: pid as u32,
+                role: ROLE_CANDIDATE,
+                family: l.family(),
+                _pad: 0,
+            };
+            // Metadata and zeroed counters first: the socket only counts as zdt's once the
+            // array holds it (Slot requires the cookie to match).
+            self.meta.set(slot, meta, 0)?;
+            let zero = PerCpuValues::try_from(vec![
+                SlotCounters::default();
+                aya::util::nr_cpus().map_err(|(_, e)| e)?
+            ])?;
+            self.slot_counters.set(slot, zero, 0)?;
+            // Kernel contract: the update takes an fd of zdt-ctl's own table; the socket must be
+            // a listener in a reuseport group; -EBUSY if it is already in a socket array.
+            sockarray_set(&self.sockets, slot, l.fd.as_raw_fd())
+                .with_context(|| format!("putting the socket on {} into slot {slot}", l.local))?;
+            taken.push(slot);
+            out.push(slot);
+        }
+        Ok(out)
+    }
+
+    fn is_empty_slot(&self, slot: u32) -> bool {
+        matches!(self.cookie_at(slot), Ok(None))
+    }
+
+    /// Makes `slots` the active set in one step, and returns when no running program can still
+    /// be using the previous set.
+    ///
+    /// Protocol: write the buffer that is not live (no program reads it: see below), then flip
+    /// `ZDT_CONTROL.active_buf` between 1 and 2 (a one-byte change, so no reader can see a torn
+    /// value), then wait for an RCU grace period. Kernel contract: sk_reuseport programs run in
+    /// an RCU read-side critical section (softirq), and membarrier(MEMBARRIER_CMD_GLOBAL) returns
+    /// only after synchronize_rcu(); afterwards every program run started after the flip, so the
+    /// old buffer is unused: the next writer may overwrite it, and the caller knows that no new
+    /// connection can be steered by the old set any more.
+    pub fn switch(&mut self, slots: &[Slot], new: &[u32]) -> anyhow::Result<()> {
+        let mut set = ActiveSet::EMPTY;
+        for index in new {
+            let family = slots
+                .iter()
+                .find(|s| s.index == *index)
+                .map(|s| s.meta.family)
+                .context("switching to a slot that holds no socket")?;
+            let list = family_index(family)
+                .and_then(|i| set.lists.get_mut(i))
+                .context("slot with an unknown address family")?;
+            let n = list.len as usize;
+            if n >= MAX_ACTIVE {
+                anyhow::bail!("more than {MAX_ACTIVE} sockets of one family in the active set");
+            }
+            list.slots[n] = *index;
+            list.len += 1;
+        }
+        let mut control = self.control()?;
+        let target = if control.active_buf == 1 { 2 } else { 1 };
+        self.active.set(target - 1, set, 0)?;
+        control.active_buf = target;
+        self.control.set(0, control, 0)?;
+        rcu_grace_period();
+        Ok(())
+    }
+
+    /// All of the state except the traffic counters, as bytes: the control word, both active
+    /// buffers, every slot's metadata and the cookie in every slot. Tests compare two of these to
+    /// show that a failed command changed nothing.
+    pub fn fingerprint(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = format!("{:?}", self.control()?).into_bytes();
+        for i in 0..2 {
+            out.extend(format!("{:?}", self.active.get(&i, 0)?).bytes());
+        }
+        for slot in 0..MAX_SLOTS {
+            out.extend(format!("{slot}:{:?}:{:?}", self.cookie_at(slot)?, self.meta.get(&slot, 0)?).bytes());
+        }
+        Ok(out)
+    }
+
+    /// Records roles after a switch: `active` slots active, the rest of `previous` draining.
+    pub fn set_roles(&mut self, slots: &[Slot], active: &[u32]) -> anyhow::Result<()> {
+        for s in slots {
+            let role = if active.contains(&s.index) {
+                ROLE_ACTIVE
+            } else if s.meta.role == ROLE_CANDIDATE && !s.active {
+                ROLE_CANDIDATE
+            } else {
+                ROLE_DRAINING
+            };
+            if role != s.meta.role {
+                let mut meta = s.meta;
+                meta.role = role;
+                meta.since_ms = now_ms();
+                self.meta.set(s.index, meta, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The spec is stored in the control map so every command sees what `attach` was given.
+fn encode_control(spec: &PortSpec, active_buf: u32) -> Control {
+    let mut c = Control {
+        active_buf,
+        layout_version: LAYOUT_VERSION,
+        port: u32::from(spec.port),
+        ..Default::default()
+    };
+    match spec.addr {
+        None => c.addr_kind = 0,
+        Some(std::net::IpAddr::V4(a)) => {
+            c.addr_kind = 4;
+            c.addr[..4].copy_from_slice(&a.octets());
+        }
+        Some(std::net::IpAddr::V6(a)) => {
+            c.addr_kind = 6;
+            c.addr = a.octets();
+        }
+    }
+    c
+}
+
+fn decode_spec(c: &Control) -> PortSpec {
+    let addr = match c.addr_kind {
+        4 => Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            c.addr[0], c.addr[1], c.addr[2], c.addr[3],
+        ))),
+        6 => Some(std::net::IpAddr::V6(c.addr.into())),
+        _ => None,
+    };
+    PortSpec {
+        addr,
+        port: c.port as u16,
+    }
+}
+
+/// `union bpf_attr` as BPF_MAP_*_ELEM uses it.
+#[repr(C)]
+struct libc_bpf_attr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn sockarray_set(map: &MapData, slot: u32, fd: i32) -> anyhow::Result<()> {
+    let value: u64 = fd as u64;
+    let mut attr = libc_bpf_attr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &slot as *const u32 as u64,
+        value: &value as *const u64 as u64,
+        flags: 0, /* BPF_ANY */
+    };
+    // SAFETY: BPF_MAP_UPDATE_ELEM reads `key` (4 bytes) and `value` (an fd as u64: the kernel
+    // accepts 4- or 8-byte values for a socket array) from our memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            2, /* BPF_MAP_UPDATE_ELEM */
+            &mut attr as *mut libc_bpf_attr,
+            std::mem::size_of::<libc_bpf_attr>() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().into())
+    }
+}
+
+/// Waits for an RCU grace period (see [`State::switch`]). If membarrier is unavailable (a
+/// nohz_full kernel refuses MEMBARRIER_CMD_GLOBAL), a sleep far longer than any program run
+/// (a few hundred nanoseconds) stands in for it.
+fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

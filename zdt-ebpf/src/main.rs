@@ -1,0 +1,210 @@
+//! zdt's steering program: one `sk_reuseport` program for a port's SO_REUSEPORT group(s).
+//!
+//! For every new connection (SYN) on the port, and for every connection being migrated off a
+//! closing listener, the kernel runs this program to choose the listener. It chooses among the
+//! sockets of the *active set* that `zdt-ctl` publishes; sockets of a warming process (not yet
+//! promoted) and of a draining process (demoted) are in the group but never chosen.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use core::{cell::UnsafeCell, ffi::c_void};
+
+    use aya_ebpf::{
+        bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS},
+        helpers::generated::bpf_sk_select_reuseport,
+        macros::{map, sk_reuseport},
+        maps::{Array, PerCpuArray},
+        programs::SkReuseportContext,
+        EbpfContext,
+    };
+    use zdt_common::{
+        family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, MAX_ACTIVE,
+        MAX_SLOTS,
+    };
+
+    /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
+    #[repr(transparent)]
+    struct SockArray(UnsafeCell<bpf_map_def>);
+    // SAFETY: the definition is only read, by the loader; the program passes its address to a
+    // helper and never touches the contents.
+    unsafe impl Sync for SockArray {}
+
+    /// slot -> listening socket. Kernel contracts (kernel/bpf/reuseport_array.c):
+    /// - the kernel clears a slot by itself when its socket stops listening (close of the last
+    ///   reference, or shutdown), so a dead process's slot can never be selected;
+    /// - the value is 8 bytes because a userspace lookup returns the socket's cookie only for
+    ///   value_size 8 (-ENOSPC otherwise): zdt-ctl identifies the socket in a slot by it.
+    #[map]
+    static ZDT_SOCKETS: SockArray = SockArray(UnsafeCell::new(bpf_map_def {
+        type_: BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: MAX_SLOTS,
+        map_flags: 0,
+        id: 0,
+        pinning: 0,
+    }));
+
+    /// bpf_sk_select_reuseport: 0 if `slot`'s socket is now the selected one.
+    #[inline(always)]
+    fn select_slot(ctx: &SkReuseportContext, slot: u32) -> bool {
+        let mut key = slot;
+        // SAFETY: the helper reads the 4-byte key and the map definition's address identifies
+        // the map to the verifier.
+        let rc = unsafe {
+            bpf_sk_select_reuseport(
+                ctx.as_ptr().cast(),
+                ZDT_SOCKETS.0.get().cast::<c_void>(),
+                (&mut key as *mut u32).cast(),
+                0,
+            )
+        };
+        rc == 0
+    }
+
+    /// One entry: which of the two ZDT_ACTIVE buffers is live (0 = none: pass through).
+    #[map]
+    static ZDT_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+    /// Two buffers of the active set. zdt-ctl writes the buffer that is *not* live, flips
+    /// ZDT_CONTROL, then waits for an RCU grace period before it may write again, so a running
+    /// program only ever reads a buffer that nobody is writing: it sees the old set or the new
+    /// one, never a mix.
+    #[map]
+    static ZDT_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, 0);
+
+    #[map]
+    static ZDT_SLOT_COUNTERS: PerCpuArray<SlotCounters> =
+        PerCpuArray::with_max_entries(MAX_SLOTS, 0);
+
+    #[map]
+    static ZDT_GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Userspace bookkeeping (pid, role, cookie per slot). Declared here so that it is created
+    /// and pinned with the other maps; the program does not read it.
+    #[map]
+    static ZDT_SLOT_META: Array<SlotMeta> = Array::with_max_entries(MAX_SLOTS, 0);
+
+    /// Attach type BPF_SK_REUSEPORT_SELECT_OR_MIGRATE (section `sk_reuseport/migrate`): with it
+    /// the kernel migrates the accept queue of a closing listener to the socket this program
+    /// selects, whatever net.ipv4.tcp_migrate_req says (net/core/sock_reuseport.c,
+    /// reuseport_migrate_sock; kernel >= 5.14). Without it, those connections are reset.
+    #[sk_reuseport(migrate)]
+    pub fn zdt_select(ctx: SkReuseportContext) -> u32 {
+        select(&ctx)
+    }
+
+    #[inline(always)]
+    fn global(update: impl FnOnce(&mut GlobalCounters)) {
+        if let Some(c) = ZDT_GLOBAL_COUNTERS.get_ptr_mut(0) {
+            // SAFETY: per-CPU value, and the program does not run twice at once on one CPU.
+            update(unsafe { &mut *c });
+        }
+    }
+
+    #[inline(always)]
+    fn select(ctx: &SkReuseportContext) -> u32 {
+        // Kernel contract: migrating_sk is set only on the migration path (5.14+); `sk` is
+        // always a socket of the group the program runs for (PTR_TO_SOCKET, never NULL).
+        let migrating = ctx.migrating_sk().is_some();
+
+        let buf = match ZDT_CONTROL.get(0) {
+            // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
+            Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
+            None => 0,
+        };
+        if buf == 0 {
+            // Nothing promoted yet. SK_PASS without a selection makes the kernel hash over all
+            // listeners of the group, exactly as if no program were attached, so attaching zdt
+            // changes nothing by itself.
+            global(|g| g.passthrough += 1);
+            return SK_PASS;
+        }
+
+        if let Some(set) = ZDT_ACTIVE.get(buf - 1) {
+            // SAFETY: ctx.sk() is never NULL for sk_reuseport programs (see above).
+            let family = unsafe { (*ctx.sk().sock).family };
+            if let Some(list) = family_index(family).and_then(|i| set.lists.get(i)) {
+                if try_active(ctx, list.len, &list.slots, migrating) {
+                    return SK_PASS;
+                }
+            }
+        }
+
+        // No active socket of this group could be selected. SK_PASS without selection falls back
+        // to kernel hashing over every listener of the group (warming and draining ones included):
+        // a connection that lands on a not-yet-ready process still beats a refused or reset one.
+        // SK_DROP would refuse a new connection and reset a migrating one, so it is never used.
+        if migrating {
+            global(|g| g.migrate_no_target += 1);
+        } else {
+            global(|g| g.fallback += 1);
+        }
+        SK_PASS
+    }
+
+    /// Selects one of the active slots, starting at the flow hash and trying the others in turn
+    /// if a selection fails. A selection fails with -ENOENT for a slot whose socket has stopped
+    /// listening: on the migration path that is always the case for the closing socket itself,
+    /// which has already left the socket array (net/core/filter.c, sk_select_reuseport), so this
+    /// walk naturally picks "an active socket other than the closing one".
+    #[inline(always)]
+    fn try_active(
+        ctx: &SkReuseportContext,
+        len: u32,
+        slots: &[u32; MAX_ACTIVE],
+        migrating: bool,
+    ) -> bool {
+        let n = if len > MAX_ACTIVE as u32 {
+            MAX_ACTIVE as u32
+        } else {
+            len
+        };
+        if n == 0 {
+            return false;
+        }
+        let start = ctx.hash() % n;
+        for i in 0..MAX_ACTIVE as u32 {
+            if i >= n {
+                break;
+            }
+            let mut idx = start + i;
+            if idx >= n {
+                idx -= n;
+            }
+            let Some(&slot) = slots.get(idx as usize) else {
+                break;
+            };
+            if select_slot(ctx, slot) {
+                if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
+                    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+                    let c = unsafe { &mut *c };
+                    if migrating {
+                        c.migrated += 1;
+                    } else {
+                        c.steered += 1;
+                    }
+                }
+                return true;
+            }
+            global(|g| g.select_failed += 1);
+        }
+        false
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+/// On the host this crate builds to an empty binary (the workspace is checked and linted on the
+/// host); the real program is only built for bpfel-unknown-none by zdt-ctl's build.rs.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
