@@ -238,3 +238,22 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
             .transpose()
     })?
 }
+
+/// Prints one load tally as a table row block: requests, ok, each failure kind, versions.
+pub fn print_tally(title: &str, t: &crate::load::Tally) {
+    use crate::load::Outcome;
+    println!("{title}");
+    println!(
+        "  requests {:>7}   ok {:>7}   failed {:>4}",
+        t.requests,
+        t.count(Outcome::Ok),
+        t.failures()
+    );
+    let kinds: Vec<String> = Outcome::ALL[1..]
+        .iter()
+        .map(|o| format!("{} {}", o.name(), t.count(*o)))
+        .collect();
+    println!("  failures by kind: {}", kinds.join(", "));
+    let versions: Vec<String> = t.versions.iter().map(|(v, n)| format!("{v} {n}")).collect();
+    println!("  answered by: {}", versions.join(", "));
+}

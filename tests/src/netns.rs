@@ -105,9 +105,13 @@ fn loopback_up() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines).
+/// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines) of the
+/// calling thread's namespace (thread-self: /proc/net is the thread-group leader's view).
 pub fn read_counter(group: &str, name: &str) -> anyhow::Result<u64> {
-    for file in ["/proc/net/netstat", "/proc/net/snmp"] {
+    for file in [
+        "/proc/thread-self/net/netstat",
+        "/proc/thread-self/net/snmp",
+    ] {
         let text = std::fs::read_to_string(file)?;
         let lines: Vec<&str> = text.lines().collect();
         for pair in lines.chunks(2) {

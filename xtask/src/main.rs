@@ -1,1 +1,100 @@
-fn main(){}
+//! The developer workflow: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
+//! other task runs it first, so the README's two commands work on a new machine.
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the BPF toolchain and system packages (idempotent).
+    Setup,
+    /// Build the release binaries (target/release/zdt-ctl and the demo/test binaries).
+    Build,
+    /// Run the whole test suite (needs root: every BPF test gets its own network namespace).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The live demo: three deploys under load in a fresh network namespace.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build()
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            build()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup::run()?;
+            build()?;
+            run(Command::new(root().join("target/release/zdt-demo")))
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(mut cmd: Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--release", "--workspace", "--bins"]);
+    run(c)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
+    }
+    let mut c = cargo();
+    c.args(["test", "--release", "--workspace", "--"])
+        .args(args)
+        .env("ZDT_BIN_DIR", root().join("target/release"));
+    run(c)
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}

@@ -29,11 +29,11 @@ impl FromStr for PortSpec {
         }
         let addr = match host {
             "" => None,
-            h if h.starts_with('[') && h.ends_with(']') => Some(IpAddr::V6(
-                h[1..h.len() - 1]
-                    .parse()
-                    .map_err(|_| invalid(&format!("{h} is not an IPv6 address; {FORMS}")))?,
-            )),
+            h if h.starts_with('[') && h.ends_with(']') => {
+                Some(IpAddr::V6(h[1..h.len() - 1].parse().map_err(|_| {
+                    invalid(&format!("{h} is not an IPv6 address; {FORMS}"))
+                })?))
+            }
             h => Some(IpAddr::V4(h.parse().map_err(|_| {
                 invalid(&format!(
                     "{h:?} is not an IPv4 address (write IPv6 as [ADDR]); {FORMS}"
@@ -109,13 +109,21 @@ mod tests {
     #[test]
     fn port_specs() {
         let p: PortSpec = ":80".parse().unwrap();
-        assert_eq!(p, PortSpec { addr: None, port: 80 });
+        assert_eq!(
+            p,
+            PortSpec {
+                addr: None,
+                port: 80
+            }
+        );
         let p: PortSpec = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(p.addr, Some("127.0.0.1".parse().unwrap()));
         let p: PortSpec = "[::]:80".parse().unwrap();
         assert_eq!(p.addr, Some("::".parse().unwrap()));
         assert_eq!(p.to_string(), "[::]:80");
-        for bad in ["80", ":0", ":65536", "x:80", "[zz]:80", "::1:80", ":http", ""] {
+        for bad in [
+            "80", ":0", ":65536", "x:80", "[zz]:80", "::1:80", ":http", "",
+        ] {
             let e = bad.parse::<PortSpec>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
         }
@@ -139,8 +147,14 @@ mod tests {
         for bad in ["0", "-1", "abc", "99999999999", ""] {
             assert!(parse_pid(bad).unwrap_err().to_string().contains(bad));
         }
-        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("soon").unwrap_err().to_string().contains("soon"));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_duration("soon")
+            .unwrap_err()
+            .to_string()
+            .contains("soon"));
         assert_eq!(parse_port("8080").unwrap(), 8080);
         assert_eq!(parse_port(":8080").unwrap(), 8080);
         assert!(parse_port("0").is_err());

@@ -24,14 +24,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Put a port under zdt's control (idempotent). Listeners already on the port keep serving.
-    #[command(after_help = "Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80")]
+    #[command(
+        after_help = "Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80"
+    )]
     Attach {
         /// [ADDR]:PORT, e.g. :80, 127.0.0.1:8080, [::]:80
         #[arg(value_parser = parse_spec)]
         addr: PortSpec,
     },
     /// Wait for PID's readiness, then send all new connections to its sockets.
-    #[command(after_help = "Example:\n  zdt-ctl promote $NEW_PID --readyz http://127.0.0.1:8081/readyz --stop-old")]
+    #[command(
+        after_help = "Example:\n  zdt-ctl promote $NEW_PID --readyz http://127.0.0.1:8081/readyz --stop-old"
+    )]
     Promote {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
         pid: i32,
@@ -170,10 +174,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 return Ok(());
             }
-            println!(
-                "port {}: pid {pid} active (slots {:?})",
-                r.port, r.slots
-            );
+            println!("port {}: pid {pid} active (slots {:?})", r.port, r.slots);
             if r.drained.is_empty() {
                 println!("drained: none");
             } else {
@@ -181,7 +182,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("drained: pid {}", pids.join(", "));
             }
             for s in &r.stopped {
-                println!("stopped: pid {} {} after {} ms", s.pid, s.outcome, s.after_ms);
+                println!(
+                    "stopped: pid {} {} after {} ms",
+                    s.pid, s.outcome, s.after_ms
+                );
             }
             println!(
                 "phases: validate {:.1} ms, readiness {:.1} ms, switch {:.2} ms, stop {:.1} ms",

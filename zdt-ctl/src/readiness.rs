@@ -50,8 +50,11 @@ pub fn wait_ready(
         }
         let remaining = timeout.saturating_sub(start.elapsed());
         let answer = rt.block_on(async {
-            tokio::time::timeout(remaining.min(REQUEST_TIMEOUT), client.get(url.clone()).send())
-                .await
+            tokio::time::timeout(
+                remaining.min(REQUEST_TIMEOUT),
+                client.get(url.clone()).send(),
+            )
+            .await
         });
         let last = match answer {
             Ok(Ok(resp)) if resp.status() == reqwest::StatusCode::OK => {

@@ -27,15 +27,31 @@ pub struct ListenEntry {
     pub uid: u32,
 }
 
-/// Every TCP socket in LISTEN state in the caller's network namespace, by inode.
-/// Kernel contract: /proc/net/tcp shows the sockets of the reader's network namespace only, so a
-/// socket found here is in the same namespace as zdt-ctl (and as the pinned state).
+/// Every TCP socket of the calling thread's network namespace (/proc/net/tcp and tcp6).
+///
+/// Kernel contract: /proc/PID/net shows the network namespace of that task, and /proc/net is
+/// /proc/self/net, the namespace of the thread-group *leader*. A thread that entered another
+/// namespace with setns() must read /proc/thread-self/net to see its own.
+pub fn tcp_entries() -> anyhow::Result<Vec<procfs::net::TcpNetEntry>> {
+    use procfs::FromReadSI as _;
+    let read = |name: &str| {
+        procfs::net::TcpNetEntries::from_file(
+            format!("/proc/thread-self/net/{name}"),
+            procfs::current_system_info(),
+        )
+        .map(|t| t.0)
+    };
+    let mut all = read("tcp").context("reading /proc/thread-self/net/tcp")?;
+    // An IPv6-disabled kernel has no tcp6 table; that only means there are no IPv6 listeners.
+    all.extend(read("tcp6").unwrap_or_default());
+    Ok(all)
+}
+
+/// Every TCP socket in LISTEN state in the caller's network namespace, by inode. A socket found
+/// here is in the same namespace as zdt-ctl (and as the pinned state).
 pub fn listen_entries() -> anyhow::Result<BTreeMap<u64, ListenEntry>> {
     let mut out = BTreeMap::new();
-    let v4 = procfs::net::tcp().context("reading /proc/net/tcp")?;
-    // An IPv6-disabled kernel has no tcp6 table; that only means there are no IPv6 listeners.
-    let v6 = procfs::net::tcp6().unwrap_or_default();
-    for e in v4.into_iter().chain(v6) {
+    for e in tcp_entries()? {
         if e.state == TcpState::Listen {
             out.insert(
                 e.inode,
@@ -192,7 +208,10 @@ pub fn start_time(pid: i32) -> Option<u64> {
 
 /// Command name of `pid` (`/proc/PID/comm`).
 pub fn comm(pid: i32) -> Option<String> {
-    Process::new(pid).and_then(|p| p.stat()).ok().map(|s| s.comm)
+    Process::new(pid)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.comm)
 }
 
 /// Duplicates fd `target_fd` of the process behind `pidfd` into zdt-ctl (pidfd_getfd(2),
@@ -201,7 +220,10 @@ fn dup_from(pidfd: &PidFd, target_fd: i32) -> anyhow::Result<OwnedFd> {
     pidfd_getfd(pidfd.fd.as_fd(), target_fd, PidfdGetfdFlags::empty()).map_err(|e| match e {
         rustix::io::Errno::SRCH | rustix::io::Errno::BADF => err(
             Kind::ProcessDied,
-            format!("pid {} exited (or closed its socket) while zdt was reading it", pidfd.pid),
+            format!(
+                "pid {} exited (or closed its socket) while zdt was reading it",
+                pidfd.pid
+            ),
         ),
         e => anyhow::Error::new(e).context(format!(
             "pidfd_getfd(pid {}, fd {target_fd}): cannot take the socket",
@@ -336,7 +358,10 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
 
 fn other_netns(pid: i32) -> bool {
     let ino = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-    match (ino(&format!("/proc/{pid}/ns/net")), ino("/proc/self/ns/net")) {
+    match (
+        ino(&format!("/proc/{pid}/ns/net")),
+        ino("/proc/self/ns/net"),
+    ) {
         (Ok(a), Ok(b)) => a != b,
         _ => false,
     }

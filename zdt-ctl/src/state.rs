@@ -25,8 +25,8 @@ use aya::{
     Ebpf,
 };
 use zdt_common::{
-    family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, LAYOUT_VERSION,
-    MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANDIDATE, ROLE_DRAINING,
+    family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta,
+    LAYOUT_VERSION, MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANDIDATE, ROLE_DRAINING,
 };
 
 use crate::{
@@ -39,7 +39,6 @@ use crate::{
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdt"));
 
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const ALL_MAPS: [&str; 6] = [
     names::SOCKETS,
     names::CONTROL,
@@ -65,7 +64,7 @@ pub fn port_dir(port: u16) -> anyhow::Result<PathBuf> {
 fn ensure_bpffs() -> anyhow::Result<()> {
     let is_bpffs = |p: &str| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     if is_bpffs(BPFFS) {
@@ -367,14 +366,14 @@ impl State {
             if meta.cookie != cookie {
                 continue;
             }
-            let counters = self
-                .slot_counters
-                .get(&index, 0)?
-                .iter()
-                .fold(SlotCounters::default(), |a, c| SlotCounters {
-                    steered: a.steered + c.steered,
-                    migrated: a.migrated + c.migrated,
-                });
+            let counters =
+                self.slot_counters
+                    .get(&index, 0)?
+                    .iter()
+                    .fold(SlotCounters::default(), |a, c| SlotCounters {
+                        steered: a.steered + c.steered,
+                        migrated: a.migrated + c.migrated,
+                    });
             out.push(Slot {
                 index,
                 meta,
@@ -499,7 +498,14 @@ impl State {
             out.extend(format!("{:?}", self.active.get(&i, 0)?).bytes());
         }
         for slot in 0..MAX_SLOTS {
-            out.extend(format!("{slot}:{:?}:{:?}", self.cookie_at(slot)?, self.meta.get(&slot, 0)?).bytes());
+            out.extend(
+                format!(
+                    "{slot}:{:?}:{:?}",
+                    self.cookie_at(slot)?,
+                    self.meta.get(&slot, 0)?
+                )
+                .bytes(),
+            );
         }
         Ok(out)
     }

@@ -12,7 +12,9 @@ mod program {
     use core::{cell::UnsafeCell, ffi::c_void};
 
     use aya_ebpf::{
-        bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS},
+        bindings::{
+            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS,
+        },
         helpers::generated::bpf_sk_select_reuseport,
         macros::{map, sk_reuseport},
         maps::{Array, PerCpuArray},

@@ -123,6 +123,14 @@ async fn handle(
     })
 }
 
+/// accept() on the listener once there is one; pending forever before.
+async fn accept(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn serve(stream: tokio::net::TcpStream, app: &Arc<App>, graceful: &GracefulShutdown) {
     let _ = stream.set_nodelay(true);
     let app = app.clone();
@@ -161,35 +169,33 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let public = SocketAddr::new(args.addr, args.port);
-    let bind = || listener(public, !args.no_reuseport, args.backlog);
-    let mut listener = if args.bind_at == BindAt::Start {
-        let l = bind()?;
+    let bind = || -> anyhow::Result<TcpListener> {
+        let l = listener(public, !args.no_reuseport, args.backlog)?;
         println!("bound={}", l.local_addr()?);
-        Some(l)
-    } else {
-        None
+        Ok(l)
+    };
+    let mut listener = match args.bind_at {
+        BindAt::Start => Some(bind()?),
+        BindAt::Ready => None,
     };
     let warm = tokio::time::sleep(args.warmup);
     tokio::pin!(warm);
-    tokio::select! {
-        _ = &mut warm => {}
-        _ = sigterm.recv() => return Ok(()),
-    }
-    if listener.is_none() {
-        let l = bind()?;
-        println!("bound={}", l.local_addr()?);
-        listener = Some(l);
-    }
-    app.ready.store(true, Ordering::SeqCst);
-    println!("ready");
-    let listener = listener.expect("bound above");
-
+    let mut warming = true;
+    // One loop from bind to SIGTERM: a warming process accepts too, and answers 503.
     loop {
         tokio::select! {
-            r = listener.accept(), if !args.no_accept => {
+            r = accept(listener.as_ref()), if !args.no_accept => {
                 if let Ok((s, _)) = r {
                     serve(s, &app, &graceful);
                 }
+            }
+            _ = &mut warm, if warming => {
+                warming = false;
+                if listener.is_none() {
+                    listener = Some(bind()?);
+                }
+                app.ready.store(true, Ordering::SeqCst);
+                println!("ready");
             }
             _ = sigterm.recv() => break,
         }

@@ -21,7 +21,10 @@ pub fn resolve_port(port: Option<u16>) -> anyhow::Result<u16> {
         )),
         many => Err(bad_input(format!(
             "several ports are attached ({}): pass --port",
-            many.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

@@ -56,7 +56,11 @@ pub fn promote(
     require_root()?;
     let t0 = Instant::now();
     // Input checks first, in order of cost; none of them changes anything.
-    let url = opts.readyz.as_deref().map(readiness::check_url).transpose()?;
+    let url = opts
+        .readyz
+        .as_deref()
+        .map(readiness::check_url)
+        .transpose()?;
     let target = PidFd::open(opts.pid)?;
     let port = resolve_port(opts.port)?;
     let spec = State::open_read(port)?
@@ -83,7 +87,10 @@ pub fn promote(
     if !target.alive() || sockets::start_time(opts.pid) != Some(target.start) {
         return Err(err(
             Kind::ProcessDied,
-            format!("pid {} exited before the switch; nothing was changed", opts.pid),
+            format!(
+                "pid {} exited before the switch; nothing was changed",
+                opts.pid
+            ),
         ));
     }
     let listeners = sockets::fetch_listeners(&target, &spec)?;
