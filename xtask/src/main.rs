@@ -85,7 +85,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
     let mut c = cargo();
-    c.args(["test", "--release", "--workspace", "--"])
+    // One test at a time: the tests put real load on real sockets, and on a 2-core machine two
+    // of them at once would measure each other.
+    c.args(["test", "--release", "--workspace", "--", "--test-threads=1"])
         .args(args)
         .env("ZDT_BIN_DIR", root().join("target/release"));
     run(c)

@@ -246,7 +246,7 @@ fn print_status(s: &Status) {
         "pass-through (nothing promoted yet)"
     };
     println!(
-        "{spec}: {} , {mode}",
+        "{spec}: {}, {mode}",
         if s.attached {
             "attached"
         } else {

@@ -232,23 +232,28 @@ fn dup_from(pidfd: &PidFd, target_fd: i32) -> anyhow::Result<OwnedFd> {
     })
 }
 
-fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
-    let mut cookie: u64 = 0;
+/// A u64 socket option of SOL_SOCKET (SO_COOKIE, SO_NETNS_COOKIE).
+fn getsockopt_u64(fd: BorrowedFd<'_>, opt: libc::c_int, what: &str) -> anyhow::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+        return Err(std::io::Error::last_os_error()).context(what.to_string());
     }
-    Ok(cookie)
+    Ok(value)
+}
+
+fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
+    getsockopt_u64(fd, libc::SO_COOKIE, "getsockopt(SO_COOKIE)")
 }
 
 /// Checks that a duplicated socket can join zdt's group: a TCP listener with SO_REUSEPORT. The
@@ -328,18 +333,27 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
     Ok(out)
 }
 
-/// Duplicates one listening socket (any holder) for each inode in `inodes`.
-pub fn fetch_by_inode(
-    inodes: &BTreeSet<u64>,
-) -> anyhow::Result<BTreeMap<u64, (i32, Option<OwnedFd>)>> {
-    let mut out = BTreeMap::new();
-    for (inode, pids) in owners(inodes) {
-        let Some(&pid) = pids.first() else { continue };
+/// Every listener that `spec` names, whoever holds it: (lowest holding pid, entry, duplicate).
+/// A listener whose holders vanished while we looked is left out: it is gone.
+pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(i32, ListenEntry, OwnedFd)>> {
+    let table = listen_entries()?;
+    let inodes: BTreeSet<u64> = table
+        .values()
+        .filter(|e| spec.matches(&e.local))
+        .map(|e| e.inode)
+        .collect();
+    let mut out = Vec::new();
+    for (inode, pids) in owners(&inodes) {
+        let (Some(&pid), Some(entry)) = (pids.first(), table.get(&inode)) else {
+            continue;
+        };
         let fd = PidFd::open(pid)
             .ok()
             .and_then(|p| socket_fds(pid).ok().map(|f| (p, f)))
             .and_then(|(p, fds)| fds.get(&inode).and_then(|fd| dup_from(&p, *fd).ok()));
-        out.insert(inode, (pid, fd));
+        if let Some(fd) = fd {
+            out.push((pid, *entry, fd));
+        }
     }
     Ok(out)
 }
@@ -373,21 +387,9 @@ fn other_netns(pid: i32) -> bool {
 pub fn netns_cookie() -> anyhow::Result<u64> {
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
         .context("creating a socket to read the network namespace cookie")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("getsockopt(SO_NETNS_COOKIE): zdt needs kernel >= 5.14");
-    }
-    Ok(cookie)
+    getsockopt_u64(
+        s.as_fd(),
+        libc::SO_NETNS_COOKIE,
+        "getsockopt(SO_NETNS_COOKIE): zdt needs kernel >= 5.14",
+    )
 }

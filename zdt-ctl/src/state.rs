@@ -327,30 +327,10 @@ impl State {
     /// for a slot whose socket has closed (reuseport_array.c).
     fn cookie_at(&self, slot: u32) -> anyhow::Result<Option<u64>> {
         let mut cookie: u64 = 0;
-        let mut attr: libc_bpf_attr = libc_bpf_attr {
-            map_fd: self.sockets.fd().as_fd().as_raw_fd() as u32,
-            _pad: 0,
-            key: &slot as *const u32 as u64,
-            value: &mut cookie as *mut u64 as u64,
-            flags: 0,
-        };
-        // SAFETY: BPF_MAP_LOOKUP_ELEM reads `key` (4 bytes) and writes `value` (8 bytes).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                1, /* BPF_MAP_LOOKUP_ELEM */
-                &mut attr as *mut libc_bpf_attr,
-                std::mem::size_of::<libc_bpf_attr>() as u32,
-            )
-        };
-        if rc == 0 {
-            return Ok(Some(cookie));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            Ok(None)
-        } else {
-            Err(e).context("looking up the socket array")
+        match bpf_map_elem(BPF_MAP_LOOKUP_ELEM, &self.sockets, slot, &mut cookie) {
+            Ok(()) => Ok(Some(cookie)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("looking up the socket array"),
         }
     }
 
@@ -569,7 +549,7 @@ fn decode_spec(c: &Control) -> PortSpec {
 
 /// `union bpf_attr` as BPF_MAP_*_ELEM uses it.
 #[repr(C)]
-struct libc_bpf_attr {
+struct BpfMapElemAttr {
     map_fd: u32,
     _pad: u32,
     key: u64,
@@ -577,30 +557,46 @@ struct libc_bpf_attr {
     flags: u64,
 }
 
-fn sockarray_set(map: &MapData, slot: u32, fd: i32) -> anyhow::Result<()> {
-    let value: u64 = fd as u64;
-    let mut attr = libc_bpf_attr {
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+/// One BPF_MAP_{LOOKUP,UPDATE}_ELEM on a socket array with a u32 key and a u64 value (aya 0.14
+/// has no lookup for this map type, and its update passes a 4-byte fd).
+fn bpf_map_elem(
+    cmd: libc::c_long,
+    map: &MapData,
+    key: u32,
+    value: &mut u64,
+) -> std::io::Result<()> {
+    let mut attr = BpfMapElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
-        key: &slot as *const u32 as u64,
-        value: &value as *const u64 as u64,
+        key: &key as *const u32 as u64,
+        value: value as *mut u64 as u64,
         flags: 0, /* BPF_ANY */
     };
-    // SAFETY: BPF_MAP_UPDATE_ELEM reads `key` (4 bytes) and `value` (an fd as u64: the kernel
-    // accepts 4- or 8-byte values for a socket array) from our memory.
+    // SAFETY: the kernel reads the 4-byte key and reads or writes the 8-byte value, both ours
+    // and alive for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            2, /* BPF_MAP_UPDATE_ELEM */
-            &mut attr as *mut libc_bpf_attr,
-            std::mem::size_of::<libc_bpf_attr>() as u32,
+            cmd,
+            &mut attr as *mut BpfMapElemAttr,
+            std::mem::size_of::<BpfMapElemAttr>() as u32,
         )
     };
     if rc == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error().into())
+        Err(std::io::Error::last_os_error())
     }
+}
+
+/// Puts socket `fd` (of zdt-ctl's fd table) into `slot`. Kernel contract: the value of an update
+/// is an fd of the caller; 4 or 8 bytes are accepted for a socket array (reuseport_array.c).
+fn sockarray_set(map: &MapData, slot: u32, fd: i32) -> anyhow::Result<()> {
+    let mut value = fd as u64;
+    Ok(bpf_map_elem(BPF_MAP_UPDATE_ELEM, map, slot, &mut value)?)
 }
 
 /// Waits for an RCU grace period (see [`State::switch`]). If membarrier is unavailable (a

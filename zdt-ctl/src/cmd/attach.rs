@@ -1,6 +1,4 @@
 //! `zdt-ctl attach [ADDR]:PORT`: load and pin the program; take over listeners already there.
-use std::collections::BTreeSet;
-
 use crate::{
     addr::PortSpec,
     error::require_root,
@@ -20,21 +18,10 @@ pub struct AttachReport {
 /// Existing listeners of `spec`, validated, with the lowest pid holding each. Validation runs
 /// before anything is created, so a listener without SO_REUSEPORT fails the attach cleanly.
 fn existing_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(i32, Listener)>> {
-    let table = sockets::listen_entries()?;
-    let inodes: BTreeSet<u64> = table
-        .values()
-        .filter(|e| spec.matches(&e.local))
-        .map(|e| e.inode)
-        .collect();
-    let mut out = Vec::new();
-    for (inode, (pid, fd)) in sockets::fetch_by_inode(&inodes)? {
-        // A listener whose holder vanished while we looked is simply gone.
-        let (Some(fd), Some(entry)) = (fd, table.get(&inode)) else {
-            continue;
-        };
-        out.push((pid, sockets::listener_from(pid, fd, entry)?));
-    }
-    Ok(out)
+    sockets::matching_listeners(spec)?
+        .into_iter()
+        .map(|(pid, entry, fd)| Ok((pid, sockets::listener_from(pid, fd, &entry)?)))
+        .collect()
 }
 
 pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {

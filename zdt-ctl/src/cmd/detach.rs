@@ -22,17 +22,8 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     // One member of each group is enough: the program belongs to the group. Detach first, then
     // remove the pins: if this is interrupted, the state still says "attached" and a second
     // detach finishes the job.
-    let table = sockets::listen_entries()?;
-    let inodes: BTreeSet<u64> = table
-        .values()
-        .filter(|e| spec.matches(&e.local))
-        .map(|e| e.inode)
-        .collect();
     let mut families_done = BTreeSet::new();
-    for (inode, (_, fd)) in sockets::fetch_by_inode(&inodes)? {
-        let (Some(fd), Some(entry)) = (fd, table.get(&inode)) else {
-            continue;
-        };
+    for (_, entry, fd) in sockets::matching_listeners(&spec)? {
         if families_done.insert(entry.local.is_ipv4()) {
             // ENOENT means the group has no program (re-created since): nothing to detach.
             let _ = SkReuseport::detach(&fd);
