@@ -12,8 +12,10 @@ fn main() -> anyhow::Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !linker_ok || !toolchain_ok {
-        anyhow::bail!(
-            "the BPF toolchain is missing ({}). Run `cargo xtask setup` once, then build again.",
+        // A plain message (no error chain or backtrace): cargo prints a failed build script's
+        // stderr as it is.
+        eprintln!(
+            "error: the BPF toolchain is missing ({}). Run `cargo xtask setup` once, then build again.",
             [
                 (!linker_ok).then_some("bpf-linker not on PATH"),
                 (!toolchain_ok).then_some("rustup toolchain `debian-web` not linked"),
@@ -23,6 +25,7 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
         );
+        std::process::exit(1);
     }
     let package = aya_build::Package {
         name: "zdt-ebpf",
