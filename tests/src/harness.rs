@@ -139,6 +139,11 @@ impl App {
         }
     }
 
+    /// Every stdout line printed so far and not yet consumed.
+    pub fn drain_lines(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     pub fn readyz(&self) -> String {
         format!("http://{}/readyz", self.admin)
     }

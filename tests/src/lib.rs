@@ -1,5 +1,6 @@
 //! The test and benchmark harness: network namespaces, real processes (the demo service and
 //! zdt-ctl), and a load client that classifies every request.
+pub mod bench;
 pub mod harness;
 pub mod load;
 pub mod netns;

@@ -67,8 +67,11 @@ pub struct Sample {
     /// The `x-zdt-version` header of the answer, if any.
     pub version: Option<String>,
     pub latency: Duration,
-    /// When the request started, from the start of the run.
-    pub started: Duration,
+    /// When the request started.
+    pub at: Instant,
+    /// With keep-alive: how the request failed on a reused connection before any answer, after
+    /// which it was sent again on a new connection (as HTTP clients do for idempotent requests).
+    pub retried_from: Option<Outcome>,
 }
 
 /// Counts per outcome and per answering version.
@@ -77,6 +80,10 @@ pub struct Tally {
     pub requests: u64,
     pub outcomes: BTreeMap<Outcome, u64>,
     pub versions: BTreeMap<String, u64>,
+    /// Keep-alive requests sent a second time after their reused connection closed (not failures).
+    pub retried: u64,
+    /// Of those, the ones whose first attempt was reset (the kernel sent a RST for them).
+    pub retried_after_reset: u64,
 }
 
 impl Tally {
@@ -86,6 +93,8 @@ impl Tally {
         if let Some(v) = &s.version {
             *self.versions.entry(v.clone()).or_default() += 1;
         }
+        self.retried += u64::from(s.retried_from.is_some());
+        self.retried_after_reset += u64::from(s.retried_from == Some(Outcome::Reset));
     }
 
     pub fn count(&self, o: Outcome) -> u64 {
@@ -146,23 +155,38 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
                 && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
         };
         match spec.rate {
+            Some(rate) if spec.keepalive => {
+                // `workers` connections, each sending requests in sequence at its share of the
+                // rate (a request that is late is sent at once, then the schedule resumes).
+                for _ in 0..spec.workers.max(1) {
+                    let (spec, samples, issued, stop) =
+                        (spec.clone(), samples.clone(), issued.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        let period = Duration::from_secs_f64(spec.workers.max(1) as f64 / rate);
+                        let mut tick = tokio::time::interval(period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        let mut conn = None;
+                        while !stop.load(Ordering::Relaxed)
+                            && Instant::now() < deadline
+                            && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
+                        {
+                            tick.tick().await;
+                            let s = one(&spec, &mut conn).await;
+                            samples.lock().unwrap().push(s);
+                        }
+                    });
+                }
+            }
             Some(rate) => {
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let mut conn: Option<TcpStream> = None;
                 while more(&issued) {
                     tick.tick().await;
-                    if spec.keepalive {
-                        // One connection, requests in sequence at the given rate.
-                        let s = one(spec, &mut conn, start).await;
+                    let (spec, samples) = (spec.clone(), samples.clone());
+                    tasks.spawn(async move {
+                        let s = one(&spec, &mut None).await;
                         samples.lock().unwrap().push(s);
-                    } else {
-                        let (spec, samples) = (spec.clone(), samples.clone());
-                        tasks.spawn(async move {
-                            let s = one(&spec, &mut None, start).await;
-                            samples.lock().unwrap().push(s);
-                        });
-                    }
+                    });
                     // Keep the set from growing without bound: reap finished tasks.
                     while tasks.try_join_next().is_some() {}
                 }
@@ -177,7 +201,7 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
                             && Instant::now() < deadline
                             && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
                         {
-                            let s = one(&spec, &mut conn, start).await;
+                            let s = one(&spec, &mut conn).await;
                             samples.lock().unwrap().push(s);
                         }
                     });
@@ -192,7 +216,7 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
 }
 
 /// One request; with keep-alive, reuses `conn` and replaces it after any failure.
-async fn one(spec: &LoadSpec, conn: &mut Option<TcpStream>, start: Instant) -> Sample {
+async fn one(spec: &LoadSpec, conn: &mut Option<TcpStream>) -> Sample {
     let t = Instant::now();
     let reused = conn.is_some();
     let result = tokio::time::timeout(spec.request_timeout, exchange(spec, conn)).await;
@@ -216,13 +240,18 @@ async fn one(spec: &LoadSpec, conn: &mut Option<TcpStream>, start: Instant) -> S
     // A keep-alive connection that the server closed while idle is the normal end of keep-alive:
     // the request was never taken by anyone, so it is retried once on a new connection.
     if reused && matches!(outcome, Outcome::Eof | Outcome::Reset) {
-        return Box::pin(one(spec, conn, start)).await;
+        let mut s = Box::pin(one(spec, conn)).await;
+        s.retried_from = Some(outcome);
+        s.at = t;
+        s.latency = t.elapsed();
+        return s;
     }
     Sample {
         outcome,
         version,
         latency,
-        started: t - start,
+        at: t,
+        retried_from: None,
     }
 }
 

@@ -30,6 +30,14 @@ enum Task {
     },
     /// The live demo: three deploys under load in a fresh network namespace.
     Demo,
+    /// The reset-count benchmark (full run; flags go to zdt-bench, see `--help`).
+    Bench {
+        /// Replace the README's results section and docs/bench.svg with this run's.
+        #[arg(long)]
+        readme: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +57,40 @@ fn main() -> anyhow::Result<()> {
             build()?;
             run(Command::new(root().join("target/release/zdt-demo")))
         }
+        Task::Bench { readme, args } => {
+            setup::run()?;
+            build()?;
+            let out = root().join("bench-results");
+            let mut c = Command::new(root().join("target/release/zdt-bench"));
+            c.args(&args).arg("--out").arg(&out);
+            run(c)?;
+            if readme {
+                update_readme(&out)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// Puts RESULTS.md of a run between the README's bench markers and the plot in docs/.
+fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let results = std::fs::read_to_string(out.join("RESULTS.md"))?;
+    let path = root().join("README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let (Some(a), Some(b)) = (readme.find(BEGIN), readme.find(END)) else {
+        bail!("README.md has no {BEGIN} ... {END} section");
+    };
+    let new = format!(
+        "{}{BEGIN}\n{results}\n![failures and latency per cell](docs/bench.svg)\n{}",
+        &readme[..a],
+        &readme[b..]
+    );
+    std::fs::write(&path, new)?;
+    std::fs::create_dir_all(root().join("docs"))?;
+    std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
+    Ok(())
 }
 
 /// The workspace root (xtask lives one level below it).

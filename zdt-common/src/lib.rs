@@ -127,6 +127,11 @@ pub struct GlobalCounters {
     pub select_failed: u64,
     /// Migrations for which no active socket could be selected (kernel picked by hash).
     pub migrate_no_target: u64,
+    /// New connections steered to an active socket, all slots together (the per-slot counters
+    /// go when a slot is reused; these stay until detach).
+    pub steered: u64,
+    /// Queued connections migrated to an active socket, all slots together.
+    pub migrated: u64,
 }
 
 /// Userspace-only metadata per slot; the program never reads it. Lives in a pinned map so that

@@ -283,7 +283,7 @@ fn print_status(s: &Status) {
     }
     let c = &s.counters;
     println!(
-        "  counters: passthrough {} fallback {} select_failed {} migrate_no_target {}",
-        c.passthrough, c.fallback, c.select_failed, c.migrate_no_target
+        "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {}",
+        c.steered, c.migrated, c.passthrough, c.fallback, c.select_failed, c.migrate_no_target
     );
 }

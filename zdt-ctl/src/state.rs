@@ -159,7 +159,7 @@ pub fn not_attached(port: u16) -> anyhow::Error {
     )
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -309,6 +309,13 @@ impl State {
             .context("attaching the program to the port's SO_REUSEPORT group")
     }
 
+    /// The kernel's run statistics of the program: (runs, total run time). They only grow while
+    /// run-time stats are enabled (kernel.bpf_stats_enabled, or aya::sys::enable_stats).
+    pub fn program_stats(&self) -> anyhow::Result<(u64, std::time::Duration)> {
+        let info = self.program.info()?;
+        Ok((info.run_count(), info.run_time()))
+    }
+
     pub fn control(&self) -> anyhow::Result<Control> {
         Ok(self.control.get(&0, 0)?)
     }
@@ -374,6 +381,8 @@ impl State {
                 fallback: a.fallback + c.fallback,
                 select_failed: a.select_failed + c.select_failed,
                 migrate_no_target: a.migrate_no_target + c.migrate_no_target,
+                steered: a.steered + c.steered,
+                migrated: a.migrated + c.migrated,
             }))
     }
 
@@ -441,8 +450,8 @@ impl State {
     /// an RCU read-side critical section (softirq), and membarrier(MEMBARRIER_CMD_GLOBAL) returns
     /// only after synchronize_rcu(); afterwards every program run started after the flip, so the
     /// old buffer is unused: the next writer may overwrite it, and the caller knows that no new
-    /// connection can be steered by the old set any more.
-    pub fn switch(&mut self, slots: &[Slot], new: &[u32]) -> anyhow::Result<()> {
+    /// connection can be steered by the old set any more. Returns the Unix time (ms) of the flip.
+    pub fn switch(&mut self, slots: &[Slot], new: &[u32]) -> anyhow::Result<u64> {
         let mut set = ActiveSet::EMPTY;
         for index in new {
             let family = slots
@@ -465,8 +474,9 @@ impl State {
         self.active.set(target - 1, set, 0)?;
         control.active_buf = target;
         self.control.set(0, control, 0)?;
+        let flipped_at = now_ms();
         rcu_grace_period();
-        Ok(())
+        Ok(flipped_at)
     }
 
     /// All of the state except the traffic counters, as bytes: the control word, both active

@@ -189,6 +189,13 @@ mod program {
                         c.steered += 1;
                     }
                 }
+                global(|g| {
+                    if migrating {
+                        g.migrated += 1;
+                    } else {
+                        g.steered += 1;
+                    }
+                });
                 return true;
             }
             global(|g| g.select_failed += 1);

@@ -123,6 +123,12 @@ async fn handle(
     })
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// accept() on the listener once there is one; pending forever before.
 async fn accept(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match l {
@@ -181,11 +187,13 @@ async fn main() -> anyhow::Result<()> {
     let warm = tokio::time::sleep(args.warmup);
     tokio::pin!(warm);
     let mut warming = true;
+    let mut last_accept_ms = 0;
     // One loop from bind to SIGTERM: a warming process accepts too, and answers 503.
     loop {
         tokio::select! {
             r = accept(listener.as_ref()), if !args.no_accept => {
                 if let Ok((s, _)) = r {
+                    last_accept_ms = unix_ms();
                     serve(s, &app, &graceful);
                 }
             }
@@ -203,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
     // SIGTERM: not ready any more; no more accept(); the listener stays open for the gap (its
     // queue still fills if anyone sends it connections), then closes.
     app.draining.store(true, Ordering::SeqCst);
+    println!("last_accept_ms={last_accept_ms}");
     tokio::time::sleep(args.close_gap).await;
     drop(listener);
     println!("closed");

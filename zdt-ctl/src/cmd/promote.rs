@@ -42,6 +42,8 @@ pub struct PromoteReport {
     pub readiness_ms: f64,
     /// From taking the lock after readiness to the end of the grace period after the flip.
     pub switch_ms: f64,
+    /// Unix time (ms) of the switch: when the new active set became live.
+    pub switched_at_ms: u64,
     pub stop_ms: f64,
 }
 
@@ -110,7 +112,7 @@ pub fn promote(
             drained.push(p);
         }
     }
-    state.switch(&slots, &new)?;
+    let switched_at_ms = state.switch(&slots, &new)?;
     state.set_roles(&slots, &new)?;
     // Close our duplicates before anything else: from here on only the processes hold them, so
     // their close() really stops the listeners.
@@ -134,6 +136,7 @@ pub fn promote(
         validate_ms: ms(validate),
         readiness_ms: ms(readiness),
         switch_ms: ms(switch),
+        switched_at_ms,
         stop_ms: ms(t3.elapsed()),
     })
 }

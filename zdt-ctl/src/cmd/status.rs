@@ -27,6 +27,10 @@ pub struct Member {
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Counters {
+    /// All new connections steered by the active set, over every member that ever was.
+    pub steered: u64,
+    /// All migrations to an active socket.
+    pub migrated: u64,
     pub passthrough: u64,
     pub fallback: u64,
     pub select_failed: u64,
@@ -111,6 +115,8 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         groups,
         members,
         counters: Counters {
+            steered: g.steered,
+            migrated: g.migrated,
             passthrough: g.passthrough,
             fallback: g.fallback,
             select_failed: g.select_failed,

@@ -1,0 +1,67 @@
+//! The short version of the reset-count benchmark, run by `cargo xtask test`: zdt must lose
+//! nothing, and the classification must see the failures of an arm that does lose connections.
+use std::time::Duration;
+
+use zdt_tests::bench::{self, Arm, Config, Mode, Rate};
+
+#[test]
+fn short_benchmark() -> anyhow::Result<()> {
+    let cfg = Config {
+        rates: vec![Rate::Fixed(500.0)],
+        gaps: vec![Duration::from_millis(100)],
+        modes: vec![Mode::NewConn, Mode::KeepAlive],
+        zdt_handovers: 20,
+        other_handovers: 6,
+        rounds: 2,
+        warmup: Duration::from_millis(150),
+        workers: 8,
+        perf_run: Duration::from_secs(1),
+        perf_rounds: 1,
+    };
+    let r = bench::run(&cfg)?;
+    println!("{}", bench::markdown(&r));
+    for c in &r.cells {
+        for a in &c.arms {
+            let what = format!("{:?} {} {}", c.mode, c.rate, a.arm.name());
+            assert!(
+                a.tally.requests > 100,
+                "{what}: too little load: {:?}",
+                a.tally
+            );
+            // Every RST the kernel sent is one the client saw or caused, and vice versa.
+            assert!(
+                a.rsts_agree,
+                "{what}: kernel {} RSTs vs client {}",
+                a.kernel.out_rsts, a.client_rsts
+            );
+            match a.arm {
+                Arm::Zdt => {
+                    assert_eq!(a.handovers, 20, "{what}");
+                    assert_eq!(a.failures, 0, "{what}: {:?}", a.tally);
+                    let p = a.program.expect("zdt arm has program counters");
+                    assert_eq!(p.fallback + p.migrate_no_target, 0, "{what}: {p:?}");
+                    if c.mode == Mode::NewConn {
+                        // The program accounts for every connection the client opened.
+                        assert_eq!(
+                            p.steered + p.passthrough,
+                            a.client_connections,
+                            "{what}: {p:?}"
+                        );
+                    }
+                }
+                // Closing a listener that still has a queue, without zdt, resets connections:
+                // the classification must see them, and agree with the kernel's RST count.
+                Arm::Baseline if c.mode == Mode::NewConn => {
+                    assert!(
+                        a.tally.count(zdt_tests::load::Outcome::Reset) > 0,
+                        "{what}: {:?}",
+                        a.tally
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(r.perf.bpf_runs > 0, "{:?}", r.perf);
+    Ok(())
+}
