@@ -497,14 +497,18 @@ fn phase(
     acc.kernel.add_delta(&after, &before);
     match arm {
         Arm::Zdt => {
-            let st = crate::harness::status(ns, PORT)?;
-            let c = &st["counters"];
-            let g = |k: &str| c[k].as_u64().unwrap_or(0);
-            acc.program.steered += g("steered");
-            acc.program.migrated += g("migrated");
-            acc.program.passthrough += g("passthrough");
-            acc.program.fallback += g("fallback");
-            acc.program.migrate_no_target += g("migrate_no_target");
+            // Read the program's counters directly: `zdt-ctl status` would add its own probe
+            // connection to them.
+            let g = ns.run(|| {
+                zdt_ctl::state::State::open_read(PORT)?
+                    .context("zdt state vanished")?
+                    .global_counters()
+            })??;
+            acc.program.steered += g.steered;
+            acc.program.migrated += g.migrated;
+            acc.program.passthrough += g.passthrough;
+            acc.program.fallback += g.fallback;
+            acc.program.migrate_no_target += g.migrate_no_target;
             zdt_ok(ns, &["detach", &format!(":{PORT}")])?;
         }
         Arm::MigrateSysctl => set_migrate_sysctl(ns, false)?,

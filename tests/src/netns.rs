@@ -71,7 +71,7 @@ impl Netns {
     /// as seen from inside the namespace.
     pub fn counter(&self, group: &str, name: &str) -> anyhow::Result<u64> {
         let (group, name) = (group.to_string(), name.to_string());
-        self.run(move || read_counter(&group, &name))?
+        self.run(move || zdt_ctl::sockets::netstat_counter(&group, &name))?
     }
 }
 
@@ -103,29 +103,4 @@ fn loopback_up() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines) of the
-/// calling thread's namespace (thread-self: /proc/net is the thread-group leader's view).
-pub fn read_counter(group: &str, name: &str) -> anyhow::Result<u64> {
-    for file in [
-        "/proc/thread-self/net/netstat",
-        "/proc/thread-self/net/snmp",
-    ] {
-        let text = std::fs::read_to_string(file)?;
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [head, vals] = pair else { continue };
-            let prefix = format!("{group}:");
-            if !head.starts_with(&prefix) || !vals.starts_with(&prefix) {
-                continue;
-            }
-            let keys = head.split_whitespace().skip(1);
-            let values = vals.split_whitespace().skip(1);
-            if let Some((_, v)) = keys.zip(values).find(|(k, _)| *k == name) {
-                return Ok(v.parse()?);
-            }
-        }
-    }
-    anyhow::bail!("counter {group}:{name} not found")
 }

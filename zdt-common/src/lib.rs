@@ -132,6 +132,10 @@ pub struct GlobalCounters {
     pub steered: u64,
     /// Queued connections migrated to an active socket, all slots together.
     pub migrated: u64,
+    /// Program runs for the IPv4 group and for the IPv6 group. `zdt-ctl status` proves that the
+    /// program is attached to a group by making one connection to it and seeing its count move:
+    /// if the program is not attached to that group, nothing else can move it.
+    pub runs: [u64; 2],
 }
 
 /// Userspace-only metadata per slot; the program never reads it. Lives in a pinned map so that
@@ -151,7 +155,9 @@ pub struct SlotMeta {
     /// One of the `ROLE_*` constants.
     pub role: u32,
     pub family: u32,
-    pub _pad: u32,
+    /// Owner uid of the socket: the kernel only groups sockets of one uid, so a socket of
+    /// another uid can never be steered to from this group.
+    pub uid: u32,
 }
 
 /// In the socket array, not yet promoted (or a promote was interrupted before its switch).

@@ -17,8 +17,12 @@ pub enum Kind {
     ProcessDied,
     /// Not run as root.
     PermissionDenied,
-    /// The request is valid but would break the service (e.g. draining the last active member).
+    /// The request is valid but would break the service (e.g. draining the last active member),
+    /// or the pinned state is not one zdt created.
     Refused,
+    /// The switch happened, then the new process failed (died, or stopped answering 200 during
+    /// --probation), and the previous active set was restored.
+    RolledBack,
 }
 
 impl Kind {
@@ -32,6 +36,7 @@ impl Kind {
             Kind::ProcessDied => 5,
             Kind::PermissionDenied => 6,
             Kind::Refused => 7,
+            Kind::RolledBack => 8,
         }
     }
 }

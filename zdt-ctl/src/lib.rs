@@ -7,3 +7,15 @@ pub mod error;
 pub mod readiness;
 pub mod sockets;
 pub mod state;
+
+/// Test hook: when `ZDT_FAILPOINT` names this point, stop here (until killed). The fault tests
+/// SIGKILL zdt-ctl at every step of a command this way and check that the next command finds a
+/// consistent state. Without the variable this is one environment lookup.
+pub fn failpoint(name: &str) {
+    if std::env::var_os("ZDT_FAILPOINT").is_some_and(|v| v == name) {
+        eprintln!("zdt-ctl: failpoint {name} reached");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}

@@ -14,7 +14,7 @@ use zdt_ctl::{
     version,
     about = "Zero-downtime deploys on one SO_REUSEPORT port, steered by a BPF program",
     after_help = "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 port not attached, \
-                  4 readiness timeout, 5 process died, 6 not root, 7 refused"
+                  4 readiness timeout, 5 process died, 6 not root, 7 refused, 8 rolled back"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,7 +48,11 @@ enum Command {
         /// How long to wait for readiness.
         #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
         timeout: Duration,
-        /// SIGTERM the previous members after the switch and wait for them to exit.
+        /// After the switch, keep checking that the new process lives and answers 200 this long;
+        /// if it does not, restore the previous active set (exit code 8).
+        #[arg(long, value_parser = parse_duration_arg)]
+        probation: Option<Duration>,
+        /// SIGTERM the previous members after the switch (and probation) and wait for them to exit.
         #[arg(long)]
         stop_old: bool,
         /// How long --stop-old waits for the previous members to exit.
@@ -149,6 +153,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             readyz,
             no_readyz: _,
             timeout,
+            probation,
             stop_old,
             drain_timeout,
             port,
@@ -159,6 +164,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 port,
                 readyz,
                 timeout,
+                probation,
                 stop_old,
                 drain_timeout,
             };
@@ -188,8 +194,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "phases: validate {:.1} ms, readiness {:.1} ms, switch {:.2} ms, stop {:.1} ms",
-                r.validate_ms, r.readiness_ms, r.switch_ms, r.stop_ms
+                "phases: validate {:.1} ms, readiness {:.1} ms, switch {:.2} ms, probation {:.1} ms, stop {:.1} ms",
+                r.validate_ms, r.readiness_ms, r.switch_ms, r.probation_ms, r.stop_ms
             );
             if r.stopped.iter().any(|s| s.outcome == "still-running") {
                 eprintln!(
@@ -261,7 +267,7 @@ fn print_status(s: &Status) {
             if g.steering {
                 "attached"
             } else {
-                "missing (promote re-attaches)"
+                "NOT ATTACHED (group re-created, or the app replaced it; promote re-attaches)"
             }
         );
     }
@@ -281,6 +287,11 @@ fn print_status(s: &Status) {
             m.migrated
         );
     }
+    let k = &s.kernel;
+    println!(
+        "  kernel: migrations ok {} failed {}, listen overflows {} drops {}",
+        k.migrate_req_success, k.migrate_req_failure, k.listen_overflows, k.listen_drops
+    );
     let c = &s.counters;
     println!(
         "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {}",

@@ -120,6 +120,8 @@ pub struct Listener {
     pub inode: u64,
     pub local: SocketAddr,
     pub cookie: u64,
+    /// Owner uid of the socket (the kernel groups only sockets of one uid).
+    pub uid: u32,
 }
 
 impl Listener {
@@ -311,6 +313,8 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
             let ports: BTreeSet<u16> = mine.iter().map(|(e, _)| e.local.port()).collect();
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
             why += &format!(" (it listens on port {} only)", ports.join(", "));
+        } else if let Some(udp) = udp_on_port(&fds, spec.port) {
+            why += &format!(" (it has a UDP socket on {udp}; zdt steers TCP listeners)");
         } else if other_netns(pid) {
             why += " (it is in another network namespace; run zdt-ctl inside that namespace)";
         } else {
@@ -328,6 +332,7 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
             inode: entry.inode,
             local: entry.local,
             cookie,
+            uid: entry.uid,
         });
     }
     Ok(out)
@@ -367,7 +372,64 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
         inode: entry.inode,
         local: entry.local,
         cookie,
+        uid: entry.uid,
     })
+}
+
+/// The local address of a UDP socket among `fds` bound to `port`, if any.
+fn udp_on_port(fds: &BTreeMap<u64, i32>, port: u16) -> Option<SocketAddr> {
+    use procfs::FromReadSI as _;
+    ["udp", "udp6"].iter().find_map(|name| {
+        procfs::net::UdpNetEntries::from_file(
+            format!("/proc/thread-self/net/{name}"),
+            procfs::current_system_info(),
+        )
+        .ok()?
+        .0
+        .into_iter()
+        .find(|e| e.local_address.port() == port && fds.contains_key(&e.inode))
+        .map(|e| e.local_address)
+    })
+}
+
+/// Checks that the readiness URL is answered by `pid` itself when it points at a listener of
+/// this machine: a switch must follow the readiness of the process it switches to, not of
+/// whichever process answers on that port (another instance, or a process that took over a
+/// reused pid number). A URL that nothing listens on yet is fine: the wait reports it.
+pub fn check_url_owner(pidfd: &PidFd, url: &reqwest::Url) -> anyhow::Result<()> {
+    let Some(port) = url.port_or_known_default() else {
+        return Ok(());
+    };
+    let host: Option<std::net::IpAddr> = match url.host_str() {
+        Some("localhost") => Some([127, 0, 0, 1].into()),
+        Some(h) => h.trim_matches(['[', ']']).parse().ok(),
+        None => None,
+    };
+    let Some(host) = host else { return Ok(()) };
+    let table = listen_entries()?;
+    let serving: BTreeSet<u64> = table
+        .values()
+        .filter(|e| {
+            e.local.port() == port
+                && (e.local.ip() == host
+                    || (e.local.ip().is_unspecified() && e.local.is_ipv4() == host.is_ipv4()))
+        })
+        .map(|e| e.inode)
+        .collect();
+    if serving.is_empty() {
+        return Ok(());
+    }
+    let mine = socket_fds(pidfd.pid)?;
+    if serving.iter().any(|i| mine.contains_key(i)) {
+        return Ok(());
+    }
+    let others: BTreeSet<i32> = owners(&serving).into_values().flatten().collect();
+    let others: Vec<String> = others.iter().map(i32::to_string).collect();
+    Err(bad_input(format!(
+        "readiness URL {url} is served by pid {}, not by pid {}: pass the readiness URL of the          process being promoted",
+        if others.is_empty() { "?".to_string() } else { others.join(", ") },
+        pidfd.pid
+    )))
 }
 
 fn other_netns(pid: i32) -> bool {
@@ -392,4 +454,29 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
         libc::SO_NETNS_COOKIE,
         "getsockopt(SO_NETNS_COOKIE): zdt needs kernel >= 5.14",
     )
+}
+
+/// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines) of the
+/// calling thread's namespace (thread-self: /proc/net is the thread-group leader's view).
+pub fn netstat_counter(group: &str, name: &str) -> anyhow::Result<u64> {
+    for file in [
+        "/proc/thread-self/net/netstat",
+        "/proc/thread-self/net/snmp",
+    ] {
+        let text = std::fs::read_to_string(file)?;
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [head, vals] = pair else { continue };
+            let prefix = format!("{group}:");
+            if !head.starts_with(&prefix) || !vals.starts_with(&prefix) {
+                continue;
+            }
+            let keys = head.split_whitespace().skip(1);
+            let values = vals.split_whitespace().skip(1);
+            if let Some((_, v)) = keys.zip(values).find(|(k, _)| *k == name) {
+                return Ok(v.parse()?);
+            }
+        }
+    }
+    anyhow::bail!("counter {group}:{name} not found")
 }

@@ -166,6 +166,29 @@ pub fn now_ms() -> u64 {
 }
 
 impl State {
+    /// Whether the program is attached to the group of one family (IPv4 if `v4`): makes one
+    /// connection to the port and sees whether the program ran for that family. Kernel contract:
+    /// the group's program runs on the SYN, before the handshake completes, so when connect()
+    /// returns the count has moved, unless the group has no program or another one (an app can
+    /// replace it with SO_ATTACH_REUSEPORT_EBPF, or remove it with SO_DETACH_REUSEPORT_BPF).
+    /// The connection is closed at once; the app sees a connection without a request.
+    pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
+        let i = usize::from(!v4);
+        let before = self.global_counters()?.runs[i];
+        let ip: std::net::IpAddr = match self.spec.addr {
+            Some(a) => a,
+            None if v4 => std::net::Ipv4Addr::LOCALHOST.into(),
+            None => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        let target = std::net::SocketAddr::new(ip, self.spec.port);
+        // A refused or timed-out probe still ran the program (if attached) on its SYN.
+        drop(std::net::TcpStream::connect_timeout(
+            &target,
+            std::time::Duration::from_secs(1),
+        ));
+        Ok(self.global_counters()?.runs[i] > before)
+    }
+
     /// Whether a complete state exists for `port` (the program pin is written last).
     pub fn exists(port: u16) -> anyhow::Result<bool> {
         Ok(port_dir(port)?.join(names::PROGRAM).exists())
@@ -196,6 +219,7 @@ impl State {
     }
 
     fn open_at(dir: PathBuf, lock: Option<Lock>) -> anyhow::Result<Self> {
+        verify(&dir)?;
         let control: Array<MapData, Control> =
             Map::Array(open_map(&dir, names::CONTROL)?).try_into()?;
         let c = control.get(&0, 0)?;
@@ -383,6 +407,7 @@ impl State {
                 migrate_no_target: a.migrate_no_target + c.migrate_no_target,
                 steered: a.steered + c.steered,
                 migrated: a.migrated + c.migrated,
+                runs: [a.runs[0] + c.runs[0], a.runs[1] + c.runs[1]],
             }))
     }
 
@@ -417,7 +442,7 @@ impl State {
                 pid: pid as u32,
                 role: ROLE_CANDIDATE,
                 family: l.family(),
-                _pad: 0,
+                uid: l.uid,
             };
             // Metadata and zeroed counters first: the socket only counts as zdt's once the
             // array holds it (Slot requires the cookie to match).
@@ -475,6 +500,7 @@ impl State {
         control.active_buf = target;
         self.control.set(0, control, 0)?;
         let flipped_at = now_ms();
+        crate::failpoint("flipped");
         rcu_grace_period();
         Ok(flipped_at)
     }
@@ -519,6 +545,114 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// What zdt created, to check a pinned state against before using it: (map, type, key size,
+/// value size, entries).
+fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 6] {
+    use aya::maps::MapType as T;
+    use std::mem::size_of;
+    [
+        (names::SOCKETS, T::ReuseportSockArray, 4, 8, MAX_SLOTS),
+        (names::CONTROL, T::Array, 4, size_of::<Control>(), 1),
+        (names::ACTIVE, T::Array, 4, size_of::<ActiveSet>(), 2),
+        (
+            names::SLOT_COUNTERS,
+            T::PerCpuArray,
+            4,
+            size_of::<SlotCounters>(),
+            MAX_SLOTS,
+        ),
+        (
+            names::GLOBAL_COUNTERS,
+            T::PerCpuArray,
+            4,
+            size_of::<GlobalCounters>(),
+            1,
+        ),
+        (
+            names::SLOT_META,
+            T::Array,
+            4,
+            size_of::<SlotMeta>(),
+            MAX_SLOTS,
+        ),
+    ]
+}
+
+/// The tag (hash of the instructions, map references left out) of the program this zdt-ctl
+/// carries, computed by the kernel from a throwaway load.
+fn expected_tag() -> anyhow::Result<u64> {
+    static TAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(t) = TAG.get() {
+        return Ok(*t);
+    }
+    let mut ebpf = Ebpf::load(PROGRAM_OBJECT).context("loading the BPF object")?;
+    let program: &mut SkReuseport = ebpf
+        .program_mut(names::PROGRAM)
+        .context("BPF object has no program zdt_select")?
+        .try_into()?;
+    program.load()?;
+    let tag = program.info()?.tag();
+    Ok(*TAG.get_or_init(|| tag))
+}
+
+/// Refuses a pinned state that zdt did not create as it is: the access control of the state is
+/// the directory's permissions (a user who can open a pinned map can write it), so they must be
+/// root-only; and maps or a program of another shape would be misread or would steer wrongly.
+fn verify(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let refuse = |what: String| {
+        err(
+            Kind::Refused,
+            format!(
+                "the pinned state in {} is not as zdt created it: {what}. Find out who changed it;                  to start over, remove that directory (rm -r) and run `zdt-ctl attach` again",
+                dir.display()
+            ),
+        )
+    };
+    let check_mode = |path: &Path, mode: u32| -> anyhow::Result<()> {
+        let m = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if m.uid() != 0 || m.mode() & 0o7777 != mode {
+            return Err(refuse(format!(
+                "{} has owner uid {} and mode {:o}, not root and {mode:o}",
+                path.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            )));
+        }
+        Ok(())
+    };
+    check_mode(dir, 0o700)?;
+    check_mode(&dir.join(names::PROGRAM), 0o600)?;
+    for (name, kind, key, value, entries) in expected_maps() {
+        let path = dir.join(name);
+        check_mode(&path, 0o600)?;
+        let info = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?
+            .info()?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (Some(kind), key, value, entries) {
+            return Err(refuse(format!(
+                "map {name} is {found:?}, expected {:?}",
+                (kind, key, value, entries)
+            )));
+        }
+    }
+    let pinned = aya::programs::ProgramInfo::from_pin(dir.join(names::PROGRAM))?;
+    if pinned.tag() != expected_tag()? {
+        return Err(refuse(format!(
+            "the pinned program has tag {:016x}, this zdt-ctl's program {:016x} (another zdt              version, or another program)",
+            pinned.tag(),
+            expected_tag()?
+        )));
+    }
+    Ok(())
 }
 
 /// The spec is stored in the control map so every command sees what `attach` was given.

@@ -112,6 +112,17 @@ mod program {
         // always a socket of the group the program runs for (PTR_TO_SOCKET, never NULL).
         let migrating = ctx.migrating_sk().is_some();
 
+        // SAFETY: ctx.sk() is never NULL for sk_reuseport programs (see above).
+        let family = unsafe { (*ctx.sk().sock).family };
+        let fam = family_index(family);
+        if let Some(i) = fam {
+            global(|g| {
+                if let Some(r) = g.runs.get_mut(i) {
+                    *r += 1;
+                }
+            });
+        }
+
         let buf = match ZDT_CONTROL.get(0) {
             // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
             Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
@@ -126,9 +137,7 @@ mod program {
         }
 
         if let Some(set) = ZDT_ACTIVE.get(buf - 1) {
-            // SAFETY: ctx.sk() is never NULL for sk_reuseport programs (see above).
-            let family = unsafe { (*ctx.sk().sock).family };
-            if let Some(list) = family_index(family).and_then(|i| set.lists.get(i)) {
+            if let Some(list) = fam.and_then(|i| set.lists.get(i)) {
                 if try_active(ctx, list.len, &list.slots, migrating) {
                     return SK_PASS;
                 }

@@ -1,11 +1,12 @@
 //! `zdt-ctl promote PID`: wait for PID's readiness, switch new connections to its sockets in one
-//! update, demote the previous members, and optionally stop them.
+//! update, demote the previous members, watch the new one for a probation period, and
+//! optionally stop the previous members.
 use std::time::{Duration, Instant};
 
 use crate::{
     cmd::resolve_port,
-    error::{err, require_root, Kind},
-    readiness,
+    error::{bad_input, err, require_root, Kind},
+    failpoint, readiness,
     sockets::{self, PidFd},
     state::State,
 };
@@ -18,6 +19,9 @@ pub struct PromoteOptions {
     /// None only with an explicit `--no-readyz`.
     pub readyz: Option<String>,
     pub timeout: Duration,
+    /// After the switch, keep checking that the new process lives (and answers 200, with
+    /// --readyz) this long; restore the previous active set if it does not.
+    pub probation: Option<Duration>,
     pub stop_old: bool,
     pub drain_timeout: Duration,
 }
@@ -44,6 +48,7 @@ pub struct PromoteReport {
     pub switch_ms: f64,
     /// Unix time (ms) of the switch: when the new active set became live.
     pub switched_at_ms: u64,
+    pub probation_ms: f64,
     pub stop_ms: f64,
 }
 
@@ -70,11 +75,16 @@ pub fn promote(
         .spec;
     // Validate the sockets now so that a wrong pid fails before any wait, then close the
     // duplicates: holding them while the process warms up would keep its listener alive if it
-    // crashed (fact: a duplicate fd is a reference).
+    // crashed (a duplicate fd is a reference to the socket).
     drop(sockets::fetch_listeners(&target, &spec)?);
+    if let Some(url) = &url {
+        sockets::check_url_owner(&target, url)?;
+    }
+    failpoint("validated");
 
     // Serialize with other commands on this port for the rest of the promote.
     let mut state = State::open_locked(port)?;
+    failpoint("locked");
     let validate = t0.elapsed();
 
     let t1 = Instant::now();
@@ -96,32 +106,61 @@ pub fn promote(
         ));
     }
     let listeners = sockets::fetch_listeners(&target, &spec)?;
+    let slots = state.slots()?;
+    // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
+    // socket of another uid would never be selectable from this group.
+    if let Some((l, s)) = listeners.iter().find_map(|l| {
+        slots
+            .iter()
+            .find(|s| s.meta.family == l.family() && s.meta.uid != l.uid)
+            .map(|s| (l, s))
+    }) {
+        return Err(bad_input(format!(
+            "the socket of pid {} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
+             the kernel keeps them in separate groups, so zdt cannot hand over between them",
+            opts.pid, l.local, l.uid, s.meta.uid, s.meta.pid
+        )));
+    }
     for l in &listeners {
         state.attach_to_group(&l.fd)?;
     }
     let new = state.insert(opts.pid, target.start, &listeners)?;
+    failpoint("inserted");
     let slots = state.slots()?;
-    let previous: Vec<_> = slots
+    let previous: Vec<u32> = slots
         .iter()
         .filter(|s| s.active && !new.contains(&s.index))
+        .map(|s| s.index)
         .collect();
     let mut drained: Vec<(i32, u64)> = Vec::new();
-    for s in &previous {
+    for s in slots.iter().filter(|s| previous.contains(&s.index)) {
         let p = (s.meta.pid as i32, s.meta.pid_start);
         if p.0 != opts.pid && !drained.contains(&p) {
             drained.push(p);
         }
     }
     let switched_at_ms = state.switch(&slots, &new)?;
+    failpoint("switched");
     state.set_roles(&slots, &new)?;
+    failpoint("roles");
     // Close our duplicates before anything else: from here on only the processes hold them, so
-    // their close() really stops the listeners.
+    // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
-    drop(state);
     let switch = t2.elapsed();
     tracing::info!(port, pid = opts.pid, switch_ms = ms(switch), "switched");
 
+    // The new process must still be there once our references are gone; then, with
+    // --probation, stay alive and ready for that long.
     let t3 = Instant::now();
+    let verdict = watch(&target, url.as_ref(), opts.probation.unwrap_or_default());
+    if let Err(why) = verdict {
+        return Err(rollback(&mut state, &previous, opts.pid, &why));
+    }
+    drop(state);
+    let probation = t3.elapsed();
+
+    let t4 = Instant::now();
+    failpoint("stopping");
     let stopped = if opts.stop_old {
         stop_all(&drained, opts.drain_timeout)
     } else {
@@ -137,8 +176,97 @@ pub fn promote(
         readiness_ms: ms(readiness),
         switch_ms: ms(switch),
         switched_at_ms,
-        stop_ms: ms(t3.elapsed()),
+        probation_ms: ms(probation),
+        stop_ms: ms(t4.elapsed()),
     })
+}
+
+/// Consecutive failed readiness answers that end a probation (one can be a blip).
+const PROBATION_FAILURES: u32 = 2;
+
+/// Checks the new process right after the switch and then for `probation`: alive (pidfd) and,
+/// with a URL, answering 200. Err(what happened) ends it.
+fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Result<(), String> {
+    let died = || format!("pid {} exited right after the switch", target.pid);
+    if !target.alive() {
+        return Err(died());
+    }
+    if probation.is_zero() {
+        return Ok(());
+    }
+    let prober = readiness::Prober::new().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut failures = 0;
+    while start.elapsed() < probation {
+        if target.wait_exit(readiness::POLL_INTERVAL) {
+            return Err(format!(
+                "pid {} exited {:.1}s into its probation",
+                target.pid,
+                start.elapsed().as_secs_f64()
+            ));
+        }
+        if let Some(url) = url {
+            match prober.probe(url, probation.saturating_sub(start.elapsed())) {
+                Ok(()) => failures = 0,
+                Err(answer) => {
+                    failures += 1;
+                    if failures >= PROBATION_FAILURES {
+                        return Err(format!(
+                            "pid {} stopped being ready {:.1}s into its probation ({url} answered: {answer})",
+                            target.pid,
+                            start.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes `previous` active again, as far as its sockets still listen, and says what happened.
+fn rollback(state: &mut State, previous: &[u32], pid: i32, why: &str) -> anyhow::Error {
+    let mut restore = || -> anyhow::Result<Vec<i32>> {
+        let slots = state.slots()?;
+        let live: Vec<u32> = previous
+            .iter()
+            .copied()
+            .filter(|p| slots.iter().any(|s| s.index == *p))
+            .collect();
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        state.switch(&slots, &live)?;
+        state.set_roles(&slots, &live)?;
+        let mut pids: Vec<i32> = slots
+            .iter()
+            .filter(|s| live.contains(&s.index))
+            .map(|s| s.meta.pid as i32)
+            .collect();
+        pids.dedup();
+        Ok(pids)
+    };
+    tracing::warn!(pid, why, "rolling back");
+    match restore() {
+        Ok(pids) if !pids.is_empty() => {
+            let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
+            err(
+                Kind::RolledBack,
+                format!(
+                    "{why}; restored the previous active set (pid {}), nothing was stopped",
+                    pids.join(", ")
+                ),
+            )
+        }
+        Ok(_) => err(
+            Kind::RolledBack,
+            format!(
+                "{why}; the previous members no longer listen, so there was nothing to restore: \
+                 new connections go to kernel hashing over the listeners that remain"
+            ),
+        ),
+        Err(e) => e.context(format!("{why}; restoring the previous active set failed")),
+    }
 }
 
 /// SIGTERM to each previous member (only if it is still the process that was promoted then),

@@ -8,10 +8,33 @@ pub struct Group {
     /// "ipv4" or "ipv6"
     pub family: &'static str,
     pub listeners: usize,
-    /// Whether zdt's program is attached to this group: one of its listeners is in zdt's socket
-    /// array (zdt attaches the program through every socket it inserts, and a group lives as
-    /// long as any of its listeners does).
+    /// Whether zdt's program is attached to this group, proven by one probe connection (see
+    /// State::probe_attached): false if the group was re-created without it, or if the app
+    /// replaced or removed it.
     pub steering: bool,
+}
+
+/// Kernel counters of this network namespace that concern zdt (/proc/net/netstat TcpExt):
+/// a migration that failed (e.g. the target's accept queue was full) is reset by the kernel,
+/// and shows here, not in zdt's own counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KernelCounters {
+    pub migrate_req_success: u64,
+    pub migrate_req_failure: u64,
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+}
+
+impl KernelCounters {
+    pub fn read() -> Self {
+        let c = |n| sockets::netstat_counter("TcpExt", n).unwrap_or(0);
+        KernelCounters {
+            migrate_req_success: c("TCPMigrateReqSuccess"),
+            migrate_req_failure: c("TCPMigrateReqFailure"),
+            listen_overflows: c("ListenOverflows"),
+            listen_drops: c("ListenDrops"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,6 +71,7 @@ pub struct Status {
     pub groups: Vec<Group>,
     pub members: Vec<Member>,
     pub counters: Counters,
+    pub kernel: KernelCounters,
 }
 
 pub fn status(port: u16) -> anyhow::Result<Status> {
@@ -61,6 +85,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             groups: Vec::new(),
             members: Vec::new(),
             counters: Counters::default(),
+            kernel: KernelCounters::read(),
         });
     };
     let slots = state.slots()?;
@@ -74,15 +99,10 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         if listeners == 0 {
             continue;
         }
-        let af = if v4 {
-            zdt_common::AF_INET
-        } else {
-            zdt_common::AF_INET6
-        };
         groups.push(Group {
             family,
             listeners,
-            steering: slots.iter().any(|s| s.meta.family == af),
+            steering: state.probe_attached(v4)?,
         });
     }
     let mut members: Vec<Member> = Vec::new();
@@ -122,6 +142,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             select_failed: g.select_failed,
             migrate_no_target: g.migrate_no_target,
         },
+        kernel: KernelCounters::read(),
     })
 }
 
