@@ -358,14 +358,30 @@ fn set_migrate_sysctl(ns: &Netns, on: bool) -> anyhow::Result<()> {
 }
 
 /// A promote running in the background (its --stop-old wait can outlast the next handover).
-struct Pending {
+pub struct Pending {
     child: Child,
     old: App,
 }
 
+impl Pending {
+    /// Waits for the promote and the old process; returns the promote's JSON report and what
+    /// the old process printed. A promote that failed is an error.
+    pub fn finish(mut self) -> anyhow::Result<(serde_json::Value, Vec<String>)> {
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            s.read_to_string(&mut out)?;
+        }
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "zdt-ctl promote failed: {out}");
+        let report = serde_json::from_str(&out).context("promote JSON")?;
+        self.old.wait_exit(Duration::from_secs(15));
+        Ok((report, self.old.drain_lines()))
+    }
+}
+
 /// Starts `zdt-ctl promote --stop-old` for `new` and returns once it has switched (its info log
 /// says so), leaving it to wait for the old process in the background.
-fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::Result<Pending> {
+pub fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::Result<Pending> {
     let drain = format!("{}ms", (gap + Duration::from_secs(10)).as_millis());
     let pid = new.pid.to_string();
     let readyz = new.readyz();
@@ -405,21 +421,12 @@ fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::Resul
 /// Reaps background promotes; records their timing. A promote that failed fails the run:
 /// a benchmark whose deploys did not happen measures nothing.
 fn reap(pending: Vec<Pending>, acc: &mut ArmAcc) -> anyhow::Result<()> {
-    for mut p in pending {
-        let mut out = String::new();
-        if let Some(mut s) = p.child.stdout.take() {
-            s.read_to_string(&mut out)?;
-        }
-        let status = p.child.wait()?;
-        anyhow::ensure!(status.success(), "zdt-ctl promote failed: {out}");
-        let r: serde_json::Value = serde_json::from_str(&out).context("promote JSON")?;
+    for p in pending {
+        let (r, old_lines) = p.finish()?;
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         acc.promote_to_switch_ms
             .push(f("validate_ms") + f("readiness_ms") + f("switch_ms"));
-        p.old.wait_exit(Duration::from_secs(15));
-        if let Some(last) = p
-            .old
-            .drain_lines()
+        if let Some(last) = old_lines
             .iter()
             .find_map(|l| l.strip_prefix("last_accept_ms=")?.parse::<f64>().ok())
         {

@@ -8,14 +8,27 @@ pub mod readiness;
 pub mod sockets;
 pub mod state;
 
-/// Test hook: when `ZDT_FAILPOINT` names this point, stop here (until killed). The fault tests
-/// SIGKILL zdt-ctl at every step of a command this way and check that the next command finds a
-/// consistent state. Without the variable this is one environment lookup.
+/// Test hook: when `ZDT_FAILPOINT` is `NAME`, stop at that point until killed; when it is
+/// `NAME:DURATION`, pause there that long and go on. The fault tests SIGKILL zdt-ctl at every
+/// step of a command this way, or make something happen between two steps. Without the variable
+/// this is one environment lookup.
 pub fn failpoint(name: &str) {
-    if std::env::var_os("ZDT_FAILPOINT").is_some_and(|v| v == name) {
-        eprintln!("zdt-ctl: failpoint {name} reached");
-        loop {
+    let Some(v) = std::env::var_os("ZDT_FAILPOINT") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let (point, pause) = match v.split_once(':') {
+        Some((p, d)) => (p, humantime::parse_duration(d).ok()),
+        None => (v.as_ref(), None),
+    };
+    if point != name {
+        return;
+    }
+    eprintln!("zdt-ctl: failpoint {name} reached");
+    match pause {
+        Some(d) => std::thread::sleep(d),
+        None => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
+        },
     }
 }

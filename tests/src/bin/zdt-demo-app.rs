@@ -25,6 +25,20 @@ use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Resp
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 
+/// How the admin port's /readyz misbehaves (to test zdt's readiness check).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ReadyzMode {
+    Normal,
+    /// 302 to /elsewhere.
+    Redirect,
+    /// Accepts, reads, never answers.
+    Hang,
+    /// Answers 200 after 2 s.
+    Slow,
+    /// Answers bytes that are not HTTP.
+    Garbage,
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum BindAt {
     Start,
@@ -59,6 +73,11 @@ struct Args {
     /// Bind without SO_REUSEPORT (to see zdt refuse such a socket).
     #[arg(long)]
     no_reuseport: bool,
+    #[arg(long, value_enum, default_value = "normal")]
+    readyz_mode: ReadyzMode,
+    /// Also bind a UDP socket on this port.
+    #[arg(long)]
+    udp_port: Option<u16>,
 }
 
 struct App {
@@ -66,7 +85,11 @@ struct App {
     pid: u32,
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Set by SIGUSR1: /readyz answers 503 from then on (a process that stops being ready);
+    /// `/` still answers.
+    unready: AtomicBool,
     delay: Duration,
+    readyz_mode: ReadyzMode,
 }
 
 fn listener(addr: SocketAddr, reuseport: bool, backlog: i32) -> std::io::Result<TcpListener> {
@@ -108,7 +131,23 @@ async fn handle(
     app: Arc<App>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let ready = app.ready.load(Ordering::SeqCst);
-    let draining = app.draining.load(Ordering::SeqCst);
+    // After SIGUSR1 the process still serves, but says it is not ready (lost a dependency, say).
+    let draining = app.draining.load(Ordering::SeqCst) || app.unready.load(Ordering::SeqCst);
+    if req.uri().path() == "/readyz" {
+        match app.readyz_mode {
+            ReadyzMode::Redirect => {
+                let mut r = response(302, &app, "moved");
+                r.headers_mut().insert(
+                    "location",
+                    hyper::header::HeaderValue::from_static("/elsewhere"),
+                );
+                return Ok(r);
+            }
+            ReadyzMode::Hang => std::future::pending::<()>().await,
+            ReadyzMode::Slow => tokio::time::sleep(Duration::from_secs(2)).await,
+            ReadyzMode::Normal | ReadyzMode::Garbage => {}
+        }
+    }
     Ok(match req.uri().path() {
         "/livez" => response(200, &app, "alive"),
         "/readyz" | "/healthz" if ready && !draining => response(200, &app, "ready"),
@@ -158,8 +197,21 @@ async fn main() -> anyhow::Result<()> {
         pid: std::process::id(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        unready: AtomicBool::new(false),
         delay: args.delay,
+        readyz_mode: args.readyz_mode,
     });
+    let mut sigusr1 = tokio::signal::unix::signal(SignalKind::user_defined1())?;
+    let unready_app = app.clone();
+    tokio::spawn(async move {
+        while sigusr1.recv().await.is_some() {
+            unready_app.unready.store(true, Ordering::SeqCst);
+        }
+    });
+    let _udp = match args.udp_port {
+        Some(p) => Some(std::net::UdpSocket::bind(SocketAddr::new(args.addr, p))?),
+        None => None,
+    };
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let graceful = GracefulShutdown::new();
 
@@ -169,7 +221,12 @@ async fn main() -> anyhow::Result<()> {
     let admin_app = app.clone();
     tokio::spawn(async move {
         let never = GracefulShutdown::new();
-        while let Ok((s, _)) = admin.accept().await {
+        while let Ok((mut s, _)) = admin.accept().await {
+            if admin_app.readyz_mode == ReadyzMode::Garbage {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"\x00\x01garbage, not HTTP\r\n\r\n").await;
+                continue;
+            }
             serve(s, &admin_app, &never);
         }
     });

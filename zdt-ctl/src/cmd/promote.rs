@@ -3,6 +3,8 @@
 //! optionally stop the previous members.
 use std::time::{Duration, Instant};
 
+use zdt_common::ROLE_CANDIDATE;
+
 use crate::{
     cmd::resolve_port,
     error::{bad_input, err, require_root, Kind},
@@ -92,6 +94,7 @@ pub fn promote(
         readiness::wait_ready(url, opts.timeout, || target.alive(), &mut progress)?;
     }
     let readiness = t1.elapsed();
+    failpoint("readied");
 
     let t2 = Instant::now();
     // The process that passed readiness must be the one whose sockets we take: the pidfd pins
@@ -132,13 +135,21 @@ pub fn promote(
         .filter(|s| s.active && !new.contains(&s.index))
         .map(|s| s.index)
         .collect();
-    let mut drained: Vec<(i32, u64)> = Vec::new();
-    for s in slots.iter().filter(|s| previous.contains(&s.index)) {
-        let p = (s.meta.pid as i32, s.meta.pid_start);
-        if p.0 != opts.pid && !drained.contains(&p) {
-            drained.push(p);
+    let pids_of = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
+        let mut out: Vec<(i32, u64)> = Vec::new();
+        for s in slots.iter().filter(|s| keep(s)) {
+            let p = (s.meta.pid as i32, s.meta.pid_start);
+            if p.0 != opts.pid && !out.contains(&p) {
+                out.push(p);
+            }
         }
-    }
+        out
+    };
+    let drained = pids_of(&|s| previous.contains(&s.index));
+    // --stop-old stops every member that will not be active: the ones this promote demotes, and
+    // any that an earlier promote demoted without stopping (e.g. it was killed after its switch
+    // and this promote is its retry).
+    let to_stop = pids_of(&|s| !new.contains(&s.index) && s.meta.role != ROLE_CANDIDATE);
     let switched_at_ms = state.switch(&slots, &new)?;
     failpoint("switched");
     state.set_roles(&slots, &new)?;
@@ -162,7 +173,7 @@ pub fn promote(
     let t4 = Instant::now();
     failpoint("stopping");
     let stopped = if opts.stop_old {
-        stop_all(&drained, opts.drain_timeout)
+        stop_all(&to_stop, opts.drain_timeout)
     } else {
         Vec::new()
     };

@@ -1,0 +1,526 @@
+//! Faults: the port keeps serving. Each test in its own network namespace, with real processes
+//! under real load; every one fails if the behaviour regresses.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::Stdio,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use zdt_tests::{
+    harness::{fingerprint, status, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec, Outcome},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+fn addr() -> SocketAddr {
+    ([127, 0, 0, 1], PORT).into()
+}
+
+fn load(ns: &Netns) -> Background {
+    Background::start(ns, LoadSpec::open(addr(), 300.0, Duration::from_secs(120)))
+}
+
+fn promote_args(app: &App, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "promote".to_string(),
+        app.pid.to_string(),
+        "--readyz".into(),
+        app.readyz(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn roles(ns: &Netns) -> Vec<(i64, String)> {
+    let st = status(ns, PORT).expect("status");
+    let mut v: Vec<(i64, String)> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["pid"].as_i64().unwrap(),
+                m["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn role(pid: i32, r: &str) -> (i64, String) {
+    (i64::from(pid), r.to_string())
+}
+
+/// Runs zdt-ctl with ZDT_FAILPOINT set, in the background; returns once it reached the point.
+fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> std::process::Child {
+    let mut cmd = zdt_command(ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("ZDT_FAILPOINT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn zdt-ctl");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let want = format!("failpoint {}", point.split(':').next().unwrap());
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(&want) => break,
+            Some(_) => continue,
+            None => panic!("zdt-ctl ended before failpoint {point}"),
+        }
+    }
+    // Keep draining its stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = load(&ns);
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let child = zdt_command(
+        &ns,
+        &promote_args(&v2, &["--probation", "3s", "--stop-old"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    v2.signal(Signal::SIGKILL);
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("into its probation"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "restored the previous active set (pid {})",
+            v1.pid
+        )),
+        "{stderr}"
+    );
+    // The old process was not stopped: it is active again and serves everything.
+    assert_eq!(roles(&ns), vec![role(v1.pid, "active")]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    // See new_process_dying_around_the_switch: a SYN may be retransmitted, none is lost.
+    assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?}");
+    assert!(t.count(Outcome::Slow) <= 5, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = load(&ns);
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let child = zdt_command(
+        &ns,
+        &promote_args(&v2, &["--probation", "3s"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(800));
+    v2.signal(Signal::SIGUSR1); // its /readyz turns 503
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("stopped being ready"), "{stderr}");
+    assert!(stderr.contains("503"), "{stderr}");
+    assert_eq!(
+        roles(&ns),
+        vec![role(v1.pid, "active"), role(v2.pid, "draining")]
+    );
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = load(&ns);
+
+    // Dies while zdt waits for its readiness: exit 5, nothing changed.
+    let before = fingerprint(&ns, PORT)?;
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    let child = zdt_command(
+        &ns,
+        &promote_args(&v2, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .stderr(Stdio::piped())
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    v2.signal(Signal::SIGKILL);
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was changed"));
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+
+    // Dies between readiness and the switch (zdt paused at `readied`): exit 5, nothing changed.
+    let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
+    let child = at_failpoint(&ns, &promote_args(&v3, &[]), "readied:1s");
+    v3.signal(Signal::SIGKILL);
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+
+    // Dies right after the switch (zdt paused at `switched`): rolled back to v1, exit 8.
+    let v4 = App::start(&ns, &AppOpts::new(PORT, "v4"))?;
+    let child = at_failpoint(&ns, &promote_args(&v4, &[]), "switched:1s");
+    v4.signal(Signal::SIGKILL);
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(8), "{out:?}");
+    assert_eq!(roles(&ns), vec![role(v1.pid, "active")]);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    // A process killed while it is active may take a SYN down with its listener: the client
+    // sends it again after 1 s (slow), to a live listener. Nothing fails.
+    assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?}");
+    assert!(t.count(Outcome::Slow) <= 5, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn old_process_crashing_while_draining_loses_nothing() -> anyhow::Result<()> {
+    const QUEUED: u64 = 30;
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--no-accept"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut spec = LoadSpec::open(addr(), 1000.0, Duration::from_secs(30));
+    spec.max_requests = QUEUED;
+    spec.request_timeout = Duration::from_secs(20);
+    let l = Background::start(&ns, spec);
+    std::thread::sleep(Duration::from_millis(500));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(
+        &ns,
+        &promote_args(&v2, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    // v1 crashes with 30 connections in its queue: the kernel closes its listener and the
+    // program migrates them to v2.
+    v1.signal(Signal::SIGKILL);
+    let t = load::tally(&l.finish());
+    assert_eq!(t.count(Outcome::Ok), QUEUED, "{t:?}");
+    assert_eq!(t.versions.get("v2"), Some(&QUEUED), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut current = App::start(&ns, &AppOpts::new(PORT, "v0"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = load(&ns);
+    let points = [
+        "validated",
+        "locked",
+        "readied",
+        "inserted",
+        "flipped",
+        "switched",
+        "roles",
+        "stopping",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let new = App::start(&ns, &AppOpts::new(PORT, &format!("v{}", i + 1)))?;
+        let mut child = at_failpoint(&ns, &promote_args(&new, &["--stop-old"]), point);
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        // The lock died with it: status answers at once, and shows a state that makes sense.
+        let st = status(&ns, PORT)?;
+        let active: Vec<i64> = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "active")
+            .map(|m| m["pid"].as_i64().unwrap())
+            .collect();
+        assert_eq!(active.len(), 1, "after a kill at {point}: {st}");
+        assert!(
+            active[0] == i64::from(current.pid) || active[0] == i64::from(new.pid),
+            "after a kill at {point}: {st}"
+        );
+        // The next promote completes the deploy.
+        let r = zdt_ok(
+            &ns,
+            &promote_args(&new, &["--stop-old"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )?;
+        assert!(
+            r.stdout.contains(&format!("pid {} active", new.pid)),
+            "{r:?}"
+        );
+        assert_eq!(roles(&ns), vec![role(new.pid, "active")], "after {point}");
+        current.wait_exit(Duration::from_secs(5));
+        current = new;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn a_recreated_group_is_reported_and_reattached() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    assert_eq!(status(&ns, PORT)?["attached"], true);
+    // The service stops: the last listener closes, the kernel frees the group and its program.
+    drop(v1);
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["attached"], false, "{st}");
+    assert_eq!(st["groups"][0]["steering"], false, "{st}");
+    zdt_ok(
+        &ns,
+        &promote_args(&v2, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["attached"], true, "{st}");
+    assert_eq!(st["groups"][0]["steering"], true, "{st}");
+    Ok(())
+}
+
+#[test]
+fn a_program_removed_by_the_app_is_detected_and_reattached() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let _v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    // What the app can do on its own socket: SO_DETACH_REUSEPORT_BPF removes the group's program.
+    let pid = v1.pid;
+    ns.run(move || -> anyhow::Result<()> {
+        let p = zdt_ctl::sockets::PidFd::open(pid)?;
+        let spec: zdt_ctl::addr::PortSpec = ":8080".parse()?;
+        let l = zdt_ctl::sockets::fetch_listeners(&p, &spec)?;
+        aya::programs::SkReuseport::detach(&l[0].fd)?;
+        Ok(())
+    })??;
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["attached"], false, "{st}");
+    assert_eq!(st["groups"][0]["steering"], false, "{st}");
+    // Promote (of the current member, say) attaches it again.
+    zdt_ok(
+        &ns,
+        &promote_args(&v1, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    assert_eq!(status(&ns, PORT)?["attached"], true);
+    Ok(())
+}
+
+#[test]
+fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(
+        &ns,
+        &promote_args(&v2, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    let l = load(&ns);
+    std::thread::sleep(Duration::from_millis(300));
+    // The active member dies. Its slot is cleared by the kernel; new connections fall back to
+    // kernel hashing over what still listens (v1), none is lost.
+    v2.signal(Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(roles(&ns), vec![role(v1.pid, "draining")]);
+    let st = status(&ns, PORT)?;
+    assert!(st["counters"]["fallback"].as_u64().unwrap() > 0, "{st}");
+    // Its listener is gone: nothing (zdt included) kept a duplicate of it.
+    let listeners = ns.run(|| {
+        zdt_ctl::sockets::listen_entries()
+            .unwrap()
+            .values()
+            .filter(|e| e.local.port() == PORT)
+            .count()
+    })?;
+    assert_eq!(listeners, 1);
+    // A new member never lands on the dead member's slot while the active set names it.
+    let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
+    let r = zdt_ok(
+        &ns,
+        &promote_args(&v3, &["--json"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
+    assert_ne!(r["slots"], serde_json::json!([1]), "{r}");
+    assert_eq!(
+        roles(&ns),
+        vec![role(v1.pid, "draining"), role(v3.pid, "active")]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    Ok(())
+}
+
+/// Kernel facts this pins down: established connections queued on a closing listener are
+/// moved into the target's accept queue whatever its backlog (inet_csk_reqsk_queue_add does not
+/// check it), while new SYNs to a full queue are dropped (ListenOverflows) and a half-open
+/// request that completes on a full target fails its migration (TCPMigrateReqFailure). zdt's
+/// program cannot see queue lengths; what it can do is make the kernel's counters visible.
+#[test]
+fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
+    const QUEUED: u64 = 40;
+    let ns = Netns::new()?;
+    let v1 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v1")
+            .arg("--no-accept")
+            .close_gap(Duration::ZERO),
+    )?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut spec = LoadSpec::open(addr(), 2000.0, Duration::from_secs(30));
+    spec.max_requests = QUEUED;
+    spec.request_timeout = Duration::from_secs(3);
+    let queued = Background::start(&ns, spec);
+    std::thread::sleep(Duration::from_millis(500));
+    // The target never accepts and its backlog is 1.
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2")
+            .arg("--no-accept")
+            .arg("--backlog")
+            .arg("1"),
+    )?;
+    zdt_ok(
+        &ns,
+        &promote_args(&v2, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
+    v1.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["kernel"]["migrate_req_success"], QUEUED, "{st}");
+    assert_eq!(st["counters"]["migrated"], QUEUED, "{st}");
+    // New connections now find v2's queue full.
+    let mut more = LoadSpec::open(addr(), 200.0, Duration::from_secs(10));
+    more.max_requests = 10;
+    more.request_timeout = Duration::from_millis(500);
+    let overflow = Background::start(&ns, more);
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&ns, PORT)?;
+    let overflows = st["kernel"]["listen_overflows"].as_u64().unwrap();
+    assert!(overflows > 0, "{st}");
+    // The human view shows it too (its own probe connection may add one more).
+    let out = zdt_ok(&ns, &["status", "8080"])?;
+    let shown: u64 = out
+        .stdout
+        .split("listen overflows ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(shown >= overflows, "{}", out.stdout);
+    drop(v2);
+    drop((queued.finish(), overflow.finish()));
+    Ok(())
+}
+
+#[test]
+fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<()> {
+    const DEPLOYS: usize = 50;
+    let ns = Netns::new()?;
+    let mut current = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v0").close_gap(Duration::from_millis(300)),
+    )?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let first_program = ns.run(program_id)??;
+    let l = load(&ns);
+    let mut pending = Vec::new();
+    for i in 1..=DEPLOYS {
+        let new = App::start(
+            &ns,
+            &AppOpts::new(PORT, &format!("v{i}"))
+                .warmup(Duration::from_millis(100))
+                .close_gap(Duration::from_millis(300)),
+        )?;
+        // Each promote's --stop-old wait outlasts the next promote: drains overlap.
+        pending.push(zdt_tests::bench::zdt_handover(
+            &ns,
+            &new,
+            current,
+            Duration::from_millis(300),
+        )?);
+        current = new;
+    }
+    for p in pending {
+        p.finish()?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.requests > 1000, "{t:?}");
+    // No leaked slots, listeners, pins or programs.
+    assert_eq!(roles(&ns), vec![role(current.pid, "active")]);
+    let listeners = ns.run(|| {
+        zdt_ctl::sockets::listen_entries()
+            .unwrap()
+            .values()
+            .filter(|e| e.local.port() == PORT)
+            .count()
+    })?;
+    assert_eq!(listeners, 1);
+    let pins = ns.run(|| {
+        std::fs::read_dir(zdt_ctl::state::port_dir(PORT).unwrap())
+            .unwrap()
+            .count()
+    })?;
+    assert_eq!(pins, 7);
+    assert_eq!(ns.run(program_id)??, first_program);
+    Ok(())
+}
+
+fn program_id() -> anyhow::Result<u32> {
+    let dir = zdt_ctl::state::port_dir(PORT)?;
+    Ok(aya::programs::ProgramInfo::from_pin(dir.join(zdt_common::names::PROGRAM))?.id())
+}
