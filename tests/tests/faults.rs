@@ -252,8 +252,9 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
     for (i, point) in points.iter().enumerate() {
         let new = App::start(&ns, &AppOpts::new(PORT, &format!("v{}", i + 1)))?;
         let mut child = at_failpoint(&ns, &promote_args(&new, &["--stop-old"]), point);
-        child.kill()?; // SIGKILL
+        let killed = child.kill(); // SIGKILL
         child.wait()?;
+        killed?;
         // The lock died with it: status answers at once, and shows a state that makes sense.
         let st = status(&ns, PORT)?;
         let active: Vec<i64> = st["members"]
