@@ -303,7 +303,9 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
         .collect();
     if matching.is_empty() {
         let mut why = format!("pid {pid} has no listening TCP socket on {spec}");
-        if !on_port.is_empty() {
+        if let Some(udp) = udp_on_port(&fds, spec.port) {
+            why += &format!(" (it has a UDP socket on {udp}; zdt steers TCP listeners)");
+        } else if !on_port.is_empty() {
             let addrs: Vec<String> = on_port.iter().map(|(e, _)| e.local.to_string()).collect();
             why += &format!(
                 " (it listens on {}, another address; attach that address instead)",
@@ -313,8 +315,6 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
             let ports: BTreeSet<u16> = mine.iter().map(|(e, _)| e.local.port()).collect();
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
             why += &format!(" (it listens on port {} only)", ports.join(", "));
-        } else if let Some(udp) = udp_on_port(&fds, spec.port) {
-            why += &format!(" (it has a UDP socket on {udp}; zdt steers TCP listeners)");
         } else if other_netns(pid) {
             why += " (it is in another network namespace; run zdt-ctl inside that namespace)";
         } else {

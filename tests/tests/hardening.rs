@@ -1,0 +1,281 @@
+//! Bad input gets a clear error and changes nothing; a pinned state zdt did not create as it is
+//! gets refused. (The argument-level cases are in core.rs.)
+use std::{os::unix::fs::PermissionsExt, time::Duration};
+
+use zdt_tests::{
+    harness::{fingerprint, zdt, zdt_ok, App, AppOpts},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+/// A process of this machine with the kernel-thread flag (PF_KTHREAD), e.g. kthreadd.
+fn kernel_thread() -> Option<i32> {
+    procfs::process::all_processes()
+        .ok()?
+        .flatten()
+        .find(|p| p.stat().is_ok_and(|s| s.flags & 0x0020_0000 != 0))
+        .map(|p| p.pid)
+}
+
+#[test]
+fn bad_pids_and_sockets_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let other_addr = App::start(
+        &ns,
+        &AppOpts::new(PORT, "lo").arg("--addr").arg("127.0.0.2"),
+    )?;
+    let udp = App::start(
+        &ns,
+        &AppOpts::new(PORT + 1, "udp").arg("--udp-port").arg("8080"),
+    )?;
+    let elsewhere = Netns::new()?;
+    let foreign = App::start(&elsewhere, &AppOpts::new(PORT, "foreign"))?;
+    // A zombie: a child that exited and was never waited for.
+    let mut zombie = std::process::Command::new("true").spawn()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let kthread = kernel_thread().expect("a kernel thread to point at");
+
+    let before = fingerprint(&ns, PORT)?;
+    let ready = v1.readyz();
+    let cases: Vec<(String, i32, String)> = vec![
+        (kthread.to_string(), 2, "is a kernel thread".into()),
+        (zombie.id().to_string(), 2, "is a zombie".into()),
+        (
+            foreign.pid.to_string(),
+            2,
+            "another network namespace".into(),
+        ),
+        (
+            other_addr.pid.to_string(),
+            2,
+            "it listens on 127.0.0.2:8080, another address".into(),
+        ),
+        (udp.pid.to_string(), 2, "UDP socket on 0.0.0.0:8080".into()),
+    ];
+    for (pid, code, text) in &cases {
+        let r = zdt(&ns, &["promote", pid, "--readyz", &ready]);
+        assert_eq!(r.code, *code, "pid {pid}: {r:?}");
+        assert!(
+            r.stderr.contains(text.as_str()),
+            "pid {pid}: {:?} lacks {text:?}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains(&format!("pid {pid}")),
+            "message names the pid: {r:?}"
+        );
+    }
+    // The readiness URL of another process: zdt would switch to PID on someone else's word
+    // (a pid that was reused by another process is caught the same way).
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let r = zdt(&ns, &["promote", &v2.pid.to_string(), "--readyz", &ready]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "is served by pid {}, not by pid {}",
+            v1.pid, v2.pid
+        )),
+        "{r:?}"
+    );
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    let _ = zombie.wait();
+    Ok(())
+}
+
+#[test]
+fn readiness_urls_that_never_say_200_change_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let before = fingerprint(&ns, PORT)?;
+    // (readyz behaviour of the new process, text the message must hold)
+    let cases = [
+        ("redirect", "last answer: 302"),
+        ("hang", "last answer: no answer within 1s"),
+        ("slow", "last answer: no answer within 1s"),
+        ("garbage", "last answer: error"),
+    ];
+    for (mode, text) in cases {
+        let app = App::start(
+            &ns,
+            &AppOpts::new(PORT, mode).arg("--readyz-mode").arg(mode),
+        )?;
+        let url = app.readyz();
+        let r = zdt(
+            &ns,
+            &[
+                "promote",
+                &app.pid.to_string(),
+                "--readyz",
+                &url,
+                "--timeout",
+                "2500ms",
+            ],
+        );
+        assert_eq!(r.code, 4, "{mode}: {r:?}");
+        assert!(
+            r.stderr.contains(&url),
+            "{mode}: message names the URL: {r:?}"
+        );
+        assert!(
+            r.stderr.contains(text),
+            "{mode}: {:?} lacks {text:?}",
+            r.stderr
+        );
+        assert_eq!(fingerprint(&ns, PORT)?, before, "{mode}: state changed");
+    }
+    // Nothing listens on the URL at all.
+    let app = App::start(&ns, &AppOpts::new(PORT, "x"))?;
+    let r = zdt(
+        &ns,
+        &[
+            "promote",
+            &app.pid.to_string(),
+            "--readyz",
+            "http://127.0.0.1:1/readyz",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("last answer: connection refused"),
+        "{r:?}"
+    );
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+    Ok(())
+}
+
+#[test]
+fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let dir = ns.run(|| zdt_ctl::state::port_dir(PORT))??;
+    let promote = ["promote", &v1.pid.to_string(), "--no-readyz"].map(String::from);
+    let promote: Vec<&str> = promote.iter().map(String::as_str).collect();
+
+    // Root-only, as created.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for e in std::fs::read_dir(&dir)? {
+        assert_eq!(mode(&e?.path()), 0o600);
+    }
+
+    // Opened up to other users: every command refuses it and says why.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    for args in [&promote[..], &["status", "8080"]] {
+        let r = zdt(&ns, args);
+        assert_eq!(r.code, 7, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("mode 755, not root and 700"), "{r:?}");
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    zdt_ok(&ns, &promote)?;
+
+    // A map of another shape under one of zdt's names.
+    let (a, b) = (
+        dir.join(zdt_common::names::CONTROL),
+        dir.join(zdt_common::names::ACTIVE),
+    );
+    let tmp = dir.join("swap");
+    std::fs::rename(&a, &tmp)?;
+    std::fs::rename(&b, &a)?;
+    std::fs::rename(&tmp, &b)?;
+    let r = zdt(&ns, &promote);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("map ZDT_CONTROL is"), "{r:?}");
+    std::fs::rename(&a, &tmp)?;
+    std::fs::rename(&b, &a)?;
+    std::fs::rename(&tmp, &b)?;
+    zdt_ok(&ns, &promote)?;
+
+    // Another program pinned under zdt's program name: refused by its tag.
+    let prog = dir.join(zdt_common::names::PROGRAM);
+    let saved = dir.join("saved");
+    std::fs::rename(&prog, &saved)?;
+    pin_other_program(&prog)?;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o600))?;
+    let r = zdt(&ns, &promote);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("the pinned program has tag"), "{r:?}");
+    std::fs::remove_file(&prog)?;
+    std::fs::rename(&saved, &prog)?;
+    zdt_ok(&ns, &promote)?;
+    Ok(())
+}
+
+/// Loads `r0 = 1 (SK_PASS); exit` as an sk_reuseport program and pins it at `path`.
+fn pin_other_program(path: &std::path::Path) -> anyhow::Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    // BPF_MOV64_IMM(r0, 1), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads the attr and the instructions, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = ObjPin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; the path outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    let pinned = std::io::Error::last_os_error();
+    // SAFETY: our own fd, closed once; the pin keeps the program.
+    unsafe { libc::close(fd as i32) };
+    anyhow::ensure!(rc == 0, "BPF_OBJ_PIN: {pinned}");
+    Ok(())
+}
