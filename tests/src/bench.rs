@@ -40,7 +40,7 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// A handover's window: from its start to this long after its old process closed its listener.
 const WINDOW_SLACK: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Rate {
     /// Open loop at this many requests per second.
     Fixed(f64),
@@ -72,7 +72,9 @@ impl std::fmt::Display for Rate {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// A new TCP connection per request (the hard case for the accept path).
@@ -81,7 +83,9 @@ pub enum Mode {
     KeepAlive,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arm {
     Zdt,
@@ -99,7 +103,7 @@ impl Arm {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     pub rates: Vec<Rate>,
     pub gaps: Vec<Duration>,
@@ -141,7 +145,7 @@ impl Config {
 }
 
 /// Latency summary of a set of requests (milliseconds).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub p50_ms: f64,
@@ -164,7 +168,7 @@ impl Latency {
 }
 
 /// Kernel counters of a namespace (/proc/net/snmp, /proc/net/netstat).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Kernel {
     pub out_rsts: u64,
     pub attempt_fails: u64,
@@ -200,7 +204,7 @@ impl Kernel {
 }
 
 /// zdt's own global counters over the zdt phases of a cell.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Program {
     pub steered: u64,
     pub migrated: u64,
@@ -209,7 +213,7 @@ pub struct Program {
     pub migrate_no_target: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ArmResult {
     pub arm: Arm,
     pub handovers: usize,
@@ -235,7 +239,7 @@ pub struct ArmResult {
     pub switch_to_last_accept_ms: Vec<f64>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CellResult {
     pub rate: Rate,
     pub gap_ms: u64,
@@ -243,7 +247,7 @@ pub struct CellResult {
     pub arms: Vec<ArmResult>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Perf {
     /// Saturated new connections per second, zdt attached and promoted, per run.
     pub zdt_conn_per_s: Vec<f64>,
@@ -255,7 +259,7 @@ pub struct Perf {
     pub bpf_ns_per_run: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub machine: String,
     pub kernel: String,
@@ -680,8 +684,8 @@ pub fn markdown(r: &Report) -> String {
         r.config.rounds,
         r.seconds / 60.0
     );
-    s += "| mode | rate | G | arm | handovers | requests | failed | reset | refused | eof | timeout | 5xx | slow | 95% bound | p50 | p99 | p99.9 | max (ms, handover windows) | retried | kernel RSTs / client | migrated |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    s += "| mode | rate | G | arm | handovers | requests | failed | reset | refused | eof | timeout | 5xx | slow | 95% bound | p99 steady | p50 | p99 | p99.9 | max (ms, handover windows) | retried | kernel RSTs / client | migrated |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for c in &r.cells {
         for a in &c.arms {
             let t = &a.tally;
@@ -697,7 +701,7 @@ pub fn markdown(r: &Report) -> String {
                 _ => a.kernel.migrate_req_success,
             };
             s += &format!(
-                "| {mode} | {} | {} ms | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {bound} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} / {}{} | {migrated} |\n",
+                "| {mode} | {} | {} ms | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {bound} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} / {}{} | {migrated} |\n",
                 c.rate,
                 c.gap_ms,
                 a.arm.name(),
@@ -710,6 +714,7 @@ pub fn markdown(r: &Report) -> String {
                 t.count(Outcome::Timeout),
                 t.count(Outcome::Http5xx),
                 t.count(Outcome::Slow),
+                a.steady.p99_ms,
                 a.handover.p50_ms,
                 a.handover.p99_ms,
                 a.handover.p999_ms,
@@ -721,6 +726,7 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+    s += &verdicts(r);
     let p = &r.perf;
     s += &format!(
         "\nThroughput at saturation, new connection per request, same run, interleaved: \
@@ -754,6 +760,87 @@ pub fn markdown(r: &Report) -> String {
         all.len(),
         quantile(&last, 0.5),
         quantile(&last, 1.0),
+    );
+    s
+}
+
+/// The claims, checked against this run, in words.
+fn verdicts(r: &Report) -> String {
+    let arms = |arm: Arm| {
+        r.cells.iter().flat_map(move |c| {
+            c.arms
+                .iter()
+                .filter(move |a| a.arm == arm)
+                .map(move |a| (c, a))
+        })
+    };
+    let zdt_fail: u64 = arms(Arm::Zdt).map(|(_, a)| a.failures).sum();
+    let zdt_req: u64 = arms(Arm::Zdt).map(|(_, a)| a.tally.requests).sum();
+    let zdt_handovers: usize = arms(Arm::Zdt).map(|(_, a)| a.handovers).sum();
+    let min_handovers = arms(Arm::Zdt).map(|(_, a)| a.handovers).min().unwrap_or(0);
+    let base_fail: u64 = arms(Arm::Baseline).map(|(_, a)| a.failures).sum();
+    let quiet: Vec<String> = arms(Arm::Baseline)
+        .filter(|(_, a)| a.failures == 0)
+        .map(|(c, _)| {
+            format!(
+                "{} {} G={} ms",
+                match c.mode {
+                    Mode::NewConn => "new conn",
+                    Mode::KeepAlive => "keep-alive",
+                },
+                c.rate,
+                c.gap_ms
+            )
+        })
+        .collect();
+    let disagree: Vec<String> = r
+        .cells
+        .iter()
+        .flat_map(|c| {
+            c.arms.iter().filter(|a| !a.rsts_agree).map(move |a| {
+                format!(
+                    "{} {} G={} ms {}",
+                    c.rate,
+                    c.gap_ms,
+                    match c.mode {
+                        Mode::NewConn => "nc",
+                        Mode::KeepAlive => "ka",
+                    },
+                    a.arm.name()
+                )
+            })
+        })
+        .collect();
+    let mut s = String::new();
+    s += &format!(
+        "\n**zdt: {zdt_fail} failed requests of {zdt_req}, over {zdt_handovers} handovers** (at least {min_handovers} per cell){}. \
+         Baseline: {base_fail} failed requests in the same run.\n",
+        if zdt_fail == 0 && zdt_req > 0 { format!("; 95 % upper bound on the failure rate {:.5} %", 300.0 / zdt_req as f64) } else { String::new() }
+    );
+    if quiet.is_empty() {
+        s += "Every baseline cell lost requests.\n";
+    } else {
+        s += &format!(
+            "Baseline cells with no failed request, which stressed nothing: {}.\n",
+            quiet.join("; ")
+        );
+    }
+    if disagree.is_empty() {
+        s += "In every cell and arm the kernel's RST count equals the client's.\n";
+    } else {
+        s += &format!(
+            "Kernel and client RST counts differ in: {}.\n",
+            disagree.join("; ")
+        );
+    }
+    s += &format!(
+        "Throughput ratio zdt / no program {:.3}: {} the 0.97 bar.\n",
+        r.perf.ratio,
+        if r.perf.ratio >= 0.97 {
+            "meets"
+        } else {
+            "misses"
+        }
     );
     s
 }

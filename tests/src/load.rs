@@ -20,7 +20,9 @@ use tokio::{
 /// A request that took at least this long counts as slow: a SYN retransmit costs 1 s.
 pub const SLOW: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     Ok,
@@ -75,7 +77,7 @@ pub struct Sample {
 }
 
 /// Counts per outcome and per answering version.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
     pub requests: u64,
     pub outcomes: BTreeMap<Outcome, u64>,

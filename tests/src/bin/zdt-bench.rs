@@ -36,10 +36,19 @@ struct Args {
     /// Where bench.json, bench.svg and RESULTS.md go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Run nothing: render RESULTS.md and bench.svg from the bench.json of an earlier run.
+    #[arg(long)]
+    render: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(json) = &a.render {
+        let report: bench::Report = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        bench::write(&report, &a.out)?;
+        println!("{}", bench::markdown(&report));
+        return Ok(());
+    }
     let cfg = Config {
         rates: a.rates,
         gaps: a.gaps,
