@@ -105,6 +105,11 @@ impl ActiveSet {
     }
 }
 
+/// Length of one bucket of the "recent connections" counters (CLOCK_MONOTONIC nanoseconds, the
+/// clock of bpf_ktime_get_ns). Two buckets: the current one and the one before it, so "recent"
+/// means the last 30 to 60 seconds.
+pub const RECENT_BUCKET_NS: u64 = 30_000_000_000;
+
 /// Per-slot counters, written by the program (per-CPU array: no atomics needed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,6 +118,20 @@ pub struct SlotCounters {
     pub steered: u64,
     /// Queued connections moved to this slot's socket from a closing listener.
     pub migrated: u64,
+    /// New connections in bucket `bucket[i]` (bucket number = monotonic ns / RECENT_BUCKET_NS;
+    /// slot i = bucket number % 2).
+    pub recent: [u64; 2],
+    pub bucket: [u64; 2],
+}
+
+impl SlotCounters {
+    /// New connections in the current and the previous bucket, given the current bucket number.
+    pub fn recent_at(&self, now_bucket: u64) -> u64 {
+        (0..2)
+            .filter(|&i| self.bucket[i] == now_bucket || self.bucket[i] + 1 == now_bucket)
+            .map(|i| self.recent[i])
+            .sum()
+    }
 }
 
 /// Group-wide counters, written by the program (per-CPU array, one entry).

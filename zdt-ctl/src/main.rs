@@ -1,10 +1,10 @@
 //! The `zdt-ctl` command: parses arguments, calls the library, prints the result.
-use std::{process::ExitCode, time::Duration};
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use zdt_ctl::{
     addr::{parse_duration, parse_pid, parse_port, PortSpec},
-    cmd::{self, promote::PromoteOptions, status::Status},
+    cmd::{self, promote::PromoteOptions},
     error::{kind_of, Kind},
 };
 
@@ -76,12 +76,36 @@ enum Command {
         port: Option<u16>,
     },
     /// Show members, roles and counters.
+    #[command(
+        after_help = "The JSON schema is docs/status.schema.json. Each group is checked with one probe \
+                            connection to the port, which the app sees as a connection without a request."
+    )]
     Status {
         /// The port (default: every attached port of this network namespace).
         #[arg(value_parser = parse_port_arg)]
         port: Option<u16>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh the view every INTERVAL (default 1s) until interrupted.
+        #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = parse_duration_arg)]
+        watch: Option<Duration>,
+    },
+    /// Print zdt's counters in the Prometheus text format, or serve them.
+    #[command(
+        after_help = "Examples:\n  zdt-ctl metrics > /var/lib/node_exporter/textfile/zdt.prom\n  zdt-ctl metrics --listen 127.0.0.1:9814"
+    )]
+    Metrics {
+        #[arg(value_parser = parse_port_arg)]
+        port: Option<u16>,
+        /// Serve GET /metrics on this address instead of printing once.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Shell completions or the man page (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate {
+        /// bash, zsh, fish, elvish, powershell, or man
+        what: String,
     },
     /// Remove the program from the port's groups and delete zdt's state for it.
     Detach {
@@ -168,14 +192,32 @@ fn run(command: Command) -> anyhow::Result<()> {
                 stop_old,
                 drain_timeout,
             };
-            let mut last = String::new();
+            // Progress only on a terminal: one line, redrawn, with the answers seen so far.
+            // In scripts and under systemd the log lines (RUST_LOG=info) tell the story.
+            let tty = std::io::stderr().is_terminal();
+            let mut seen: Vec<(String, u32)> = Vec::new();
             let r = cmd::promote::promote(&opts, |elapsed, answer| {
-                // One line per change of answer: readable in a terminal and in a log.
-                if answer != last {
-                    eprintln!("readiness: {answer} after {:.1}s", elapsed.as_secs_f64());
-                    last = answer.to_string();
+                match seen.iter_mut().find(|(a, _)| a == answer) {
+                    Some((_, n)) => *n += 1,
+                    None => seen.push((answer.to_string(), 1)),
                 }
-            })?;
+                if tty {
+                    let answers: Vec<String> =
+                        seen.iter().map(|(a, n)| format!("{a} x{n}")).collect();
+                    eprint!(
+                        "\r\x1b[2Kwaiting for readiness: {:.1}s, answers: {}",
+                        elapsed.as_secs_f64(),
+                        answers.join(", ")
+                    );
+                    if answer == "200" {
+                        eprintln!();
+                    }
+                }
+            });
+            if tty && !seen.iter().any(|(a, _)| a == "200") && !seen.is_empty() {
+                eprintln!();
+            }
+            let r = r?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 return Ok(());
@@ -209,15 +251,24 @@ fn run(command: Command) -> anyhow::Result<()> {
             let slots = cmd::drain::drain(port, pid, force)?;
             println!("port {port}: pid {pid} draining (slots {slots:?})");
         }
-        Command::Status { port, json } => {
-            let ports = match port {
-                Some(p) => vec![p],
-                None => cmd::status::attached_ports()?,
-            };
-            let all: Vec<Status> = ports
-                .iter()
-                .map(|p| cmd::status::status(*p))
-                .collect::<anyhow::Result<_>>()?;
+        Command::Status {
+            port,
+            json: _,
+            watch: Some(every),
+        } => loop {
+            let all = cmd::status::statuses(port)?;
+            let mut text = String::from("\x1b[2J\x1b[H");
+            for s in &all {
+                text += &cmd::status::render(s);
+            }
+            if all.is_empty() {
+                text += "no port is attached in this network namespace\n";
+            }
+            print!("{text}");
+            std::thread::sleep(every);
+        },
+        Command::Status { port, json, .. } => {
+            let all = cmd::status::statuses(port)?;
             if json {
                 // One port asked for: one object; otherwise an array.
                 let text = match (port, all.as_slice()) {
@@ -229,8 +280,25 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("no port is attached in this network namespace");
             } else {
                 for s in &all {
-                    print_status(s);
+                    print!("{}", cmd::status::render(s));
                 }
+            }
+        }
+        Command::Metrics { port, listen } => match listen {
+            Some(addr) => cmd::metrics::serve(addr, port)?,
+            None => print!("{}", cmd::metrics::render(&cmd::status::statuses(port)?)),
+        },
+        Command::Generate { what } => {
+            let mut c = Cli::command();
+            if what == "man" {
+                clap_mangen::Man::new(c).render(&mut std::io::stdout())?;
+            } else {
+                let shell: clap_complete::Shell = what.parse().map_err(|_| {
+                    zdt_ctl::error::bad_input(format!(
+                        "unknown shell {what:?}: bash, zsh, fish, elvish, powershell, or man"
+                    ))
+                })?;
+                clap_complete::generate(shell, &mut c, "zdt-ctl", &mut std::io::stdout());
             }
         }
         Command::Detach { addr } => {
@@ -239,62 +307,4 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn print_status(s: &Status) {
-    let Some(spec) = &s.spec else {
-        println!("port {}: not attached", s.port);
-        return;
-    };
-    let mode = if s.promoted {
-        "steering by active set"
-    } else {
-        "pass-through (nothing promoted yet)"
-    };
-    println!(
-        "{spec}: {}, {mode}",
-        if s.attached {
-            "attached"
-        } else {
-            "NOT ATTACHED to every group"
-        }
-    );
-    for g in &s.groups {
-        println!(
-            "  group {}: {} listener(s), program {}",
-            g.family,
-            g.listeners,
-            if g.steering {
-                "attached"
-            } else {
-                "NOT ATTACHED (group re-created, or the app replaced it; promote re-attaches)"
-            }
-        );
-    }
-    println!(
-        "  {:<10} {:>8} {:<16} {:<10} {:>10} {:>10}",
-        "SLOTS", "PID", "COMMAND", "ROLE", "STEERED", "MIGRATED"
-    );
-    for m in &s.members {
-        let slots: Vec<String> = m.slots.iter().map(u32::to_string).collect();
-        println!(
-            "  {:<10} {:>8} {:<16} {:<10} {:>10} {:>10}",
-            slots.join(","),
-            m.pid,
-            m.command,
-            m.role,
-            m.steered,
-            m.migrated
-        );
-    }
-    let k = &s.kernel;
-    println!(
-        "  kernel: migrations ok {} failed {}, listen overflows {} drops {}",
-        k.migrate_req_success, k.migrate_req_failure, k.listen_overflows, k.listen_drops
-    );
-    let c = &s.counters;
-    println!(
-        "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {}",
-        c.steered, c.migrated, c.passthrough, c.fallback, c.select_failed, c.migrate_no_target
-    );
 }

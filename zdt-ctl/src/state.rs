@@ -117,7 +117,12 @@ impl Lock {
 pub struct Slot {
     pub index: u32,
     pub meta: SlotMeta,
-    pub counters: SlotCounters,
+    /// New connections steered to this slot (all CPUs).
+    pub steered: u64,
+    /// Connections migrated to this slot.
+    pub migrated: u64,
+    /// New connections steered here in the last 30 to 60 seconds.
+    pub recent: u64,
     pub active: bool,
 }
 
@@ -157,6 +162,13 @@ pub fn not_attached(port: u16) -> anyhow::Error {
         Kind::NotAttached,
         format!("port {port} is not attached: run `zdt-ctl attach :{port}` first"),
     )
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the program's bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 pub fn now_ms() -> u64 {
@@ -333,6 +345,11 @@ impl State {
             .context("attaching the program to the port's SO_REUSEPORT group")
     }
 
+    /// The kernel's id of the loaded program (as `bpftool prog` shows it).
+    pub fn program_id(&self) -> anyhow::Result<u32> {
+        Ok(self.program.info()?.id())
+    }
+
     /// The kernel's run statistics of the program: (runs, total run time). They only grow while
     /// run-time stats are enabled (kernel.bpf_stats_enabled, or aya::sys::enable_stats).
     pub fn program_stats(&self) -> anyhow::Result<(u64, std::time::Duration)> {
@@ -377,18 +394,14 @@ impl State {
             if meta.cookie != cookie {
                 continue;
             }
-            let counters =
-                self.slot_counters
-                    .get(&index, 0)?
-                    .iter()
-                    .fold(SlotCounters::default(), |a, c| SlotCounters {
-                        steered: a.steered + c.steered,
-                        migrated: a.migrated + c.migrated,
-                    });
+            let per_cpu = self.slot_counters.get(&index, 0)?;
+            let now_bucket = monotonic_ns() / zdt_common::RECENT_BUCKET_NS;
             out.push(Slot {
                 index,
                 meta,
-                counters,
+                steered: per_cpu.iter().map(|c| c.steered).sum(),
+                migrated: per_cpu.iter().map(|c| c.migrated).sum(),
+                recent: per_cpu.iter().map(|c| c.recent_at(now_bucket)).sum(),
                 active: active.contains(index),
             });
         }

@@ -15,7 +15,7 @@ mod program {
         bindings::{
             bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS,
         },
-        helpers::generated::bpf_sk_select_reuseport,
+        helpers::generated::{bpf_ktime_get_ns, bpf_sk_select_reuseport},
         macros::{map, sk_reuseport},
         maps::{Array, PerCpuArray},
         programs::SkReuseportContext,
@@ -23,7 +23,7 @@ mod program {
     };
     use zdt_common::{
         family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, MAX_ACTIVE,
-        MAX_SLOTS,
+        MAX_SLOTS, RECENT_BUCKET_NS,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -196,6 +196,18 @@ mod program {
                         c.migrated += 1;
                     } else {
                         c.steered += 1;
+                        // Two rotating buckets give `status` the share of recent connections
+                        // without a daemon keeping history.
+                        // SAFETY: a helper without arguments.
+                        let bucket = unsafe { bpf_ktime_get_ns() } / RECENT_BUCKET_NS;
+                        let i = (bucket & 1) as usize;
+                        if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
+                            if *b != bucket {
+                                *b = bucket;
+                                *r = 0;
+                            }
+                            *r += 1;
+                        }
                     }
                 }
                 global(|g| {

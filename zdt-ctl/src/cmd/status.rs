@@ -1,4 +1,6 @@
-//! `zdt-ctl status [PORT] [--json]`: what the program is doing for a port.
+//! `zdt-ctl status [PORT] [--json] [--watch]`: what the program is doing for a port.
+//!
+//! The JSON form (`--json`) is an interface: its schema is docs/status.schema.json.
 use std::collections::BTreeSet;
 
 use crate::{sockets, state::State};
@@ -12,6 +14,34 @@ pub struct Group {
     /// State::probe_attached): false if the group was re-created without it, or if the app
     /// replaced or removed it.
     pub steering: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Member {
+    pub pid: i32,
+    pub command: String,
+    pub role: &'static str,
+    pub slots: Vec<u32>,
+    /// Unix time (ms) since which the member has had its role.
+    pub since_ms: u64,
+    pub steered: u64,
+    pub migrated: u64,
+    /// New connections steered to it in the last 30 to 60 seconds.
+    pub recent: u64,
+    /// Its part of all recent connections (0 to 1).
+    pub share: f64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Counters {
+    /// All new connections steered by the active set, over every member that ever was.
+    pub steered: u64,
+    /// All migrations to an active socket.
+    pub migrated: u64,
+    pub passthrough: u64,
+    pub fallback: u64,
+    pub select_failed: u64,
+    pub migrate_no_target: u64,
 }
 
 /// Kernel counters of this network namespace that concern zdt (/proc/net/netstat TcpExt):
@@ -38,29 +68,6 @@ impl KernelCounters {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Member {
-    pub pid: i32,
-    pub command: String,
-    pub role: &'static str,
-    pub slots: Vec<u32>,
-    pub since_ms: u64,
-    pub steered: u64,
-    pub migrated: u64,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Counters {
-    /// All new connections steered by the active set, over every member that ever was.
-    pub steered: u64,
-    /// All migrations to an active socket.
-    pub migrated: u64,
-    pub passthrough: u64,
-    pub fallback: u64,
-    pub select_failed: u64,
-    pub migrate_no_target: u64,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
     pub port: u16,
     pub spec: Option<String>,
@@ -68,6 +75,8 @@ pub struct Status {
     pub attached: bool,
     /// Something was promoted: the program steers by the active set (else kernel hashing).
     pub promoted: bool,
+    /// The kernel's id of zdt's program for this port (`bpftool prog show id N`).
+    pub program_id: Option<u32>,
     pub groups: Vec<Group>,
     pub members: Vec<Member>,
     pub counters: Counters,
@@ -82,6 +91,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             spec: None,
             attached: false,
             promoted: false,
+            program_id: None,
             groups: Vec::new(),
             members: Vec::new(),
             counters: Counters::default(),
@@ -112,8 +122,9 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         match members.iter_mut().find(|m| m.pid == pid && m.role == role) {
             Some(m) => {
                 m.slots.push(s.index);
-                m.steered += s.counters.steered;
-                m.migrated += s.counters.migrated;
+                m.steered += s.steered;
+                m.migrated += s.migrated;
+                m.recent += s.recent;
             }
             None => members.push(Member {
                 pid,
@@ -121,10 +132,20 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
                 role,
                 slots: vec![s.index],
                 since_ms: s.meta.since_ms,
-                steered: s.counters.steered,
-                migrated: s.counters.migrated,
+                steered: s.steered,
+                migrated: s.migrated,
+                recent: s.recent,
+                share: 0.0,
             }),
         }
+    }
+    let recent: u64 = members.iter().map(|m| m.recent).sum();
+    for m in &mut members {
+        m.share = if recent == 0 {
+            0.0
+        } else {
+            m.recent as f64 / recent as f64
+        };
     }
     let g = state.global_counters()?;
     Ok(Status {
@@ -132,6 +153,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         spec: Some(state.spec.to_string()),
         attached: groups.iter().all(|g| g.steering),
         promoted: state.active_set()?.is_some(),
+        program_id: Some(state.program_id()?),
         groups,
         members,
         counters: Counters {
@@ -160,4 +182,94 @@ pub fn attached_ports() -> anyhow::Result<Vec<u16>> {
         }
     }
     Ok(ports.into_iter().collect())
+}
+
+/// The status of `port`, or of every attached port.
+pub fn statuses(port: Option<u16>) -> anyhow::Result<Vec<Status>> {
+    let ports = match port {
+        Some(p) => vec![p],
+        None => attached_ports()?,
+    };
+    ports.iter().map(|p| status(*p)).collect()
+}
+
+/// "3s", "5m", "2h", "4d": how long ago a Unix time in ms was.
+pub fn ago(since_ms: u64) -> String {
+    let secs = crate::state::now_ms().saturating_sub(since_ms) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// The human view of one port.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let Some(spec) = &s.spec else {
+        let _ = writeln!(o, "port {}: not attached", s.port);
+        return o;
+    };
+    let mode = if s.promoted {
+        "steering by active set"
+    } else {
+        "pass-through (nothing promoted yet)"
+    };
+    let state = if s.attached {
+        "attached"
+    } else {
+        "NOT ATTACHED to every group"
+    };
+    let prog = s
+        .program_id
+        .map_or(String::new(), |id| format!(" (program id {id})"));
+    let _ = writeln!(o, "{spec}: {state}, {mode}{prog}");
+    for g in &s.groups {
+        let _ = writeln!(
+            o,
+            "  group {}: {} listener(s), program {}",
+            g.family,
+            g.listeners,
+            if g.steering {
+                "attached"
+            } else {
+                "NOT ATTACHED (group re-created, or the app replaced it; promote re-attaches)"
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>10}",
+        "SLOTS", "PID", "COMMAND", "ROLE", "SINCE", "STEERED", "MIGRATED", "SHARE(1m)"
+    );
+    for m in &s.members {
+        let slots: Vec<String> = m.slots.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            o,
+            "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>9.1}%",
+            slots.join(","),
+            m.pid,
+            m.command,
+            m.role,
+            ago(m.since_ms),
+            m.steered,
+            m.migrated,
+            m.share * 100.0
+        );
+    }
+    let k = &s.kernel;
+    let _ = writeln!(
+        o,
+        "  kernel: migrations ok {} failed {}, listen overflows {} drops {}",
+        k.migrate_req_success, k.migrate_req_failure, k.listen_overflows, k.listen_drops
+    );
+    let c = &s.counters;
+    let _ = writeln!(
+        o,
+        "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {}",
+        c.steered, c.migrated, c.passthrough, c.fallback, c.select_failed, c.migrate_no_target
+    );
+    o
 }

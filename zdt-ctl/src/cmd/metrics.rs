@@ -1,0 +1,215 @@
+//! `zdt-ctl metrics [PORT] [--listen ADDR]`: zdt's counters in the Prometheus text exposition
+//! format (version 0.0.4), for node_exporter's textfile collector or, with --listen, a scraper.
+use std::{fmt::Write as _, net::SocketAddr};
+
+use crate::cmd::status::{statuses, Status};
+
+/// Label values escaped as the exposition format wants (backslash, quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        let _ = writeln!(self.text, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// Renders the statuses of all ports; kernel counters (per network namespace) once.
+pub fn render(all: &[Status]) -> String {
+    let mut o = Out {
+        text: String::new(),
+    };
+    let port = |s: &Status| ("port", s.port.to_string());
+    let gauges: [(&str, &str, fn(&Status) -> f64); 2] = [
+        (
+            "zdt_attached",
+            "1 if zdt's program is attached to every SO_REUSEPORT group of the port.",
+            |s| f64::from(u8::from(s.attached)),
+        ),
+        (
+            "zdt_promoted",
+            "1 if the program steers by an active set (0: kernel hashing).",
+            |s| f64::from(u8::from(s.promoted)),
+        ),
+    ];
+    for (name, help, f) in gauges {
+        o.family(name, "gauge", help);
+        for s in all {
+            o.sample(name, &[port(s)], f(s));
+        }
+    }
+    o.family(
+        "zdt_group_steering",
+        "gauge",
+        "1 if the program is attached to this group (proven by a probe connection).",
+    );
+    for s in all {
+        for g in &s.groups {
+            o.sample(
+                "zdt_group_steering",
+                &[port(s), ("family", g.family.into())],
+                u8::from(g.steering),
+            );
+        }
+    }
+    let member = |s: &Status, m: &crate::cmd::status::Member| {
+        [
+            port(s),
+            ("pid", m.pid.to_string()),
+            ("command", m.command.clone()),
+            ("role", m.role.into()),
+        ]
+    };
+    type MemberValue = fn(&crate::cmd::status::Member) -> f64;
+    let per_member: [(&str, &str, &str, MemberValue); 3] = [
+        (
+            "zdt_member_steered_total",
+            "counter",
+            "New connections the program steered to this member.",
+            |m| m.steered as f64,
+        ),
+        (
+            "zdt_member_migrated_total",
+            "counter",
+            "Queued connections migrated to this member from a closing listener.",
+            |m| m.migrated as f64,
+        ),
+        (
+            "zdt_member_recent_share",
+            "gauge",
+            "This member's share of the new connections of the last 30 to 60 seconds.",
+            |m| m.share,
+        ),
+    ];
+    for (name, kind, help, f) in per_member {
+        o.family(name, kind, help);
+        for s in all {
+            for m in &s.members {
+                o.sample(name, &member(s, m), f(m));
+            }
+        }
+    }
+    type CounterValue = fn(&crate::cmd::status::Counters) -> u64;
+    let counters: [(&str, &str, CounterValue); 6] = [
+        (
+            "zdt_steered_total",
+            "New connections steered to an active socket.",
+            |c| c.steered,
+        ),
+        (
+            "zdt_migrated_total",
+            "Queued connections migrated to an active socket.",
+            |c| c.migrated,
+        ),
+        (
+            "zdt_passthrough_total",
+            "New connections passed to kernel hashing because nothing was promoted.",
+            |c| c.passthrough,
+        ),
+        (
+            "zdt_fallback_total",
+            "New connections passed to kernel hashing because no active socket could be selected.",
+            |c| c.fallback,
+        ),
+        (
+            "zdt_select_failed_total",
+            "Socket selections that failed (a closed slot).",
+            |c| c.select_failed,
+        ),
+        (
+            "zdt_migrate_no_target_total",
+            "Migrations for which no active socket could be selected.",
+            |c| c.migrate_no_target,
+        ),
+    ];
+    for (name, help, f) in counters {
+        o.family(name, "counter", help);
+        for s in all {
+            o.sample(name, &[port(s)], f(&s.counters));
+        }
+    }
+    if let Some(k) = all.first().map(|s| &s.kernel) {
+        let kernel = [
+            (
+                "zdt_kernel_migrate_req_success_total",
+                "TcpExt TCPMigrateReqSuccess of the network namespace.",
+                k.migrate_req_success,
+            ),
+            (
+                "zdt_kernel_migrate_req_failure_total",
+                "TcpExt TCPMigrateReqFailure of the network namespace.",
+                k.migrate_req_failure,
+            ),
+            (
+                "zdt_kernel_listen_overflows_total",
+                "TcpExt ListenOverflows of the network namespace.",
+                k.listen_overflows,
+            ),
+            (
+                "zdt_kernel_listen_drops_total",
+                "TcpExt ListenDrops of the network namespace.",
+                k.listen_drops,
+            ),
+        ];
+        for (name, help, v) in kernel {
+            o.family(name, "counter", help);
+            let _ = writeln!(o.text, "{name} {v}");
+        }
+    }
+    o.text
+}
+
+/// Serves `GET /metrics` on `addr` until killed; every scrape reads the maps afresh.
+pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
+    use hyper_util::rt::TokioIo;
+
+    crate::error::require_root()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| crate::error::bad_input(format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!(%addr, "serving metrics");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let svc = service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let (code, body) = if req.uri().path() != "/metrics" {
+                        (404, "only /metrics here\n".to_string())
+                    } else {
+                        match statuses(port) {
+                            Ok(all) => (200, render(&all)),
+                            Err(e) => (500, format!("zdt-ctl metrics: {e:#}\n")),
+                        }
+                    };
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(body)))
+                },
+            );
+            // One scrape at a time is plenty, and keeps the probes from overlapping.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        }
+    })
+}
