@@ -34,7 +34,8 @@ pub fn render(all: &[Status]) -> String {
         text: String::new(),
     };
     let port = |s: &Status| ("port", s.port.to_string());
-    let gauges: [(&str, &str, fn(&Status) -> f64); 2] = [
+    type StatusValue = fn(&Status) -> f64;
+    let gauges: [(&str, &str, StatusValue); 2] = [
         (
             "zdt_attached",
             "1 if zdt's program is attached to every SO_REUSEPORT group of the port.",
