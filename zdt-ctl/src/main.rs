@@ -58,9 +58,10 @@ enum Command {
         /// How long --stop-old waits for the previous members to exit.
         #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
         drain_timeout: Duration,
-        /// The attached port (needed only when several are attached).
-        #[arg(long, value_parser = parse_port_arg)]
-        port: Option<u16>,
+        /// The attached port (needed only when several are attached). May repeat: PID is
+        /// promoted on each, after one readiness wait, atomically per port.
+        #[arg(long = "port", value_parser = parse_port_arg)]
+        ports: Vec<u16>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -100,6 +101,23 @@ enum Command {
         /// Serve GET /metrics on this address instead of printing once.
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
+    },
+    /// Run CMD with SO_REUSEPORT listeners handed over the systemd way (LISTEN_FDS).
+    #[command(
+        after_help = "Example:\n  zdt-ctl exec --listen :80 -- /usr/bin/myapp --socket-activation"
+    )]
+    Exec {
+        /// [ADDR]:PORT to listen on (`:80` = 0.0.0.0:80 and [::]:80); may repeat.
+        #[arg(long = "listen", required = true, value_parser = parse_spec)]
+        listen: Vec<PortSpec>,
+        #[arg(long, default_value_t = 4096)]
+        backlog: i32,
+        /// The name passed in LISTEN_FDNAMES.
+        #[arg(long, default_value = "zdt")]
+        name: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
@@ -180,12 +198,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             probation,
             stop_old,
             drain_timeout,
-            port,
+            ports,
             json,
         } => {
             let opts = PromoteOptions {
                 pid,
-                port,
+                ports,
                 readyz,
                 timeout,
                 probation,
@@ -217,27 +235,45 @@ fn run(command: Command) -> anyhow::Result<()> {
             if tty && !seen.iter().any(|(a, _)| a == "200") && !seen.is_empty() {
                 eprintln!();
             }
-            let r = r?;
+            let reports = r?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                // One port: the report; several: an array of them.
+                let text = match reports.as_slice() {
+                    [one] => serde_json::to_string_pretty(one)?,
+                    many => serde_json::to_string_pretty(many)?,
+                };
+                println!("{text}");
                 return Ok(());
             }
-            println!("port {}: pid {pid} active (slots {:?})", r.port, r.slots);
-            if r.drained.is_empty() {
-                println!("drained: none");
-            } else {
-                let pids: Vec<String> = r.drained.iter().map(i32::to_string).collect();
-                println!("drained: pid {}", pids.join(", "));
+            for r in &reports {
+                println!("port {}: pid {pid} active (slots {:?})", r.port, r.slots);
+                if r.drained.is_empty() {
+                    println!("drained: none");
+                } else {
+                    let pids: Vec<String> = r.drained.iter().map(i32::to_string).collect();
+                    println!("drained: pid {}", pids.join(", "));
+                }
             }
+            let Some(r) = reports.first() else {
+                return Ok(());
+            };
             for s in &r.stopped {
                 println!(
                     "stopped: pid {} {} after {} ms",
                     s.pid, s.outcome, s.after_ms
                 );
             }
+            let switch: Vec<String> = reports
+                .iter()
+                .map(|r| format!("{:.2} ms", r.switch_ms))
+                .collect();
             println!(
-                "phases: validate {:.1} ms, readiness {:.1} ms, switch {:.2} ms, probation {:.1} ms, stop {:.1} ms",
-                r.validate_ms, r.readiness_ms, r.switch_ms, r.probation_ms, r.stop_ms
+                "phases: validate {:.1} ms, readiness {:.1} ms, switch {}, probation {:.1} ms, stop {:.1} ms",
+                r.validate_ms,
+                r.readiness_ms,
+                switch.join(" + "),
+                r.probation_ms,
+                r.stop_ms
             );
             if r.stopped.iter().any(|s| s.outcome == "still-running") {
                 eprintln!(
@@ -288,6 +324,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             Some(addr) => cmd::metrics::serve(addr, port)?,
             None => print!("{}", cmd::metrics::render(&cmd::status::statuses(port)?)),
         },
+        Command::Exec {
+            listen,
+            backlog,
+            name,
+            command,
+        } => match cmd::exec::exec(&listen, backlog, &name, &command)? {},
         Command::Generate { what } => {
             let mut c = Cli::command();
             if what == "man" {

@@ -78,6 +78,12 @@ struct Args {
     /// Also bind a UDP socket on this port.
     #[arg(long)]
     udp_port: Option<u16>,
+    /// Listen on both 0.0.0.0 and [::] (two sockets: an IPv4 and an IPv6 reuseport group).
+    #[arg(long)]
+    dual_stack: bool,
+    /// Serve on this port too (a service on :80 and :443, say).
+    #[arg(long)]
+    extra_port: Option<u16>,
 }
 
 struct App {
@@ -168,12 +174,25 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// accept() on the listener once there is one; pending forever before.
-async fn accept(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+/// Listening sockets passed the systemd way (sd_listen_fds(3)): LISTEN_PID is this process,
+/// LISTEN_FDS of them starting at fd 3.
+fn inherited() -> anyhow::Result<Option<Vec<TcpListener>>> {
+    let (Ok(pid), Ok(n)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(None);
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
     }
+    let n: i32 = n.parse()?;
+    (3..3 + n)
+        .map(|fd| {
+            // SAFETY: the fds were handed to us for our use, once, by the process that exec'd us.
+            let std: std::net::TcpListener = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+            std.set_nonblocking(true)?;
+            Ok(TcpListener::from_std(std)?)
+        })
+        .collect::<anyhow::Result<_>>()
+        .map(Some)
 }
 
 fn serve(stream: tokio::net::TcpStream, app: &Arc<App>, graceful: &GracefulShutdown) {
@@ -231,16 +250,60 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let public = SocketAddr::new(args.addr, args.port);
-    let bind = || -> anyhow::Result<TcpListener> {
-        let l = listener(public, !args.no_reuseport, args.backlog)?;
-        println!("bound={}", l.local_addr()?);
-        Ok(l)
+    let ports = std::iter::once(args.port).chain(args.extra_port);
+    let addrs: Vec<SocketAddr> = ports
+        .flat_map(|port| {
+            if args.dual_stack {
+                vec![
+                    SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+                    SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+                ]
+            } else {
+                vec![SocketAddr::new(args.addr, port)]
+            }
+        })
+        .collect();
+    let bind = || -> anyhow::Result<Vec<TcpListener>> {
+        // Sockets handed over the systemd way (zdt-ctl exec, or socket activation) are used as
+        // they are; otherwise bind our own.
+        let listeners = match inherited()? {
+            Some(l) => l,
+            None => addrs
+                .iter()
+                .map(|a| listener(*a, !args.no_reuseport, args.backlog))
+                .collect::<std::io::Result<_>>()?,
+        };
+        for l in &listeners {
+            println!("bound={}", l.local_addr()?);
+        }
+        Ok(listeners)
     };
-    let mut listener = match args.bind_at {
-        BindAt::Start => Some(bind()?),
-        BindAt::Ready => None,
+    let mut listeners = match args.bind_at {
+        BindAt::Start => bind()?,
+        BindAt::Ready => Vec::new(),
     };
+    // One accept task per listener, all feeding one channel; they stop when `stop` flips.
+    let (conn_tx, mut conns) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(1024);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let spawn_accepts = |ls: &Vec<Arc<TcpListener>>| {
+        for l in ls {
+            let (l, tx, mut stop) = (l.clone(), conn_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = l.accept() => if let Ok((s, _)) = r {
+                            let _ = tx.send(s).await;
+                        },
+                        _ = stop.changed() => break,
+                    }
+                }
+            });
+        }
+    };
+    let mut open: Vec<Arc<TcpListener>> = listeners.drain(..).map(Arc::new).collect();
+    if !args.no_accept {
+        spawn_accepts(&open);
+    }
     let warm = tokio::time::sleep(args.warmup);
     tokio::pin!(warm);
     let mut warming = true;
@@ -248,16 +311,17 @@ async fn main() -> anyhow::Result<()> {
     // One loop from bind to SIGTERM: a warming process accepts too, and answers 503.
     loop {
         tokio::select! {
-            r = accept(listener.as_ref()), if !args.no_accept => {
-                if let Ok((s, _)) = r {
-                    last_accept_ms = unix_ms();
-                    serve(s, &app, &graceful);
-                }
+            Some(s) = conns.recv() => {
+                last_accept_ms = unix_ms();
+                serve(s, &app, &graceful);
             }
             _ = &mut warm, if warming => {
                 warming = false;
-                if listener.is_none() {
-                    listener = Some(bind()?);
+                if open.is_empty() {
+                    open = bind()?.into_iter().map(Arc::new).collect();
+                    if !args.no_accept {
+                        spawn_accepts(&open);
+                    }
                 }
                 app.ready.store(true, Ordering::SeqCst);
                 println!("ready");
@@ -265,12 +329,15 @@ async fn main() -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    // SIGTERM: not ready any more; no more accept(); the listener stays open for the gap (its
-    // queue still fills if anyone sends it connections), then closes.
+    // SIGTERM: not ready any more; no more accept(); the listeners stay open for the gap (their
+    // queues still fill if anyone sends them connections), then close.
     app.draining.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
     println!("last_accept_ms={last_accept_ms}");
     tokio::time::sleep(args.close_gap).await;
-    drop(listener);
+    // The accept tasks have dropped their references; this is the last one of each listener.
+    drop(open);
+    drop(conns);
     println!("closed");
     // Finish in-flight requests; idle keep-alive connections are closed.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;

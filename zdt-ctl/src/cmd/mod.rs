@@ -2,6 +2,7 @@
 pub mod attach;
 pub mod detach;
 pub mod drain;
+pub mod exec;
 pub mod metrics;
 pub mod promote;
 pub mod status;

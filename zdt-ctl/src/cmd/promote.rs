@@ -16,8 +16,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct PromoteOptions {
     pub pid: i32,
-    /// None: the only attached port of this network namespace.
-    pub port: Option<u16>,
+    /// The ports to promote PID on; empty: the only attached port of this network namespace.
+    pub ports: Vec<u16>,
     /// None only with an explicit `--no-readyz`.
     pub readyz: Option<String>,
     pub timeout: Duration,
@@ -58,10 +58,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What the switch on one port did.
+struct Switched {
+    state: State,
+    port: u16,
+    new: Vec<u32>,
+    previous: Vec<u32>,
+    drained: Vec<(i32, u64)>,
+    to_stop: Vec<(i32, u64)>,
+    switched_at_ms: u64,
+    switch: Duration,
+}
+
+/// Promotes `opts.pid` on every port of `opts.ports` (or the only attached one): one readiness
+/// wait, then one atomic switch per port. Returns one report per port.
 pub fn promote(
     opts: &PromoteOptions,
     mut progress: impl FnMut(Duration, &str),
-) -> anyhow::Result<PromoteReport> {
+) -> anyhow::Result<Vec<PromoteReport>> {
     require_root()?;
     let t0 = Instant::now();
     // Input checks first, in order of cost; none of them changes anything.
@@ -71,32 +85,45 @@ pub fn promote(
         .map(readiness::check_url)
         .transpose()?;
     let target = PidFd::open(opts.pid)?;
-    let port = resolve_port(opts.port)?;
-    let spec = State::open_read(port)?
-        .ok_or_else(|| crate::state::not_attached(port))?
-        .spec;
-    // Validate the sockets now so that a wrong pid fails before any wait, then close the
-    // duplicates: holding them while the process warms up would keep its listener alive if it
-    // crashed (a duplicate fd is a reference to the socket).
-    drop(sockets::fetch_listeners(&target, &spec)?);
+    let mut ports = if opts.ports.is_empty() {
+        vec![resolve_port(None)?]
+    } else {
+        opts.ports.clone()
+    };
+    // Locks are taken in port order, so two multi-port promotes never wait on each other.
+    ports.sort_unstable();
+    ports.dedup();
+    for &port in &ports {
+        let spec = State::open_read(port)?
+            .ok_or_else(|| crate::state::not_attached(port))?
+            .spec;
+        // Validate the sockets now so that a wrong pid fails before any wait, then close the
+        // duplicates: holding them while the process warms up would keep its listener alive if
+        // it crashed (a duplicate fd is a reference to the socket).
+        drop(sockets::fetch_listeners(&target, &spec)?);
+    }
     if let Some(url) = &url {
         sockets::check_url_owner(&target, url)?;
     }
     failpoint("validated");
 
-    // Serialize with other commands on this port for the rest of the promote.
-    let mut state = State::open_locked(port)?;
+    // Serialize with other commands on these ports for the rest of the promote.
+    let mut states = Vec::new();
+    for &port in &ports {
+        states.push(State::open_locked(port)?);
+    }
     failpoint("locked");
     let validate = t0.elapsed();
 
     let t1 = Instant::now();
     if let Some(url) = &url {
+        tracing::info!(pid = opts.pid, %url, "waiting for readiness");
         readiness::wait_ready(url, opts.timeout, || target.alive(), &mut progress)?;
+        tracing::info!(pid = opts.pid, ms = ms(t1.elapsed()), "ready");
     }
     let readiness = t1.elapsed();
     failpoint("readied");
 
-    let t2 = Instant::now();
     // The process that passed readiness must be the one whose sockets we take: the pidfd pins
     // the process, the start time rules out a reused pid number.
     if !target.alive() || sockets::start_time(opts.pid) != Some(target.start) {
@@ -108,7 +135,81 @@ pub fn promote(
             ),
         ));
     }
-    let listeners = sockets::fetch_listeners(&target, &spec)?;
+    let mut done: Vec<Switched> = Vec::new();
+    for state in states {
+        match switch_port(state, opts.pid, &target) {
+            Ok(s) => done.push(s),
+            Err(e) => {
+                // A later port failed: the earlier ones go back, so the command changed nothing.
+                for s in done.iter_mut() {
+                    let _ = restore(&mut s.state, &s.previous);
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    // The new process must still be there once our references are gone; then, with
+    // --probation, stay alive and ready for that long.
+    let t3 = Instant::now();
+    if let Err(why) = watch(&target, url.as_ref(), opts.probation.unwrap_or_default()) {
+        tracing::warn!(pid = opts.pid, why, "rolling back");
+        let mut restored = Vec::new();
+        for s in done.iter_mut() {
+            restored.extend(restore(&mut s.state, &s.previous)?);
+        }
+        restored.sort_unstable();
+        restored.dedup();
+        return Err(rolled_back(&why, &restored));
+    }
+    let probation = t3.elapsed();
+
+    let t4 = Instant::now();
+    failpoint("stopping");
+    let mut to_stop: Vec<(i32, u64)> = Vec::new();
+    for s in &done {
+        for p in &s.to_stop {
+            if !to_stop.contains(p) {
+                to_stop.push(*p);
+            }
+        }
+    }
+    let reports_base: Vec<_> = done
+        .into_iter()
+        .map(|s| (s.port, s.new, s.drained, s.switch, s.switched_at_ms))
+        .collect();
+    let stopped = if opts.stop_old {
+        stop_all(&to_stop, opts.drain_timeout)
+    } else {
+        Vec::new()
+    };
+    let stop_ms = ms(t4.elapsed());
+    Ok(reports_base
+        .into_iter()
+        .map(
+            |(port, new, drained, switch, switched_at_ms)| PromoteReport {
+                port,
+                pid: opts.pid,
+                slots: new,
+                drained: drained.iter().map(|d| d.0).collect(),
+                stopped: stopped.clone(),
+                validate_ms: ms(validate),
+                readiness_ms: ms(readiness),
+                switch_ms: ms(switch),
+                switched_at_ms,
+                probation_ms: ms(probation),
+                stop_ms,
+            },
+        )
+        .collect())
+}
+
+/// The switch on one port: take PID's sockets, check them against the group, insert them, and
+/// make them the active set in one update.
+fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Switched> {
+    let t = Instant::now();
+    let port = state.spec.port;
+    let listeners = sockets::fetch_listeners(target, &state.spec)?;
     let slots = state.slots()?;
     // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
     // socket of another uid would never be selectable from this group.
@@ -119,15 +220,15 @@ pub fn promote(
             .map(|s| (l, s))
     }) {
         return Err(bad_input(format!(
-            "the socket of pid {} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
+            "the socket of pid {pid} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
              the kernel keeps them in separate groups, so zdt cannot hand over between them",
-            opts.pid, l.local, l.uid, s.meta.uid, s.meta.pid
+            l.local, l.uid, s.meta.uid, s.meta.pid
         )));
     }
     for l in &listeners {
         state.attach_to_group(&l.fd)?;
     }
-    let new = state.insert(opts.pid, target.start, &listeners)?;
+    let new = state.insert(pid, target.start, &listeners)?;
     failpoint("inserted");
     let slots = state.slots()?;
     let previous: Vec<u32> = slots
@@ -139,7 +240,7 @@ pub fn promote(
         let mut out: Vec<(i32, u64)> = Vec::new();
         for s in slots.iter().filter(|s| keep(s)) {
             let p = (s.meta.pid as i32, s.meta.pid_start);
-            if p.0 != opts.pid && !out.contains(&p) {
+            if p.0 != pid && !out.contains(&p) {
                 out.push(p);
             }
         }
@@ -157,38 +258,17 @@ pub fn promote(
     // Close our duplicates before anything else: from here on only the processes hold them, so
     // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
-    let switch = t2.elapsed();
-    tracing::info!(port, pid = opts.pid, switch_ms = ms(switch), "switched");
-
-    // The new process must still be there once our references are gone; then, with
-    // --probation, stay alive and ready for that long.
-    let t3 = Instant::now();
-    let verdict = watch(&target, url.as_ref(), opts.probation.unwrap_or_default());
-    if let Err(why) = verdict {
-        return Err(rollback(&mut state, &previous, opts.pid, &why));
-    }
-    drop(state);
-    let probation = t3.elapsed();
-
-    let t4 = Instant::now();
-    failpoint("stopping");
-    let stopped = if opts.stop_old {
-        stop_all(&to_stop, opts.drain_timeout)
-    } else {
-        Vec::new()
-    };
-    Ok(PromoteReport {
+    let switch = t.elapsed();
+    tracing::info!(port, pid, switch_ms = ms(switch), "switched");
+    Ok(Switched {
+        state,
         port,
-        pid: opts.pid,
-        slots: new,
-        drained: drained.iter().map(|d| d.0).collect(),
-        stopped,
-        validate_ms: ms(validate),
-        readiness_ms: ms(readiness),
-        switch_ms: ms(switch),
+        new,
+        previous,
+        drained,
+        to_stop,
         switched_at_ms,
-        probation_ms: ms(probation),
-        stop_ms: ms(t4.elapsed()),
+        switch,
     })
 }
 
@@ -235,49 +315,45 @@ fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Res
     Ok(())
 }
 
-/// Makes `previous` active again, as far as its sockets still listen, and says what happened.
-fn rollback(state: &mut State, previous: &[u32], pid: i32, why: &str) -> anyhow::Error {
-    let mut restore = || -> anyhow::Result<Vec<i32>> {
-        let slots = state.slots()?;
-        let live: Vec<u32> = previous
-            .iter()
-            .copied()
-            .filter(|p| slots.iter().any(|s| s.index == *p))
-            .collect();
-        if live.is_empty() {
-            return Ok(Vec::new());
-        }
-        state.switch(&slots, &live)?;
-        state.set_roles(&slots, &live)?;
-        let mut pids: Vec<i32> = slots
-            .iter()
-            .filter(|s| live.contains(&s.index))
-            .map(|s| s.meta.pid as i32)
-            .collect();
-        pids.dedup();
-        Ok(pids)
-    };
-    tracing::warn!(pid, why, "rolling back");
-    match restore() {
-        Ok(pids) if !pids.is_empty() => {
-            let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
-            err(
-                Kind::RolledBack,
-                format!(
-                    "{why}; restored the previous active set (pid {}), nothing was stopped",
-                    pids.join(", ")
-                ),
-            )
-        }
-        Ok(_) => err(
+/// Makes `previous` active again on one port, as far as its sockets still listen; returns the
+/// pids restored.
+fn restore(state: &mut State, previous: &[u32]) -> anyhow::Result<Vec<i32>> {
+    let slots = state.slots()?;
+    let live: Vec<u32> = previous
+        .iter()
+        .copied()
+        .filter(|p| slots.iter().any(|s| s.index == *p))
+        .collect();
+    if live.is_empty() {
+        return Ok(Vec::new());
+    }
+    state.switch(&slots, &live)?;
+    state.set_roles(&slots, &live)?;
+    Ok(slots
+        .iter()
+        .filter(|s| live.contains(&s.index))
+        .map(|s| s.meta.pid as i32)
+        .collect())
+}
+
+fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {
+    if restored.is_empty() {
+        return err(
             Kind::RolledBack,
             format!(
                 "{why}; the previous members no longer listen, so there was nothing to restore: \
                  new connections go to kernel hashing over the listeners that remain"
             ),
-        ),
-        Err(e) => e.context(format!("{why}; restoring the previous active set failed")),
+        );
     }
+    let pids: Vec<String> = restored.iter().map(i32::to_string).collect();
+    err(
+        Kind::RolledBack,
+        format!(
+            "{why}; restored the previous active set (pid {}), nothing was stopped",
+            pids.join(", ")
+        ),
+    )
 }
 
 /// SIGTERM to each previous member (only if it is still the process that was promoted then),

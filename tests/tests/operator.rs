@@ -1,0 +1,249 @@
+//! How zdt fits a real server: dual stack, several ports, socket activation, metrics.
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use zdt_tests::{
+    harness::{bin, status, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+fn promote(ns: &Netns, app: &App, extra: &[&str]) -> anyhow::Result<zdt_tests::harness::Ctl> {
+    let pid = app.pid.to_string();
+    let url = app.readyz();
+    let mut args = vec!["promote", &pid, "--readyz", &url];
+    args.extend(extra);
+    zdt_ok(ns, &args)
+}
+
+#[test]
+fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--dual-stack"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let st = status(&ns, PORT)?;
+    let families: Vec<&str> = st["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["family"].as_str().unwrap())
+        .collect();
+    assert_eq!(families, ["ipv4", "ipv6"], "{st}");
+    let v4: SocketAddr = ([127, 0, 0, 1], PORT).into();
+    let v6: SocketAddr = "[::1]:8080".parse()?;
+    let loads =
+        [v4, v6].map(|a| Background::start(&ns, LoadSpec::open(a, 200.0, Duration::from_secs(30))));
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2")
+            .arg("--dual-stack")
+            .warmup(Duration::from_millis(500)),
+    )?;
+    promote(&ns, &v2, &["--stop-old"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["attached"], true, "{st}");
+    for g in st["groups"].as_array().unwrap() {
+        assert_eq!(g["steering"], true, "{st}");
+    }
+    let active = &st["members"].as_array().unwrap()[0];
+    assert_eq!(active["pid"], v2.pid);
+    assert_eq!(
+        active["slots"].as_array().unwrap().len(),
+        2,
+        "one slot per family: {st}"
+    );
+    for (family, l) in ["ipv4", "ipv6"].iter().zip(loads) {
+        let t = load::tally(&l.finish());
+        assert_eq!(t.failures(), 0, "{family}: {t:?}");
+        assert!(
+            t.versions.contains_key("v1") && t.versions.contains_key("v2"),
+            "{family}: {t:?}"
+        );
+    }
+    drop(v1);
+    Ok(())
+}
+
+#[test]
+fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v1").arg("--extra-port").arg("8443"),
+    )?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    zdt_ok(&ns, &["attach", ":8443"])?;
+    let loads = [8080u16, 8443].map(|p| {
+        Background::start(
+            &ns,
+            LoadSpec::open(([127, 0, 0, 1], p).into(), 200.0, Duration::from_secs(30)),
+        )
+    });
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").arg("--extra-port").arg("8443"),
+    )?;
+    let r = promote(
+        &ns,
+        &v2,
+        &["--port", "8080", "--port", "8443", "--stop-old", "--json"],
+    )?;
+    let reports: serde_json::Value = serde_json::from_str(&r.stdout)?;
+    let ports: Vec<u64> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, [8080, 8443]);
+    for r in reports.as_array().unwrap() {
+        assert_eq!(r["drained"], serde_json::json!([v1.pid]), "{reports}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (port, l) in [8080u16, 8443].iter().zip(loads) {
+        let st = status(&ns, *port)?;
+        assert_eq!(st["members"][0]["pid"], v2.pid, "{st}");
+        let t = load::tally(&l.finish());
+        assert_eq!(t.failures(), 0, "{port}: {t:?}");
+    }
+    // Without --port, a promote refuses to guess between two attached ports.
+    let r = zdt_tests::harness::zdt(&ns, &["promote", &v2.pid.to_string(), "--no-readyz"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("several ports are attached (8080, 8443)"),
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // v2 binds nothing itself: zdt-ctl exec creates :8080 (IPv4 and IPv6) and passes the fds.
+    let mut cmd = zdt_command(&ns, &["exec", "--listen", ":8080", "--"]);
+    cmd.arg(bin("zdt-demo-app"))
+        .args(["--port", "1", "--version", "v2"])
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+    let mut bound = Vec::new();
+    let mut admin = String::new();
+    while bound.len() < 2 {
+        let l = lines.next().expect("v2 output")?;
+        if let Some(a) = l.strip_prefix("admin=") {
+            admin = a.replace("0.0.0.0", "127.0.0.1");
+        }
+        if let Some(b) = l.strip_prefix("bound=") {
+            bound.push(b.to_string());
+        }
+    }
+    assert_eq!(bound, ["0.0.0.0:8080", "[::]:8080"]);
+    let pid = child.id().to_string();
+    zdt_ok(
+        &ns,
+        &[
+            "promote",
+            &pid,
+            "--readyz",
+            &format!("http://{admin}/readyz"),
+            "--stop-old",
+        ],
+    )?;
+    let mut spec = LoadSpec::open(
+        ([127, 0, 0, 1], PORT).into(),
+        500.0,
+        Duration::from_secs(10),
+    );
+    spec.max_requests = 100;
+    let t = ns.run(move || {
+        let mut v = Vec::new();
+        load::run(&spec, &Default::default(), &mut |s| v.push(s));
+        load::tally(&v)
+    })?;
+    assert_eq!(t.versions.get("v2"), Some(&100), "{t:?}");
+    drop(v1);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
+#[test]
+fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    promote(&ns, &v2, &[])?;
+    let mut spec = LoadSpec::open(
+        ([127, 0, 0, 1], PORT).into(),
+        1000.0,
+        Duration::from_secs(10),
+    );
+    spec.max_requests = 250;
+    ns.run(move || load::run(&spec, &Default::default(), &mut |_| {}))?;
+    // Read the metrics first: status would add its own probe connection.
+    let text = zdt_ok(&ns, &["metrics"])?.stdout;
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+    };
+    let member = |pid: i32, role: &str| {
+        format!("{{port=\"8080\",pid=\"{pid}\",command=\"zdt-demo-app\",role=\"{role}\"}}")
+    };
+    // The member rows are read before metrics' own probe connection, the totals after it.
+    assert_eq!(
+        value(&format!(
+            "zdt_member_steered_total{}",
+            member(v2.pid, "active")
+        )),
+        250.0
+    );
+    assert_eq!(value("zdt_steered_total{port=\"8080\"}"), 251.0);
+    assert_eq!(
+        value(&format!(
+            "zdt_member_steered_total{}",
+            member(v1.pid, "draining")
+        )),
+        0.0
+    );
+    assert_eq!(
+        value(&format!(
+            "zdt_member_recent_share{}",
+            member(v2.pid, "active")
+        )),
+        1.0
+    );
+    assert_eq!(value("zdt_attached{port=\"8080\"}"), 1.0);
+    // Every sample line is `name{labels} value` or `name value`, after its HELP and TYPE.
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, v) = l.rsplit_once(' ').expect("sample");
+        assert!(v.parse::<f64>().is_ok(), "{l}");
+        let family = name.split('{').next().unwrap();
+        assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
+    }
+    // Served over HTTP too.
+    let mut server = zdt_command(&ns, &["metrics", "--listen", "127.0.0.1:9814"]).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let body = ns.run(|| -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9814")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("zdt_member_steered_total{"), "{body}");
+    Ok(())
+}

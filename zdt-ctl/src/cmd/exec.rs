@@ -1,0 +1,97 @@
+//! `zdt-ctl exec --listen [ADDR]:PORT -- CMD ARGS...`: create SO_REUSEPORT listeners and run CMD
+//! with them, handed over the systemd way (sd_listen_fds(3): fds from 3 on, LISTEN_FDS,
+//! LISTEN_PID, LISTEN_FDNAMES). An app that supports socket activation then joins the port's
+//! reuseport group without a line of code changed.
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+};
+
+use anyhow::Context as _;
+
+use crate::{addr::PortSpec, error::bad_input};
+
+/// The addresses `spec` names: its address, or both wildcards for `:PORT`.
+fn addresses(spec: &PortSpec) -> Vec<SocketAddr> {
+    match spec.addr {
+        Some(a) => vec![SocketAddr::new(a, spec.port)],
+        None => vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), spec.port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), spec.port),
+        ],
+    }
+}
+
+fn listen(addr: SocketAddr, backlog: i32) -> anyhow::Result<Option<socket2::Socket>> {
+    use socket2::{Domain, Socket, Type};
+    let s = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+        Ok(s) => s,
+        // A wildcard spec on a host without IPv6: the IPv4 socket is enough.
+        Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e).context("socket()"),
+    };
+    s.set_reuse_address(true)?;
+    // Kernel contract: SO_REUSEPORT must be set before bind() for the socket to join the
+    // port's reuseport group (and zdt's program).
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // Its own IPv6 group; IPv4 has its own socket.
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| bad_input(format!("cannot listen on {addr}: {e}")))?;
+    s.listen(backlog)?;
+    Ok(Some(s))
+}
+
+pub fn exec(
+    specs: &[PortSpec],
+    backlog: i32,
+    name: &str,
+    command: &[String],
+) -> anyhow::Result<Infallible> {
+    let Some((program, args)) = command.split_first() else {
+        return Err(bad_input(
+            "no command given: zdt-ctl exec --listen :80 -- CMD ARGS...",
+        ));
+    };
+    let mut sockets = Vec::new();
+    for spec in specs {
+        for addr in addresses(spec) {
+            sockets.extend(listen(addr, backlog)?);
+        }
+    }
+    // Move the sockets to fds 3, 4, ... without close-on-exec. First out of the way (above any
+    // fd that the targets could collide with), then into place.
+    let high: Vec<std::os::fd::OwnedFd> = sockets
+        .iter()
+        .map(|s| {
+            let fd = nix::fcntl::fcntl(s, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+                .context("moving a listener out of the way")?;
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    drop(sockets);
+    for (i, fd) in high.iter().enumerate() {
+        // dup2 clears close-on-exec on the new descriptor.
+        // SAFETY: plain syscall on fds we own; the target numbers are ours to take.
+        if unsafe { libc::dup2(fd.as_raw_fd(), 3 + i as i32) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup2");
+        }
+    }
+    let n = high.len();
+    drop(high);
+    let names = vec![name; n].join(":");
+    let err = std::process::Command::new(program)
+        .args(args)
+        .env("LISTEN_FDS", n.to_string())
+        // exec keeps our pid: the program is the process LISTEN_PID names.
+        .env("LISTEN_PID", std::process::id().to_string())
+        .env("LISTEN_FDNAMES", names)
+        .exec();
+    Err(bad_input(format!("cannot run {program:?}: {err}")))
+}
