@@ -174,6 +174,36 @@ fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
 }
 
 #[test]
+fn completions_and_man_page_come_from_the_cli_definition() -> anyhow::Result<()> {
+    let run = |what: &str| -> anyhow::Result<String> {
+        let o = std::process::Command::new(bin("zdt-ctl"))
+            .args(["generate", what])
+            .output()?;
+        anyhow::ensure!(o.status.success(), "{o:?}");
+        Ok(String::from_utf8(o.stdout)?)
+    };
+    let man = run("man")?;
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH zdt-ctl"),
+        "{man}"
+    );
+    for verb in [
+        "attach", "promote", "drain", "status", "metrics", "exec", "detach",
+    ] {
+        assert!(man.contains(verb), "man page lacks {verb}");
+        assert!(run("bash")?.contains(verb), "bash completion lacks {verb}");
+    }
+    assert!(run("fish")?.contains("-l readyz"));
+    assert!(run("zsh")?.contains("--stop-old"));
+    let bad = std::process::Command::new(bin("zdt-ctl"))
+        .args(["generate", "tcsh"])
+        .output()?;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"tcsh\""));
+    Ok(())
+}
+
+#[test]
 fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;

@@ -30,6 +30,8 @@ enum Task {
     },
     /// The live demo: three deploys under load in a fresh network namespace.
     Demo,
+    /// Shell completions and the man page of zdt-ctl, in target/dist/.
+    Dist,
     /// The reset-count benchmark (full run; flags go to zdt-bench, see `--help`).
     Bench {
         /// Replace the README's results section and docs/bench.svg with this run's.
@@ -57,6 +59,11 @@ fn main() -> anyhow::Result<()> {
             build()?;
             run(Command::new(root().join("target/release/zdt-demo")))
         }
+        Task::Dist => {
+            setup::run()?;
+            build()?;
+            dist()
+        }
         Task::Bench { readme, args } => {
             setup::run()?;
             build()?;
@@ -70,6 +77,30 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Generates completions (bash, zsh, fish) and the man page from zdt-ctl's own clap definitions.
+fn dist() -> anyhow::Result<()> {
+    let out = root().join("target/dist");
+    std::fs::create_dir_all(out.join("completions"))?;
+    let ctl = root().join("target/release/zdt-ctl");
+    for (what, file) in [
+        ("bash", "completions/zdt-ctl.bash"),
+        ("zsh", "completions/_zdt-ctl"),
+        ("fish", "completions/zdt-ctl.fish"),
+        ("man", "zdt-ctl.1"),
+    ] {
+        let o = Command::new(&ctl).args(["generate", what]).output()?;
+        if !o.status.success() {
+            bail!(
+                "zdt-ctl generate {what}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::fs::write(out.join(file), o.stdout)?;
+        eprintln!("wrote target/dist/{file}");
+    }
+    Ok(())
 }
 
 /// Puts RESULTS.md of a run between the README's bench markers and the plot in docs/.
