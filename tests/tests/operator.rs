@@ -173,6 +173,46 @@ fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The keys of `value` and the properties of `schema` are the same set, at every level.
+fn same_keys(schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+    let Some(props) = schema["properties"].as_object() else {
+        return;
+    };
+    let keys: std::collections::BTreeSet<&String> = value.as_object().unwrap().keys().collect();
+    let documented: std::collections::BTreeSet<&String> = props.keys().collect();
+    assert_eq!(
+        keys, documented,
+        "{at}: output and docs/status.schema.json differ"
+    );
+    for (k, sub) in props {
+        match (&value[k], sub["type"].as_str()) {
+            (serde_json::Value::Array(items), Some("array")) => {
+                for i in items {
+                    same_keys(&sub["items"], i, &format!("{at}.{k}[]"));
+                }
+            }
+            (v @ serde_json::Value::Object(_), _) => same_keys(sub, v, &format!("{at}.{k}")),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn status_json_matches_its_documented_schema() -> anyhow::Result<()> {
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/status.schema.json"),
+    )?)?;
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--dual-stack"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--dual-stack"))?;
+    promote(&ns, &v2, &[])?;
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["members"].as_array().unwrap().len(), 2, "{st}");
+    same_keys(&schema, &st, "status");
+    Ok(())
+}
+
 #[test]
 fn completions_and_man_page_come_from_the_cli_definition() -> anyhow::Result<()> {
     let run = |what: &str| -> anyhow::Result<String> {

@@ -85,6 +85,7 @@ pub fn promote(
         .map(readiness::check_url)
         .transpose()?;
     let target = PidFd::open(opts.pid)?;
+    tracing::info!(pid = opts.pid, ports = ?opts.ports, "promote started");
     let mut ports = if opts.ports.is_empty() {
         vec![resolve_port(None)?]
     } else {
@@ -260,6 +261,10 @@ fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Swi
     drop(listeners);
     let switch = t.elapsed();
     tracing::info!(port, pid, switch_ms = ms(switch), "switched");
+    if !drained.is_empty() {
+        let pids: Vec<i32> = drained.iter().map(|d| d.0).collect();
+        tracing::info!(port, ?pids, "drained");
+    }
     Ok(Switched {
         state,
         port,
