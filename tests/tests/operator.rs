@@ -214,6 +214,25 @@ fn status_json_matches_its_documented_schema() -> anyhow::Result<()> {
 }
 
 #[test]
+fn status_watch_redraws() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut child = zdt_command(&ns, &["status", "--watch", "200ms"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(900));
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Each frame clears the screen and draws the table again.
+    let frames = text.matches("\x1b[2J").count();
+    assert!(frames >= 3, "{frames} frames: {text}");
+    assert_eq!(text.matches("SHARE(1m)").count(), frames, "{text}");
+    Ok(())
+}
+
+#[test]
 fn completions_and_man_page_come_from_the_cli_definition() -> anyhow::Result<()> {
     let run = |what: &str| -> anyhow::Result<String> {
         let o = std::process::Command::new(bin("zdt-ctl"))
