@@ -198,6 +198,23 @@ impl From<Output> for Ctl {
     }
 }
 
+/// `promote PID --readyz URL EXTRA...` for a demo service instance.
+pub fn promote_args(app: &App, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "promote".to_string(),
+        app.pid.to_string(),
+        "--readyz".into(),
+        app.readyz(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Borrowed views of owned arguments.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// Runs `zdt-ctl ARGS` inside the namespace.
 pub fn zdt(ns: &Netns, args: &[&str]) -> Ctl {
     zdt_command(ns, args)

@@ -124,6 +124,15 @@ pub struct LoadSpec {
 }
 
 impl LoadSpec {
+    /// `n` requests started within a moment (2000/s), each allowed `timeout`: connections that
+    /// are meant to wait in a listener's accept queue.
+    pub fn burst(addr: SocketAddr, n: u64, timeout: Duration) -> Self {
+        let mut s = Self::open(addr, 2000.0, Duration::from_secs(30));
+        s.max_requests = n;
+        s.request_timeout = timeout;
+        s
+    }
+
     /// Open loop at `rate` req/s, new connection per request.
     pub fn open(addr: SocketAddr, rate: f64, duration: Duration) -> Self {
         LoadSpec {

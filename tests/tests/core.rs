@@ -11,7 +11,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, status, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec, Outcome, Sample, Tally},
     netns::Netns,
 };
@@ -43,19 +43,6 @@ fn member(status: &serde_json::Value, pid: i32) -> Option<&serde_json::Value> {
         .as_array()?
         .iter()
         .find(|m| m["pid"] == pid)
-}
-
-fn promote_args(app: &App) -> Vec<String> {
-    vec![
-        "promote".into(),
-        app.pid.to_string(),
-        "--readyz".into(),
-        app.readyz(),
-    ]
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]
@@ -90,7 +77,7 @@ fn warming_process_gets_nothing_until_promoted() -> anyhow::Result<()> {
         "warming v2 got connections: {before:?}"
     );
 
-    zdt_ok(&ns, &strs(&promote_args(&v2)))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let after = requests(&ns, PORT, 300, 1000.0);
     assert_eq!(after.versions.get("v2"), Some(&300), "{after:?}");
     assert_eq!(after.count(Outcome::Ok), 300, "{after:?}");
@@ -118,10 +105,10 @@ fn queued_then_close(with_zdt: bool) -> anyhow::Result<(Tally, u64, u64)> {
     if with_zdt {
         zdt_ok(&ns, &["attach", ":8080"])?;
     }
-    let mut spec = LoadSpec::open(addr(PORT), 2000.0, Duration::from_secs(30));
-    spec.max_requests = QUEUED;
-    spec.request_timeout = Duration::from_secs(20);
-    let load = Background::start(&ns, spec);
+    let load = Background::start(
+        &ns,
+        LoadSpec::burst(addr(PORT), QUEUED, Duration::from_secs(20)),
+    );
     // Wait until all of them are queued on v1's listener (the accept queue length is rx_queue
     // of a LISTEN socket in /proc/net/tcp).
     let queued = || {
@@ -149,7 +136,7 @@ fn queued_then_close(with_zdt: bool) -> anyhow::Result<(Tally, u64, u64)> {
 
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     if with_zdt {
-        zdt_ok(&ns, &strs(&promote_args(&v2)))?;
+        zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     }
     // v1 closes its listener with the connections still queued.
     v1.signal(Signal::SIGTERM);
@@ -200,7 +187,7 @@ fn readiness_never_reached_changes_nothing() -> anyhow::Result<()> {
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
     let before = fingerprint(&ns, PORT)?.expect("state");
-    let mut args = promote_args(&v2);
+    let mut args = promote_args(&v2, &[]);
     args.extend(["--timeout".into(), "1s".into()]);
     let r = zdt(&ns, &strs(&args));
     assert_eq!(r.code, 4, "readiness timeout has exit code 4: {r:?}");
@@ -386,7 +373,7 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
         LoadSpec::open(addr(PORT), 300.0, Duration::from_secs(30)),
     );
     let spawn = |app: &App| {
-        let mut args = promote_args(app);
+        let mut args = promote_args(app, &[]);
         args.push("--json".into());
         zdt_command(&ns, &strs(&args))
             .stdout(std::process::Stdio::piped())
@@ -484,7 +471,7 @@ fn several_deploys_under_load_lose_nothing() -> anyhow::Result<()> {
             &ns,
             &AppOpts::new(PORT, &format!("v{i}")).warmup(Duration::from_millis(400)),
         )?;
-        let mut args = promote_args(&new);
+        let mut args = promote_args(&new, &[]);
         args.push("--stop-old".into());
         let r = zdt_ok(&ns, &strs(&args))?;
         assert!(

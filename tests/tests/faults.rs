@@ -9,7 +9,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, status, zdt_command, zdt_ok, App, AppOpts},
+    harness::{fingerprint, promote_args, status, strs, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec, Outcome},
     netns::Netns,
 };
@@ -22,17 +22,6 @@ fn addr() -> SocketAddr {
 
 fn load(ns: &Netns) -> Background {
     Background::start(ns, LoadSpec::open(addr(), 300.0, Duration::from_secs(120)))
-}
-
-fn promote_args(app: &App, extra: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        "promote".to_string(),
-        app.pid.to_string(),
-        "--readyz".into(),
-        app.readyz(),
-    ];
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
 }
 
 fn roles(ns: &Netns) -> Vec<(i64, String)> {
@@ -69,7 +58,7 @@ fn role(pid: i32, r: &str) -> (i64, String) {
 
 /// Runs zdt-ctl with ZDT_FAILPOINT set, in the background; returns once it reached the point.
 fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> std::process::Child {
-    let mut cmd = zdt_command(ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cmd = zdt_command(ns, &strs(args));
     cmd.env("ZDT_FAILPOINT", point)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -98,10 +87,7 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     let child = zdt_command(
         &ns,
-        &promote_args(&v2, &["--probation", "3s", "--stop-old"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &strs(&promote_args(&v2, &["--probation", "3s", "--stop-old"])),
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -134,16 +120,10 @@ fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = load(&ns);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let child = zdt_command(
-        &ns,
-        &promote_args(&v2, &["--probation", "3s"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()?;
+    let child = zdt_command(&ns, &strs(&promote_args(&v2, &["--probation", "3s"])))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(800));
     v2.signal(Signal::SIGUSR1); // its /readyz turns 503
     let out = child.wait_with_output()?;
@@ -173,15 +153,9 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
-    let child = zdt_command(
-        &ns,
-        &promote_args(&v2, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .stderr(Stdio::piped())
-    .spawn()?;
+    let child = zdt_command(&ns, &strs(&promote_args(&v2, &[])))
+        .stderr(Stdio::piped())
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     v2.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
@@ -217,19 +191,13 @@ fn old_process_crashing_while_draining_loses_nothing() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--no-accept"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let mut spec = LoadSpec::open(addr(), 1000.0, Duration::from_secs(30));
-    spec.max_requests = QUEUED;
-    spec.request_timeout = Duration::from_secs(20);
-    let l = Background::start(&ns, spec);
+    let l = Background::start(
+        &ns,
+        LoadSpec::burst(addr(), QUEUED, Duration::from_secs(20)),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(
-        &ns,
-        &promote_args(&v2, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     // v1 crashes with 30 connections in its queue: the kernel closes its listener and the
     // program migrates them to v2.
     v1.signal(Signal::SIGKILL);
@@ -276,13 +244,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
             "after a kill at {point}: {st}"
         );
         // The next promote completes the deploy.
-        let r = zdt_ok(
-            &ns,
-            &promote_args(&new, &["--stop-old"])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        )?;
+        let r = zdt_ok(&ns, &strs(&promote_args(&new, &["--stop-old"])))?;
         assert!(
             r.stdout.contains(&format!("pid {} active", new.pid)),
             "{r:?}"
@@ -309,13 +271,7 @@ fn a_recreated_group_is_reported_and_reattached() -> anyhow::Result<()> {
     let st = status(&ns, PORT)?;
     assert_eq!(st["attached"], false, "{st}");
     assert_eq!(st["groups"][0]["steering"], false, "{st}");
-    zdt_ok(
-        &ns,
-        &promote_args(&v2, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let st = status(&ns, PORT)?;
     assert_eq!(st["attached"], true, "{st}");
     assert_eq!(st["groups"][0]["steering"], true, "{st}");
@@ -344,13 +300,7 @@ fn a_program_removed_by_the_app_is_detected_and_reattached() -> anyhow::Result<(
     assert_eq!(st["attached"], false, "{st}");
     assert_eq!(st["groups"][0]["steering"], false, "{st}");
     // Promote (of the current member, say) attaches it again.
-    zdt_ok(
-        &ns,
-        &promote_args(&v1, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
     assert_eq!(status(&ns, PORT)?["attached"], true);
     Ok(())
 }
@@ -361,13 +311,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(
-        &ns,
-        &promote_args(&v2, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let l = load(&ns);
     std::thread::sleep(Duration::from_millis(300));
     // The active member dies. Its slot is cleared by the kernel; new connections fall back to
@@ -388,13 +332,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     assert_eq!(listeners, 1);
     // A new member never lands on the dead member's slot while the active set names it.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    let r = zdt_ok(
-        &ns,
-        &promote_args(&v3, &["--json"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    let r = zdt_ok(&ns, &strs(&promote_args(&v3, &["--json"])))?;
     let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
     assert_ne!(r["slots"], serde_json::json!([1]), "{r}");
     assert_eq!(
@@ -423,10 +361,7 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
             .close_gap(Duration::ZERO),
     )?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let mut spec = LoadSpec::open(addr(), 2000.0, Duration::from_secs(30));
-    spec.max_requests = QUEUED;
-    spec.request_timeout = Duration::from_secs(3);
-    let queued = Background::start(&ns, spec);
+    let queued = Background::start(&ns, LoadSpec::burst(addr(), QUEUED, Duration::from_secs(3)));
     std::thread::sleep(Duration::from_millis(500));
     // The target never accepts and its backlog is 1.
     let v2 = App::start(
@@ -436,13 +371,7 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
             .arg("--backlog")
             .arg("1"),
     )?;
-    zdt_ok(
-        &ns,
-        &promote_args(&v2, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     v1.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     let st = status(&ns, PORT)?;

@@ -76,6 +76,14 @@ enum Command {
         #[arg(long, value_parser = parse_port_arg)]
         port: Option<u16>,
     },
+    /// Make the active set from before the last switch active again (while its sockets listen).
+    #[command(
+        after_help = "Example, right after a deploy that turns out bad (before --stop-old stopped the old version):\n  zdt-ctl rollback"
+    )]
+    Rollback {
+        #[arg(value_parser = parse_port_arg)]
+        port: Option<u16>,
+    },
     /// Show members, roles and counters.
     #[command(
         after_help = "The JSON schema is docs/status.schema.json. Each group is checked with one probe \
@@ -286,6 +294,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             let port = cmd::resolve_port(port)?;
             let slots = cmd::drain::drain(port, pid, force)?;
             println!("port {port}: pid {pid} draining (slots {slots:?})");
+        }
+        Command::Rollback { port } => {
+            let port = cmd::resolve_port(port)?;
+            let r = cmd::rollback::rollback(port)?;
+            let list = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(", ");
+            println!(
+                "port {port}: pid {} active again; pid {} draining",
+                list(&r.restored),
+                if r.demoted.is_empty() {
+                    "-".into()
+                } else {
+                    list(&r.demoted)
+                }
+            );
         }
         Command::Status {
             port,

@@ -370,6 +370,18 @@ impl State {
         Ok(Some(self.active.get(&(c.active_buf - 1), 0)?))
     }
 
+    /// The active set that was live before the last switch: the buffer that is not live now
+    /// (the switch protocol writes the other buffer and flips, so it still holds the old set).
+    /// None before the first switch.
+    pub fn previous_set(&self) -> anyhow::Result<Option<ActiveSet>> {
+        let c = self.control()?;
+        if c.active_buf == 0 {
+            return Ok(None);
+        }
+        let set = self.active.get(&(2 - c.active_buf), 0)?;
+        Ok((!set.is_empty()).then_some(set))
+    }
+
     /// Cookie of the socket in `slot`, or None if the slot is empty. Kernel contract: a lookup
     /// of a REUSEPORT_SOCKARRAY from userspace returns the socket's cookie (8 bytes), and -ENOENT
     /// for a slot whose socket has closed (reuseport_array.c).
@@ -426,8 +438,9 @@ impl State {
 
     /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
     /// slots. A socket already in the array keeps its slot. A new one takes a slot that is empty
-    /// and not named by the live active set: the program must never start sending connections
-    /// to a socket merely because it landed in a slot that a dead active socket left behind.
+    /// and not named by the live active set nor by the previous one: the program must never
+    /// start sending connections to a socket merely because it landed in a slot that a dead
+    /// active socket left behind, now or after a rollback to the previous set.
     pub fn insert(
         &mut self,
         pid: i32,
@@ -435,6 +448,7 @@ impl State {
         listeners: &[Listener],
     ) -> anyhow::Result<Vec<u32>> {
         let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let previous = self.previous_set()?.unwrap_or(ActiveSet::EMPTY);
         let live = self.slots()?;
         let mut taken: Vec<u32> = live.iter().map(|s| s.index).collect();
         let mut out = Vec::new();
@@ -444,7 +458,12 @@ impl State {
                 continue;
             }
             let slot = (0..MAX_SLOTS)
-                .find(|i| !taken.contains(i) && !active.contains(*i) && self.is_empty_slot(*i))
+                .find(|i| {
+                    !taken.contains(i)
+                        && !active.contains(*i)
+                        && !previous.contains(*i)
+                        && self.is_empty_slot(*i)
+                })
                 .ok_or_else(|| {
                     anyhow::anyhow!("all {MAX_SLOTS} socket slots are in use; drain old members")
                 })?;

@@ -5,6 +5,7 @@ pub mod drain;
 pub mod exec;
 pub mod metrics;
 pub mod promote;
+pub mod rollback;
 pub mod status;
 
 use crate::error::{bad_input, err, Kind};

@@ -1,0 +1,93 @@
+//! `zdt-ctl rollback`: the previous active set back in one update, under load.
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use zdt_tests::{
+    harness::{fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+fn active(ns: &Netns) -> Vec<i64> {
+    let st = status(ns, PORT).expect("status");
+    st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "active")
+        .map(|m| m["pid"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // Nothing was switched yet: nothing to go back to.
+    let r = zdt(&ns, &["rollback"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            400.0,
+            Duration::from_secs(60),
+        ),
+    );
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+
+    // v2 turns out bad: back to v1, drained but still running.
+    let r = zdt_ok(&ns, &["rollback"])?;
+    assert!(
+        r.stdout.contains(&format!(
+            "pid {} active again; pid {} draining",
+            v1.pid, v2.pid
+        )),
+        "{r:?}"
+    );
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    std::thread::sleep(Duration::from_millis(400));
+    // A rollback of the rollback goes forward again.
+    zdt_ok(&ns, &["rollback"])?;
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    std::thread::sleep(Duration::from_millis(400));
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions["v1"] > 100 && t.versions["v2"] > 100, "{t:?}");
+
+    // Once the previous version is gone there is nothing to go back to: refused, unchanged.
+    let st = status(&ns, PORT)?;
+    let v1_slots = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["pid"] == v1.pid)
+        .map(|m| m["slots"].clone())
+        .expect("v1 is a member");
+    v1.signal(Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = fingerprint(&ns, PORT)?;
+    let r = zdt(&ns, &["rollback"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("no longer listen"), "{r:?}");
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+    // A new member does not take the slot that the previous set still names (v1's, now empty
+    // and the lowest free one): a later rollback must never send traffic to a process that was
+    // not promoted.
+    let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
+    let r = zdt_ok(&ns, &strs(&promote_args(&v3, &["--json"])))?;
+    let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
+    for slot in v1_slots.as_array().unwrap() {
+        assert!(
+            !r["slots"].as_array().unwrap().contains(slot),
+            "v3 took v1's slot {slot}: {r}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `zdt-ctl rollback [PORT]`: make the active set that was live before the last switch live
+//! again, in one update. The fast path back from a deploy: the previous version, drained but not
+//! yet stopped, takes all new connections again at once.
+use crate::{
+    error::{err, require_root, Kind},
+    state::State,
+};
+
+#[derive(Debug, serde::Serialize)]
+pub struct RollbackReport {
+    pub port: u16,
+    /// Pids active again.
+    pub restored: Vec<i32>,
+    /// Pids that were active and are draining now.
+    pub demoted: Vec<i32>,
+}
+
+pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
+    require_root()?;
+    let mut state = State::open_locked(port)?;
+    let Some(previous) = state.previous_set()? else {
+        return Err(err(
+            Kind::Refused,
+            format!("port {port} has no previous active set to go back to (nothing was switched since attach)"),
+        ));
+    };
+    let slots = state.slots()?;
+    // Only sockets that still listen can be restored. A slot of the previous set is never given
+    // to another socket (State::insert), so a live slot still holds the socket it held then.
+    let back: Vec<u32> = slots
+        .iter()
+        .filter(|s| previous.contains(s.index))
+        .map(|s| s.index)
+        .collect();
+    let pids = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
+        let mut v: Vec<i32> = slots
+            .iter()
+            .filter(|s| keep(s))
+            .map(|s| s.meta.pid as i32)
+            .collect();
+        v.dedup();
+        v
+    };
+    if back.is_empty() {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "the previous members of port {port} no longer listen (stopped or exited): there is \
+                 nothing to roll back to; nothing was changed"
+            ),
+        ));
+    }
+    let demoted = pids(&|s| s.active && !back.contains(&s.index));
+    state.switch(&slots, &back)?;
+    state.set_roles(&slots, &back)?;
+    let restored = pids(&|s| back.contains(&s.index));
+    tracing::info!(port, ?restored, ?demoted, "rolled back");
+    Ok(RollbackReport {
+        port,
+        restored,
+        demoted,
+    })
+}
