@@ -279,3 +279,82 @@ pub fn print_tally(title: &str, t: &crate::load::Tally) {
     let versions: Vec<String> = t.versions.iter().map(|(v, n)| format!("{v} {n}")).collect();
     println!("  answered by: {}", versions.join(", "));
 }
+
+/// Loads `r0 = 1 (SK_PASS); exit` as an sk_reuseport program: another program than zdt's, for
+/// the tests where an app installs its own or a pinned state holds a foreign one.
+pub fn load_pass_program() -> anyhow::Result<std::os::fd::OwnedFd> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    // BPF_MOV64_IMM(r0, 1), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads the attr and the instructions, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins [`load_pass_program`] at `path`.
+pub fn pin_pass_program(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let prog = load_pass_program()?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = ObjPin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: prog.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: the kernel reads the attr and the path, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    anyhow::ensure!(rc == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    Ok(())
+}

@@ -279,7 +279,7 @@ fn a_recreated_group_is_reported_and_reattached() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_program_removed_by_the_app_is_detected_and_reattached() -> anyhow::Result<()> {
+fn a_program_removed_or_replaced_by_the_app_is_detected_and_reattached() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
@@ -300,6 +300,33 @@ fn a_program_removed_by_the_app_is_detected_and_reattached() -> anyhow::Result<(
     assert_eq!(st["attached"], false, "{st}");
     assert_eq!(st["groups"][0]["steering"], false, "{st}");
     // Promote (of the current member, say) attaches it again.
+    zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
+    assert_eq!(status(&ns, PORT)?["attached"], true);
+
+    // What else the app can do: SO_ATTACH_REUSEPORT_EBPF with a program of its own, which
+    // replaces zdt's for the whole group (no privilege is needed for that).
+    ns.run(move || -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        let p = zdt_ctl::sockets::PidFd::open(pid)?;
+        let spec: zdt_ctl::addr::PortSpec = ":8080".parse()?;
+        let l = zdt_ctl::sockets::fetch_listeners(&p, &spec)?;
+        let prog_fd = zdt_tests::harness::load_pass_program()?;
+        let prog = prog_fd.as_raw_fd();
+        // SAFETY: setsockopt reads 4 bytes of `prog`; both fds are alive for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                l[0].fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_REUSEPORT_EBPF,
+                (&prog as *const i32).cast(),
+                4,
+            )
+        };
+        anyhow::ensure!(rc == 0, "{}", std::io::Error::last_os_error());
+        Ok(())
+    })??;
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["attached"], false, "{st}");
     zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
     assert_eq!(status(&ns, PORT)?["attached"], true);
     Ok(())

@@ -196,7 +196,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     let prog = dir.join(zdt_common::names::PROGRAM);
     let saved = dir.join("saved");
     std::fs::rename(&prog, &saved)?;
-    pin_other_program(&prog)?;
+    zdt_tests::harness::pin_pass_program(&prog)?;
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o600))?;
     let r = zdt(&ns, &promote);
     assert_eq!(r.code, 7, "{r:?}");
@@ -204,78 +204,5 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::remove_file(&prog)?;
     std::fs::rename(&saved, &prog)?;
     zdt_ok(&ns, &promote)?;
-    Ok(())
-}
-
-/// Loads `r0 = 1 (SK_PASS); exit` as an sk_reuseport program and pins it at `path`.
-fn pin_other_program(path: &std::path::Path) -> anyhow::Result<()> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-    }
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    // BPF_MOV64_IMM(r0, 1), BPF_EXIT_INSN()
-    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
-    let license = c"GPL";
-    let mut attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: the kernel reads the attr and the instructions, both alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &mut attr as *mut ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    anyhow::ensure!(
-        fd >= 0,
-        "BPF_PROG_LOAD: {}",
-        std::io::Error::last_os_error()
-    );
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut pin = ObjPin {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        file_flags: 0,
-    };
-    // SAFETY: as above; the path outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
-    let pinned = std::io::Error::last_os_error();
-    // SAFETY: our own fd, closed once; the pin keeps the program.
-    unsafe { libc::close(fd as i32) };
-    anyhow::ensure!(rc == 0, "BPF_OBJ_PIN: {pinned}");
     Ok(())
 }
