@@ -101,7 +101,9 @@ mod program {
     #[inline(always)]
     fn global(update: impl FnOnce(&mut GlobalCounters)) {
         if let Some(c) = ZDT_GLOBAL_COUNTERS.get_ptr_mut(0) {
-            // SAFETY: per-CPU value, and the program does not run twice at once on one CPU.
+            // SAFETY: a per-CPU value, and two runs never interleave on one CPU: a SYN is handled
+            // in softirq, and the migration path (inet_csk_listen_stop) runs the program with
+            // bottom halves disabled. So a plain increment is enough, without atomics.
             update(unsafe { &mut *c });
         }
     }
@@ -190,7 +192,7 @@ mod program {
             };
             if select_slot(ctx, slot) {
                 if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
-                    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+                    // SAFETY: per-CPU value, no concurrent writer on this CPU (see `global`).
                     let c = unsafe { &mut *c };
                     if migrating {
                         c.migrated += 1;

@@ -27,9 +27,11 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     let slots = state.slots()?;
     // Only sockets that still listen can be restored. A slot of the previous set is never given
     // to another socket (State::insert), so a live slot still holds the socket it held then.
+    // Candidates are left out: if a promote died between writing the idle buffer and the flip,
+    // that buffer names sockets that were never live, and a rollback must not make them so.
     let back: Vec<u32> = slots
         .iter()
-        .filter(|s| previous.contains(s.index))
+        .filter(|s| previous.contains(s.index) && s.meta.role != zdt_common::ROLE_CANDIDATE)
         .map(|s| s.index)
         .collect();
     let pids = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
