@@ -31,8 +31,8 @@ fn short_benchmark() -> anyhow::Result<()> {
             // Every RST the kernel sent is one the client saw or caused, and vice versa.
             assert!(
                 a.rsts_agree,
-                "{what}: kernel {} RSTs vs client {}",
-                a.kernel.out_rsts, a.client_rsts
+                "{what}: kernel {} RSTs vs client {}: {:?} {:?}",
+                a.kernel.out_rsts, a.client_rsts, a.tally, a.kernel
             );
             match a.arm {
                 Arm::Zdt => {

@@ -64,12 +64,26 @@ pub struct Control {
 
 /// The sockets that receive new connections, per address family (0 = IPv4 group, 1 = IPv6
 /// group). A listener belongs to exactly one reuseport group and the kernel rejects a selection
-/// across groups, so the program only walks the list of the group it runs for.
+/// across groups, so the program only walks the lists of the group it runs for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActiveSet {
+    /// The active members.
     pub lists: [SlotList; 2],
+    /// A canary: `canary_weight` % of new connections, chosen by flow hash (so all packets of
+    /// one connection agree), go to these slots instead of `lists`.
+    pub canary: [SlotList; 2],
+    pub canary_weight: u32,
+    /// Connections from source ports `probe_lo..=probe_hi` go to these slots and nowhere else:
+    /// zdt-ctl checks a candidate's readiness through the public port this way.
+    pub probe: [SlotList; 2],
+    pub probe_lo: u32,
+    pub probe_hi: u32,
 }
+
+/// The source ports zdt-ctl's readiness probes through the public port come from: above the
+/// kernel's default ephemeral range (32768-60999), so no ordinary client uses them.
+pub const PROBE_PORTS: (u16, u16) = (61000, 61999);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,14 +108,32 @@ impl SlotList {
 impl ActiveSet {
     pub const EMPTY: ActiveSet = ActiveSet {
         lists: [SlotList::EMPTY; 2],
+        canary: [SlotList::EMPTY; 2],
+        canary_weight: 0,
+        probe: [SlotList::EMPTY; 2],
+        probe_lo: 0,
+        probe_hi: 0,
     };
 
+    /// `slot` is an active member's.
     pub fn contains(&self, slot: u32) -> bool {
         self.lists.iter().any(|l| l.as_slice().contains(&slot))
     }
 
+    /// `slot` gets the canary's share of new connections.
+    pub fn is_canary(&self, slot: u32) -> bool {
+        self.canary.iter().any(|l| l.as_slice().contains(&slot))
+    }
+
+    /// `slot` is named anywhere in the set (active, canary or probe).
+    pub fn names(&self, slot: u32) -> bool {
+        self.contains(slot)
+            || self.is_canary(slot)
+            || self.probe.iter().any(|l| l.as_slice().contains(&slot))
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.lists.iter().all(|l| l.len == 0)
+        self.lists.iter().chain(&self.canary).all(|l| l.len == 0)
     }
 }
 
@@ -151,6 +183,9 @@ pub struct GlobalCounters {
     pub steered: u64,
     /// Queued connections migrated to an active socket, all slots together.
     pub migrated: u64,
+    /// Probe connections (from the reserved source ports) whose candidate could not be selected:
+    /// refused, so that a probe never reaches another process.
+    pub probe_refused: u64,
     /// Program runs for the IPv4 group and for the IPv6 group. `zdt-ctl status` proves that the
     /// program is attached to a group by making one connection to it and seeing its count move:
     /// if the program is not attached to that group, nothing else can move it.
@@ -185,6 +220,8 @@ pub const ROLE_CANDIDATE: u32 = 1;
 pub const ROLE_ACTIVE: u32 = 2;
 /// Was active, taken out of the active set; its socket still listens.
 pub const ROLE_DRAINING: u32 = 3;
+/// Gets a share of new connections as a canary.
+pub const ROLE_CANARY: u32 = 4;
 
 #[cfg(feature = "user")]
 mod user {

@@ -40,11 +40,19 @@ enum Command {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
         pid: i32,
         /// Readiness URL; the switch happens once it answers 200.
-        #[arg(long, required_unless_present = "no_readyz")]
+        #[arg(long, required_unless_present_any = ["no_readyz", "probe"])]
         readyz: Option<String>,
+        /// Check readiness at PATH through the public port itself, for apps without a separate
+        /// readiness port: zdt's probes (from reserved source ports) reach PID and no one else.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["readyz", "no_readyz"])]
+        probe: Option<String>,
         /// Skip the readiness check (the process is taken as ready now).
         #[arg(long, conflicts_with = "readyz")]
         no_readyz: bool,
+        /// Canary: send N % (1-99) of new connections to PID, by flow hash; the rest stay with
+        /// the active members. `promote PID` without --weight completes the rollout.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99), conflicts_with = "stop_old")]
+        weight: Option<u32>,
         /// How long to wait for readiness.
         #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
         timeout: Duration,
@@ -201,7 +209,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Promote {
             pid,
             readyz,
+            probe,
             no_readyz: _,
+            weight,
             timeout,
             probation,
             stop_old,
@@ -213,6 +223,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pid,
                 ports,
                 readyz,
+                probe,
+                weight,
                 timeout,
                 probation,
                 stop_old,
@@ -254,7 +266,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 return Ok(());
             }
             for r in &reports {
-                println!("port {}: pid {pid} active (slots {:?})", r.port, r.slots);
+                match weight {
+                    Some(w) => println!(
+                        "port {}: pid {pid} canary at {w} % (slots {:?})",
+                        r.port, r.slots
+                    ),
+                    None => println!("port {}: pid {pid} active (slots {:?})", r.port, r.slots),
+                }
                 if r.drained.is_empty() {
                     println!("drained: none");
                 } else {

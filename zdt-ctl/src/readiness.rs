@@ -66,15 +66,115 @@ impl Prober {
     }
 }
 
+/// Asks `PATH` through the public port, from one of the source ports the program reserves for
+/// probes: the program sends such a connection to the candidate and to no other process. Plain
+/// HTTP/1.1 on a socket bound to the source port (an HTTP library would pick its own port).
+pub struct PortProber {
+    target: std::net::SocketAddr,
+    path: String,
+    next: std::cell::Cell<u16>,
+}
+
+impl PortProber {
+    pub fn new(target: std::net::SocketAddr, path: &str) -> Self {
+        PortProber {
+            target,
+            path: path.to_string(),
+            next: std::cell::Cell::new(zdt_common::PROBE_PORTS.0),
+        }
+    }
+
+    /// The source ports go round the reserved range, so a port left in TIME_WAIT by an earlier
+    /// probe is not needed again for a long while.
+    fn source_port(&self) -> u16 {
+        let (lo, hi) = zdt_common::PROBE_PORTS;
+        let p = self.next.get();
+        self.next.set(if p >= hi { lo } else { p + 1 });
+        p
+    }
+
+    pub fn probe(&self, limit: Duration) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let limit = limit.min(REQUEST_TIMEOUT).max(Duration::from_millis(10));
+        let local = match self.target {
+            std::net::SocketAddr::V4(_) => {
+                std::net::SocketAddr::from(([127, 0, 0, 1], self.source_port()))
+            }
+            std::net::SocketAddr::V6(_) => {
+                std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.source_port()))
+            }
+        };
+        let answer = (|| -> std::io::Result<Vec<u8>> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(self.target),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.set_reuse_address(true)?;
+            s.bind(&local.into())?;
+            s.connect_timeout(&self.target.into(), limit)?;
+            let mut s: std::net::TcpStream = s.into();
+            s.set_read_timeout(Some(limit))?;
+            write!(
+                s,
+                "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.path, self.target
+            )?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            Ok(buf)
+        })();
+        match answer {
+            Ok(buf) => {
+                let head = String::from_utf8_lossy(&buf[..buf.len().min(64)]).to_string();
+                match head.split_whitespace().nth(1) {
+                    Some("200") => Ok(()),
+                    Some(code) if head.starts_with("HTTP/") => Err(code.to_string()),
+                    _ => Err("error: not an HTTP answer".into()),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err("connection refused".into())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                Err("no answer within 1s".into())
+            }
+            Err(e) => Err(format!("error: {e}")),
+        }
+    }
+}
+
 /// Polls `url` until it answers 200, for at most `timeout`. `alive` is asked between polls, so
 /// a process that dies while warming fails the wait at once. `progress` sees every answer.
 pub fn wait_ready(
     url: &reqwest::Url,
     timeout: Duration,
     alive: impl Fn() -> bool,
-    mut progress: impl FnMut(Duration, &str),
+    progress: impl FnMut(Duration, &str),
 ) -> anyhow::Result<Duration> {
     let prober = Prober::new()?;
+    wait_until(
+        &url.to_string(),
+        timeout,
+        alive,
+        |limit| prober.probe(url, limit),
+        progress,
+    )
+}
+
+/// The polling loop of [`wait_ready`], for any probe (`what` names it in messages).
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    alive: impl Fn() -> bool,
+    probe: impl Fn(Duration) -> Result<(), String>,
+    mut progress: impl FnMut(Duration, &str),
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
         if !alive() {
@@ -84,7 +184,7 @@ pub fn wait_ready(
             ));
         }
         let remaining = timeout.saturating_sub(start.elapsed());
-        let last = match prober.probe(url, remaining) {
+        let last = match probe(remaining) {
             Ok(()) => {
                 progress(start.elapsed(), "200");
                 return Ok(start.elapsed());
@@ -96,7 +196,7 @@ pub fn wait_ready(
             return Err(err(
                 Kind::ReadinessTimeout,
                 format!(
-                    "{url} did not answer 200 within {} (last answer: {last}); nothing was changed. \
+                    "{what} did not answer 200 within {} (last answer: {last}); nothing was changed. \
                      Raise --timeout if the service warms up slower.",
                     humantime::format_duration(timeout)
                 ),

@@ -26,7 +26,7 @@ use aya::{
 };
 use zdt_common::{
     family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta,
-    LAYOUT_VERSION, MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANDIDATE, ROLE_DRAINING,
+    LAYOUT_VERSION, MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANARY, ROLE_CANDIDATE, ROLE_DRAINING,
 };
 
 use crate::{
@@ -123,13 +123,18 @@ pub struct Slot {
     pub migrated: u64,
     /// New connections steered here in the last 30 to 60 seconds.
     pub recent: u64,
+    /// In the live set's active lists.
     pub active: bool,
+    /// In the live set's canary lists.
+    pub canary: bool,
 }
 
 impl Slot {
     pub fn role(&self) -> &'static str {
         if self.active {
             "active"
+        } else if self.canary {
+            "canary"
         } else if self.meta.role == ROLE_CANDIDATE {
             "candidate"
         } else {
@@ -415,6 +420,7 @@ impl State {
                 migrated: per_cpu.iter().map(|c| c.migrated).sum(),
                 recent: per_cpu.iter().map(|c| c.recent_at(now_bucket)).sum(),
                 active: active.contains(index),
+                canary: active.is_canary(index),
             });
         }
         Ok(out)
@@ -430,6 +436,7 @@ impl State {
                 fallback: a.fallback + c.fallback,
                 select_failed: a.select_failed + c.select_failed,
                 migrate_no_target: a.migrate_no_target + c.migrate_no_target,
+                probe_refused: a.probe_refused + c.probe_refused,
                 steered: a.steered + c.steered,
                 migrated: a.migrated + c.migrated,
                 runs: [a.runs[0] + c.runs[0], a.runs[1] + c.runs[1]],
@@ -460,8 +467,8 @@ impl State {
             let slot = (0..MAX_SLOTS)
                 .find(|i| {
                     !taken.contains(i)
-                        && !active.contains(*i)
-                        && !previous.contains(*i)
+                        && !active.names(*i)
+                        && !previous.names(*i)
                         && self.is_empty_slot(*i)
                 })
                 .ok_or_else(|| {
@@ -509,23 +516,12 @@ impl State {
     /// old buffer is unused: the next writer may overwrite it, and the caller knows that no new
     /// connection can be steered by the old set any more. Returns the Unix time (ms) of the flip.
     pub fn switch(&mut self, slots: &[Slot], new: &[u32]) -> anyhow::Result<u64> {
-        let mut set = ActiveSet::EMPTY;
-        for index in new {
-            let family = slots
-                .iter()
-                .find(|s| s.index == *index)
-                .map(|s| s.meta.family)
-                .context("switching to a slot that holds no socket")?;
-            let list = family_index(family)
-                .and_then(|i| set.lists.get_mut(i))
-                .context("slot with an unknown address family")?;
-            let n = list.len as usize;
-            if n >= MAX_ACTIVE {
-                anyhow::bail!("more than {MAX_ACTIVE} sockets of one family in the active set");
-            }
-            list.slots[n] = *index;
-            list.len += 1;
-        }
+        self.switch_set(&plain_set(slots, new)?)
+    }
+
+    /// [`State::switch`] to a whole set (active, canary and probe lists).
+    pub fn switch_set(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
+        let set = *set;
         let mut control = self.control()?;
         let target = if control.active_buf == 1 { 2 } else { 1 };
         self.active.set(target - 1, set, 0)?;
@@ -558,12 +554,15 @@ impl State {
         Ok(out)
     }
 
-    /// Records roles after a switch: `active` slots active, the rest of `previous` draining.
-    pub fn set_roles(&mut self, slots: &[Slot], active: &[u32]) -> anyhow::Result<()> {
+    /// Records roles after a switch to `set`: its active slots active, its canary slots canary,
+    /// candidates that it does not name candidates still, everything else draining.
+    pub fn set_roles(&mut self, slots: &[Slot], set: &ActiveSet) -> anyhow::Result<()> {
         for s in slots {
-            let role = if active.contains(&s.index) {
+            let role = if set.contains(s.index) {
                 ROLE_ACTIVE
-            } else if s.meta.role == ROLE_CANDIDATE && !s.active {
+            } else if set.is_canary(s.index) {
+                ROLE_CANARY
+            } else if s.meta.role == ROLE_CANDIDATE && !s.active && !s.canary {
                 ROLE_CANDIDATE
             } else {
                 ROLE_DRAINING
@@ -685,6 +684,58 @@ fn verify(dir: &Path) -> anyhow::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The per-family lists of `indices` (slots of `slots`), as the program reads them.
+pub fn lists_of(slots: &[Slot], indices: &[u32]) -> anyhow::Result<[zdt_common::SlotList; 2]> {
+    let mut lists = [zdt_common::SlotList::EMPTY; 2];
+    for index in indices {
+        let family = slots
+            .iter()
+            .find(|s| s.index == *index)
+            .map(|s| s.meta.family)
+            .context("switching to a slot that holds no socket")?;
+        let list = family_index(family)
+            .and_then(|i| lists.get_mut(i))
+            .context("slot with an unknown address family")?;
+        let n = list.len as usize;
+        if n >= MAX_ACTIVE {
+            anyhow::bail!("more than {MAX_ACTIVE} sockets of one family in the active set");
+        }
+        list.slots[n] = *index;
+        list.len += 1;
+    }
+    Ok(lists)
+}
+
+/// `set` without the slots that no longer hold a live socket of zdt's (and, if `skip` says so,
+/// without some of the live ones): what can still be made live of an earlier set.
+pub fn live_only(
+    set: &ActiveSet,
+    slots: &[Slot],
+    skip: impl Fn(&Slot) -> bool,
+) -> anyhow::Result<ActiveSet> {
+    let keep = |lists: &[zdt_common::SlotList; 2]| -> anyhow::Result<[zdt_common::SlotList; 2]> {
+        let indices: Vec<u32> = lists
+            .iter()
+            .flat_map(|l| l.as_slice().iter().copied())
+            .filter(|i| slots.iter().any(|s| s.index == *i && !skip(s)))
+            .collect();
+        lists_of(slots, &indices)
+    };
+    let mut out = *set;
+    out.lists = keep(&set.lists)?;
+    out.canary = keep(&set.canary)?;
+    out.probe = [zdt_common::SlotList::EMPTY; 2];
+    Ok(out)
+}
+
+/// The set that makes `indices` the active members, and nothing else.
+pub fn plain_set(slots: &[Slot], indices: &[u32]) -> anyhow::Result<ActiveSet> {
+    Ok(ActiveSet {
+        lists: lists_of(slots, indices)?,
+        ..ActiveSet::EMPTY
+    })
 }
 
 /// The spec is stored in the control map so every command sees what `attach` was given.

@@ -13,7 +13,9 @@ mod program {
 
     use aya_ebpf::{
         bindings::{
-            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS,
+            bpf_map_def,
+            bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+            sk_action::{SK_DROP, SK_PASS},
         },
         helpers::generated::{bpf_ktime_get_ns, bpf_sk_select_reuseport},
         macros::{map, sk_reuseport},
@@ -22,8 +24,8 @@ mod program {
         EbpfContext,
     };
     use zdt_common::{
-        family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, MAX_ACTIVE,
-        MAX_SLOTS, RECENT_BUCKET_NS,
+        family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotList, SlotMeta,
+        MAX_ACTIVE, MAX_SLOTS, RECENT_BUCKET_NS,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -138,9 +140,40 @@ mod program {
             return SK_PASS;
         }
 
-        if let Some(set) = ZDT_ACTIVE.get(buf - 1) {
-            if let Some(list) = fam.and_then(|i| set.lists.get(i)) {
-                if try_active(ctx, list.len, &list.slots, migrating) {
+        if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
+            if !migrating {
+                // A readiness probe of zdt-ctl (source port in the reserved range) reaches the
+                // candidate and nothing else; if the candidate cannot be selected, the probe is
+                // refused rather than answered by another process.
+                if let Some(probe) = set.probe.get(i) {
+                    if probe.len > 0 && in_probe_range(ctx, set) {
+                        if try_list(ctx, probe, false) {
+                            return SK_PASS;
+                        }
+                        global(|g| g.probe_refused += 1);
+                        return SK_DROP;
+                    }
+                }
+                // The canary's share, by flow hash: every SYN of one connection (retransmits
+                // included) has the same hash, so a connection never changes sides.
+                if let Some(canary) = set.canary.get(i) {
+                    if set.canary_weight > 0
+                        && canary.len > 0
+                        && ctx.hash() % 100 < set.canary_weight
+                        && try_list(ctx, canary, false)
+                    {
+                        return SK_PASS;
+                    }
+                }
+            }
+            if let Some(list) = set.lists.get(i) {
+                if try_list(ctx, list, migrating) {
+                    return SK_PASS;
+                }
+            }
+            // No active socket could take it: the canary, which is ready too, can.
+            if let Some(canary) = set.canary.get(i) {
+                if try_list(ctx, canary, migrating) {
                     return SK_PASS;
                 }
             }
@@ -164,16 +197,12 @@ mod program {
     /// which has already left the socket array (net/core/filter.c, sk_select_reuseport), so this
     /// walk naturally picks "an active socket other than the closing one".
     #[inline(always)]
-    fn try_active(
-        ctx: &SkReuseportContext,
-        len: u32,
-        slots: &[u32; MAX_ACTIVE],
-        migrating: bool,
-    ) -> bool {
-        let n = if len > MAX_ACTIVE as u32 {
+    fn try_list(ctx: &SkReuseportContext, list: &SlotList, migrating: bool) -> bool {
+        let slots = &list.slots;
+        let n = if list.len > MAX_ACTIVE as u32 {
             MAX_ACTIVE as u32
         } else {
-            len
+            list.len
         };
         if n == 0 {
             return false;
@@ -224,6 +253,22 @@ mod program {
             global(|g| g.select_failed += 1);
         }
         false
+    }
+
+    /// Whether the connection comes from zdt-ctl's reserved probe ports. Kernel contract: for an
+    /// sk_reuseport program, data..data_end starts at the TCP header (net/core/filter.c,
+    /// bpf_run_sk_reuseport), whose first two bytes are the source port.
+    #[inline(always)]
+    fn in_probe_range(ctx: &SkReuseportContext, set: &ActiveSet) -> bool {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + 2 > end {
+            return false;
+        }
+        // SAFETY: bounds checked just above, against data_end.
+        let port = u32::from(u16::from_be(unsafe {
+            core::ptr::read_unaligned(data as *const u16)
+        }));
+        port >= set.probe_lo && port <= set.probe_hi
     }
 
     #[panic_handler]

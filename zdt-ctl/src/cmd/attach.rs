@@ -48,7 +48,7 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         let live = state.slots()?;
         state.switch(&live, &slots)?;
         let live = state.slots()?;
-        state.set_roles(&live, &slots)?;
+        state.set_roles(&live, &crate::state::plain_set(&live, &slots)?)?;
     }
     tracing::info!(port = spec.port, created, ?adopted, "attached");
     Ok(AttachReport {

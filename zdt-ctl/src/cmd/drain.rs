@@ -33,7 +33,7 @@ pub fn drain(port: u16, pid: i32, force: bool) -> anyhow::Result<Vec<u32>> {
         ));
     }
     state.switch(&slots, &remaining)?;
-    state.set_roles(&slots, &remaining)?;
+    state.set_roles(&slots, &crate::state::plain_set(&slots, &remaining)?)?;
     tracing::info!(port, pid, "drained");
     Ok(mine)
 }

@@ -3,14 +3,14 @@
 //! optionally stop the previous members.
 use std::time::{Duration, Instant};
 
-use zdt_common::ROLE_CANDIDATE;
+use zdt_common::{ActiveSet, ROLE_CANDIDATE};
 
 use crate::{
     cmd::resolve_port,
     error::{bad_input, err, require_root, Kind},
     failpoint, readiness,
     sockets::{self, PidFd},
-    state::State,
+    state::{lists_of, plain_set, State},
 };
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,12 @@ pub struct PromoteOptions {
     /// None only with an explicit `--no-readyz`.
     pub readyz: Option<String>,
     pub timeout: Duration,
+    /// Check readiness at this path through the public port itself (from zdt's reserved probe
+    /// source ports, which the program sends to the candidate only) instead of a URL.
+    pub probe: Option<String>,
+    /// Canary: send this share (1-99 %) of new connections to PID, the rest to the current
+    /// active members. None: PID takes all (a full promote, or the end of a canary).
+    pub weight: Option<u32>,
     /// After the switch, keep checking that the new process lives (and answers 200, with
     /// --readyz) this long; restore the previous active set if it does not.
     pub probation: Option<Duration>,
@@ -63,7 +69,8 @@ struct Switched {
     state: State,
     port: u16,
     new: Vec<u32>,
-    previous: Vec<u32>,
+    /// The set that was live before: what a rollback restores.
+    before: ActiveSet,
     drained: Vec<(i32, u64)>,
     to_stop: Vec<(i32, u64)>,
     switched_at_ms: u64,
@@ -122,6 +129,9 @@ pub fn promote(
         readiness::wait_ready(url, opts.timeout, || target.alive(), &mut progress)?;
         tracing::info!(pid = opts.pid, ms = ms(t1.elapsed()), "ready");
     }
+    if let Some(path) = &opts.probe {
+        probe_through_port(&mut states, &target, path, opts.timeout, &mut progress)?;
+    }
     let readiness = t1.elapsed();
     failpoint("readied");
 
@@ -138,12 +148,12 @@ pub fn promote(
     }
     let mut done: Vec<Switched> = Vec::new();
     for state in states {
-        match switch_port(state, opts.pid, &target) {
+        match switch_port(state, opts.pid, &target, opts.weight) {
             Ok(s) => done.push(s),
             Err(e) => {
                 // A later port failed: the earlier ones go back, so the command changed nothing.
                 for s in done.iter_mut() {
-                    let _ = restore(&mut s.state, &s.previous);
+                    let _ = restore(&mut s.state, &s.before);
                 }
                 return Err(e);
             }
@@ -157,7 +167,7 @@ pub fn promote(
         tracing::warn!(pid = opts.pid, why, "rolling back");
         let mut restored = Vec::new();
         for s in done.iter_mut() {
-            restored.extend(restore(&mut s.state, &s.previous)?);
+            restored.extend(restore(&mut s.state, &s.before)?);
         }
         restored.sort_unstable();
         restored.dedup();
@@ -206,8 +216,13 @@ pub fn promote(
 }
 
 /// The switch on one port: take PID's sockets, check them against the group, insert them, and
-/// make them the active set in one update.
-fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Switched> {
+/// make them the active set (or, with a weight, the canary) in one update.
+fn switch_port(
+    mut state: State,
+    pid: i32,
+    target: &PidFd,
+    weight: Option<u32>,
+) -> anyhow::Result<Switched> {
     let t = Instant::now();
     let port = state.spec.port;
     let listeners = sockets::fetch_listeners(target, &state.spec)?;
@@ -232,11 +247,17 @@ fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Swi
     let new = state.insert(pid, target.start, &listeners)?;
     failpoint("inserted");
     let slots = state.slots()?;
-    let previous: Vec<u32> = slots
-        .iter()
-        .filter(|s| s.active && !new.contains(&s.index))
-        .map(|s| s.index)
-        .collect();
+    let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+    let set = match weight {
+        // A canary: the active members stay, PID gets its share next to them.
+        Some(w) => ActiveSet {
+            lists: lists_of(&slots, &without(&before.lists, &new))?,
+            canary: lists_of(&slots, &new)?,
+            canary_weight: w,
+            ..ActiveSet::EMPTY
+        },
+        None => plain_set(&slots, &new)?,
+    };
     let pids_of = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
         let mut out: Vec<(i32, u64)> = Vec::new();
         for s in slots.iter().filter(|s| keep(s)) {
@@ -247,20 +268,21 @@ fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Swi
         }
         out
     };
-    let drained = pids_of(&|s| previous.contains(&s.index));
-    // --stop-old stops every member that will not be active: the ones this promote demotes, and
-    // any that an earlier promote demoted without stopping (e.g. it was killed after its switch
-    // and this promote is its retry).
-    let to_stop = pids_of(&|s| !new.contains(&s.index) && s.meta.role != ROLE_CANDIDATE);
-    let switched_at_ms = state.switch(&slots, &new)?;
+    // Demoted: what took connections before and takes none now.
+    let drained = pids_of(&|s| (s.active || s.canary) && !set.names(s.index));
+    // --stop-old stops every member that will not take connections: the ones this promote
+    // demotes, and any that an earlier promote demoted without stopping (e.g. it was killed
+    // after its switch and this promote is its retry).
+    let to_stop = pids_of(&|s| !set.names(s.index) && s.meta.role != ROLE_CANDIDATE);
+    let switched_at_ms = state.switch_set(&set)?;
     failpoint("switched");
-    state.set_roles(&slots, &new)?;
+    state.set_roles(&slots, &set)?;
     failpoint("roles");
     // Close our duplicates before anything else: from here on only the processes hold them, so
     // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
     let switch = t.elapsed();
-    tracing::info!(port, pid, switch_ms = ms(switch), "switched");
+    tracing::info!(port, pid, weight, switch_ms = ms(switch), "switched");
     if !drained.is_empty() {
         let pids: Vec<i32> = drained.iter().map(|d| d.0).collect();
         tracing::info!(port, ?pids, "drained");
@@ -269,12 +291,75 @@ fn switch_port(mut state: State, pid: i32, target: &PidFd) -> anyhow::Result<Swi
         state,
         port,
         new,
-        previous,
+        before,
         drained,
         to_stop,
         switched_at_ms,
         switch,
     })
+}
+
+/// The slots of `lists` that are not in `new`.
+fn without(lists: &[zdt_common::SlotList; 2], new: &[u32]) -> Vec<u32> {
+    lists
+        .iter()
+        .flat_map(|l| l.as_slice().iter().copied())
+        .filter(|i| !new.contains(i))
+        .collect()
+}
+
+/// `--probe PATH`: put PID's sockets into the probe lists (connections from zdt's reserved
+/// source ports reach them, nothing else does), ask PATH through the public port until it
+/// answers 200, then take them out again; the switch proper follows. On failure the earlier
+/// set is live again and the error says what the probe saw.
+fn probe_through_port(
+    states: &mut [State],
+    target: &PidFd,
+    path: &str,
+    timeout: Duration,
+    progress: &mut impl FnMut(Duration, &str),
+) -> anyhow::Result<()> {
+    let mut befores = Vec::new();
+    let mut family_v4 = true;
+    for state in states.iter_mut() {
+        let listeners = sockets::fetch_listeners(target, &state.spec)?;
+        family_v4 = listeners.first().is_none_or(|l| l.local.is_ipv4());
+        for l in &listeners {
+            state.attach_to_group(&l.fd)?;
+        }
+        let new = state.insert(target.pid, target.start, &listeners)?;
+        drop(listeners);
+        let slots = state.slots()?;
+        let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let mut set = before;
+        set.probe = lists_of(&slots, &new)?;
+        set.probe_lo = u32::from(zdt_common::PROBE_PORTS.0);
+        set.probe_hi = u32::from(zdt_common::PROBE_PORTS.1);
+        state.switch_set(&set)?;
+        befores.push(before);
+    }
+    let spec = states[0].spec;
+    let ip: std::net::IpAddr = match spec.addr {
+        Some(a) => a,
+        None if family_v4 => std::net::Ipv4Addr::LOCALHOST.into(),
+        None => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    let to = std::net::SocketAddr::new(ip, spec.port);
+    let prober = readiness::PortProber::new(to, path);
+    let what = format!("{path} on {to} (probed through the public port)");
+    let waited = readiness::wait_until(
+        &what,
+        timeout,
+        || target.alive(),
+        |limit| prober.probe(limit),
+        |e, a| progress(e, a),
+    );
+    if waited.is_err() {
+        for (state, before) in states.iter_mut().zip(&befores) {
+            state.switch_set(before)?;
+        }
+    }
+    waited.map(drop)
 }
 
 /// Consecutive failed readiness answers that end a probation (one can be a blip).
@@ -320,25 +405,23 @@ fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Res
     Ok(())
 }
 
-/// Makes `previous` active again on one port, as far as its sockets still listen; returns the
-/// pids restored.
-fn restore(state: &mut State, previous: &[u32]) -> anyhow::Result<Vec<i32>> {
+/// Makes the set that was live before the switch live again on one port, as far as its sockets
+/// still listen; returns the pids restored.
+fn restore(state: &mut State, before: &ActiveSet) -> anyhow::Result<Vec<i32>> {
     let slots = state.slots()?;
-    let live: Vec<u32> = previous
-        .iter()
-        .copied()
-        .filter(|p| slots.iter().any(|s| s.index == *p))
-        .collect();
-    if live.is_empty() {
+    let set = crate::state::live_only(before, &slots, |_| false)?;
+    if set.is_empty() {
         return Ok(Vec::new());
     }
-    state.switch(&slots, &live)?;
-    state.set_roles(&slots, &live)?;
-    Ok(slots
+    state.switch_set(&set)?;
+    state.set_roles(&slots, &set)?;
+    let mut pids: Vec<i32> = slots
         .iter()
-        .filter(|s| live.contains(&s.index))
+        .filter(|s| set.names(s.index))
         .map(|s| s.meta.pid as i32)
-        .collect())
+        .collect();
+    pids.dedup();
+    Ok(pids)
 }
 
 fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {

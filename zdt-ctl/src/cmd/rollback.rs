@@ -29,11 +29,9 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     // to another socket (State::insert), so a live slot still holds the socket it held then.
     // Candidates are left out: if a promote died between writing the idle buffer and the flip,
     // that buffer names sockets that were never live, and a rollback must not make them so.
-    let back: Vec<u32> = slots
-        .iter()
-        .filter(|s| previous.contains(s.index) && s.meta.role != zdt_common::ROLE_CANDIDATE)
-        .map(|s| s.index)
-        .collect();
+    let back = crate::state::live_only(&previous, &slots, |s| {
+        s.meta.role == zdt_common::ROLE_CANDIDATE
+    })?;
     let pids = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
         let mut v: Vec<i32> = slots
             .iter()
@@ -52,10 +50,10 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
             ),
         ));
     }
-    let demoted = pids(&|s| s.active && !back.contains(&s.index));
-    state.switch(&slots, &back)?;
+    let demoted = pids(&|s| (s.active || s.canary) && !back.names(s.index));
+    state.switch_set(&back)?;
     state.set_roles(&slots, &back)?;
-    let restored = pids(&|s| back.contains(&s.index));
+    let restored = pids(&|s| back.names(s.index));
     tracing::info!(port, ?restored, ?demoted, "rolled back");
     Ok(RollbackReport {
         port,
