@@ -159,7 +159,7 @@ pub fn wait_ready(
 ) -> anyhow::Result<Duration> {
     let prober = Prober::new()?;
     wait_until(
-        &url.to_string(),
+        url.as_ref(),
         timeout,
         alive,
         |limit| prober.probe(url, limit),
