@@ -1,0 +1,144 @@
+//! Canary weights and readiness probes through the public port.
+use std::time::Duration;
+
+use zdt_tests::{
+    harness::{promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+fn requests(ns: &Netns, n: u64, rate: f64) -> load::Tally {
+    let mut spec = LoadSpec::open(([127, 0, 0, 1], PORT).into(), rate, Duration::from_secs(60));
+    spec.max_requests = n;
+    let samples = ns
+        .run(move || {
+            let mut v = Vec::new();
+            load::run(&spec, &Default::default(), &mut |s| v.push(s));
+            v
+        })
+        .expect("load");
+    load::tally(&samples)
+}
+
+fn member<'a>(st: &'a serde_json::Value, pid: i32) -> &'a serde_json::Value {
+    st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["pid"] == pid)
+        .unwrap_or_else(|| panic!("no member {pid}: {st}"))
+}
+
+#[test]
+fn a_canary_gets_its_share_then_the_rollout_completes() -> anyhow::Result<()> {
+    const N: u64 = 3000;
+    const WEIGHT: f64 = 0.20;
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let r = zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "20"])))?;
+    assert!(r.stdout.contains("canary at 20 %"), "{r:?}");
+
+    let t = requests(&ns, N, 1500.0);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    // The share by flow hash matches the weight within statistical error: 4 standard deviations
+    // of a binomial share over N connections.
+    let share = t.versions.get("v2").copied().unwrap_or(0) as f64 / N as f64;
+    let sigma = (WEIGHT * (1.0 - WEIGHT) / N as f64).sqrt();
+    assert!(
+        (share - WEIGHT).abs() < 4.0 * sigma,
+        "v2 share {share:.4}, want {WEIGHT} +- {:.4}: {t:?}",
+        4.0 * sigma
+    );
+    // status measures the same share from the program's own counters.
+    let st = status(&ns, PORT)?;
+    assert_eq!(member(&st, v1.pid)["role"], "active", "{st}");
+    assert_eq!(member(&st, v2.pid)["role"], "canary", "{st}");
+    let measured = member(&st, v2.pid)["share"].as_f64().unwrap();
+    assert!(
+        (measured - share).abs() < 0.01,
+        "status share {measured} vs client {share}: {st}"
+    );
+
+    // promote without a weight completes the rollout.
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    let st = status(&ns, PORT)?;
+    assert_eq!(member(&st, v2.pid)["role"], "active", "{st}");
+    assert_eq!(member(&st, v1.pid)["role"], "draining", "{st}");
+    let t = requests(&ns, 300, 1500.0);
+    assert_eq!(t.versions.get("v2"), Some(&300), "{t:?}");
+    // A weight outside 1-99 is bad input.
+    for bad in ["0", "100", "x"] {
+        let r = zdt(&ns, &strs(&promote_args(&v2, &["--weight", bad])));
+        assert_eq!(r.code, 2, "{bad}: {r:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            300.0,
+            Duration::from_secs(60),
+        ),
+    );
+    // v2 warms up for 1.5 s: its /readyz on the public port says 503 until then, while v1's, on
+    // the same port, says 200 all along. A probe that reached v1 would switch too early, and
+    // users would get v2's 503s.
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_millis(1500)),
+    )?;
+    let r = zdt_ok(
+        &ns,
+        &[
+            "promote",
+            &v2.pid.to_string(),
+            "--probe",
+            "/readyz",
+            "--json",
+        ],
+    )?;
+    let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
+    let waited = r["readiness_ms"].as_f64().unwrap();
+    assert!(
+        waited > 1200.0,
+        "switched after {waited} ms: the probe did not wait for v2: {r}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions.contains_key("v2"), "{t:?}");
+
+    // A candidate that never gets ready: exit 4, and the candidate still gets nothing.
+    let v3 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
+    )?;
+    let r = zdt(
+        &ns,
+        &[
+            "promote",
+            &v3.pid.to_string(),
+            "--probe",
+            "/readyz",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains("probed through the public port"), "{r:?}");
+    assert!(r.stderr.contains("last answer: 503"), "{r:?}");
+    let t = requests(&ns, 200, 1000.0);
+    assert_eq!(t.versions.get("v2"), Some(&200), "{t:?}");
+    Ok(())
+}
