@@ -22,7 +22,7 @@ fn requests(ns: &Netns, n: u64, rate: f64) -> load::Tally {
     load::tally(&samples)
 }
 
-fn member<'a>(st: &'a serde_json::Value, pid: i32) -> &'a serde_json::Value {
+fn member(st: &serde_json::Value, pid: i32) -> &serde_json::Value {
     st["members"]
         .as_array()
         .unwrap()
