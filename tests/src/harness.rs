@@ -139,6 +139,21 @@ impl App {
         }
     }
 
+    /// Waits until the service prints that its warm-up is over.
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut cmd_done = false;
+        while !cmd_done {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .context("the service never got ready")?;
+            cmd_done = line == "ready";
+        }
+        Ok(())
+    }
+
     /// Every stdout line printed so far and not yet consumed.
     pub fn drain_lines(&mut self) -> Vec<String> {
         self.lines.try_iter().collect()

@@ -79,6 +79,10 @@ pub struct ActiveSet {
     pub probe: [SlotList; 2],
     pub probe_lo: u32,
     pub probe_hi: u32,
+    /// Placeholders of `zdt-ctl hold`: listeners that never accept. New connections go to them
+    /// only when no active (or canary) socket can take them, and wait in their queue instead of
+    /// being refused; the hold process moves the queue to the active member once there is one.
+    pub hold: [SlotList; 2],
 }
 
 /// The source ports zdt-ctl's readiness probes through the public port come from: above the
@@ -113,6 +117,7 @@ impl ActiveSet {
         probe: [SlotList::EMPTY; 2],
         probe_lo: 0,
         probe_hi: 0,
+        hold: [SlotList::EMPTY; 2],
     };
 
     /// `slot` is an active member's.
@@ -125,10 +130,16 @@ impl ActiveSet {
         self.canary.iter().any(|l| l.as_slice().contains(&slot))
     }
 
-    /// `slot` is named anywhere in the set (active, canary or probe).
+    /// `slot` is a placeholder of `zdt-ctl hold`.
+    pub fn is_hold(&self, slot: u32) -> bool {
+        self.hold.iter().any(|l| l.as_slice().contains(&slot))
+    }
+
+    /// `slot` is named anywhere in the set (active, canary, probe or hold).
     pub fn names(&self, slot: u32) -> bool {
         self.contains(slot)
             || self.is_canary(slot)
+            || self.is_hold(slot)
             || self.probe.iter().any(|l| l.as_slice().contains(&slot))
     }
 
@@ -183,6 +194,8 @@ pub struct GlobalCounters {
     pub steered: u64,
     /// Queued connections migrated to an active socket, all slots together.
     pub migrated: u64,
+    /// New connections parked on a placeholder of `zdt-ctl hold` (no member could take them).
+    pub held: u64,
     /// Probe connections (from the reserved source ports) whose candidate could not be selected:
     /// refused, so that a probe never reaches another process.
     pub probe_refused: u64,
@@ -222,6 +235,8 @@ pub const ROLE_ACTIVE: u32 = 2;
 pub const ROLE_DRAINING: u32 = 3;
 /// Gets a share of new connections as a canary.
 pub const ROLE_CANARY: u32 = 4;
+/// A placeholder listener of `zdt-ctl hold`.
+pub const ROLE_HOLD: u32 = 5;
 
 #[cfg(feature = "user")]
 mod user {

@@ -135,6 +135,15 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Keep a placeholder listener on the port so that, while no app process is ready, new
+    /// connections wait for the next promoted one instead of being refused (runs until stopped).
+    #[command(after_help = "Meant as a systemd service (examples/zdt-hold.service).")]
+    Hold {
+        #[arg(value_parser = parse_spec)]
+        addr: PortSpec,
+        #[arg(long, default_value_t = 4096)]
+        backlog: i32,
+    },
     /// Shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
     Generate {
@@ -370,6 +379,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             name,
             command,
         } => match cmd::exec::exec(&listen, backlog, &name, &command)? {},
+        Command::Hold { addr, backlog } => match cmd::hold::hold(addr, backlog)? {},
         Command::Generate { what } => {
             let mut c = Cli::command();
             if what == "man" {

@@ -135,6 +135,8 @@ impl Slot {
             "active"
         } else if self.canary {
             "canary"
+        } else if self.meta.role == zdt_common::ROLE_HOLD {
+            "hold"
         } else if self.meta.role == ROLE_CANDIDATE {
             "candidate"
         } else {
@@ -437,6 +439,7 @@ impl State {
                 select_failed: a.select_failed + c.select_failed,
                 migrate_no_target: a.migrate_no_target + c.migrate_no_target,
                 probe_refused: a.probe_refused + c.probe_refused,
+                held: a.held + c.held,
                 steered: a.steered + c.steered,
                 migrated: a.migrated + c.migrated,
                 runs: [a.runs[0] + c.runs[0], a.runs[1] + c.runs[1]],
@@ -519,9 +522,15 @@ impl State {
         self.switch_set(&plain_set(slots, new)?)
     }
 
-    /// [`State::switch`] to a whole set (active, canary and probe lists).
+    /// [`State::switch`] to a whole set (active, canary and probe lists). The placeholders of
+    /// `zdt-ctl hold` are carried over from the live set unless `set` names its own.
     pub fn switch_set(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
-        let set = *set;
+        let mut set = *set;
+        if set.hold.iter().all(|l| l.len == 0) {
+            if let Some(live) = self.active_set()? {
+                set.hold = live.hold;
+            }
+        }
         let mut control = self.control()?;
         let target = if control.active_buf == 1 { 2 } else { 1 };
         self.active.set(target - 1, set, 0)?;
@@ -531,6 +540,20 @@ impl State {
         crate::failpoint("flipped");
         rcu_grace_period();
         Ok(flipped_at)
+    }
+
+    /// Makes `indices` the placeholders of `zdt-ctl hold` (replacing earlier ones): role hold, and
+    /// the hold lists of the live set.
+    pub fn set_hold(&mut self, slots: &[Slot], indices: &[u32]) -> anyhow::Result<()> {
+        for s in slots.iter().filter(|s| indices.contains(&s.index)) {
+            let mut meta = s.meta;
+            meta.role = zdt_common::ROLE_HOLD;
+            self.meta.set(s.index, meta, 0)?;
+        }
+        let mut set = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        set.hold = lists_of(slots, indices)?;
+        self.switch_set(&set)?;
+        Ok(())
     }
 
     /// All of the state except the traffic counters, as bytes: the control word, both active
@@ -562,6 +585,8 @@ impl State {
                 ROLE_ACTIVE
             } else if set.is_canary(s.index) {
                 ROLE_CANARY
+            } else if s.meta.role == zdt_common::ROLE_HOLD {
+                zdt_common::ROLE_HOLD
             } else if s.meta.role == ROLE_CANDIDATE && !s.active && !s.canary {
                 ROLE_CANDIDATE
             } else {

@@ -177,6 +177,18 @@ mod program {
                     return SK_PASS;
                 }
             }
+            // Nothing ready listens (a restart without overlap, a crash): park a new connection
+            // on a placeholder, where it waits instead of being refused or answered by a process
+            // that is still warming up. Never on the migration path: a placeholder's own queue
+            // is what migrates to the members.
+            if !migrating {
+                if let Some(hold) = set.hold.get(i) {
+                    if try_list(ctx, hold, false) {
+                        global(|g| g.held += 1);
+                        return SK_PASS;
+                    }
+                }
+            }
         }
 
         // No active socket of this group could be selected. SK_PASS without selection falls back

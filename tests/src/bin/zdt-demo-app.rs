@@ -62,6 +62,11 @@ struct Args {
     /// Gap between the last accept() and close() of the listener after SIGTERM.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     close_gap: Duration,
+    /// After the listener closed, how long connections keep being served as usual before idle
+    /// ones are closed. A connection accepted just before SIGTERM may not have had its request
+    /// read yet: closing it at once as "idle" would lose that request.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
     /// Time spent on each request of `/`.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     delay: Duration,
@@ -339,7 +344,9 @@ async fn main() -> anyhow::Result<()> {
     drop(open);
     drop(conns);
     println!("closed");
-    // Finish in-flight requests; idle keep-alive connections are closed.
+    // The contract: keep serving what was already accepted for a grace period, then finish
+    // in-flight requests and close idle keep-alive connections.
+    tokio::time::sleep(args.drain_grace).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     Ok(())
 }

@@ -47,6 +47,17 @@ fn listen(addr: SocketAddr, backlog: i32) -> anyhow::Result<Option<socket2::Sock
     Ok(Some(s))
 }
 
+/// SO_REUSEPORT listeners for every address of `specs`.
+pub fn listeners(specs: &[PortSpec], backlog: i32) -> anyhow::Result<Vec<socket2::Socket>> {
+    let mut sockets = Vec::new();
+    for spec in specs {
+        for addr in addresses(spec) {
+            sockets.extend(listen(addr, backlog)?);
+        }
+    }
+    Ok(sockets)
+}
+
 pub fn exec(
     specs: &[PortSpec],
     backlog: i32,
@@ -58,12 +69,7 @@ pub fn exec(
             "no command given: zdt-ctl exec --listen :80 -- CMD ARGS...",
         ));
     };
-    let mut sockets = Vec::new();
-    for spec in specs {
-        for addr in addresses(spec) {
-            sockets.extend(listen(addr, backlog)?);
-        }
-    }
+    let sockets = listeners(specs, backlog)?;
     // Move the sockets to fds 3, 4, ... without close-on-exec. First out of the way (above any
     // fd that the targets could collide with), then into place.
     let high: Vec<std::os::fd::OwnedFd> = sockets

@@ -105,7 +105,7 @@ pub fn render(all: &[Status]) -> String {
         }
     }
     type CounterValue = fn(&crate::cmd::status::Counters) -> u64;
-    let counters: [(&str, &str, CounterValue); 6] = [
+    let counters: [(&str, &str, CounterValue); 8] = [
         (
             "zdt_steered_total",
             "New connections steered to an active socket.",
@@ -135,6 +135,16 @@ pub fn render(all: &[Status]) -> String {
             "zdt_migrate_no_target_total",
             "Migrations for which no active socket could be selected.",
             |c| c.migrate_no_target,
+        ),
+        (
+            "zdt_held_total",
+            "New connections parked on a zdt-ctl hold placeholder while no member was ready.",
+            |c| c.held,
+        ),
+        (
+            "zdt_probe_refused_total",
+            "Readiness probes refused because their candidate could not be selected.",
+            |c| c.probe_refused,
         ),
     ];
     for (name, help, f) in counters {

@@ -3,6 +3,7 @@ pub mod attach;
 pub mod detach;
 pub mod drain;
 pub mod exec;
+pub mod hold;
 pub mod metrics;
 pub mod promote;
 pub mod rollback;

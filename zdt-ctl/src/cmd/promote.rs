@@ -258,9 +258,13 @@ fn switch_port(
         },
         None => plain_set(&slots, &new)?,
     };
+    // The placeholders of `zdt-ctl hold` are never demoted nor stopped by a promote.
     let pids_of = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
         let mut out: Vec<(i32, u64)> = Vec::new();
-        for s in slots.iter().filter(|s| keep(s)) {
+        for s in slots
+            .iter()
+            .filter(|s| s.meta.role != zdt_common::ROLE_HOLD && keep(s))
+        {
             let p = (s.meta.pid as i32, s.meta.pid_start);
             if p.0 != pid && !out.contains(&p) {
                 out.push(p);

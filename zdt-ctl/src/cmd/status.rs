@@ -42,6 +42,10 @@ pub struct Counters {
     pub fallback: u64,
     pub select_failed: u64,
     pub migrate_no_target: u64,
+    /// New connections parked on a `zdt-ctl hold` placeholder.
+    pub held: u64,
+    /// Probe connections refused because their candidate could not be selected.
+    pub probe_refused: u64,
 }
 
 /// Kernel counters of this network namespace that concern zdt (/proc/net/netstat TcpExt):
@@ -163,6 +167,8 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             fallback: g.fallback,
             select_failed: g.select_failed,
             migrate_no_target: g.migrate_no_target,
+            held: g.held,
+            probe_refused: g.probe_refused,
         },
         kernel: KernelCounters::read(),
     })
@@ -268,8 +274,8 @@ pub fn render(s: &Status) -> String {
     let c = &s.counters;
     let _ = writeln!(
         o,
-        "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {}",
-        c.steered, c.migrated, c.passthrough, c.fallback, c.select_failed, c.migrate_no_target
+        "  counters: steered {} migrated {} passthrough {} fallback {} select_failed {} migrate_no_target {} held {} probe_refused {}",
+        c.steered, c.migrated, c.passthrough, c.fallback, c.select_failed, c.migrate_no_target, c.held, c.probe_refused
     );
     o
 }
