@@ -135,9 +135,10 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Keep a placeholder listener on the port so that, while no app process is ready, new
-    /// connections wait for the next promoted one instead of being refused (runs until stopped).
-    #[command(after_help = "Meant as a systemd service (examples/zdt-hold.service).")]
+    /// EXPERIMENTAL, not yet covered by tests: keep a placeholder listener on the port so that,
+    /// while no app process is ready, new connections wait for the next promoted one instead of
+    /// being refused (runs until stopped).
+    #[command(hide = true)]
     Hold {
         #[arg(value_parser = parse_spec)]
         addr: PortSpec,
