@@ -693,9 +693,7 @@ pub fn markdown(r: &Report) -> String {
                 Mode::NewConn => "new conn",
                 Mode::KeepAlive => "keep-alive",
             };
-            let bound = a
-                .failure_rate_upper95
-                .map_or("-".to_string(), |b| format!("< {:.4} %", b * 100.0));
+            let bound = a.failure_rate_upper95.map_or("-".to_string(), fmt_rate);
             let migrated = match a.arm {
                 Arm::Zdt => a.program.map_or(0, |p| p.migrated),
                 _ => a.kernel.migrate_req_success,
@@ -764,6 +762,15 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+/// A failure rate bound, readable at any size ("< 0.0379 %", "< 1.3e-7").
+fn fmt_rate(rate: f64) -> String {
+    if rate * 100.0 >= 0.0001 {
+        format!("< {:.4} %", rate * 100.0)
+    } else {
+        format!("< {rate:.1e}")
+    }
+}
+
 /// The claims, checked against this run, in words.
 fn verdicts(r: &Report) -> String {
     let arms = |arm: Arm| {
@@ -800,12 +807,12 @@ fn verdicts(r: &Report) -> String {
             c.arms.iter().filter(|a| !a.rsts_agree).map(move |a| {
                 format!(
                     "{} {} G={} ms {}",
+                    match c.mode {
+                        Mode::NewConn => "new conn",
+                        Mode::KeepAlive => "keep-alive",
+                    },
                     c.rate,
                     c.gap_ms,
-                    match c.mode {
-                        Mode::NewConn => "nc",
-                        Mode::KeepAlive => "ka",
-                    },
                     a.arm.name()
                 )
             })
@@ -815,7 +822,11 @@ fn verdicts(r: &Report) -> String {
     s += &format!(
         "\n**zdt: {zdt_fail} failed requests of {zdt_req}, over {zdt_handovers} handovers** (at least {min_handovers} per cell){}. \
          Baseline: {base_fail} failed requests in the same run.\n",
-        if zdt_fail == 0 && zdt_req > 0 { format!("; 95 % upper bound on the failure rate {:.5} %", 300.0 / zdt_req as f64) } else { String::new() }
+        if zdt_fail == 0 && zdt_req > 0 {
+            format!(
+                "; 95 % upper bound on the failure rate {} (3/n)",
+                fmt_rate(3.0 / zdt_req as f64)
+            ) } else { String::new() }
     );
     if quiet.is_empty() {
         s += "Every baseline cell lost requests.\n";
@@ -859,7 +870,7 @@ pub fn svg(r: &Report) -> String {
     let arms = [Arm::Zdt, Arm::Baseline, Arm::MigrateSysctl];
     let colors = ["#2a9d8f", "#e76f51", "#e9c46a"];
     let n = r.cells.len().max(1);
-    let (w, h, top, left, band) = (40 + n * 60, 520, 40, 60, 180.0);
+    let (w, h, top, left, band) = (40 + n * 60, 640, 40, 60, 180.0);
     let max_fail = r
         .cells
         .iter()

@@ -361,6 +361,21 @@ impl Background {
     }
 }
 
+/// `n` requests to `port` on 127.0.0.1, one new connection each, at `rate` per second, from a
+/// thread inside `ns`; waits for all of them.
+pub fn requests(ns: &crate::netns::Netns, port: u16, n: u64, rate: f64) -> Tally {
+    let mut spec = LoadSpec::open(([127, 0, 0, 1], port).into(), rate, Duration::from_secs(60));
+    spec.max_requests = n;
+    let samples = ns
+        .run(move || {
+            let mut out = Vec::new();
+            run(&spec, &Arc::default(), &mut |s| out.push(s));
+            out
+        })
+        .expect("load thread");
+    tally(&samples)
+}
+
 pub fn tally(samples: &[Sample]) -> Tally {
     let mut t = Tally::default();
     for s in samples {

@@ -9,19 +9,6 @@ use zdt_tests::{
 
 const PORT: u16 = 8080;
 
-fn requests(ns: &Netns, n: u64, rate: f64) -> load::Tally {
-    let mut spec = LoadSpec::open(([127, 0, 0, 1], PORT).into(), rate, Duration::from_secs(60));
-    spec.max_requests = n;
-    let samples = ns
-        .run(move || {
-            let mut v = Vec::new();
-            load::run(&spec, &Default::default(), &mut |s| v.push(s));
-            v
-        })
-        .expect("load");
-    load::tally(&samples)
-}
-
 fn member(st: &serde_json::Value, pid: i32) -> &serde_json::Value {
     st["members"]
         .as_array()
@@ -42,7 +29,7 @@ fn a_canary_gets_its_share_then_the_rollout_completes() -> anyhow::Result<()> {
     let r = zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "20"])))?;
     assert!(r.stdout.contains("canary at 20 %"), "{r:?}");
 
-    let t = requests(&ns, N, 1500.0);
+    let t = load::requests(&ns, PORT, N, 1500.0);
     assert_eq!(t.failures(), 0, "{t:?}");
     // The share by flow hash matches the weight within statistical error: 4 standard deviations
     // of a binomial share over N connections.
@@ -68,7 +55,7 @@ fn a_canary_gets_its_share_then_the_rollout_completes() -> anyhow::Result<()> {
     let st = status(&ns, PORT)?;
     assert_eq!(member(&st, v2.pid)["role"], "active", "{st}");
     assert_eq!(member(&st, v1.pid)["role"], "draining", "{st}");
-    let t = requests(&ns, 300, 1500.0);
+    let t = load::requests(&ns, PORT, 300, 1500.0);
     assert_eq!(t.versions.get("v2"), Some(&300), "{t:?}");
     // A weight outside 1-99 is bad input.
     for bad in ["0", "100", "x"] {
@@ -138,7 +125,7 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
     assert_eq!(r.code, 4, "{r:?}");
     assert!(r.stderr.contains("probed through the public port"), "{r:?}");
     assert!(r.stderr.contains("last answer: 503"), "{r:?}");
-    let t = requests(&ns, 200, 1000.0);
+    let t = load::requests(&ns, PORT, 200, 1000.0);
     assert_eq!(t.versions.get("v2"), Some(&200), "{t:?}");
     Ok(())
 }

@@ -3,11 +3,7 @@
 //!
 //! Where a test claims that zdt prevents something, a control runs the same scenario without
 //! zdt in the same test and must show the failure, so the test can fail.
-use std::{
-    net::SocketAddr,
-    sync::{atomic::AtomicBool, Arc},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
@@ -20,22 +16,6 @@ const PORT: u16 = 8080;
 
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
-}
-
-/// `n` requests, one new connection each, at `rate` per second; waits for all of them.
-fn requests(ns: &Netns, port: u16, n: u64, rate: f64) -> Tally {
-    let mut spec = LoadSpec::open(addr(port), rate, Duration::from_secs(60));
-    spec.max_requests = n;
-    let samples = ns
-        .run(move || {
-            let mut out = Vec::new();
-            load::run(&spec, &Arc::new(AtomicBool::new(false)), &mut |s| {
-                out.push(s)
-            });
-            out
-        })
-        .expect("load thread");
-    load::tally(&samples)
 }
 
 fn member(status: &serde_json::Value, pid: i32) -> Option<&serde_json::Value> {
@@ -56,7 +36,7 @@ fn warming_process_gets_nothing_until_promoted() -> anyhow::Result<()> {
         &ns,
         &AppOpts::new(PORT + 1, "c2").warmup(Duration::from_secs(3600)),
     )?;
-    let control = requests(&ns, PORT + 1, 200, 1000.0);
+    let control = load::requests(&ns, PORT + 1, 200, 1000.0);
     assert!(
         control.count(Outcome::Http5xx) > 0,
         "control: without zdt the warming process should get connections: {control:?}"
@@ -68,7 +48,7 @@ fn warming_process_gets_nothing_until_promoted() -> anyhow::Result<()> {
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(2)),
     )?;
-    let before = requests(&ns, PORT, 300, 1000.0);
+    let before = load::requests(&ns, PORT, 300, 1000.0);
     assert_eq!(before.count(Outcome::Ok), 300, "{before:?}");
     assert_eq!(before.versions.get("v1"), Some(&300), "{before:?}");
     assert_eq!(
@@ -78,7 +58,7 @@ fn warming_process_gets_nothing_until_promoted() -> anyhow::Result<()> {
     );
 
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    let after = requests(&ns, PORT, 300, 1000.0);
+    let after = load::requests(&ns, PORT, 300, 1000.0);
     assert_eq!(after.versions.get("v2"), Some(&300), "{after:?}");
     assert_eq!(after.count(Outcome::Ok), 300, "{after:?}");
 
@@ -207,7 +187,7 @@ fn readiness_never_reached_changes_nothing() -> anyhow::Result<()> {
         "state changed"
     );
     // The process that did not get ready is not a member, and serves nothing.
-    let t = requests(&ns, PORT, 100, 1000.0);
+    let t = load::requests(&ns, PORT, 100, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
     Ok(())
 }
@@ -433,13 +413,13 @@ fn detach_restores_kernel_hashing_and_attach_is_idempotent() -> anyhow::Result<(
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
-    let steered = requests(&ns, PORT, 200, 1000.0);
+    let steered = load::requests(&ns, PORT, 200, 1000.0);
     assert_eq!(steered.versions.get("v1"), Some(&200), "{steered:?}");
 
     // ...and after detach the kernel hashes over both again, and the pinned state is gone.
     let r = zdt_ok(&ns, &["detach", ":8080"])?;
     assert!(r.stdout.contains("detached"), "{r:?}");
-    let hashed = requests(&ns, PORT, 200, 1000.0);
+    let hashed = load::requests(&ns, PORT, 200, 1000.0);
     assert!(
         hashed.versions.get("v2").copied().unwrap_or(0) > 0,
         "{hashed:?}"
