@@ -297,8 +297,10 @@ impl ArmAcc {
 
     fn finish(self, mode: Mode) -> ArmResult {
         let tally = load::tally(&self.samples);
-        let mut steady = Histogram::<u64>::new(3).expect("histogram");
-        let mut handover = Histogram::<u64>::new(3).expect("histogram");
+        // Explicit bounds, 1 us to 60 s: a histogram made with `new(3)` starts with a tiny range,
+        // and saturating_record clamps to that range rather than growing it.
+        let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let (mut steady, mut handover) = (new(), new());
         for s in &self.samples {
             let us = s.latency.as_micros() as u64;
             let in_window = self.windows.iter().any(|(a, b)| s.at >= *a && s.at <= *b);
