@@ -70,6 +70,11 @@ impl AppOpts {
         self.close_gap = d;
         self
     }
+    /// A process that never accepts (its connections pile up in its accept queue) and closes
+    /// its listener at once on SIGTERM.
+    pub fn stuck(self) -> Self {
+        self.arg("--no-accept").close_gap(Duration::ZERO)
+    }
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
         self

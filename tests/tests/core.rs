@@ -76,12 +76,7 @@ fn queued_then_close(with_zdt: bool) -> anyhow::Result<(Tally, u64, u64)> {
     const QUEUED: u64 = 40;
     let ns = Netns::new()?;
     // v1 never accepts: every connection it gets stays in its accept queue.
-    let v1 = App::start(
-        &ns,
-        &AppOpts::new(PORT, "v1")
-            .arg("--no-accept")
-            .close_gap(Duration::ZERO),
-    )?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").stuck())?;
     if with_zdt {
         zdt_ok(&ns, &["attach", ":8080"])?;
     }

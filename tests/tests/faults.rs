@@ -381,12 +381,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
 fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     const QUEUED: u64 = 40;
     let ns = Netns::new()?;
-    let v1 = App::start(
-        &ns,
-        &AppOpts::new(PORT, "v1")
-            .arg("--no-accept")
-            .close_gap(Duration::ZERO),
-    )?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").stuck())?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let queued = Background::start(&ns, LoadSpec::burst(addr(), QUEUED, Duration::from_secs(3)));
     std::thread::sleep(Duration::from_millis(500));

@@ -324,16 +324,7 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
     }
     let mut out = Vec::new();
     for (entry, fd) in matching {
-        let dup = dup_from(pidfd, *fd)?;
-        validate(pid, &dup, entry.local)?;
-        let cookie = socket_cookie(dup.as_fd())?;
-        out.push(Listener {
-            fd: dup,
-            inode: entry.inode,
-            local: entry.local,
-            cookie,
-            uid: entry.uid,
-        });
+        out.push(listener_from(pid, dup_from(pidfd, *fd)?, entry)?);
     }
     Ok(out)
 }
