@@ -4,6 +4,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
+    os::unix::process::CommandExt as _,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     time::Duration,
@@ -45,6 +46,9 @@ pub struct AppOpts {
     pub bind_at_start: bool,
     pub close_gap: Duration,
     pub extra: Vec<String>,
+    /// A listener to hand over the systemd way (fd 3, LISTEN_FDS=1), as a socket-activating
+    /// supervisor does: the app serves it instead of binding its own.
+    pub inherit: Option<std::os::fd::RawFd>,
 }
 
 impl AppOpts {
@@ -56,6 +60,7 @@ impl AppOpts {
             bind_at_start: true,
             close_gap: Duration::from_millis(100),
             extra: Vec::new(),
+            inherit: None,
         }
     }
     pub fn warmup(mut self, d: Duration) -> Self {
@@ -74,6 +79,11 @@ impl AppOpts {
     /// its listener at once on SIGTERM.
     pub fn stuck(self) -> Self {
         self.arg("--no-accept").close_gap(Duration::ZERO)
+    }
+    /// Serve `fd` (kept open by the caller across restarts) instead of binding.
+    pub fn inherit(mut self, fd: std::os::fd::RawFd) -> Self {
+        self.inherit = Some(fd);
+        self
     }
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
@@ -94,7 +104,33 @@ impl App {
     /// Starts the service and waits until its public listener is bound (or, for a service that
     /// binds after warm-up, until its admin port is up).
     pub fn start(ns: &Netns, o: &AppOpts) -> anyhow::Result<App> {
-        let mut cmd = Command::new(bin("zdt-demo-app"));
+        let mut cmd = match o.inherit {
+            None => Command::new(bin("zdt-demo-app")),
+            Some(fd) => {
+                // LISTEN_PID must be the app's own pid, known only after the fork: a shell sets
+                // it and execs the app under the same pid.
+                let mut c = Command::new("sh");
+                c.args(["-c", r#"LISTEN_PID=$$ exec "$0" "$@""#])
+                    .arg(bin("zdt-demo-app"))
+                    .env("LISTEN_FDS", "1");
+                // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent during spawn.
+                unsafe {
+                    c.pre_exec(move || {
+                        // dup2 onto itself would keep close-on-exec: clear it by hand then.
+                        let rc = if fd == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        };
+                        if rc < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+        };
         cmd.args(["--port", &o.port.to_string(), "--version", &o.version])
             .args(["--warmup", &format!("{}ms", o.warmup.as_millis())])
             .args(["--close-gap", &format!("{}ms", o.close_gap.as_millis())])

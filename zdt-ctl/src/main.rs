@@ -135,13 +135,15 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// EXPERIMENTAL, not yet covered by tests: keep a placeholder listener on the port so that,
-    /// while no app process is ready, new connections wait for the next promoted one instead of
-    /// being refused (runs until stopped).
-    #[command(hide = true)]
+    /// Keep a placeholder listener on the port (runs until stopped; meant as a systemd service).
+    /// While no promoted process is active (a crash, a stop-then-start restart), new connections
+    /// wait on it instead of being refused, and move to the next promoted process. Give the
+    /// address your app binds: `:PORT` holds both wildcards (0.0.0.0 and [::]).
     Hold {
         #[arg(value_parser = parse_spec)]
         addr: PortSpec,
+        /// Accept-queue limit of each placeholder: how many connections can wait at once
+        /// (also capped by net.core.somaxconn).
         #[arg(long, default_value_t = 4096)]
         backlog: i32,
     },

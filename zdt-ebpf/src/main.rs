@@ -177,16 +177,15 @@ mod program {
                     return SK_PASS;
                 }
             }
-            // Nothing ready listens (a restart without overlap, a crash): park a new connection
-            // on a placeholder, where it waits instead of being refused or answered by a process
-            // that is still warming up. Never on the migration path: a placeholder's own queue
-            // is what migrates to the members.
-            if !migrating {
-                if let Some(hold) = set.hold.get(i) {
-                    if try_list(ctx, hold, false) {
-                        global(|g| g.held += 1);
-                        return SK_PASS;
-                    }
+            // Nothing ready listens (a restart without overlap, a crash): park the connection on
+            // a placeholder, where it waits instead of being refused, reset, or answered by a
+            // process that is still warming up. On the migration path too: a dying member's
+            // queue waits there for the next one. When the placeholder's own queue migrates,
+            // its slot is already empty (-ENOENT, see try_list), so it never selects itself.
+            if let Some(hold) = set.hold.get(i) {
+                if try_list(ctx, hold, migrating) {
+                    global(|g| g.held += 1);
+                    return SK_PASS;
                 }
             }
         }

@@ -23,7 +23,7 @@ fn addresses(spec: &PortSpec) -> Vec<SocketAddr> {
     }
 }
 
-fn listen(addr: SocketAddr, backlog: i32) -> anyhow::Result<Option<socket2::Socket>> {
+fn bind(addr: SocketAddr) -> anyhow::Result<Option<socket2::Socket>> {
     use socket2::{Domain, Socket, Type};
     let s = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
         Ok(s) => s,
@@ -43,17 +43,27 @@ fn listen(addr: SocketAddr, backlog: i32) -> anyhow::Result<Option<socket2::Sock
     }
     s.bind(&addr.into())
         .map_err(|e| bad_input(format!("cannot listen on {addr}: {e}")))?;
-    s.listen(backlog)?;
     Ok(Some(s))
+}
+
+/// SO_REUSEPORT sockets bound to every address of `specs`, not listening yet: a bound socket is
+/// in no reuseport group and in no listener table until listen() (the group forms in
+/// inet_csk_listen_start), so binding checks the addresses and changes nothing else.
+pub fn bound(specs: &[PortSpec]) -> anyhow::Result<Vec<socket2::Socket>> {
+    let mut sockets = Vec::new();
+    for spec in specs {
+        for addr in addresses(spec) {
+            sockets.extend(bind(addr)?);
+        }
+    }
+    Ok(sockets)
 }
 
 /// SO_REUSEPORT listeners for every address of `specs`.
 pub fn listeners(specs: &[PortSpec], backlog: i32) -> anyhow::Result<Vec<socket2::Socket>> {
-    let mut sockets = Vec::new();
-    for spec in specs {
-        for addr in addresses(spec) {
-            sockets.extend(listen(addr, backlog)?);
-        }
+    let sockets = bound(specs)?;
+    for s in &sockets {
+        s.listen(backlog).context("listen()")?;
     }
     Ok(sockets)
 }

@@ -1,0 +1,169 @@
+//! `zdt-ctl hold`: while no process is active (a stop-then-start restart, a crash), connections
+//! wait on a placeholder instead of being refused or reset, and move to the next promoted process.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use zdt_tests::{
+    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec, Outcome, Tally},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+const WARMUP: Duration = Duration::from_millis(1000);
+
+fn addr() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], PORT).into()
+}
+
+/// A running `zdt-ctl hold`, its stderr lines on a channel; killed when dropped.
+struct Hold {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Hold {
+    fn start(ns: &Netns, spec: &str) -> anyhow::Result<Hold> {
+        let mut child = zdt_command(ns, &["hold", spec])
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(10))?;
+        anyhow::ensure!(first.contains("registered"), "hold said: {first}");
+        Ok(Hold { child, lines })
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// v1 serves under load; v1 stops; only then v2 starts, warms up for 1 s and becomes ready
+/// (promoted, with zdt). No overlap: for a while nothing is ready on the port.
+fn cold_restart(ns: &Netns, with_zdt: bool) -> anyhow::Result<Tally> {
+    let mut v1 = App::start(ns, &AppOpts::new(PORT, "v1").close_gap(Duration::ZERO))?;
+    if with_zdt {
+        zdt_ok(ns, &strs(&promote_args(&v1, &[])))?;
+    }
+    let load = Background::start(ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(300));
+    v1.signal(Signal::SIGTERM);
+    anyhow::ensure!(v1.wait_exit(Duration::from_secs(5)), "v1 did not exit");
+    let v2 = App::start(ns, &AppOpts::new(PORT, "v2").warmup(WARMUP))?;
+    if with_zdt {
+        zdt_ok(ns, &strs(&promote_args(&v2, &[])))?;
+    } else {
+        v2.wait_ready()?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(load::tally(&load.finish()))
+}
+
+#[test]
+fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
+    // Control, the same restart without zdt: connections are refused while nothing listens, and
+    // the new process answers 503 while it warms up.
+    let plain = cold_restart(&Netns::new()?, false)?;
+    assert!(plain.count(Outcome::Refused) > 0, "control: {plain:?}");
+    assert!(plain.count(Outcome::Http5xx) > 0, "control: {plain:?}");
+
+    let ns = Netns::new()?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut hold = Hold::start(&ns, "0.0.0.0:8080")?;
+    let t = cold_restart(&ns, true)?;
+    // Every request got a 200. Those that came while nothing was ready waited on the placeholder
+    // (for up to the warm-up: slow is expected) and were then moved to v2.
+    assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?}");
+    assert!(t.count(Outcome::Slow) > 0, "nothing waited: {t:?}");
+    let st = status(&ns, PORT)?;
+    let held = st["counters"]["held"].as_u64().unwrap_or(0);
+    assert!(held > 0, "{st}");
+    // The kernel moved them, none failed. (`held` counts the program's selections, not
+    // connections: runs with one selection more than migrations have been seen, so the two
+    // are not compared exactly.)
+    assert!(
+        st["kernel"]["migrate_req_success"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
+    // v2 is gone with cold_restart's end; the placeholder stays, in its own role.
+    let roles: Vec<&str> = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["hold"], "{st}");
+    let said: Vec<String> = hold.lines.try_iter().collect();
+    assert!(said.iter().any(|l| l.contains("moved")), "{said:?}");
+    drop(hold.child.kill());
+    Ok(())
+}
+
+/// A process with a full accept queue dies (SIGKILL, no drain): its queue, which nothing else
+/// could take, is reset, unless a placeholder holds it until the next process is promoted.
+fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value)> {
+    const QUEUED: u64 = 30;
+    let ns = Netns::new()?;
+    // v1 never accepts: what it is given stays queued on its listener.
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").stuck())?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let _hold = if with_hold {
+        Some(Hold::start(&ns, "0.0.0.0:8080")?)
+    } else {
+        None
+    };
+    let burst = Background::start(
+        &ns,
+        LoadSpec::burst(addr(), QUEUED, Duration::from_secs(20)),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    v1.signal(Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&burst.finish());
+    assert_eq!(t.requests, QUEUED, "{t:?}");
+    Ok((t, status(&ns, PORT)?))
+}
+
+#[test]
+fn a_crashed_process_queue_waits_on_the_placeholder() -> anyhow::Result<()> {
+    let (plain, _) = crash_with_queue(false)?;
+    assert!(plain.count(Outcome::Reset) > 0, "control: {plain:?}");
+
+    let (t, st) = crash_with_queue(true)?;
+    assert_eq!(t.count(Outcome::Ok) + t.count(Outcome::Slow), t.requests, "{t:?} {st}");
+    // They reached the placeholder by migration (v1's listener closed with them queued).
+    assert!(st["counters"]["held"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
+    Ok(())
+}
+
+#[test]
+fn hold_refuses_an_address_it_cannot_listen_on() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    // 192.0.2.1 (TEST-NET-1) is on no interface of the namespace.
+    let out = zdt(&ns, &["hold", "192.0.2.1:8080"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("192.0.2.1:8080"), "{out:?}");
+    // Nothing was left behind: no placeholder listens.
+    let st = zdt(&ns, &["status", "8080", "--json"]);
+    assert!(!st.stdout.contains("\"hold\""), "{st:?}");
+    Ok(())
+}
