@@ -155,7 +155,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         Latency {
             count: h.len(),
@@ -165,6 +165,13 @@ impl Latency {
             max_ms: ms(h.max()),
         }
     }
+}
+
+/// A latency histogram in microseconds. Explicit bounds, 1 us to 60 s: a histogram made with
+/// `new(3)` starts with a tiny range, and saturating_record clamps to that range rather than
+/// growing it.
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
 /// Kernel counters of a namespace (/proc/net/snmp, /proc/net/netstat).
@@ -180,7 +187,7 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    fn read(ns: &Netns) -> anyhow::Result<Self> {
+    pub(crate) fn read(ns: &Netns) -> anyhow::Result<Self> {
         Ok(Kernel {
             out_rsts: ns.counter("Tcp", "OutRsts")?,
             attempt_fails: ns.counter("Tcp", "AttemptFails")?,
@@ -192,7 +199,7 @@ impl Kernel {
         })
     }
 
-    fn add_delta(&mut self, after: &Kernel, before: &Kernel) {
+    pub(crate) fn add_delta(&mut self, after: &Kernel, before: &Kernel) {
         self.out_rsts += after.out_rsts - before.out_rsts;
         self.attempt_fails += after.attempt_fails - before.attempt_fails;
         self.estab_resets += after.estab_resets - before.estab_resets;
@@ -297,10 +304,7 @@ impl ArmAcc {
 
     fn finish(self, mode: Mode) -> ArmResult {
         let tally = load::tally(&self.samples);
-        // Explicit bounds, 1 us to 60 s: a histogram made with `new(3)` starts with a tiny range,
-        // and saturating_record clamps to that range rather than growing it.
-        let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-        let (mut steady, mut handover) = (new(), new());
+        let (mut steady, mut handover) = (histogram(), histogram());
         for s in &self.samples {
             let us = s.latency.as_micros() as u64;
             let in_window = self.windows.iter().any(|(a, b)| s.at >= *a && s.at <= *b);
@@ -624,7 +628,7 @@ pub fn perf(cfg: &Config) -> anyhow::Result<Perf> {
     })
 }
 
-fn machine() -> (String, String) {
+pub(crate) fn machine() -> (String, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -765,7 +769,7 @@ pub fn markdown(r: &Report) -> String {
 }
 
 /// A failure rate bound, readable at any size ("< 0.0379 %", "< 1.3e-7").
-fn fmt_rate(rate: f64) -> String {
+pub(crate) fn fmt_rate(rate: f64) -> String {
     if rate * 100.0 >= 0.0001 {
         format!("< {:.4} %", rate * 100.0)
     } else {

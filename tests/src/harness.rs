@@ -3,8 +3,8 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
     os::unix::process::CommandExt as _,
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     time::Duration,
@@ -106,28 +106,13 @@ impl App {
     pub fn start(ns: &Netns, o: &AppOpts) -> anyhow::Result<App> {
         let mut cmd = match o.inherit {
             None => Command::new(bin("zdt-demo-app")),
-            Some(fd) => {
+            Some(_) => {
                 // LISTEN_PID must be the app's own pid, known only after the fork: a shell sets
                 // it and execs the app under the same pid.
                 let mut c = Command::new("sh");
                 c.args(["-c", r#"LISTEN_PID=$$ exec "$0" "$@""#])
                     .arg(bin("zdt-demo-app"))
                     .env("LISTEN_FDS", "1");
-                // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent during spawn.
-                unsafe {
-                    c.pre_exec(move || {
-                        // dup2 onto itself would keep close-on-exec: clear it by hand then.
-                        let rc = if fd == 3 {
-                            libc::fcntl(3, libc::F_SETFD, 0)
-                        } else {
-                            libc::dup2(fd, 3)
-                        };
-                        if rc < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
                 c
             }
         };
@@ -138,7 +123,26 @@ impl App {
             .args(&o.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // setns first: its namespace fd may be the very number (3) the listener goes to.
         ns.command(&mut cmd);
+        if let Some(fd) = o.inherit {
+            // SAFETY: fcntl and dup2 are async-signal-safe; `fd` stays open in the parent
+            // during spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // dup2 onto itself would keep close-on-exec: clear it by hand then.
+                    let rc = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 3)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().context("starting zdt-demo-app")?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();

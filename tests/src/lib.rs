@@ -1,6 +1,7 @@
 //! The test and benchmark harness: network namespaces, real processes (the demo service and
 //! zdt-ctl), and a load client that classifies every request.
 pub mod bench;
+pub mod cold;
 pub mod harness;
 pub mod load;
 pub mod netns;

@@ -76,3 +76,47 @@ fn short_benchmark() -> anyhow::Result<()> {
     assert!(r.perf.bpf_runs > 0, "{:?}", r.perf);
     Ok(())
 }
+
+/// The short version of the cold-restart comparison: the hold arm loses nothing, and each other
+/// arm shows the failure it is there to show.
+#[test]
+fn short_cold_restart_benchmark() -> anyhow::Result<()> {
+    use zdt_tests::{
+        cold::{self, ColdArm, ColdConfig},
+        load::Outcome,
+    };
+    let cfg = ColdConfig {
+        restarts: 3,
+        rounds: 1,
+        rate: 300.0,
+        warmup: Duration::from_millis(600),
+        down: Duration::from_millis(200),
+    };
+    let r = cold::run(&cfg)?;
+    println!("{}", cold::markdown(&r));
+    for a in &r.arms {
+        let (t, what) = (&a.tally, a.arm.name());
+        assert_eq!(a.restarts, 3, "{what}");
+        assert!(t.requests > 500, "{what}: too little load: {t:?}");
+        match a.arm {
+            // Nothing listens between the processes, and the new one answers 503 while warm.
+            ColdArm::Plain => {
+                assert!(t.count(Outcome::Refused) > 0, "{what}: {t:?}");
+                assert!(t.count(Outcome::Http5xx) > 0, "{what}: {t:?}");
+            }
+            // The kept listener refuses nothing, but the app serves before it is warm.
+            ColdArm::Activation => {
+                assert_eq!(t.count(Outcome::Refused), 0, "{what}: {t:?}");
+                assert!(t.count(Outcome::Http5xx) > 0, "{what}: {t:?}");
+            }
+            ColdArm::ActivationDeferred | ColdArm::Hold => {
+                assert_eq!(a.failures, 0, "{what}: {t:?}");
+                assert!(a.waited > 0, "{what}: nothing waited: {t:?}");
+            }
+        }
+        if a.arm == ColdArm::Hold {
+            assert!(a.held.unwrap_or(0) > 0, "{what}: {:?}", a.held);
+        }
+    }
+    Ok(())
+}

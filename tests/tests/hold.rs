@@ -148,7 +148,11 @@ fn a_crashed_process_queue_waits_on_the_placeholder() -> anyhow::Result<()> {
     assert!(plain.count(Outcome::Reset) > 0, "control: {plain:?}");
 
     let (t, st) = crash_with_queue(true)?;
-    assert_eq!(t.count(Outcome::Ok) + t.count(Outcome::Slow), t.requests, "{t:?} {st}");
+    assert_eq!(
+        t.count(Outcome::Ok) + t.count(Outcome::Slow),
+        t.requests,
+        "{t:?} {st}"
+    );
     // They reached the placeholder by migration (v1's listener closed with them queued).
     assert!(st["counters"]["held"].as_u64().unwrap_or(0) > 0, "{st}");
     assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");

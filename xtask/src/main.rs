@@ -68,6 +68,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build()?;
             let out = root().join("bench-results");
+            // Results of an earlier run must not pass for this one's in update_readme.
+            for f in ["RESULTS.md", "COLD.md"] {
+                let _ = std::fs::remove_file(out.join(f));
+            }
             let mut c = Command::new(root().join("target/release/zdt-bench"));
             c.args(&args).arg("--out").arg(&out);
             run(c)?;
@@ -103,25 +107,41 @@ fn dist() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts RESULTS.md of a run between the README's bench markers and the plot in docs/.
+/// Puts the results of a run into the README, each part between its markers: RESULTS.md
+/// (handover matrix, with the plot copied to docs/) and COLD.md (cold restarts), whichever the
+/// run produced.
 fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
-    const BEGIN: &str = "<!-- bench:begin -->";
-    const END: &str = "<!-- bench:end -->";
-    let results = std::fs::read_to_string(out.join("RESULTS.md"))?;
     let path = root().join("README.md");
-    let readme = std::fs::read_to_string(&path)?;
-    let (Some(a), Some(b)) = (readme.find(BEGIN), readme.find(END)) else {
-        bail!("README.md has no {BEGIN} ... {END} section");
-    };
-    let new = format!(
-        "{}{BEGIN}\n{results}\n![failures and latency per cell](docs/bench.svg)\n{}",
-        &readme[..a],
-        &readme[b..]
-    );
-    std::fs::write(&path, new)?;
-    std::fs::create_dir_all(root().join("docs"))?;
-    std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
+    let mut readme = std::fs::read_to_string(&path)?;
+    let mut any = false;
+    if let Ok(results) = std::fs::read_to_string(out.join("RESULTS.md")) {
+        let body = format!("{results}\n![failures and latency per cell](docs/bench.svg)");
+        readme = replace_section(&readme, "bench", &body)?;
+        std::fs::create_dir_all(root().join("docs"))?;
+        std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
+        any = true;
+    }
+    if let Ok(cold) = std::fs::read_to_string(out.join("COLD.md")) {
+        readme = replace_section(&readme, "cold", &cold)?;
+        any = true;
+    }
+    if !any {
+        bail!("{} has neither RESULTS.md nor COLD.md", out.display());
+    }
+    std::fs::write(&path, readme)?;
     Ok(())
+}
+
+/// `text` with what lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` replaced by `body`.
+fn replace_section(text: &str, name: &str, body: &str) -> anyhow::Result<String> {
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let (Some(a), Some(b)) = (text.find(&begin), text.find(&end)) else {
+        bail!("README.md has no {begin} ... {end} section");
+    };
+    Ok(format!("{}{begin}\n{body}\n{}", &text[..a], &text[b..]))
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -1,12 +1,18 @@
-//! `cargo xtask bench`: the reset-count benchmark (see tests/src/bench.rs and BENCHMARK notes in
-//! the README). Defaults reproduce the README's table.
+//! `cargo xtask bench`: the reset-count benchmark (tests/src/bench.rs) and the cold-restart
+//! comparison (tests/src/cold.rs). Defaults reproduce the README's tables.
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use zdt_tests::bench::{self, Config, Mode, Rate};
+use zdt_tests::{
+    bench::{self, Config, Mode, Rate},
+    cold::{self, ColdConfig},
+};
 
 #[derive(Parser)]
 struct Args {
+    /// Which parts to run: `handover` (the reset-count matrix) and/or `cold` (cold restarts).
+    #[arg(long, value_delimiter = ',', default_value = "handover,cold")]
+    parts: Vec<Part>,
     /// Request rates: numbers (req/s, open loop) and/or `sat` (closed loop).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,sat")]
     rates: Vec<Rate>,
@@ -33,40 +39,77 @@ struct Args {
     perf_run: Duration,
     #[arg(long, default_value_t = 3)]
     perf_rounds: usize,
-    /// Where bench.json, bench.svg and RESULTS.md go.
+    /// Cold restarts per arm.
+    #[arg(long, default_value_t = ColdConfig::full().restarts)]
+    cold_restarts: usize,
+    #[arg(long, default_value_t = ColdConfig::full().rounds)]
+    cold_rounds: usize,
+    /// New connections per second during the cold restarts.
+    #[arg(long, default_value_t = ColdConfig::full().rate)]
+    cold_rate: f64,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    cold_warmup: Duration,
+    /// Old process's exit to new process's start.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    cold_down: Duration,
+    /// Where bench.json, bench.svg, RESULTS.md (handover) and cold.json, COLD.md go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Run nothing: render RESULTS.md and bench.svg from the bench.json of an earlier run.
+    /// Run nothing: render from the bench.json (RESULTS.md, bench.svg) or cold.json (COLD.md)
+    /// of an earlier run.
     #[arg(long)]
     render: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Handover,
+    Cold,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if let Some(json) = &a.render {
-        let report: bench::Report = serde_json::from_str(&std::fs::read_to_string(json)?)?;
-        bench::write(&report, &a.out)?;
-        println!("{}", bench::markdown(&report));
+        let text = std::fs::read_to_string(json)?;
+        if let Ok(report) = serde_json::from_str::<bench::Report>(&text) {
+            bench::write(&report, &a.out)?;
+            println!("{}", bench::markdown(&report));
+        } else {
+            let report: cold::ColdReport = serde_json::from_str(&text)?;
+            cold::write(&report, &a.out)?;
+            println!("{}", cold::markdown(&report));
+        }
         return Ok(());
     }
-    let cfg = Config {
-        rates: a.rates,
-        gaps: a.gaps,
-        modes: a.modes,
-        zdt_handovers: a.zdt_handovers,
-        other_handovers: a.other_handovers,
-        rounds: a.rounds,
-        warmup: a.warmup,
-        workers: a.workers,
-        perf_run: a.perf_run,
-        perf_rounds: a.perf_rounds,
-    };
-    let report = bench::run(&cfg)?;
-    bench::write(&report, &a.out)?;
-    println!("{}", bench::markdown(&report));
-    println!(
-        "results: {}/bench.json, bench.svg, RESULTS.md",
-        a.out.display()
-    );
+    if a.parts.contains(&Part::Handover) {
+        let cfg = Config {
+            rates: a.rates,
+            gaps: a.gaps,
+            modes: a.modes,
+            zdt_handovers: a.zdt_handovers,
+            other_handovers: a.other_handovers,
+            rounds: a.rounds,
+            warmup: a.warmup,
+            workers: a.workers,
+            perf_run: a.perf_run,
+            perf_rounds: a.perf_rounds,
+        };
+        let report = bench::run(&cfg)?;
+        bench::write(&report, &a.out)?;
+        println!("{}", bench::markdown(&report));
+    }
+    if a.parts.contains(&Part::Cold) {
+        let cfg = ColdConfig {
+            restarts: a.cold_restarts,
+            rounds: a.cold_rounds,
+            rate: a.cold_rate,
+            warmup: a.cold_warmup,
+            down: a.cold_down,
+        };
+        let report = cold::run(&cfg)?;
+        cold::write(&report, &a.out)?;
+        println!("{}", cold::markdown(&report));
+    }
+    println!("results in {}", a.out.display());
     Ok(())
 }

@@ -139,7 +139,12 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<Infallible> {
         }
         register(&spec, &fds)?;
         let waited = since.elapsed();
-        tracing::info!(port = spec.port, queued = queued_now, ?waited, "moved waiting connections");
+        tracing::info!(
+            port = spec.port,
+            queued = queued_now,
+            ?waited,
+            "moved waiting connections"
+        );
         eprintln!(
             "zdt-ctl hold: moved {queued_now} waiting connection(s) to the active member(s) \
              (first waited {} ms)",
