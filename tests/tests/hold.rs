@@ -9,7 +9,9 @@ use std::{
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{
+        fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts,
+    },
     load::{self, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
@@ -160,14 +162,32 @@ fn a_crashed_process_queue_waits_on_the_placeholder() -> anyhow::Result<()> {
 }
 
 #[test]
-fn hold_refuses_an_address_it_cannot_listen_on() -> anyhow::Result<()> {
+fn hold_refuses_a_bad_address_and_changes_nothing() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    // 192.0.2.1 (TEST-NET-1) is on no interface of the namespace.
-    let out = zdt(&ns, &["hold", "192.0.2.1:8080"]);
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("192.0.2.1:8080"), "{out:?}");
-    // Nothing was left behind: no placeholder listens.
-    let st = zdt(&ns, &["status", "8080", "--json"]);
-    assert!(!st.stdout.contains("\"hold\""), "{st:?}");
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let before = fingerprint(&ns, PORT)?;
+    assert!(before.is_some());
+    // 192.0.2.1 (TEST-NET-1) is on no interface of the namespace; [::]:8080 is not covered by
+    // the attached 0.0.0.0:8080.
+    for (spec, says) in [
+        ("192.0.2.1:8080", "cannot listen on 192.0.2.1:8080"),
+        ("[::]:8080", "does not cover [::]:8080"),
+        ("0.0.0.0:99999", "invalid address"),
+    ] {
+        let out = zdt(&ns, &["hold", spec]);
+        assert_eq!(out.code, 2, "{spec}: {out:?}");
+        assert!(out.stderr.contains(says), "{spec}: {out:?}");
+        assert_eq!(fingerprint(&ns, PORT)?, before, "{spec} changed the state");
+    }
+    // No placeholder was left listening: only v1's listener is on the port.
+    let listeners = ns.run(|| {
+        zdt_ctl::sockets::listen_entries().map(|t| {
+            t.values()
+                .filter(|e| e.local.port() == PORT)
+                .count()
+        })
+    })??;
+    assert_eq!(listeners, 1);
     Ok(())
 }
