@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use zdt_tests::{
-    harness::{promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -96,7 +96,9 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
         ],
     )?;
     let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
-    let waited = r["readiness_ms"].as_f64().unwrap();
+    // From v2's start (just before promote's) to the end of the readiness wait. Validation
+    // counts too: on a loaded machine it can take a good part of the warm-up.
+    let waited = r["validate_ms"].as_f64().unwrap() + r["readiness_ms"].as_f64().unwrap();
     assert!(
         waited > 1200.0,
         "switched after {waited} ms: the probe did not wait for v2: {r}"
@@ -127,5 +129,101 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
     assert!(r.stderr.contains("last answer: 503"), "{r:?}");
     let t = load::requests(&ns, PORT, 200, 1000.0);
     assert_eq!(t.versions.get("v2"), Some(&200), "{t:?}");
+    Ok(())
+}
+
+/// One GET / from `from` to `to`, on a socket bound to `from`: the answer's status line and
+/// x-zdt-version, or the error.
+fn get_from(from: std::net::SocketAddr, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.lines().next().unwrap_or("").to_string();
+    let version = buf
+        .lines()
+        .find_map(|l| l.strip_prefix("x-zdt-version: "))
+        .unwrap_or("?");
+    Ok(format!("{status} {version}"))
+}
+
+#[test]
+fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    // A second address, not loopback: connections from it stand for remote clients, which may
+    // pick any source port (Windows and macOS use 49152-65535, the reserved range included).
+    let mut ip = std::process::Command::new("ip");
+    ip.args(["addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    ns.command(&mut ip);
+    anyhow::ensure!(ip.status()?.success(), "ip addr add");
+    let remote: std::net::IpAddr = [10, 77, 0, 1].into();
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let st = status(&ns, PORT)?;
+    let (steered, refused) = (
+        member(&st, v1.pid)["steered"].as_u64().unwrap(),
+        st["counters"]["probe_refused"].as_u64().unwrap(),
+    );
+    // status checked the program with a connection of its own, which the program refused:
+    // v1 never got it.
+    assert_eq!(steered, 0, "{st}");
+    assert!(refused >= 1, "{st}");
+
+    // A never-ready candidate is being probed through the public port for 3 s.
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    let mut promote = zdt_command(
+        &ns,
+        &[
+            "promote",
+            &v2.pid.to_string(),
+            "--probe",
+            "/readyz",
+            "--timeout",
+            "3s",
+        ],
+    )
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let answers = ns.run(move || {
+        (0..20u16)
+            .map(|i| {
+                let port = 61500 + i;
+                let to = std::net::SocketAddr::new(remote, PORT);
+                let remote_answer = get_from((remote, port).into(), to).map_err(|e| e.kind());
+                let local_answer =
+                    get_from(([127, 0, 0, 1], port + 100).into(), to).map_err(|e| e.kind());
+                (remote_answer, local_answer)
+            })
+            .collect::<Vec<_>>()
+    })?;
+    assert!(!promote.wait()?.success(), "v2 can never be ready");
+    for (remote_answer, local_answer) in &answers {
+        // The remote client on a reserved port is served by the active version like any other.
+        assert_eq!(
+            remote_answer.as_deref().ok(),
+            Some("HTTP/1.1 200 OK v1"),
+            "{answers:?}"
+        );
+        // A loopback connection from a reserved port is a probe: it reaches the candidate
+        // (503 while it warms up), never v1.
+        assert_eq!(
+            local_answer.as_deref().ok(),
+            Some("HTTP/1.1 503 Service Unavailable v2"),
+            "{answers:?}"
+        );
+    }
     Ok(())
 }

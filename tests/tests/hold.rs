@@ -9,9 +9,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{
-        fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts,
-    },
+    harness::{fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
@@ -182,11 +180,8 @@ fn hold_refuses_a_bad_address_and_changes_nothing() -> anyhow::Result<()> {
     }
     // No placeholder was left listening: only v1's listener is on the port.
     let listeners = ns.run(|| {
-        zdt_ctl::sockets::listen_entries().map(|t| {
-            t.values()
-                .filter(|e| e.local.port() == PORT)
-                .count()
-        })
+        zdt_ctl::sockets::listen_entries()
+            .map(|t| t.values().filter(|e| e.local.port() == PORT).count())
     })??;
     assert_eq!(listeners, 1);
     Ok(())

@@ -74,19 +74,21 @@ pub struct ActiveSet {
     /// one connection agree), go to these slots instead of `lists`.
     pub canary: [SlotList; 2],
     pub canary_weight: u32,
-    /// Connections from source ports `probe_lo..=probe_hi` go to these slots and nowhere else:
-    /// zdt-ctl checks a candidate's readiness through the public port this way.
+    /// zdt-ctl's own connections (loopback, from [`PROBE_PORTS`]) go to these slots and nowhere
+    /// else: zdt-ctl checks a candidate's readiness through the public port this way. With no
+    /// probe slots, such a connection is refused.
     pub probe: [SlotList; 2],
-    pub probe_lo: u32,
-    pub probe_hi: u32,
     /// Placeholders of `zdt-ctl hold`: listeners that never accept. New connections go to them
     /// only when no active (or canary) socket can take them, and wait in their queue instead of
     /// being refused; the hold process moves the queue to the active member once there is one.
     pub hold: [SlotList; 2],
 }
 
-/// The source ports zdt-ctl's readiness probes through the public port come from: above the
-/// kernel's default ephemeral range (32768-60999), so no ordinary client uses them.
+/// The source ports of zdt-ctl's own connections to the public port (readiness probes through
+/// it, and status's check that the program runs), always from a loopback address. Above Linux's
+/// default ephemeral range (32768-60999), so no local client picks them by itself. Remote clients
+/// may use them (other systems pick ephemeral ports in 49152-65535): the program tells zdt-ctl's
+/// connections by the loopback source address as well, never by the port alone.
 pub const PROBE_PORTS: (u16, u16) = (61000, 61999);
 
 #[repr(C)]
@@ -115,8 +117,6 @@ impl ActiveSet {
         canary: [SlotList::EMPTY; 2],
         canary_weight: 0,
         probe: [SlotList::EMPTY; 2],
-        probe_lo: 0,
-        probe_hi: 0,
         hold: [SlotList::EMPTY; 2],
     };
 

@@ -75,6 +75,36 @@ pub struct PortProber {
     next: std::cell::Cell<u16>,
 }
 
+/// A TCP socket for `target`'s family, bound to loopback and to a source port of
+/// [`zdt_common::PROBE_PORTS`], the first free one from `first` on: the program recognizes
+/// zdt-ctl's own connections by both (see zdt-ebpf, is_zdt_probe).
+pub fn probe_socket(target: std::net::SocketAddr, first: u16) -> std::io::Result<socket2::Socket> {
+    let (lo, hi) = zdt_common::PROBE_PORTS;
+    let ip: std::net::IpAddr = match target {
+        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    let mut port = first.clamp(lo, hi);
+    for _ in lo..=hi {
+        match s.bind(&std::net::SocketAddr::new(ip, port).into()) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                port = if port >= hi { lo } else { port + 1 };
+            }
+            other => return other.map(|()| s),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("every source port of {lo}-{hi} on loopback is in use"),
+    ))
+}
+
 impl PortProber {
     pub fn new(target: std::net::SocketAddr, path: &str) -> Self {
         PortProber {
@@ -96,22 +126,8 @@ impl PortProber {
     pub fn probe(&self, limit: Duration) -> Result<(), String> {
         use std::io::{Read, Write};
         let limit = limit.min(REQUEST_TIMEOUT).max(Duration::from_millis(10));
-        let local = match self.target {
-            std::net::SocketAddr::V4(_) => {
-                std::net::SocketAddr::from(([127, 0, 0, 1], self.source_port()))
-            }
-            std::net::SocketAddr::V6(_) => {
-                std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.source_port()))
-            }
-        };
         let answer = (|| -> std::io::Result<Vec<u8>> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(self.target),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            s.set_reuse_address(true)?;
-            s.bind(&local.into())?;
+            let s = probe_socket(self.target, self.source_port())?;
             s.connect_timeout(&self.target.into(), limit)?;
             let mut s: std::net::TcpStream = s.into();
             s.set_read_timeout(Some(limit))?;

@@ -254,7 +254,7 @@ fn getsockopt_u64(fd: BorrowedFd<'_>, opt: libc::c_int, what: &str) -> anyhow::R
     Ok(value)
 }
 
-fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
     getsockopt_u64(fd, libc::SO_COOKIE, "getsockopt(SO_COOKIE)")
 }
 

@@ -190,7 +190,8 @@ impl State {
     /// the group's program runs on the SYN, before the handshake completes, so when connect()
     /// returns the count has moved, unless the group has no program or another one (an app can
     /// replace it with SO_ATTACH_REUSEPORT_EBPF, or remove it with SO_DETACH_REUSEPORT_BPF).
-    /// The connection is closed at once; the app sees a connection without a request.
+    /// The program refuses that connection (it comes from zdt-ctl's reserved source ports on
+    /// loopback), so the app never sees it; without the program, the app gets it and sees it close.
     pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
         let i = usize::from(!v4);
         let before = self.global_counters()?.runs[i];
@@ -200,11 +201,13 @@ impl State {
             None => std::net::Ipv6Addr::LOCALHOST.into(),
         };
         let target = std::net::SocketAddr::new(ip, self.spec.port);
-        // A refused or timed-out probe still ran the program (if attached) on its SYN.
-        drop(std::net::TcpStream::connect_timeout(
-            &target,
-            std::time::Duration::from_secs(1),
-        ));
+        // From loopback and a reserved source port: the program refuses such a connection
+        // unless a probe is under way, so the app never sees it. A refused or timed-out probe
+        // still ran the program (if attached) on its SYN.
+        let first = zdt_common::PROBE_PORTS.0 + (std::process::id() % 1000) as u16;
+        let s = crate::readiness::probe_socket(target, first)
+            .context("binding status's probe socket")?;
+        drop(s.connect_timeout(&target.into(), std::time::Duration::from_secs(1)));
         Ok(self.global_counters()?.runs[i] > before)
     }
 

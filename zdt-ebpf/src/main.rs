@@ -13,11 +13,14 @@ mod program {
 
     use aya_ebpf::{
         bindings::{
+            bpf_hdr_start_off::BPF_HDR_START_NET,
             bpf_map_def,
             bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
             sk_action::{SK_DROP, SK_PASS},
         },
-        helpers::generated::{bpf_ktime_get_ns, bpf_sk_select_reuseport},
+        helpers::generated::{
+            bpf_ktime_get_ns, bpf_sk_select_reuseport, bpf_skb_load_bytes_relative,
+        },
         macros::{map, sk_reuseport},
         maps::{Array, PerCpuArray},
         programs::SkReuseportContext,
@@ -25,7 +28,7 @@ mod program {
     };
     use zdt_common::{
         family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotList, SlotMeta,
-        MAX_ACTIVE, MAX_SLOTS, RECENT_BUCKET_NS,
+        MAX_ACTIVE, MAX_SLOTS, PROBE_PORTS, RECENT_BUCKET_NS,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -132,6 +135,24 @@ mod program {
             Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
             None => 0,
         };
+        // zdt-ctl's own connections: a readiness probe through the public port reaches the
+        // candidate and nothing else; with no candidate (or one that cannot be selected), and
+        // for status's check that the program runs, it is refused rather than answered by
+        // another process, parked on a placeholder, or handed to the app.
+        if !migrating && is_zdt_probe(ctx) {
+            if buf != 0 {
+                if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
+                    if let Some(probe) = set.probe.get(i) {
+                        if try_list(ctx, probe, false) {
+                            return SK_PASS;
+                        }
+                    }
+                }
+            }
+            global(|g| g.probe_refused += 1);
+            return SK_DROP;
+        }
+
         if buf == 0 {
             // Nothing promoted yet. SK_PASS without a selection makes the kernel hash over all
             // listeners of the group, exactly as if no program were attached, so attaching zdt
@@ -142,18 +163,6 @@ mod program {
 
         if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
             if !migrating {
-                // A readiness probe of zdt-ctl (source port in the reserved range) reaches the
-                // candidate and nothing else; if the candidate cannot be selected, the probe is
-                // refused rather than answered by another process.
-                if let Some(probe) = set.probe.get(i) {
-                    if probe.len > 0 && in_probe_range(ctx, set) {
-                        if try_list(ctx, probe, false) {
-                            return SK_PASS;
-                        }
-                        global(|g| g.probe_refused += 1);
-                        return SK_DROP;
-                    }
-                }
                 // The canary's share, by flow hash: every SYN of one connection (retransmits
                 // included) has the same hash, so a connection never changes sides.
                 if let Some(canary) = set.canary.get(i) {
@@ -266,21 +275,54 @@ mod program {
         false
     }
 
-    /// Whether the connection comes from zdt-ctl's reserved probe ports. Kernel contract: for an
-    /// sk_reuseport program, data..data_end starts at the TCP header (net/core/filter.c,
-    /// bpf_run_sk_reuseport), whose first two bytes are the source port.
+    /// Whether the connection is one of zdt-ctl's own: a source port in [`PROBE_PORTS`] *and* a
+    /// loopback source address. The port alone is not enough: remote clients on other systems
+    /// pick ephemeral ports in 49152-65535. Call only off the migration path.
+    ///
+    /// Kernel contracts: for an sk_reuseport program, data..data_end starts at the TCP header
+    /// (net/core/filter.c, bpf_run_sk_reuseport), whose first two bytes are the source port;
+    /// bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP header (sk_reuseport_func_proto
+    /// offers it), but the migration of an established connection runs the program without an
+    /// skb, so it is never called there. eth_protocol is skb->protocol, big-endian.
     #[inline(always)]
-    fn in_probe_range(ctx: &SkReuseportContext, set: &ActiveSet) -> bool {
+    fn is_zdt_probe(ctx: &SkReuseportContext) -> bool {
         let (data, end) = (ctx.data(), ctx.data_end());
         if data + 2 > end {
             return false;
         }
         // SAFETY: bounds checked just above, against data_end.
-        let port = u32::from(u16::from_be(unsafe {
-            core::ptr::read_unaligned(data as *const u16)
-        }));
-        port >= set.probe_lo && port <= set.probe_hi
+        let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
+        if port < PROBE_PORTS.0 || port > PROBE_PORTS.1 {
+            return false;
+        }
+        let load = |offset: u32, to: &mut [u8]| {
+            // SAFETY: `to` is a writable buffer of exactly the length passed.
+            unsafe {
+                bpf_skb_load_bytes_relative(
+                    ctx.as_ptr(),
+                    offset,
+                    to.as_mut_ptr() as *mut c_void,
+                    to.len() as u32,
+                    BPF_HDR_START_NET,
+                ) == 0
+            }
+        };
+        match u16::from_be(ctx.eth_protocol() as u16) {
+            // IPv4: source address at offset 12; loopback is 127.0.0.0/8.
+            0x0800 => {
+                let mut src = [0u8; 4];
+                load(12, &mut src) && src[0] == 127
+            }
+            // IPv6: source address at offset 8; loopback is ::1.
+            0x86dd => {
+                let mut src = [0u8; 16];
+                load(8, &mut src) && src == LOOPBACK6
+            }
+            _ => false,
+        }
     }
+
+    const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -44,36 +44,59 @@ fn queued(fd: BorrowedFd<'_>) -> anyhow::Result<u32> {
     Ok(info.tcpi_unacked)
 }
 
-/// Puts the placeholders into the socket array and makes them the hold lists.
+/// Puts the placeholders that are not in the socket array (new, or listening again after a
+/// move: the kernel took them out) into it, and makes all of them the hold lists.
 fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let pid = std::process::id() as i32;
+    let mut state = State::open_locked(spec.port)?;
+    let live = state.slots()?;
     let table = sockets::listen_entries()?;
-    let mut listeners = Vec::new();
+    let (mut indices, mut missing) = (Vec::new(), Vec::new());
     for fd in fds {
+        let cookie = sockets::socket_cookie(fd.as_fd())?;
+        if let Some(slot) = live.iter().find(|s| s.meta.cookie == cookie) {
+            indices.push(slot.index);
+            continue;
+        }
         let inode = std::fs::File::from(fd.try_clone()?).metadata()?.ino();
         let entry = table
             .get(&inode)
             .context("the placeholder is not listening")?;
-        listeners.push(sockets::listener_from(pid, fd.try_clone()?, entry)?);
+        missing.push(sockets::listener_from(pid, fd.try_clone()?, entry)?);
     }
-    let mut state = State::open_locked(spec.port)?;
-    for l in &listeners {
+    for l in &missing {
         state.attach_to_group(&l.fd)?;
     }
     let start = sockets::start_time(pid).unwrap_or(0);
-    let slots_new = state.insert(pid, start, &listeners)?;
+    indices.extend(state.insert(pid, start, &missing)?);
     let slots = state.slots()?;
-    state.set_hold(&slots, &slots_new)?;
+    state.set_hold(&slots, &indices)?;
     Ok(())
 }
 
-/// Whether a member that is not a placeholder is active and listening.
-fn member_active(port: u16) -> anyhow::Result<bool> {
+/// The address families (AF_INET, AF_INET6) in which a member that is not a placeholder is
+/// active (or canary) and listening: the families whose waiting connections can move now.
+fn ready_families(port: u16) -> anyhow::Result<Vec<u32>> {
     let Some(state) = State::open_read(port)? else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
-    Ok(state.slots()?.iter().any(|s| s.active))
+    Ok(state
+        .slots()?
+        .iter()
+        .filter(|s| s.active || s.canary)
+        .map(|s| s.meta.family)
+        .collect())
+}
+
+/// The address family of a socket, as the kernel and SlotMeta name it.
+fn family(fd: &OwnedFd) -> anyhow::Result<u32> {
+    let addr = socket2::SockRef::from(fd).local_addr()?;
+    Ok(if addr.is_ipv6() {
+        libc::AF_INET6 as u32
+    } else {
+        libc::AF_INET as u32
+    })
 }
 
 /// The spec to attach with: the port's own if it is attached already and covers `spec` (`:PORT`
@@ -111,22 +134,27 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<Infallible> {
         "zdt-ctl hold: placeholder on {spec} registered; while no member is active, new \
          connections wait on it for the next promoted process"
     );
+    let families = fds.iter().map(family).collect::<anyhow::Result<Vec<_>>>()?;
     let mut waiting_since: Option<Instant> = None;
     loop {
         std::thread::sleep(POLL);
-        let mut queued_now = 0u32;
-        for fd in &fds {
-            queued_now += queued(fd.as_fd())?;
+        let mut waiting = Vec::new();
+        for (fd, fam) in fds.iter().zip(&families) {
+            let n = queued(fd.as_fd())?;
+            if n > 0 {
+                waiting.push((fd, *fam, n));
+            }
         }
-        if queued_now == 0 {
+        if waiting.is_empty() {
             waiting_since = None;
             continue;
         }
         let since = *waiting_since.get_or_insert_with(Instant::now);
-        if !member_active(spec.port)? {
-            continue;
-        }
-        for fd in &fds {
+        let ready = ready_families(spec.port)?;
+        // Only a placeholder whose family has a ready member moves: the queue of the other
+        // family would find no target, and the kernel resets a migration without one.
+        let mut moved = 0;
+        for (fd, _, n) in waiting.iter().filter(|(_, fam, _)| ready.contains(fam)) {
             // Kernel contract: shutdown(SHUT_RD) stops a listener at once, for every holder, and
             // migrates its accept queue through the group's program (inet_shutdown ->
             // tcp_disconnect -> inet_csk_listen_stop); the program then picks an active member.
@@ -136,17 +164,21 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<Infallible> {
                 .context("shutting the placeholder down")?;
             nix::sys::socket::listen(&fd.as_fd(), nix::sys::socket::Backlog::new(backlog)?)
                 .context("listening again on the placeholder")?;
+            moved += n;
+        }
+        if moved == 0 {
+            continue;
         }
         register(&spec, &fds)?;
         let waited = since.elapsed();
         tracing::info!(
             port = spec.port,
-            queued = queued_now,
+            moved,
             ?waited,
             "moved waiting connections"
         );
         eprintln!(
-            "zdt-ctl hold: moved {queued_now} waiting connection(s) to the active member(s) \
+            "zdt-ctl hold: moved {moved} waiting connection(s) to the active member(s) \
              (first waited {} ms)",
             waited.as_millis()
         );

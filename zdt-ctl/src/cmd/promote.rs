@@ -337,8 +337,6 @@ fn probe_through_port(
         let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
         let mut set = before;
         set.probe = lists_of(&slots, &new)?;
-        set.probe_lo = u32::from(zdt_common::PROBE_PORTS.0);
-        set.probe_hi = u32::from(zdt_common::PROBE_PORTS.1);
         state.switch_set(&set)?;
         befores.push(before);
     }
