@@ -408,7 +408,7 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     let st = status(&ns, PORT)?;
     let overflows = st["kernel"]["listen_overflows"].as_u64().unwrap();
     assert!(overflows > 0, "{st}");
-    // The human view shows it too (its own probe connection may add one more).
+    // The human view shows it too.
     let out = zdt_ok(&ns, &["status", "8080"])?;
     let shown: u64 = out
         .stdout

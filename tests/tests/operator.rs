@@ -247,7 +247,7 @@ fn completions_and_man_page_come_from_the_cli_definition() -> anyhow::Result<()>
         "{man}"
     );
     for verb in [
-        "attach", "promote", "drain", "status", "metrics", "exec", "detach",
+        "attach", "promote", "drain", "status", "metrics", "exec", "detach", "hold", "rollback",
     ] {
         assert!(man.contains(verb), "man page lacks {verb}");
         assert!(run("bash")?.contains(verb), "bash completion lacks {verb}");
@@ -276,7 +276,6 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     );
     spec.max_requests = 250;
     ns.run(move || load::run(&spec, &Default::default(), &mut |_| {}))?;
-    // Read the metrics first: status would add its own probe connection.
     let text = zdt_ok(&ns, &["metrics"])?.stdout;
     let value = |line_start: &str| -> f64 {
         text.lines()
@@ -288,7 +287,8 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     let member = |pid: i32, role: &str| {
         format!("{{port=\"8080\",pid=\"{pid}\",command=\"zdt-demo-app\",role=\"{role}\"}}")
     };
-    // The member rows are read before metrics' own probe connection, the totals after it.
+    // metrics checks the program with a connection of its own, which the program refuses:
+    // it is counted as a refused probe, never as steered.
     assert_eq!(
         value(&format!(
             "zdt_member_steered_total{}",
@@ -296,7 +296,8 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
         )),
         250.0
     );
-    assert_eq!(value("zdt_steered_total{port=\"8080\"}"), 251.0);
+    assert_eq!(value("zdt_steered_total{port=\"8080\"}"), 250.0);
+    assert_eq!(value("zdt_probe_refused_total{port=\"8080\"}"), 1.0);
     assert_eq!(
         value(&format!(
             "zdt_member_steered_total{}",
