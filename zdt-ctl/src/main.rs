@@ -382,7 +382,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             name,
             command,
         } => match cmd::exec::exec(&listen, backlog, &name, &command)? {},
-        Command::Hold { addr, backlog } => match cmd::hold::hold(addr, backlog)? {},
+        Command::Hold { addr, backlog } => cmd::hold::hold(addr, backlog)?,
         Command::Generate { what } => {
             let mut c = Cli::command();
             if what == "man" {

@@ -8,7 +8,6 @@
 //! the active member (SELECT_OR_MIGRATE). It listens again on the same socket at once, which puts
 //! it back into the group, and registers it again.
 use std::{
-    convert::Infallible,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     time::{Duration, Instant},
 };
@@ -20,6 +19,9 @@ use crate::{addr::PortSpec, cmd::exec::bound, error::require_root, sockets, stat
 /// How often the hold process looks at its queues. One getsockopt per placeholder: a connection
 /// that waited for a promote waits at most this much longer after it.
 const POLL: Duration = Duration::from_millis(10);
+
+/// How often the hold process checks that the port is still attached (a stat of the program pin).
+const DETACH_CHECK: Duration = Duration::from_millis(100);
 
 /// Connections waiting in a listener's accept queue. Kernel contract: TCP_INFO on a LISTEN
 /// socket reports the accept-queue length in tcpi_unacked (sk_ack_backlog) and its limit in
@@ -115,7 +117,8 @@ fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
     )))
 }
 
-pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<Infallible> {
+/// Runs until the port is detached (then returns, and the placeholder closes) or an error.
+pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
     require_root()?;
     // Bind first: a bad address fails here, before anything changed.
     let sockets = bound(&[spec])?;
@@ -136,8 +139,21 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<Infallible> {
     );
     let families = fds.iter().map(family).collect::<anyhow::Result<Vec<_>>>()?;
     let mut waiting_since: Option<Instant> = None;
+    let mut last_check = Instant::now();
     loop {
         std::thread::sleep(POLL);
+        // After `zdt-ctl detach` the group has no program, and kernel hashing would give the
+        // placeholder, which never accepts, its share of new connections: leave at once.
+        if last_check.elapsed() >= DETACH_CHECK {
+            last_check = Instant::now();
+            if !State::exists(spec.port)? {
+                eprintln!(
+                    "zdt-ctl hold: port {} was detached; placeholder closed",
+                    spec.port
+                );
+                return Ok(());
+            }
+        }
         let mut waiting = Vec::new();
         for (fd, fam) in fds.iter().zip(&families) {
             let n = queued(fd.as_fd())?;
