@@ -135,11 +135,16 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Keep a placeholder listener on the port (runs until stopped; meant as a systemd service).
-    /// While no promoted process is active (a crash, a stop-then-start restart), new connections
-    /// wait on it instead of being refused, and move to the next promoted process. Give the
-    /// address your app binds: `:PORT` holds both wildcards (0.0.0.0 and [::]).
+    /// Keep the port's connections waiting while no promoted process is active (runs until stopped)
+    ///
+    /// A placeholder listener that never accepts stays in the port's group. While no promoted
+    /// process can take a connection (a crash, a stop-then-start restart), new connections and
+    /// a dying member's queue wait on it instead of being refused or reset, and move to the next
+    /// promoted process. Meant as a systemd service (examples/zdt-hold.service); ends when the
+    /// port is detached.
     Hold {
+        /// The address your app binds, [ADDR]:PORT: `:PORT` holds both wildcards (0.0.0.0 and
+        /// [::]); use 0.0.0.0:PORT for an app that serves IPv4 only.
         #[arg(value_parser = parse_spec)]
         addr: PortSpec,
         /// Accept-queue limit of each placeholder: how many connections can wait at once
