@@ -13,11 +13,12 @@ use std::{
 };
 
 use anyhow::Context as _;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::{addr::PortSpec, cmd::exec::bound, error::require_root, sockets, state::State};
 
-/// How often the hold process looks at its queues. One getsockopt per placeholder: a connection
-/// that waited for a promote waits at most this much longer after it.
+/// While connections wait, how often the hold process looks for a ready member (a read of the
+/// pinned state): a connection that waited for a promote waits at most this much longer.
 const POLL: Duration = Duration::from_millis(10);
 
 /// How often the hold process checks that the port is still attached (a stat of the program pin).
@@ -141,7 +142,6 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
     let mut waiting_since: Option<Instant> = None;
     let mut last_check = Instant::now();
     loop {
-        std::thread::sleep(POLL);
         // After `zdt-ctl detach` the group has no program, and kernel hashing would give the
         // placeholder, which never accepts, its share of new connections: leave at once.
         if last_check.elapsed() >= DETACH_CHECK {
@@ -163,6 +163,19 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
         }
         if waiting.is_empty() {
             waiting_since = None;
+            // Sleep until a connection arrives: a listener polls readable when its accept queue
+            // is not empty. The timeout only paces the detach check.
+            let mut pollfds: Vec<_> = fds
+                .iter()
+                .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            match poll(
+                &mut pollfds,
+                PollTimeout::from(DETACH_CHECK.as_millis() as u16),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e).context("poll() on the placeholders"),
+            }
             continue;
         }
         let since = *waiting_since.get_or_insert_with(Instant::now);
@@ -183,6 +196,8 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             moved += n;
         }
         if moved == 0 {
+            // Connections wait and no member is ready yet: look again shortly.
+            std::thread::sleep(POLL);
             continue;
         }
         register(&spec, &fds)?;
