@@ -380,6 +380,29 @@ impl State {
         Ok(Some(self.active.get(&(c.active_buf - 1), 0)?))
     }
 
+    /// The address families (AF_INET, AF_INET6) in which an active or canary slot of the live
+    /// set holds a listening socket of zdt's. A few map reads (the set, then each listed slot's
+    /// cookie and metadata), unlike [`State::slots`], which reads all of them: `zdt-ctl hold`
+    /// asks this every few milliseconds while connections wait.
+    pub fn ready_families(&self) -> anyhow::Result<Vec<u32>> {
+        let Some(set) = self.active_set()? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for list in set.lists.iter().chain(set.canary.iter()) {
+            for &slot in list.as_slice() {
+                let Some(cookie) = self.cookie_at(slot)? else {
+                    continue;
+                };
+                let meta = self.meta.get(&slot, 0)?;
+                if meta.cookie == cookie && !out.contains(&meta.family) {
+                    out.push(meta.family);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The active set that was live before the last switch: the buffer that is not live now
     /// (the switch protocol writes the other buffer and flips, so it still holds the old set).
     /// None before the first switch.

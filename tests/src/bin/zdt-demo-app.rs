@@ -290,19 +290,23 @@ async fn main() -> anyhow::Result<()> {
     // One accept task per listener, all feeding one channel; they stop when `stop` flips.
     let (conn_tx, mut conns) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(1024);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let accepts: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> = Default::default();
     let spawn_accepts = |ls: &Vec<Arc<TcpListener>>| {
         for l in ls {
             let (l, tx, mut stop) = (l.clone(), conn_tx.clone(), stop.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        r = l.accept() => if let Ok((s, _)) = r {
-                            let _ = tx.send(s).await;
-                        },
-                        _ = stop.changed() => break,
+            accepts
+                .lock()
+                .expect("accept tasks")
+                .push(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            r = l.accept() => if let Ok((s, _)) = r {
+                                let _ = tx.send(s).await;
+                            },
+                            _ = stop.changed() => break,
+                        }
                     }
-                }
-            });
+                }));
         }
     };
     let mut open: Vec<Arc<TcpListener>> = listeners.drain(..).map(Arc::new).collect();
@@ -338,6 +342,17 @@ async fn main() -> anyhow::Result<()> {
     // queues still fill if anyone sends them connections), then close.
     app.draining.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
+    // Connections accept() already took are ours: serve them. Wait for the accept tasks to
+    // stop, then serve what they handed over but the loop above had not picked up yet (dropping
+    // those would reset them).
+    let tasks: Vec<_> = accepts.lock().expect("accept tasks").drain(..).collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    while let Ok(s) = conns.try_recv() {
+        last_accept_ms = unix_ms();
+        serve(s, &app, &graceful);
+    }
     println!("last_accept_ms={last_accept_ms}");
     tokio::time::sleep(args.close_gap).await;
     // The accept tasks have dropped their references; this is the last one of each listener.

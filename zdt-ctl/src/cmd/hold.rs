@@ -78,20 +78,6 @@ fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The address families (AF_INET, AF_INET6) in which a member that is not a placeholder is
-/// active (or canary) and listening: the families whose waiting connections can move now.
-fn ready_families(port: u16) -> anyhow::Result<Vec<u32>> {
-    let Some(state) = State::open_read(port)? else {
-        return Ok(Vec::new());
-    };
-    Ok(state
-        .slots()?
-        .iter()
-        .filter(|s| s.active || s.canary)
-        .map(|s| s.meta.family)
-        .collect())
-}
-
 /// The address family of a socket, as the kernel and SlotMeta name it.
 fn family(fd: &OwnedFd) -> anyhow::Result<u32> {
     let addr = socket2::SockRef::from(fd).local_addr()?;
@@ -140,6 +126,7 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
     );
     let families = fds.iter().map(family).collect::<anyhow::Result<Vec<_>>>()?;
     let mut waiting_since: Option<Instant> = None;
+    let mut waiting_state: Option<State> = None;
     let mut last_check = Instant::now();
     loop {
         // After `zdt-ctl detach` the group has no program, and kernel hashing would give the
@@ -163,6 +150,7 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
         }
         if waiting.is_empty() {
             waiting_since = None;
+            waiting_state = None;
             // Sleep until a connection arrives: a listener polls readable when its accept queue
             // is not empty. The timeout only paces the detach check.
             let mut pollfds: Vec<_> = fds
@@ -179,7 +167,15 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             continue;
         }
         let since = *waiting_since.get_or_insert_with(Instant::now);
-        let ready = ready_families(spec.port)?;
+        // Opened once per wait, not per look: opening verifies the whole pinned state, and
+        // this runs every POLL while connections wait and a new process starts up.
+        if waiting_state.is_none() {
+            waiting_state = State::open_read(spec.port)?;
+        }
+        let ready = match &waiting_state {
+            Some(state) => state.ready_families()?,
+            None => Vec::new(),
+        };
         // Only a placeholder whose family has a ready member moves: the queue of the other
         // family would find no target, and the kernel resets a migration without one.
         let mut moved = 0;
@@ -200,6 +196,7 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             std::thread::sleep(POLL);
             continue;
         }
+        waiting_state = None;
         register(&spec, &fds)?;
         let waited = since.elapsed();
         tracing::info!(
