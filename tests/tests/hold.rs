@@ -29,9 +29,11 @@ struct Hold {
 
 impl Hold {
     fn start(ns: &Netns, spec: &str) -> anyhow::Result<Hold> {
-        let mut child = zdt_command(ns, &["hold", spec])
-            .stderr(Stdio::piped())
-            .spawn()?;
+        Self::start_with(ns, &["hold", spec])
+    }
+
+    fn start_with(ns: &Netns, args: &[&str]) -> anyhow::Result<Hold> {
+        let mut child = zdt_command(ns, args).stderr(Stdio::piped()).spawn()?;
         let (tx, lines) = mpsc::channel();
         let err = child.stderr.take().expect("piped");
         std::thread::spawn(move || {
@@ -198,5 +200,48 @@ fn hold_refuses_a_bad_address_and_changes_nothing() -> anyhow::Result<()> {
             .map(|t| t.values().filter(|e| e.local.port() == PORT).count())
     })??;
     assert_eq!(listeners, 1);
+    Ok(())
+}
+
+#[test]
+fn a_family_no_process_serves_is_reset_after_max_wait() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    // The app serves IPv4 only; the hold covers both families (`:8080`).
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let _hold = Hold::start_with(&ns, &["hold", ":8080", "--max-wait", "1s"])?;
+    zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
+    let (v6, took, v4) = ns.run(|| {
+        use std::io::{Read, Write};
+        let ask = |to: &str| -> (std::io::Result<usize>, Duration) {
+            let start = std::time::Instant::now();
+            let r = (|| {
+                let mut s = std::net::TcpStream::connect(to)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf)?;
+                Ok(buf.len())
+            })();
+            (r, start.elapsed())
+        };
+        let (v6, took) = ask("[::1]:8080");
+        let (v4, _) = ask("127.0.0.1:8080");
+        (v6.map_err(|e| e.kind()), took, v4.map_err(|e| e.kind()))
+    })?;
+    // IPv6: the placeholder took the connection (nothing else listens on [::]:8080) and, with no
+    // IPv6 member ever ready, reset it after the 1 s maximum wait instead of keeping it until
+    // the client gave up (10 s here).
+    assert_eq!(
+        v6,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "took {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // IPv4 is served as usual.
+    assert!(v4.is_ok_and(|n| n > 0), "{v4:?}");
     Ok(())
 }

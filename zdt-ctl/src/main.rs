@@ -151,6 +151,10 @@ enum Command {
         /// (also capped by net.core.somaxconn).
         #[arg(long, default_value_t = 4096)]
         backlog: i32,
+        /// How long connections may wait for a ready process of their address family; after
+        /// that they are reset (a family no process serves must not keep clients forever).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        max_wait: std::time::Duration,
     },
     /// Shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
@@ -387,7 +391,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             name,
             command,
         } => match cmd::exec::exec(&listen, backlog, &name, &command)? {},
-        Command::Hold { addr, backlog } => cmd::hold::hold(addr, backlog)?,
+        Command::Hold {
+            addr,
+            backlog,
+            max_wait,
+        } => cmd::hold::hold(addr, backlog, max_wait)?,
         Command::Generate { what } => {
             let mut c = Cli::command();
             if what == "man" {

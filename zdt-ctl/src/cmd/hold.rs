@@ -105,7 +105,7 @@ fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
 }
 
 /// Runs until the port is detached (then returns, and the placeholder closes) or an error.
-pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
+pub fn hold(spec: PortSpec, backlog: i32, max_wait: Duration) -> anyhow::Result<()> {
     require_root()?;
     // Bind first: a bad address fails here, before anything changed.
     let sockets = bound(&[spec])?;
@@ -125,7 +125,8 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
          connections wait on it for the next promoted process"
     );
     let families = fds.iter().map(family).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut waiting_since: Option<Instant> = None;
+    // Per placeholder: since when its queue has not been empty.
+    let mut since: Vec<Option<Instant>> = vec![None; fds.len()];
     let mut waiting_state: Option<State> = None;
     let mut last_check = Instant::now();
     loop {
@@ -142,14 +143,16 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             }
         }
         let mut waiting = Vec::new();
-        for (fd, fam) in fds.iter().zip(&families) {
+        for (k, fd) in fds.iter().enumerate() {
             let n = queued(fd.as_fd())?;
-            if n > 0 {
-                waiting.push((fd, *fam, n));
+            if n == 0 {
+                since[k] = None;
+            } else {
+                since[k].get_or_insert_with(Instant::now);
+                waiting.push((k, n));
             }
         }
         if waiting.is_empty() {
-            waiting_since = None;
             waiting_state = None;
             // Sleep until a connection arrives: a listener polls readable when its accept queue
             // is not empty. The timeout only paces the detach check.
@@ -166,7 +169,6 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             }
             continue;
         }
-        let since = *waiting_since.get_or_insert_with(Instant::now);
         // Opened once per wait, not per look: opening verifies the whole pinned state, and
         // this runs every POLL while connections wait and a new process starts up.
         if waiting_state.is_none() {
@@ -176,40 +178,55 @@ pub fn hold(spec: PortSpec, backlog: i32) -> anyhow::Result<()> {
             Some(state) => state.ready_families()?,
             None => Vec::new(),
         };
-        // Only a placeholder whose family has a ready member moves: the queue of the other
-        // family would find no target, and the kernel resets a migration without one.
-        let mut moved = 0;
-        for (fd, _, n) in waiting.iter().filter(|(_, fam, _)| ready.contains(fam)) {
+        let (mut moved, mut dropped) = (0, 0);
+        let mut first_wait = Duration::ZERO;
+        for (k, n) in waiting {
+            let waited = since[k].map_or(Duration::ZERO, |t| t.elapsed());
+            // A placeholder moves its queue once its family has a ready member. Without one,
+            // the migration finds no target and the kernel resets what was queued: that is
+            // done only once the wait has lasted `max_wait`, so that a family no process serves
+            // (an IPv6 placeholder beside an IPv4-only app) does not keep clients forever.
+            if ready.contains(&families[k]) {
+                moved += n;
+            } else if waited >= max_wait {
+                dropped += n;
+            } else {
+                continue;
+            }
+            first_wait = first_wait.max(waited);
             // Kernel contract: shutdown(SHUT_RD) stops a listener at once, for every holder, and
             // migrates its accept queue through the group's program (inet_shutdown ->
             // tcp_disconnect -> inet_csk_listen_stop); the program then picks an active member.
             // listen() on the same socket puts it back into the group (reuseport_resurrect),
             // but not into the socket array, hence register() below.
+            let fd = &fds[k];
             nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                 .context("shutting the placeholder down")?;
             nix::sys::socket::listen(&fd.as_fd(), nix::sys::socket::Backlog::new(backlog)?)
                 .context("listening again on the placeholder")?;
-            moved += n;
+            since[k] = None;
         }
-        if moved == 0 {
+        if moved + dropped == 0 {
             // Connections wait and no member is ready yet: look again shortly.
             std::thread::sleep(POLL);
             continue;
         }
         waiting_state = None;
         register(&spec, &fds)?;
-        let waited = since.elapsed();
-        tracing::info!(
-            port = spec.port,
-            moved,
-            ?waited,
-            "moved waiting connections"
-        );
-        eprintln!(
-            "zdt-ctl hold: moved {moved} waiting connection(s) to the active member(s) \
-             (first waited {} ms)",
-            waited.as_millis()
-        );
-        waiting_since = None;
+        tracing::info!(port = spec.port, moved, dropped, ?first_wait, "queue moved");
+        if moved > 0 {
+            eprintln!(
+                "zdt-ctl hold: moved {moved} waiting connection(s) to the active member(s) \
+                 (first waited {} ms)",
+                first_wait.as_millis()
+            );
+        }
+        if dropped > 0 {
+            eprintln!(
+                "zdt-ctl hold: no process of that address family became ready within {}; \
+                 reset {dropped} connection(s) that waited",
+                humantime::format_duration(max_wait)
+            );
+        }
     }
 }
