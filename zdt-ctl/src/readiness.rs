@@ -75,6 +75,16 @@ pub struct PortProber {
     next: std::cell::Cell<u16>,
 }
 
+/// The port after `p` in [`zdt_common::PROBE_PORTS`], wrapping round.
+fn next_probe_port(p: u16) -> u16 {
+    let (lo, hi) = zdt_common::PROBE_PORTS;
+    if p >= hi {
+        lo
+    } else {
+        p + 1
+    }
+}
+
 /// A TCP socket for `target`'s family, bound to loopback and to a source port of
 /// [`zdt_common::PROBE_PORTS`], the first free one from `first` on: the program recognizes
 /// zdt-ctl's own connections by both (see zdt-ebpf, is_zdt_probe).
@@ -93,9 +103,7 @@ pub fn probe_socket(target: std::net::SocketAddr, first: u16) -> std::io::Result
     let mut port = first.clamp(lo, hi);
     for _ in lo..=hi {
         match s.bind(&std::net::SocketAddr::new(ip, port).into()) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                port = if port >= hi { lo } else { port + 1 };
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => port = next_probe_port(port),
             other => return other.map(|()| s),
         }
     }
@@ -117,9 +125,8 @@ impl PortProber {
     /// The source ports go round the reserved range, so a port left in TIME_WAIT by an earlier
     /// probe is not needed again for a long while.
     fn source_port(&self) -> u16 {
-        let (lo, hi) = zdt_common::PROBE_PORTS;
         let p = self.next.get();
-        self.next.set(if p >= hi { lo } else { p + 1 });
+        self.next.set(next_probe_port(p));
         p
     }
 

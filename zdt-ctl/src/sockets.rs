@@ -197,11 +197,16 @@ pub struct Listener {
 
 impl Listener {
     pub fn family(&self) -> u32 {
-        if self.local.is_ipv4() {
-            zdt_common::AF_INET
-        } else {
-            zdt_common::AF_INET6
-        }
+        family_of(&self.local)
+    }
+}
+
+/// The address family of a socket address, as the kernel and [`zdt_common::SlotMeta`] name it.
+pub fn family_of(addr: &SocketAddr) -> u32 {
+    if addr.is_ipv4() {
+        zdt_common::AF_INET
+    } else {
+        zdt_common::AF_INET6
     }
 }
 

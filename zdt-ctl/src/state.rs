@@ -391,12 +391,10 @@ impl State {
         let mut out = Vec::new();
         for list in set.lists.iter().chain(set.canary.iter()) {
             for &slot in list.as_slice() {
-                let Some(cookie) = self.cookie_at(slot)? else {
-                    continue;
-                };
-                let meta = self.meta.get(&slot, 0)?;
-                if meta.cookie == cookie && !out.contains(&meta.family) {
-                    out.push(meta.family);
+                if let Some(meta) = self.live_meta(slot)? {
+                    if !out.contains(&meta.family) {
+                        out.push(meta.family);
+                    }
                 }
             }
         }
@@ -427,18 +425,24 @@ impl State {
         }
     }
 
+    /// The metadata of `slot` if it holds a live socket that zdt put there: the slot's cookie
+    /// matches the one zdt recorded (a slot whose socket closed is empty, see `cookie_at`).
+    fn live_meta(&self, slot: u32) -> anyhow::Result<Option<SlotMeta>> {
+        let Some(cookie) = self.cookie_at(slot)? else {
+            return Ok(None);
+        };
+        let meta = self.meta.get(&slot, 0)?;
+        Ok((meta.cookie == cookie).then_some(meta))
+    }
+
     /// Every slot that holds a live socket zdt put there (cookie matches its metadata).
     pub fn slots(&self) -> anyhow::Result<Vec<Slot>> {
         let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
         let mut out = Vec::new();
         for index in 0..MAX_SLOTS {
-            let Some(cookie) = self.cookie_at(index)? else {
+            let Some(meta) = self.live_meta(index)? else {
                 continue;
             };
-            let meta = self.meta.get(&index, 0)?;
-            if meta.cookie != cookie {
-                continue;
-            }
             let per_cpu = self.slot_counters.get(&index, 0)?;
             let now_bucket = monotonic_ns() / zdt_common::RECENT_BUCKET_NS;
             out.push(Slot {
@@ -779,6 +783,18 @@ pub fn live_only(
     out.canary = keep(&set.canary)?;
     out.probe = [zdt_common::SlotList::EMPTY; 2];
     Ok(out)
+}
+
+/// The pids of the slots that `keep` selects, each once, in order.
+pub fn pids_where(slots: &[Slot], keep: impl Fn(&Slot) -> bool) -> Vec<i32> {
+    let mut pids: Vec<i32> = slots
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| s.meta.pid as i32)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// The set that makes `indices` the active members, and nothing else.

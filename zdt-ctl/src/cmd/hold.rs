@@ -78,14 +78,13 @@ fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The address family of a socket, as the kernel and SlotMeta name it.
+/// The address family of a placeholder.
 fn family(fd: &OwnedFd) -> anyhow::Result<u32> {
-    let addr = socket2::SockRef::from(fd).local_addr()?;
-    Ok(if addr.is_ipv6() {
-        libc::AF_INET6 as u32
-    } else {
-        libc::AF_INET as u32
-    })
+    let addr = socket2::SockRef::from(fd)
+        .local_addr()?
+        .as_socket()
+        .context("the placeholder has no IP address")?;
+    Ok(sockets::family_of(&addr))
 }
 
 /// The spec to attach with: the port's own if it is attached already and covers `spec` (`:PORT`

@@ -417,13 +417,7 @@ fn restore(state: &mut State, before: &ActiveSet) -> anyhow::Result<Vec<i32>> {
     }
     state.switch_set(&set)?;
     state.set_roles(&slots, &set)?;
-    let mut pids: Vec<i32> = slots
-        .iter()
-        .filter(|s| set.names(s.index))
-        .map(|s| s.meta.pid as i32)
-        .collect();
-    pids.dedup();
-    Ok(pids)
+    Ok(crate::state::pids_where(&slots, |s| set.names(s.index)))
 }
 
 fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {

@@ -3,7 +3,7 @@
 //! yet stopped, takes all new connections again at once.
 use crate::{
     error::{err, require_root, Kind},
-    state::State,
+    state::{pids_where, State},
 };
 
 #[derive(Debug, serde::Serialize)]
@@ -32,15 +32,6 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     let back = crate::state::live_only(&previous, &slots, |s| {
         s.meta.role == zdt_common::ROLE_CANDIDATE
     })?;
-    let pids = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
-        let mut v: Vec<i32> = slots
-            .iter()
-            .filter(|s| keep(s))
-            .map(|s| s.meta.pid as i32)
-            .collect();
-        v.dedup();
-        v
-    };
     if back.is_empty() {
         return Err(err(
             Kind::Refused,
@@ -50,10 +41,10 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
             ),
         ));
     }
-    let demoted = pids(&|s| (s.active || s.canary) && !back.names(s.index));
+    let demoted = pids_where(&slots, |s| (s.active || s.canary) && !back.names(s.index));
     state.switch_set(&back)?;
     state.set_roles(&slots, &back)?;
-    let restored = pids(&|s| back.names(s.index));
+    let restored = pids_where(&slots, |s| back.names(s.index));
     tracing::info!(port, ?restored, ?demoted, "rolled back");
     Ok(RollbackReport {
         port,
