@@ -324,10 +324,12 @@ fn probe_through_port(
     progress: &mut impl FnMut(Duration, &str),
 ) -> anyhow::Result<()> {
     let mut befores = Vec::new();
-    let mut family_v4 = true;
+    // The probe goes to the first port; the family of its wildcard is that of PID's sockets
+    // on that port.
+    let mut family_v4 = None;
     for state in states.iter_mut() {
         let listeners = sockets::fetch_listeners(target, &state.spec)?;
-        family_v4 = listeners.first().is_none_or(|l| l.local.is_ipv4());
+        family_v4.get_or_insert(listeners.first().is_none_or(|l| l.local.is_ipv4()));
         for l in &listeners {
             state.attach_to_group(&l.fd)?;
         }
@@ -343,7 +345,7 @@ fn probe_through_port(
     let spec = states[0].spec;
     let ip: std::net::IpAddr = match spec.addr {
         Some(a) => a,
-        None if family_v4 => std::net::Ipv4Addr::LOCALHOST.into(),
+        None if family_v4.unwrap_or(true) => std::net::Ipv4Addr::LOCALHOST.into(),
         None => std::net::Ipv6Addr::LOCALHOST.into(),
     };
     let to = std::net::SocketAddr::new(ip, spec.port);
