@@ -194,10 +194,11 @@ pub struct GlobalCounters {
     pub steered: u64,
     /// Queued connections migrated to an active socket, all slots together.
     pub migrated: u64,
-    /// New connections parked on a placeholder of `zdt-ctl hold` (no member could take them).
+    /// Connections parked on a placeholder of `zdt-ctl hold` (no member could take them): new
+    /// ones, and those migrating from a dying member.
     pub held: u64,
-    /// Probe connections (from the reserved source ports) whose candidate could not be selected:
-    /// refused, so that a probe never reaches another process.
+    /// zdt-ctl's own connections (loopback, reserved source ports) refused: probes whose
+    /// candidate could not be selected, and status's check that the program runs.
     pub probe_refused: u64,
     /// Program runs for the IPv4 group and for the IPv6 group. `zdt-ctl status` proves that the
     /// program is attached to a group by making one connection to it and seeing its count move:

@@ -138,12 +138,12 @@ pub fn render(all: &[Status]) -> String {
         ),
         (
             "zdt_held_total",
-            "New connections parked on a zdt-ctl hold placeholder while no member was ready.",
+            "Connections (new, or from a dying member's queue) parked on a zdt-ctl hold placeholder while no member was ready.",
             |c| c.held,
         ),
         (
             "zdt_probe_refused_total",
-            "Readiness probes refused because their candidate could not be selected.",
+            "zdt-ctl's own connections refused by the program: probes whose candidate could not be selected, and the status/metrics self-check.",
             |c| c.probe_refused,
         ),
     ];

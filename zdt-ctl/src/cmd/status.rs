@@ -42,9 +42,11 @@ pub struct Counters {
     pub fallback: u64,
     pub select_failed: u64,
     pub migrate_no_target: u64,
-    /// New connections parked on a `zdt-ctl hold` placeholder.
+    /// Connections (new, or migrating from a dying member) parked on a `zdt-ctl hold`
+    /// placeholder.
     pub held: u64,
-    /// Probe connections refused because their candidate could not be selected.
+    /// zdt-ctl's own connections refused: probes whose candidate could not be selected, and the
+    /// status/metrics check that the program runs.
     pub probe_refused: u64,
 }
 
