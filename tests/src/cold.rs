@@ -16,16 +16,14 @@
 //! Arms are interleaved in rounds, each round of each arm in a fresh network namespace.
 use std::{
     os::fd::{AsRawFd as _, OwnedFd},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use nix::sys::signal::Signal;
 
 use crate::{
     bench::{fmt_rate, histogram, machine, Kernel, Latency},
-    harness::{promote_args, strs, zdt_command, zdt_ok, App, AppOpts},
+    harness::{promote_args, strs, zdt_ok, App, AppOpts, Hold},
     load::{self, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
@@ -113,36 +111,6 @@ pub struct ColdReport {
     pub seconds: f64,
 }
 
-/// A running `zdt-ctl hold`; killed when dropped.
-struct HoldProcess(Child);
-
-impl HoldProcess {
-    fn start(ns: &Netns) -> anyhow::Result<Self> {
-        let mut child = zdt_command(ns, &["hold", "0.0.0.0:8080"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning zdt-ctl hold")?;
-        let err = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let first = rx.recv_timeout(Duration::from_secs(10))?;
-        anyhow::ensure!(first.contains("registered"), "zdt-ctl hold: {first}");
-        Ok(HoldProcess(child))
-    }
-}
-
-impl Drop for HoldProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The listener a socket-activating supervisor keeps across restarts (no SO_REUSEPORT: it is the
 /// only one).
 fn supervisor_listener(ns: &Netns) -> anyhow::Result<OwnedFd> {
@@ -165,7 +133,7 @@ fn round(cfg: &ColdConfig, arm: ColdArm, n: usize, acc: &mut Acc) -> anyhow::Res
     let _hold = match arm {
         ColdArm::Hold => {
             zdt_ok(&ns, &["attach", ":8080"])?;
-            Some(HoldProcess::start(&ns)?)
+            Some(Hold::start(&ns, &["0.0.0.0:8080"])?)
         }
         _ => None,
     };

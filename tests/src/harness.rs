@@ -275,6 +275,39 @@ pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// A running `zdt-ctl hold ARGS...`, its stderr lines on a channel; killed when dropped.
+pub struct Hold {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Hold {
+    /// Starts `zdt-ctl hold ARGS...` and waits until it says its placeholder is registered.
+    pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Hold> {
+        let mut child = zdt_command(ns, &[&["hold"], args].concat())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning zdt-ctl hold")?;
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(10))?;
+        anyhow::ensure!(first.contains("registered"), "zdt-ctl hold said: {first}");
+        Ok(Hold { child, lines })
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `zdt-ctl ARGS` inside the namespace.
 pub fn zdt(ns: &Netns, args: &[&str]) -> Ctl {
     zdt_command(ns, args)
@@ -340,6 +373,15 @@ pub fn print_tally(title: &str, t: &crate::load::Tally) {
     println!("  answered by: {}", versions.join(", "));
 }
 
+/// The bpf(2) syscall with `attr` as its attribute union.
+///
+/// # Safety
+/// `attr` must be the layout the kernel expects for `cmd`, and every pointer in it valid for
+/// the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>())
+}
+
 /// Loads `r0 = 1 (SK_PASS); exit` as an sk_reuseport program: another program than zdt's, for
 /// the tests where an app installs its own or a pinned state holds a foreign one.
 pub fn load_pass_program() -> anyhow::Result<std::os::fd::OwnedFd> {
@@ -372,14 +414,7 @@ pub fn load_pass_program() -> anyhow::Result<std::os::fd::OwnedFd> {
         ..Default::default()
     };
     // SAFETY: the kernel reads the attr and the instructions, both alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &mut attr as *mut ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) };
     anyhow::ensure!(
         fd >= 0,
         "BPF_PROG_LOAD: {}",
@@ -407,14 +442,7 @@ pub fn pin_pass_program(path: &std::path::Path) -> anyhow::Result<()> {
         file_flags: 0,
     };
     // SAFETY: the kernel reads the attr and the path, both alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
+    let rc = unsafe { bpf(BPF_OBJ_PIN, &mut pin) };
     anyhow::ensure!(rc == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     Ok(())
 }

@@ -1,15 +1,10 @@
 //! `zdt-ctl hold`: while no process is active (a stop-then-start restart, a crash), connections
 //! wait on a placeholder instead of being refused or reset, and move to the next promoted process.
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts, Hold},
     load::{self, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
@@ -19,39 +14,6 @@ const WARMUP: Duration = Duration::from_millis(1000);
 
 fn addr() -> std::net::SocketAddr {
     ([127, 0, 0, 1], PORT).into()
-}
-
-/// A running `zdt-ctl hold`, its stderr lines on a channel; killed when dropped.
-struct Hold {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Hold {
-    fn start(ns: &Netns, spec: &str) -> anyhow::Result<Hold> {
-        Self::start_with(ns, &["hold", spec])
-    }
-
-    fn start_with(ns: &Netns, args: &[&str]) -> anyhow::Result<Hold> {
-        let mut child = zdt_command(ns, args).stderr(Stdio::piped()).spawn()?;
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().expect("piped");
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let first = lines.recv_timeout(Duration::from_secs(10))?;
-        anyhow::ensure!(first.contains("registered"), "hold said: {first}");
-        Ok(Hold { child, lines })
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// v1 serves under load; v1 stops; only then v2 starts, warms up for 1 s and becomes ready
@@ -85,7 +47,7 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
 
     let ns = Netns::new()?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let mut hold = Hold::start(&ns, "0.0.0.0:8080")?;
+    let mut hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
     let t = cold_restart(&ns, true)?;
     // Every request got a 200. Those that came while nothing was ready waited on the placeholder
     // (for up to the warm-up: slow is expected) and were then moved to v2.
@@ -139,7 +101,7 @@ fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").stuck())?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let _hold = if with_hold {
-        Some(Hold::start(&ns, "0.0.0.0:8080")?)
+        Some(Hold::start(&ns, &["0.0.0.0:8080"])?)
     } else {
         None
     };
@@ -209,7 +171,7 @@ fn a_family_no_process_serves_is_reset_after_max_wait() -> anyhow::Result<()> {
     // The app serves IPv4 only; the hold covers both families (`:8080`).
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let _hold = Hold::start_with(&ns, &["hold", ":8080", "--max-wait", "1s"])?;
+    let _hold = Hold::start(&ns, &[":8080", "--max-wait", "1s"])?;
     zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
     let (v6, took, v4) = ns.run(|| {
         use std::io::{Read, Write};
