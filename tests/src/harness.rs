@@ -49,6 +49,10 @@ pub struct AppOpts {
     /// A listener to hand over the systemd way (fd 3, LISTEN_FDS=1), as a socket-activating
     /// supervisor does: the app serves it instead of binding its own.
     pub inherit: Option<std::os::fd::RawFd>,
+    /// Bind the public port this long after start (the admin port binds at once).
+    pub bind_delay: Duration,
+    /// Run as this uid (and gid), through setpriv(1), as a unit with `User=` does.
+    pub uid: Option<u32>,
 }
 
 impl AppOpts {
@@ -61,7 +65,18 @@ impl AppOpts {
             close_gap: Duration::from_millis(100),
             extra: Vec::new(),
             inherit: None,
+            bind_delay: Duration::ZERO,
+            uid: None,
         }
+    }
+    pub fn bind_delay(mut self, d: Duration) -> Self {
+        self.bind_delay = d;
+        self
+    }
+    /// Run as `uid` (its own gid too, no supplementary groups).
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
     }
     pub fn warmup(mut self, d: Duration) -> Self {
         self.warmup = d;
@@ -91,6 +106,24 @@ impl AppOpts {
     }
 }
 
+/// Makes `fd` the child's fd 3 without close-on-exec, where sd_listen_fds(3) looks for the
+/// first socket. For a `pre_exec` hook: only async-signal-safe calls.
+pub fn fd_to_3(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on descriptors of this process.
+    let rc = unsafe {
+        // dup2 onto itself would keep close-on-exec: clear it by hand then.
+        if fd == 3 {
+            libc::fcntl(3, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, 3)
+        }
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A running demo service. Killed (SIGKILL) when dropped if it is still running.
 pub struct App {
     pub child: Child,
@@ -102,45 +135,48 @@ pub struct App {
 
 impl App {
     /// Starts the service and waits until its public listener is bound (or, for a service that
-    /// binds after warm-up, until its admin port is up).
+    /// binds after warm-up or after a delay, until its admin port is up).
     pub fn start(ns: &Netns, o: &AppOpts) -> anyhow::Result<App> {
-        let mut cmd = match o.inherit {
-            None => Command::new(bin("zdt-demo-app")),
-            Some(_) => {
-                // LISTEN_PID must be the app's own pid, known only after the fork: a shell sets
-                // it and execs the app under the same pid.
-                let mut c = Command::new("sh");
-                c.args(["-c", r#"LISTEN_PID=$$ exec "$0" "$@""#])
-                    .arg(bin("zdt-demo-app"))
-                    .env("LISTEN_FDS", "1");
-                c
-            }
-        };
+        // Every wrapper execs the next program, so the pid is the app's from the start.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(uid) = o.uid {
+            argv.extend(
+                [
+                    "setpriv".to_string(),
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                    "--".into(),
+                ]
+                .map(Into::into),
+            );
+        }
+        if o.inherit.is_some() {
+            // LISTEN_PID must be the app's own pid, known only after the fork: a shell sets it
+            // and execs the app under the same pid.
+            argv.extend(["sh", "-c", r#"LISTEN_PID=$$ exec "$0" "$@""#].map(Into::into));
+        }
+        argv.push(bin("zdt-demo-app").into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        if o.inherit.is_some() {
+            cmd.env("LISTEN_FDS", "1");
+        }
         cmd.args(["--port", &o.port.to_string(), "--version", &o.version])
             .args(["--warmup", &format!("{}ms", o.warmup.as_millis())])
             .args(["--close-gap", &format!("{}ms", o.close_gap.as_millis())])
             .args(["--bind-at", if o.bind_at_start { "start" } else { "ready" }])
+            .args(["--bind-delay", &format!("{}ms", o.bind_delay.as_millis())])
             .args(&o.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // setns first: its namespace fd may be the very number (3) the listener goes to.
         ns.command(&mut cmd);
         if let Some(fd) = o.inherit {
-            // SAFETY: fcntl and dup2 are async-signal-safe; `fd` stays open in the parent
-            // during spawn.
+            // SAFETY: fd_to_3 only makes async-signal-safe calls; `fd` stays open in the
+            // parent during spawn.
             unsafe {
-                cmd.pre_exec(move || {
-                    // dup2 onto itself would keep close-on-exec: clear it by hand then.
-                    let rc = if fd == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, 3)
-                    };
-                    if rc < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || fd_to_3(fd));
             }
         }
         let mut child = cmd.spawn().context("starting zdt-demo-app")?;
@@ -164,7 +200,7 @@ impl App {
         app.admin = admin.parse().context("admin address")?;
         // The admin port binds the wildcard; probe it on loopback.
         app.admin.set_ip([127, 0, 0, 1].into());
-        if o.bind_at_start {
+        if o.bind_at_start && o.bind_delay.is_zero() {
             app.wait_line("bound=", Duration::from_secs(10))?;
         }
         Ok(app)
@@ -270,6 +306,23 @@ pub fn promote_args(app: &App, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// A deploy: `promote NEW --readyz ... --stop-old`, which must report `old` stopped, and `old`
+/// must have exited.
+pub fn replace(ns: &Netns, new: &App, old: &mut App) -> anyhow::Result<Ctl> {
+    let r = zdt_ok(ns, &strs(&promote_args(new, &["--stop-old"])))?;
+    anyhow::ensure!(
+        r.stdout
+            .contains(&format!("stopped: pid {} exited", old.pid)),
+        "{r:?}"
+    );
+    anyhow::ensure!(
+        old.wait_exit(Duration::from_secs(5)),
+        "pid {} still runs",
+        old.pid
+    );
+    Ok(r)
+}
+
 /// Borrowed views of owned arguments.
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -278,6 +331,8 @@ pub fn strs(v: &[String]) -> Vec<&str> {
 /// A running `zdt-ctl hold ARGS...`, its stderr lines on a channel; killed when dropped.
 pub struct Hold {
     pub child: Child,
+    /// What it said when it registered its placeholder (its layout and uid).
+    pub registered: String,
     pub lines: mpsc::Receiver<String>,
 }
 
@@ -297,7 +352,11 @@ impl Hold {
         });
         let first = lines.recv_timeout(Duration::from_secs(10))?;
         anyhow::ensure!(first.contains("registered"), "zdt-ctl hold said: {first}");
-        Ok(Hold { child, lines })
+        Ok(Hold {
+            child,
+            registered: first,
+            lines,
+        })
     }
 }
 

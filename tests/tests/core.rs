@@ -7,7 +7,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{
+        fingerprint, promote_args, replace, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts,
+    },
     load::{self, Background, LoadSpec, Outcome, Sample, Tally},
     netns::Netns,
 };
@@ -217,6 +219,8 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         (vec!["promote", "0", "--readyz", &ready], 2, "\"0\""),
         (vec!["promote", "-5", "--readyz", &ready], 2, "\"-5\""),
         (vec!["promote", "abc", "--readyz", &ready], 2, "\"abc\""),
+        // A process that does not listen on the port (yet) is waited for, within --timeout:
+        // exit 4, saying what it does listen on.
         (
             vec![
                 "promote",
@@ -225,13 +229,24 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 &ready,
                 "--port",
                 "8080",
+                "--timeout",
+                "1s",
             ],
-            2,
+            4,
             "has no listening TCP socket on :8080",
         ),
         (
-            vec!["promote", &wp, "--readyz", &ready, "--port", "8080"],
-            2,
+            vec![
+                "promote",
+                &wp,
+                "--readyz",
+                &ready,
+                "--port",
+                "8080",
+                "--timeout",
+                "1s",
+            ],
+            4,
             "listens on port 8085",
         ),
         (
@@ -424,9 +439,10 @@ fn detach_restores_kernel_hashing_and_attach_is_idempotent() -> anyhow::Result<(
         "{hashed:?}"
     );
     assert_eq!(fingerprint(&ns, PORT)?, None);
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], false);
-    assert_eq!(st["members"], serde_json::json!([]));
+    // A port that is not attached (any more) is exit 3, for status as for every command.
+    let st = zdt(&ns, &["status", "8080", "--json"]);
+    assert_eq!(st.code, 3, "{st:?}");
+    assert!(st.stderr.contains("zdt-ctl attach :8080"), "{st:?}");
     drop(v1);
     Ok(())
 }
@@ -446,15 +462,7 @@ fn several_deploys_under_load_lose_nothing() -> anyhow::Result<()> {
             &ns,
             &AppOpts::new(PORT, &format!("v{i}")).warmup(Duration::from_millis(400)),
         )?;
-        let mut args = promote_args(&new, &[]);
-        args.push("--stop-old".into());
-        let r = zdt_ok(&ns, &strs(&args))?;
-        assert!(
-            r.stdout
-                .contains(&format!("stopped: pid {} exited", old.pid)),
-            "{r:?}"
-        );
-        assert!(old.wait_exit(Duration::from_secs(5)));
+        replace(&ns, &new, &mut old)?;
         old = new;
     }
     std::thread::sleep(Duration::from_millis(300));

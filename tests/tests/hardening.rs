@@ -51,12 +51,17 @@ fn bad_pids_and_sockets_are_refused_and_change_nothing() -> anyhow::Result<()> {
         (
             other_addr.pid.to_string(),
             2,
-            "it listens on 127.0.0.2:8080, another address".into(),
+            "listens on 127.0.0.2:8080, not on :8080".into(),
         ),
-        (udp.pid.to_string(), 2, "UDP socket on 0.0.0.0:8080".into()),
+        // A UDP socket only: the process may still bind its TCP listener, so promote waits for
+        // it, up to --timeout (exit 4), and then says what it saw.
+        (udp.pid.to_string(), 4, "UDP socket on 0.0.0.0:8080".into()),
     ];
     for (pid, code, text) in &cases {
-        let r = zdt(&ns, &["promote", pid, "--readyz", &ready]);
+        let r = zdt(
+            &ns,
+            &["promote", pid, "--readyz", &ready, "--timeout", "1s"],
+        );
         assert_eq!(r.code, *code, "pid {pid}: {r:?}");
         assert!(
             r.stderr.contains(text.as_str()),

@@ -20,7 +20,7 @@ fn promote(ns: &Netns, app: &App, extra: &[&str]) -> anyhow::Result<zdt_tests::h
 #[test]
 fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--dual-stack"))?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--split"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let st = status(&ns, PORT)?;
     let families: Vec<&str> = st["groups"]
@@ -38,7 +38,7 @@ fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
     let v2 = App::start(
         &ns,
         &AppOpts::new(PORT, "v2")
-            .arg("--dual-stack")
+            .arg("--split")
             .warmup(Duration::from_millis(500)),
     )?;
     promote(&ns, &v2, &["--stop-old"])?;
@@ -203,9 +203,9 @@ fn status_json_matches_its_documented_schema() -> anyhow::Result<()> {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/status.schema.json"),
     )?)?;
     let ns = Netns::new()?;
-    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--dual-stack"))?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--split"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--dual-stack"))?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--split"))?;
     promote(&ns, &v2, &[])?;
     let st = status(&ns, PORT)?;
     assert_eq!(st["members"].as_array().unwrap().len(), 2, "{st}");

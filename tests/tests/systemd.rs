@@ -63,8 +63,17 @@ fn the_deploy_script_deploys_and_rolls_back() -> anyhow::Result<()> {
         ),
     );
 
-    for (i, new) in ["app@8082", "app@8081", "app@8082"].iter().enumerate() {
-        let (code, out) = deploy(&ns, &shim, &[("PROBATION", "500ms")])?;
+    // The last of them binds its port 3 s after it starts: the script, unchanged, still works
+    // (promote waits for it to listen).
+    for (i, (new, bind_delay)) in [("app@8082", "0s"), ("app@8081", "0s"), ("app@8082", "3s")]
+        .iter()
+        .enumerate()
+    {
+        let (code, out) = deploy(
+            &ns,
+            &shim,
+            &[("PROBATION", "500ms"), ("APP_BIND_DELAY", bind_delay)],
+        )?;
         assert_eq!(code, 0, "deploy {i}: {out}");
         assert!(
             out.contains(&format!("deployed {new}")),

@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod cmd;
 pub mod error;
+pub mod plan;
 pub mod readiness;
 pub mod sockets;
 pub mod state;

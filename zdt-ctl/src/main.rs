@@ -32,9 +32,14 @@ enum Command {
         #[arg(value_parser = parse_spec)]
         addr: PortSpec,
     },
-    /// Wait for PID's readiness, then send all new connections to its sockets.
+    /// Wait for PID to listen on the port and be ready, then send all new connections to it.
     #[command(
-        after_help = "Example:\n  zdt-ctl promote $NEW_PID --readyz http://127.0.0.1:8081/readyz --stop-old"
+        after_help = "PID is the service's own process (with `exec` in a start script; under socket \
+                      activation its MainPID). It may bind the port some time after it starts: promote \
+                      waits for that, and fails at once if it binds another address, without \
+                      SO_REUSEPORT, as another uid, or laid out otherwise than the running version \
+                      (split IPv4/IPv6 vs one dual-stack socket).\n\n\
+                      Example:\n  ./myapp & zdt-ctl promote $! --readyz http://127.0.0.1:8081/readyz --stop-old"
     )]
     Promote {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
@@ -53,7 +58,7 @@ enum Command {
         /// the active members. `promote PID` without --weight completes the rollout.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99), conflicts_with = "stop_old")]
         weight: Option<u32>,
-        /// How long to wait for readiness.
+        /// How long to wait for PID to listen on the port and then answer 200, in all.
         #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
         timeout: Duration,
         /// After the switch, keep checking that the new process lives and answers 200 this long;
@@ -94,8 +99,9 @@ enum Command {
     },
     /// Show members, roles and counters.
     #[command(
-        after_help = "The JSON schema is docs/status.schema.json. Each group is checked with one probe \
-                            connection to the port, which the app sees as a connection without a request."
+        after_help = "The JSON schema is docs/status.schema.json. Each group is checked with one \
+                            connection of zdt-ctl's own to the port, which the program refuses: the app \
+                            never sees it. A PORT that is not attached exits 3."
     )]
     Status {
         /// The port (default: every attached port of this network namespace).
@@ -155,6 +161,19 @@ enum Command {
         /// that they are reset (a family no process serves must not keep clients forever).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         max_wait: std::time::Duration,
+        /// Owner of the placeholder (user name or uid): the app's user, e.g. www-data. The
+        /// kernel shares a port only between sockets of one uid. Default: the owner of the
+        /// port's listeners, or root when there are none.
+        #[arg(long, value_name = "NAME|UID")]
+        user: Option<String>,
+        /// One [::] placeholder with IPV6_V6ONLY=0, for an app that listens on one dual-stack
+        /// socket (Go, Java and Node do by default). Default: the layout of the port's
+        /// listeners, or split when there are none.
+        #[arg(long, conflicts_with = "split")]
+        dual_stack: bool,
+        /// An IPv4 and an IPv6-only placeholder (the default when the port has no listener).
+        #[arg(long)]
+        split: bool,
     },
     /// Shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
@@ -222,6 +241,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 "already attached"
             };
             println!("{}: {verb}", r.spec);
+            for w in &r.warnings {
+                eprintln!("zdt-ctl: warning: {w}");
+            }
             if !r.adopted.is_empty() {
                 let pids: Vec<String> = r.adopted.iter().map(i32::to_string).collect();
                 println!("active: pid {} (already listening)", pids.join(", "));
@@ -255,25 +277,34 @@ fn run(command: Command) -> anyhow::Result<()> {
             // In scripts and under systemd the log lines (RUST_LOG=info) tell the story.
             let tty = std::io::stderr().is_terminal();
             let mut seen: Vec<(String, u32)> = Vec::new();
-            let r = cmd::promote::promote(&opts, |elapsed, answer| {
-                match seen.iter_mut().find(|(a, _)| a == answer) {
-                    Some((_, n)) => *n += 1,
-                    None => seen.push((answer.to_string(), 1)),
+            let mut printed = false;
+            let r = cmd::promote::promote(&opts, |p| {
+                use cmd::promote::Progress;
+                if !tty {
+                    return;
                 }
-                if tty {
-                    let answers: Vec<String> =
-                        seen.iter().map(|(a, n)| format!("{a} x{n}")).collect();
-                    eprint!(
-                        "\r\x1b[2Kwaiting for readiness: {:.1}s, answers: {}",
-                        elapsed.as_secs_f64(),
-                        answers.join(", ")
-                    );
-                    if answer == "200" {
-                        eprintln!();
+                printed = true;
+                match p {
+                    Progress::Listening { elapsed, spec } => eprint!(
+                        "\r\x1b[2Kwaiting for pid {pid} to listen on {spec}: {:.1}s",
+                        elapsed.as_secs_f64()
+                    ),
+                    Progress::Answer { elapsed, answer } => {
+                        match seen.iter_mut().find(|(a, _)| a == answer) {
+                            Some((_, n)) => *n += 1,
+                            None => seen.push((answer.to_string(), 1)),
+                        }
+                        let answers: Vec<String> =
+                            seen.iter().map(|(a, n)| format!("{a} x{n}")).collect();
+                        eprint!(
+                            "\r\x1b[2Kwaiting for readiness: {:.1}s, answers: {}",
+                            elapsed.as_secs_f64(),
+                            answers.join(", ")
+                        );
                     }
                 }
             });
-            if tty && !seen.iter().any(|(a, _)| a == "200") && !seen.is_empty() {
+            if printed {
                 eprintln!();
             }
             let reports = r?;
@@ -395,7 +426,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             addr,
             backlog,
             max_wait,
-        } => cmd::hold::hold(addr, backlog, max_wait)?,
+            user,
+            dual_stack,
+            split,
+        } => {
+            use cmd::hold::{HoldLayout, HoldOptions};
+            cmd::hold::hold(&HoldOptions {
+                spec: addr,
+                backlog,
+                max_wait,
+                user,
+                layout: match (dual_stack, split) {
+                    (true, _) => Some(HoldLayout::DualStack),
+                    (_, true) => Some(HoldLayout::Split),
+                    _ => None,
+                },
+            })?
+        }
         Command::Generate { what } => {
             let mut c = Cli::command();
             if what == "man" {

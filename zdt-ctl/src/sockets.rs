@@ -14,6 +14,7 @@ use socket2::SockRef;
 use crate::{
     addr::PortSpec,
     error::{bad_input, err, Kind},
+    plan,
 };
 
 /// A TCP listener of this network namespace, as the kernel's sock_diag reports it.
@@ -22,6 +23,17 @@ pub struct ListenEntry {
     pub inode: u64,
     pub local: SocketAddr,
     pub uid: u32,
+    /// IPV6_V6ONLY (false for IPv4 sockets).
+    pub v6only: bool,
+    /// The socket's cookie (SO_COOKIE), as the socket array reports it for a slot.
+    pub cookie: u64,
+}
+
+impl ListenEntry {
+    /// The kind of reuseport group the listener is in.
+    pub fn group(&self) -> plan::Group {
+        plan::Group::of(&self.local, self.v6only)
+    }
 }
 
 /// Every TCP socket of the calling thread's network namespace (/proc/net/tcp and tcp6).
@@ -70,7 +82,7 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
     };
     use netlink_packet_sock_diag::{
         constants::IPPROTO_TCP,
-        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
         SockDiagMessage,
     };
     use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
@@ -114,10 +126,19 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     let h = &r.header;
+                    // Kernel contract: inet_diag_msg_attrs_fill puts INET_DIAG_SKV6ONLY on every
+                    // AF_INET6 socket; idiag_cookie is the cookie as two u32 in host order, low
+                    // word first (sock_diag_save_cookie).
+                    let c = h.socket_id.cookie;
+                    let word = |i: usize| {
+                        u64::from(u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]))
+                    };
                     out.push(ListenEntry {
                         inode: u64::from(h.inode),
                         local: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
                         uid: h.uid,
+                        v6only: r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true))),
+                        cookie: word(0) | word(4) << 32,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(out),
@@ -162,22 +183,71 @@ fn no_such_pid(pid: i32) -> anyhow::Error {
     ))
 }
 
-/// The processes holding each of `inodes`, lowest pid first (a master process before the workers
-/// it forked, which share its listening sockets).
-pub fn owners(inodes: &BTreeSet<u64>) -> BTreeMap<u64, Vec<i32>> {
-    let mut out: BTreeMap<u64, Vec<i32>> = BTreeMap::new();
+/// Who holds some sockets, from one pass over /proc: the holders of each socket (lowest pid
+/// first, with the fd number each holds it at), and what [`plan`] needs to know of every
+/// process (the parent of each, and more of the holders) to tell which holder serves it.
+#[derive(Debug, Default)]
+pub struct Holders {
+    pub by_inode: BTreeMap<u64, Vec<(i32, i32)>>,
+    pub procs: plan::Procs,
+}
+
+impl Holders {
+    /// The pids holding `inode`.
+    pub fn pids(&self, inode: u64) -> Vec<i32> {
+        self.by_inode
+            .get(&inode)
+            .map(|v| v.iter().map(|(pid, _)| *pid).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// PF_FORKNOEXEC (include/linux/sched.h): forked and has not exec'd since.
+const PF_FORKNOEXEC: u32 = 0x40;
+/// PF_KTHREAD.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// zdt-ctl's own executable, to know zdt-ctl processes by (besides their command name).
+fn own_exe() -> Option<std::path::PathBuf> {
+    std::fs::read_link("/proc/self/exe").ok()
+}
+
+/// The holders of `inodes`, and the process table around them.
+pub fn holders(inodes: &BTreeSet<u64>) -> Holders {
+    let mut out = Holders::default();
     let Ok(all) = procfs::process::all_processes() else {
         return out;
     };
-    let mut pids: Vec<i32> = all.flatten().map(|p| p.pid).collect();
-    pids.sort_unstable();
-    for pid in pids {
+    let ours = own_exe();
+    let mut all: Vec<Process> = all.flatten().collect();
+    all.sort_unstable_by_key(|p| p.pid);
+    for p in all {
         // Processes may exit while we look: skip what vanished.
-        if let Ok(fds) = socket_fds(pid) {
-            for inode in fds.keys().filter(|i| inodes.contains(i)) {
-                out.entry(*inode).or_default().push(pid);
+        let Ok(stat) = p.stat() else { continue };
+        if stat.flags & PF_KTHREAD != 0 {
+            continue;
+        }
+        let mut info = plan::ProcInfo {
+            ppid: stat.ppid,
+            ..Default::default()
+        };
+        if let Ok(fds) = socket_fds(p.pid) {
+            let mut holds = false;
+            for (inode, fd) in fds.iter().filter(|(i, _)| inodes.contains(i)) {
+                out.by_inode.entry(*inode).or_default().push((p.pid, *fd));
+                holds = true;
+            }
+            if holds {
+                let exe = p.exe().ok();
+                info.zdt = stat.comm == "zdt-ctl" || (exe.is_some() && exe == ours);
+                info.exe = exe.map(|e| e.to_string_lossy().into_owned());
+                info.execed = stat.flags & PF_FORKNOEXEC == 0;
+                info.listen_fds = p
+                    .environ()
+                    .is_ok_and(|env| env.contains_key(std::ffi::OsStr::new("LISTEN_FDS")));
             }
         }
+        out.procs.insert(p.pid, info);
     }
     out
 }
@@ -193,6 +263,8 @@ pub struct Listener {
     pub cookie: u64,
     /// Owner uid of the socket (the kernel groups only sockets of one uid).
     pub uid: u32,
+    /// The kind of reuseport group it is in.
+    pub group: plan::Group,
 }
 
 impl Listener {
@@ -356,75 +428,210 @@ fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The listening sockets of `pid` that `spec` names, duplicated and validated.
+/// The listening sockets of `pid` that `spec` names, duplicated and validated; `Ok(None)` while
+/// it has none yet (it may still be starting up: loading its configuration, binding its admin
+/// port first).
 ///
-/// Errors name the pid and say what is wrong: no such pid, no listener on the port (listing the
-/// ports it does listen on), a listener in another network namespace, a listener bound to another
-/// address, a listener without SO_REUSEPORT.
-pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Listener>> {
+/// Errors are for what waiting cannot fix, each naming the pid and what is wrong: a listener
+/// on the port bound to another address than `spec`'s, a listener without SO_REUSEPORT.
+pub fn find_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Option<Vec<Listener>>> {
     let pid = pidfd.pid;
     let fds = socket_fds(pid)?;
     let table = listen_entries()?;
-    let mine: Vec<(&ListenEntry, i32)> = fds
+    let on_port: Vec<(&ListenEntry, i32)> = fds
         .iter()
         .filter_map(|(inode, fd)| table.get(inode).map(|e| (e, *fd)))
-        .collect();
-    let on_port: Vec<_> = mine
-        .iter()
         .filter(|(e, _)| e.local.port() == spec.port)
         .collect();
-    let matching: Vec<_> = on_port
-        .iter()
-        .filter(|(e, _)| spec.matches(&e.local))
-        .collect();
+    let (matching, other): (Vec<_>, Vec<_>) =
+        on_port.iter().partition(|(e, _)| spec.matches(&e.local));
     if matching.is_empty() {
-        let mut why = format!("pid {pid} has no listening TCP socket on {spec}");
-        if let Some(udp) = udp_on_port(&fds, spec.port) {
-            why += &format!(" (it has a UDP socket on {udp}; zdt steers TCP listeners)");
-        } else if !on_port.is_empty() {
-            let addrs: Vec<String> = on_port.iter().map(|(e, _)| e.local.to_string()).collect();
-            why += &format!(
-                " (it listens on {}, another address; attach that address instead)",
-                addrs.join(", ")
-            );
-        } else if !mine.is_empty() {
-            let ports: BTreeSet<u16> = mine.iter().map(|(e, _)| e.local.port()).collect();
-            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-            why += &format!(" (it listens on port {} only)", ports.join(", "));
-        } else if other_netns(pid) {
-            why += " (it is in another network namespace; run zdt-ctl inside that namespace)";
-        } else {
-            why += "; is it the service process, and has it bound the port yet?";
+        if other.is_empty() {
+            return Ok(None);
         }
-        return Err(bad_input(why));
+        let addrs: Vec<String> = other.iter().map(|(e, _)| e.local.to_string()).collect();
+        return Err(bad_input(format!(
+            "pid {pid} listens on {}, not on {spec}: a listener bound to an address takes that \
+             address's connections before the wildcard's, beside zdt's group. Make the service \
+             listen on {spec}, or attach the address it uses (`zdt-ctl detach {spec}`, then \
+             `zdt-ctl attach {}`)",
+            addrs.join(", "),
+            addrs[0]
+        )));
     }
     let mut out = Vec::new();
     for (entry, fd) in matching {
-        out.push(listener_from(pid, dup_from(pidfd, *fd)?, entry)?);
+        out.push(listener_from(
+            pid,
+            dup_checked(pidfd, fd, entry.inode)?,
+            entry,
+        )?);
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
-/// Every listener that `spec` names, whoever holds it: (lowest holding pid, entry, duplicate).
-/// A listener whose holders vanished while we looked is left out: it is gone.
-pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(i32, ListenEntry, OwnedFd)>> {
+/// [`find_listeners`], for a process that must listen already: no listener is an error that
+/// says what PID does listen on.
+pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Listener>> {
+    match find_listeners(pidfd, spec)? {
+        Some(l) => Ok(l),
+        None => Err(bad_input(not_listening(pidfd.pid, spec))),
+    }
+}
+
+/// "pid N has no listening TCP socket on SPEC", and what it has instead.
+pub fn not_listening(pid: i32, spec: &PortSpec) -> String {
+    let mut why = format!("pid {pid} has no listening TCP socket on {spec}");
+    let fds = socket_fds(pid).unwrap_or_default();
+    let ports: BTreeSet<u16> = listen_entries()
+        .unwrap_or_default()
+        .values()
+        .filter(|e| fds.contains_key(&e.inode))
+        .map(|e| e.local.port())
+        .collect();
+    if let Some(udp) = udp_on_port(&fds, spec.port) {
+        why += &format!(" (it has a UDP socket on {udp}; zdt steers TCP listeners)");
+    } else if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        why += &format!(" (it listens on port {} only)", ports.join(", "));
+    } else {
+        why += "; is it the service process, and has it bound the port yet?";
+    }
+    why
+}
+
+/// Refuses a pid that can never be a member, whatever it binds: init, zdt-ctl itself, a process
+/// of another network namespace.
+pub fn refuse_non_app(pidfd: &PidFd) -> anyhow::Result<()> {
+    let pid = pidfd.pid;
+    if pid == 1 {
+        return Err(bad_input(
+            "pid 1 is the init process (systemd holds the sockets of socket-activated services \
+             but does not serve them): pass the service's own pid (`systemctl show -p MainPID \
+             --value UNIT`)",
+        ));
+    }
+    let comm = comm(pid).unwrap_or_default();
+    let exe = Process::new(pid).and_then(|p| p.exe()).ok();
+    if comm == "zdt-ctl" || (exe.is_some() && exe == own_exe()) {
+        return Err(bad_input(format!(
+            "pid {pid} is zdt-ctl itself (a `zdt-ctl hold` placeholder, say), not a service \
+             process: pass the pid of the service"
+        )));
+    }
+    if other_netns(pid) {
+        return Err(bad_input(format!(
+            "pid {pid} is in another network namespace: its sockets are not this namespace's \
+             port; run zdt-ctl inside that namespace (nsenter --net=/proc/{pid}/ns/net)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses `pid` as the member for `listeners` if it only keeps a copy of a socket that a
+/// program it started serves (a supervisor handing sockets over the systemd way).
+pub fn check_serves(pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
+    let inodes: BTreeSet<u64> = listeners.iter().map(|l| l.inode).collect();
+    let h = holders(&inodes);
+    for l in listeners {
+        if let Some(plan::NotServing::Supervisor { child }) =
+            plan::not_serving(pid, &h.pids(l.inode), &h.procs)
+        {
+            return Err(bad_input(format!(
+                "pid {pid} ({}) keeps a copy of the socket on {} that it handed to pid {child} \
+                 ({}), which serves it: pass pid {child}. (Signalling pid {pid} would stop the \
+                 supervisor, not the service.)",
+                comm(pid).unwrap_or_default(),
+                l.local,
+                comm(child).unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A descendant of `pid` that listens on `spec` while `pid` itself does not (a start script
+/// that runs the service as its child instead of exec'ing it): (its pid, its command name).
+pub fn listening_descendant(pid: i32, spec: &PortSpec) -> Option<(i32, String)> {
+    let inodes: BTreeSet<u64> = listen_entries()
+        .ok()?
+        .values()
+        .filter(|e| spec.matches(&e.local))
+        .map(|e| e.inode)
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let h = holders(&inodes);
+    let child = h
+        .by_inode
+        .values()
+        .flatten()
+        .map(|(p, _)| *p)
+        .filter(|&p| p != pid && plan::descends(p, pid, &h.procs))
+        .min()?;
+    Some((child, comm(child).unwrap_or_default()))
+}
+
+/// Duplicates fd `fd` of a process and checks that it still is socket `inode`: between reading
+/// /proc/PID/fd and the duplication, the process may have closed that fd and reused its number.
+fn dup_checked(pidfd: &PidFd, fd: i32, inode: u64) -> anyhow::Result<OwnedFd> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dup = dup_from(pidfd, fd)?;
+    let found = std::fs::File::from(dup.try_clone()?).metadata()?.ino();
+    if found != inode {
+        return Err(err(
+            Kind::Internal,
+            format!(
+                "fd {fd} of pid {} changed while zdt read it (socket {inode} became {found}); \
+                 run the command again",
+                pidfd.pid
+            ),
+        ));
+    }
+    Ok(dup)
+}
+
+/// A listener that a spec names, duplicated, with the process that serves it.
+pub struct Found {
+    /// The member to record for it ([`plan::member`]); None when only processes that do not
+    /// serve it hold it (systemd before the service started, a `zdt-ctl hold` placeholder).
+    pub member: Option<i32>,
+    pub entry: ListenEntry,
+    pub fd: OwnedFd,
+}
+
+/// Every listener that `spec` names, whoever holds it. A listener whose holders vanished while
+/// we looked is left out: it is gone.
+pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
     let table = listen_entries()?;
     let inodes: BTreeSet<u64> = table
         .values()
         .filter(|e| spec.matches(&e.local))
         .map(|e| e.inode)
         .collect();
+    let h = holders(&inodes);
     let mut out = Vec::new();
-    for (inode, pids) in owners(&inodes) {
-        let (Some(&pid), Some(entry)) = (pids.first(), table.get(&inode)) else {
+    for (inode, held) in &h.by_inode {
+        let Some(entry) = table.get(inode) else {
             continue;
         };
-        let fd = PidFd::open(pid)
-            .ok()
-            .and_then(|p| socket_fds(pid).ok().map(|f| (p, f)))
-            .and_then(|(p, fds)| fds.get(&inode).and_then(|fd| dup_from(&p, *fd).ok()));
+        let pids: Vec<i32> = held.iter().map(|(p, _)| *p).collect();
+        let member = plan::member(&pids, &h.procs);
+        // Any holder will do for a duplicate; the member's own copy first.
+        let mut order = held.clone();
+        order.sort_by_key(|(p, _)| Some(*p) != member);
+        let fd = order.iter().find_map(|(pid, fd)| {
+            PidFd::open(*pid)
+                .ok()
+                .and_then(|p| dup_checked(&p, *fd, *inode).ok())
+        });
         if let Some(fd) = fd {
-            out.push((pid, *entry, fd));
+            out.push(Found {
+                member,
+                entry: *entry,
+                fd,
+            });
         }
     }
     Ok(out)
@@ -440,6 +647,7 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
         local: entry.local,
         cookie,
         uid: entry.uid,
+        group: entry.group(),
     })
 }
 
@@ -490,7 +698,12 @@ pub fn check_url_owner(pidfd: &PidFd, url: &reqwest::Url) -> anyhow::Result<()> 
     if serving.iter().any(|i| mine.contains_key(i)) {
         return Ok(());
     }
-    let others: BTreeSet<i32> = owners(&serving).into_values().flatten().collect();
+    let others: BTreeSet<i32> = holders(&serving)
+        .by_inode
+        .into_values()
+        .flatten()
+        .map(|(p, _)| p)
+        .collect();
     let others: Vec<String> = others.iter().map(i32::to_string).collect();
     Err(bad_input(format!(
         "readiness URL {url} is served by pid {}, not by pid {}: pass the readiness URL of the          process being promoted",
@@ -499,11 +712,13 @@ pub fn check_url_owner(pidfd: &PidFd, url: &reqwest::Url) -> anyhow::Result<()> 
     )))
 }
 
+/// Kernel contract: /proc/thread-self/ns/net is the calling thread's namespace, which a thread
+/// may have entered with setns() (/proc/self is the thread-group leader's).
 fn other_netns(pid: i32) -> bool {
     let ino = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     match (
         ino(&format!("/proc/{pid}/ns/net")),
-        ino("/proc/self/ns/net"),
+        ino("/proc/thread-self/ns/net"),
     ) {
         (Ok(a), Ok(b)) => a != b,
         _ => false,

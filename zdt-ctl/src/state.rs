@@ -164,6 +164,15 @@ fn open_map(dir: &Path, name: &str) -> anyhow::Result<MapData> {
     MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
 }
 
+/// `spec` asked for while the port is attached as `attached`.
+pub fn attached_as(spec: PortSpec, attached: PortSpec) -> anyhow::Error {
+    crate::error::bad_input(format!(
+        "port {} is already attached as {attached}; run `zdt-ctl detach {attached}` first to \
+         attach {spec}",
+        spec.port
+    ))
+}
+
 pub fn not_attached(port: u16) -> anyhow::Error {
     err(
         Kind::NotAttached,
@@ -284,10 +293,7 @@ impl State {
         if dir.join(names::PROGRAM).exists() {
             let state = Self::open_at(dir, Some(lock))?;
             if state.spec != spec {
-                return Err(crate::error::bad_input(format!(
-                    "port {} is already attached as {}; run `zdt-ctl detach {}` first to attach {spec}",
-                    spec.port, state.spec, state.spec
-                )));
+                return Err(attached_as(spec, state.spec));
             }
             return Ok((state, false));
         }
@@ -385,17 +391,27 @@ impl State {
     /// cookie and metadata), unlike [`State::slots`], which reads all of them: `zdt-ctl hold`
     /// asks this every few milliseconds while connections wait.
     pub fn ready_families(&self) -> anyhow::Result<Vec<u32>> {
+        let mut out: Vec<u32> = self.members()?.iter().map(|m| m.family).collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The cookies of the sockets that take connections: the live set's active and canary
+    /// members (what the port is served with, as opposed to candidates and draining members).
+    pub fn member_cookies(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.members()?.iter().map(|m| m.cookie).collect())
+    }
+
+    /// The metadata of the live set's active and canary slots that hold a live socket.
+    fn members(&self) -> anyhow::Result<Vec<SlotMeta>> {
         let Some(set) = self.active_set()? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for list in set.lists.iter().chain(set.canary.iter()) {
             for &slot in list.as_slice() {
-                if let Some(meta) = self.live_meta(slot)? {
-                    if !out.contains(&meta.family) {
-                        out.push(meta.family);
-                    }
-                }
+                out.extend(self.live_meta(slot)?);
             }
         }
         Ok(out)

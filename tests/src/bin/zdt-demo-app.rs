@@ -83,9 +83,18 @@ struct Args {
     /// Also bind a UDP socket on this port.
     #[arg(long)]
     udp_port: Option<u16>,
-    /// Listen on both 0.0.0.0 and [::] (two sockets: an IPv4 and an IPv6 reuseport group).
+    /// Listen on both 0.0.0.0 and [::] with IPV6_V6ONLY=1 (two sockets: an IPv4 and an IPv6
+    /// reuseport group), as nginx does with `listen 80; listen [::]:80;`.
+    #[arg(long, conflicts_with = "dual_stack")]
+    split: bool,
+    /// Listen on one [::] socket with IPV6_V6ONLY=0 for both families, the default of Go, Java
+    /// and Node.
     #[arg(long)]
     dual_stack: bool,
+    /// Wait this long after start before binding the public port (an app that loads its
+    /// configuration first, a JVM). The admin port binds at once.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    bind_delay: Duration,
     /// Serve on this port too (a service on :80 and :443, say).
     #[arg(long)]
     extra_port: Option<u16>,
@@ -103,7 +112,12 @@ struct App {
     readyz_mode: ReadyzMode,
 }
 
-fn listener(addr: SocketAddr, reuseport: bool, backlog: i32) -> std::io::Result<TcpListener> {
+fn listener(
+    addr: SocketAddr,
+    reuseport: bool,
+    v6only: bool,
+    backlog: i32,
+) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -116,7 +130,7 @@ fn listener(addr: SocketAddr, reuseport: bool, backlog: i32) -> std::io::Result<
         s.set_reuse_port(true)?;
     }
     if addr.is_ipv6() {
-        s.set_only_v6(true)?;
+        s.set_only_v6(v6only)?;
     }
     s.bind(&addr.into())?;
     s.listen(backlog)?;
@@ -240,7 +254,12 @@ async fn main() -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
 
     // Admin port: readiness of *this* instance, whoever owns the public port.
-    let admin = listener(SocketAddr::new(args.addr, args.admin_port), false, 128)?;
+    let admin = listener(
+        SocketAddr::new(args.addr, args.admin_port),
+        false,
+        true,
+        128,
+    )?;
     println!("admin={}", admin.local_addr()?);
     let admin_app = app.clone();
     tokio::spawn(async move {
@@ -258,11 +277,16 @@ async fn main() -> anyhow::Result<()> {
     let ports = std::iter::once(args.port).chain(args.extra_port);
     let addrs: Vec<SocketAddr> = ports
         .flat_map(|port| {
-            if args.dual_stack {
+            if args.split {
                 vec![
                     SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
                     SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
                 ]
+            } else if args.dual_stack {
+                vec![SocketAddr::new(
+                    std::net::Ipv6Addr::UNSPECIFIED.into(),
+                    port,
+                )]
             } else {
                 vec![SocketAddr::new(args.addr, port)]
             }
@@ -275,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
             Some(l) => l,
             None => addrs
                 .iter()
-                .map(|a| listener(*a, !args.no_reuseport, args.backlog))
+                .map(|a| listener(*a, !args.no_reuseport, !args.dual_stack, args.backlog))
                 .collect::<std::io::Result<_>>()?,
         };
         for l in &listeners {
@@ -284,7 +308,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(listeners)
     };
     let mut listeners = match args.bind_at {
-        BindAt::Start => bind()?,
+        BindAt::Start => {
+            tokio::time::sleep(args.bind_delay).await;
+            bind()?
+        }
         BindAt::Ready => Vec::new(),
     };
     // One accept task per listener, all feeding one channel; they stop when `stop` flips.

@@ -1,7 +1,7 @@
 //! `zdt-ctl attach [ADDR]:PORT`: load and pin the program; take over listeners already there.
 use crate::{
     addr::PortSpec,
-    error::require_root,
+    error::{bad_input, require_root},
     sockets::{self, Listener},
     state::State,
 };
@@ -13,20 +13,77 @@ pub struct AttachReport {
     pub created: bool,
     /// Pids whose sockets became the active set (only when the port had no active set).
     pub adopted: Vec<i32>,
+    /// What the operator should know: listeners of the port that zdt does not manage.
+    pub warnings: Vec<String>,
 }
 
-/// Existing listeners of `spec`, validated, with the lowest pid holding each. Validation runs
-/// before anything is created, so a listener without SO_REUSEPORT fails the attach cleanly.
-fn existing_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(i32, Listener)>> {
+/// Existing listeners of `spec`, validated, each with the process that serves it (None: only
+/// systemd or zdt-ctl hold it). Validation runs before anything is created, so a listener
+/// without SO_REUSEPORT fails the attach cleanly.
+fn existing_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(Option<i32>, Listener)>> {
     sockets::matching_listeners(spec)?
         .into_iter()
-        .map(|(pid, entry, fd)| Ok((pid, sockets::listener_from(pid, fd, &entry)?)))
+        .map(|f| {
+            let pid = f.member.unwrap_or(0);
+            Ok((f.member, sockets::listener_from(pid, f.fd, &f.entry)?))
+        })
         .collect()
+}
+
+/// The port's listeners that `spec` does not name (bound to a specific address while `spec` is
+/// the wildcard, or the other way round), as "ADDR (pid N)".
+fn others_on_port(spec: &PortSpec) -> anyhow::Result<Vec<String>> {
+    let table = sockets::listen_entries()?;
+    let others: std::collections::BTreeSet<u64> = table
+        .values()
+        .filter(|e| e.local.port() == spec.port && !spec.matches(&e.local))
+        .map(|e| e.inode)
+        .collect();
+    let h = sockets::holders(&others);
+    Ok(others
+        .iter()
+        .filter_map(|i| table.get(i))
+        .map(|e| {
+            let pids = h.pids(e.inode);
+            match crate::plan::member(&pids, &h.procs).or(pids.first().copied()) {
+                Some(p) => format!("{} (pid {p})", e.local),
+                None => e.local.to_string(),
+            }
+        })
+        .collect())
 }
 
 pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
     require_root()?;
+    if let Some(attached) = State::open_read(spec.port)?.map(|s| s.spec) {
+        if attached != spec {
+            return Err(crate::state::attached_as(spec, attached));
+        }
+    }
     let listeners = existing_listeners(&spec)?;
+    let others = others_on_port(&spec)?;
+    // Kernel contract: a listener bound to a specific address wins its address's connections
+    // over a wildcard one, and is in a group of its own. Attaching a spec that names none of the
+    // port's listeners would steer nothing at all.
+    if listeners.is_empty() && !others.is_empty() {
+        let first = others[0].split(" (").next().unwrap_or_default();
+        return Err(bad_input(format!(
+            "no listener on {spec}: port {} is served by {} only, which {spec} does not name. \
+             Attach what the service listens on: `zdt-ctl attach {first}` (or make the service \
+             listen on {spec}); nothing was changed",
+            spec.port,
+            others.join(", "),
+        )));
+    }
+    let mut warnings = Vec::new();
+    if !others.is_empty() {
+        warnings.push(format!(
+            "{} also listen(s) on port {}, outside {spec}: connections to that address go there \
+             without zdt's steering",
+            others.join(", "),
+            spec.port
+        ));
+    }
     let (mut state, created) = State::create(spec)?;
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
     // that was re-created without the program.
@@ -34,15 +91,17 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         state.attach_to_group(&l.fd)?;
     }
     let mut adopted = Vec::new();
-    if state.active_set()?.is_none() && !listeners.is_empty() {
+    if state.active_set()?.is_none() && listeners.iter().any(|(m, _)| m.is_some()) {
         // The listeners already serving keep serving: they become the active set, so from now
-        // on the program steers exactly where kernel hashing did before.
+        // on the program steers exactly where kernel hashing did before. Sockets that no process
+        // serves (systemd's before the service started, a placeholder) are not members.
         let mut slots = Vec::new();
         for (pid, l) in &listeners {
-            let start = sockets::start_time(*pid).unwrap_or(0);
-            slots.extend(state.insert(*pid, start, std::slice::from_ref(l))?);
-            if !adopted.contains(pid) {
-                adopted.push(*pid);
+            let Some(pid) = *pid else { continue };
+            let start = sockets::start_time(pid).unwrap_or(0);
+            slots.extend(state.insert(pid, start, std::slice::from_ref(l))?);
+            if !adopted.contains(&pid) {
+                adopted.push(pid);
             }
         }
         let live = state.slots()?;
@@ -55,5 +114,6 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         spec: spec.to_string(),
         created,
         adopted,
+        warnings,
     })
 }

@@ -23,10 +23,10 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     // remove the pins: if this is interrupted, the state still says "attached" and a second
     // detach finishes the job.
     let mut families_done = BTreeSet::new();
-    for (_, entry, fd) in sockets::matching_listeners(&spec)? {
-        if families_done.insert(entry.local.is_ipv4()) {
+    for found in sockets::matching_listeners(&spec)? {
+        if families_done.insert(found.entry.group()) {
             // ENOENT means the group has no program (re-created since): nothing to detach.
-            let _ = SkReuseport::detach(&fd);
+            let _ = SkReuseport::detach(&found.fd);
         }
     }
     state.remove()?;

@@ -12,10 +12,25 @@ use anyhow::Context as _;
 
 use crate::{addr::PortSpec, error::bad_input};
 
-/// The addresses `spec` names: its address, or both wildcards for `:PORT`.
-fn addresses(spec: &PortSpec) -> Vec<SocketAddr> {
+/// How to make listeners: split (an IPv4 and an IPv6-only socket for `:PORT`) or one dual-stack
+/// socket, and whose they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketPlan {
+    /// One `[::]` socket with IPV6_V6ONLY=0 for `:PORT` (and for `[::]:PORT`).
+    pub dual_stack: bool,
+    /// The owner uid of the sockets; None: zdt-ctl's own.
+    pub uid: Option<u32>,
+}
+
+/// The addresses `spec` names: its address, or both wildcards for `:PORT` (only `[::]` for a
+/// dual-stack plan).
+fn addresses(spec: &PortSpec, plan: SocketPlan) -> Vec<SocketAddr> {
     match spec.addr {
         Some(a) => vec![SocketAddr::new(a, spec.port)],
+        None if plan.dual_stack => vec![SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            spec.port,
+        )],
         None => vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), spec.port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), spec.port),
@@ -23,9 +38,37 @@ fn addresses(spec: &PortSpec) -> Vec<SocketAddr> {
     }
 }
 
-fn bind(addr: SocketAddr) -> anyhow::Result<Option<socket2::Socket>> {
-    use socket2::{Domain, Socket, Type};
-    let s = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+/// socket() owned by `uid`. Kernel contract: a socket's owner is the fsuid of the process that
+/// created it (sock_alloc sets the inode's uid, sock_init_data copies it to sk_uid), and only
+/// sockets of one owner share a SO_REUSEPORT port (inet_csk_bind_conflict, reuseport groups).
+/// setfsuid changes only the calling thread's fsuid; it is put back at once.
+fn socket_as(domain: socket2::Domain, uid: Option<u32>) -> std::io::Result<socket2::Socket> {
+    use socket2::{Socket, Type};
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(uid) = uid else {
+        return Socket::new(domain, Type::STREAM, None);
+    };
+    // SAFETY: setfsuid takes no pointers; it returns the previous fsuid.
+    let before = unsafe { libc::setfsuid(uid) };
+    let s = Socket::new(domain, Type::STREAM, None);
+    // SAFETY: as above.
+    unsafe { libc::setfsuid(before as libc::uid_t) };
+    let s = s?;
+    // setfsuid reports no error: read the owner back (fstat of a socket gives its inode's uid).
+    let owner = std::fs::File::from(std::os::fd::OwnedFd::from(s.try_clone()?))
+        .metadata()?
+        .uid();
+    if owner != uid {
+        return Err(std::io::Error::other(format!(
+            "the socket is owned by uid {owner}, not {uid}"
+        )));
+    }
+    Ok(s)
+}
+
+fn bind(addr: SocketAddr, plan: SocketPlan) -> anyhow::Result<Option<socket2::Socket>> {
+    use socket2::Domain;
+    let s = match socket_as(Domain::for_address(addr), plan.uid) {
         Ok(s) => s,
         // A wildcard spec on a host without IPv6: the IPv4 socket is enough.
         Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
@@ -38,8 +81,9 @@ fn bind(addr: SocketAddr) -> anyhow::Result<Option<socket2::Socket>> {
     // port's reuseport group (and zdt's program).
     s.set_reuse_port(true)?;
     if addr.is_ipv6() {
-        // Its own IPv6 group; IPv4 has its own socket.
-        s.set_only_v6(true)?;
+        // Split: its own IPv6 group, IPv4 has its own socket. Dual-stack: one socket, one group
+        // for both families (IPv4 clients arrive as ::ffff:a.b.c.d).
+        s.set_only_v6(!plan.dual_stack)?;
     }
     s.bind(&addr.into())
         .map_err(|e| bad_input(format!("cannot listen on {addr}: {e}")))?;
@@ -49,11 +93,11 @@ fn bind(addr: SocketAddr) -> anyhow::Result<Option<socket2::Socket>> {
 /// SO_REUSEPORT sockets bound to every address of `specs`, not listening yet: a bound socket is
 /// in no reuseport group and in no listener table until listen() (the group forms in
 /// inet_csk_listen_start), so binding checks the addresses and changes nothing else.
-pub fn bound(specs: &[PortSpec]) -> anyhow::Result<Vec<socket2::Socket>> {
+pub fn bound(specs: &[PortSpec], plan: SocketPlan) -> anyhow::Result<Vec<socket2::Socket>> {
     let mut sockets = Vec::new();
     for spec in specs {
-        for addr in addresses(spec) {
-            sockets.extend(bind(addr)?);
+        for addr in addresses(spec, plan) {
+            sockets.extend(bind(addr, plan)?);
         }
     }
     Ok(sockets)
@@ -61,7 +105,7 @@ pub fn bound(specs: &[PortSpec]) -> anyhow::Result<Vec<socket2::Socket>> {
 
 /// SO_REUSEPORT listeners for every address of `specs`.
 pub fn listeners(specs: &[PortSpec], backlog: i32) -> anyhow::Result<Vec<socket2::Socket>> {
-    let sockets = bound(specs)?;
+    let sockets = bound(specs, SocketPlan::default())?;
     for s in &sockets {
         s.listen(backlog).context("listen()")?;
     }

@@ -15,7 +15,129 @@ use std::{
 use anyhow::Context as _;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::{addr::PortSpec, cmd::exec::bound, error::require_root, sockets, state::State};
+use crate::{
+    addr::PortSpec,
+    cmd::exec::{bound, SocketPlan},
+    error::{bad_input, require_root},
+    plan::Group,
+    sockets,
+    state::State,
+};
+
+/// How the placeholders are laid out, when the port has no listener to take it from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldLayout {
+    /// An IPv4 socket and an IPv6-only one (for `:PORT`).
+    Split,
+    /// One `[::]` socket with IPV6_V6ONLY=0, for an app that listens that way.
+    DualStack,
+}
+
+/// What `zdt-ctl hold` is asked for.
+#[derive(Debug, Clone)]
+pub struct HoldOptions {
+    pub spec: PortSpec,
+    pub backlog: i32,
+    pub max_wait: Duration,
+    /// The owner of the placeholders: a user name or uid. None: the owner of the port's
+    /// listeners, or root when there are none.
+    pub user: Option<String>,
+    /// None: the layout of the port's listeners, or split when there are none.
+    pub layout: Option<HoldLayout>,
+}
+
+/// A user name or a numeric uid, as a uid.
+fn uid_of(user: &str) -> anyhow::Result<u32> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => Err(bad_input(format!(
+            "--user {user:?}: no such user (pass a user name from /etc/passwd or a uid)"
+        ))),
+    }
+}
+
+/// How to make the placeholders so that they join the groups of the port's listeners (the app's):
+/// the same owner uid, the same layout. The kernel would put a placeholder of another uid or
+/// another layout into a group of its own, where it takes connections that nothing moves on.
+fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
+    let spec = o.spec;
+    let mut on_port: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+        .into_values()
+        .filter(|e| e.local.port() == spec.port)
+        .collect();
+    // The app's sockets are the active members' when the port has some: a new version still
+    // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
+    let members = State::open_read(spec.port)?
+        .map(|s| s.member_cookies())
+        .transpose()?
+        .unwrap_or_default();
+    if on_port.iter().any(|e| members.contains(&e.cookie)) {
+        on_port.retain(|e| members.contains(&e.cookie));
+    }
+    let dual: Vec<&sockets::ListenEntry> = on_port
+        .iter()
+        .filter(|e| e.group() == Group::DualStack)
+        .collect();
+    let split: Vec<&sockets::ListenEntry> = on_port
+        .iter()
+        .filter(|e| spec.matches(&e.local) && e.group() != Group::DualStack)
+        .collect();
+    let dual_stack = match o.layout {
+        Some(HoldLayout::DualStack) if !split.is_empty() => {
+            return Err(bad_input(format!(
+                "--dual-stack: the port's listeners are split ({}): a dual-stack placeholder                  would be in a group of its own; leave --dual-stack out",
+                split.iter().map(|e| e.local.to_string()).collect::<Vec<_>>().join(", ")
+            )))
+        }
+        Some(HoldLayout::Split) if !dual.is_empty() => {
+            return Err(bad_input(format!(
+                "--split: the port's listener on {} is dual-stack (IPV6_V6ONLY=0): split                  placeholders would be in groups of their own, and the IPv4 one would take                  every IPv4 client; leave --split out",
+                dual[0].local
+            )))
+        }
+        Some(l) => l == HoldLayout::DualStack,
+        None => !dual.is_empty(),
+    };
+    if dual_stack
+        && spec
+            .addr
+            .is_some_and(|a| !(a.is_ipv6() && a.is_unspecified()))
+    {
+        return Err(bad_input(format!(
+            "{spec}: the app listens dual-stack on [::]:{} (or --dual-stack asks for it); a              placeholder on {spec} would take its IPv4 clients. Hold :{} instead",
+            spec.port, spec.port
+        )));
+    }
+    let members: Vec<&sockets::ListenEntry> = if dual_stack { dual } else { split };
+    let mut uids: Vec<u32> = members.iter().map(|e| e.uid).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    let uid = match (&o.user, uids.as_slice()) {
+        (Some(user), found) => {
+            let uid = uid_of(user)?;
+            if let Some(other) = found.iter().find(|u| **u != uid) {
+                return Err(bad_input(format!(
+                    "--user {user}: the port's listeners belong to uid {other}; the kernel lets                      only sockets of one uid share a port, so the placeholder must be theirs                      (leave --user out, or pass uid {other})"
+                )));
+            }
+            uid
+        }
+        (None, []) => nix::unistd::geteuid().as_raw(),
+        (None, [one]) => *one,
+        (None, many) => {
+            return Err(bad_input(format!(
+                "the port's listeners belong to several uids ({many:?}); pass --user with the                  app's"
+            )))
+        }
+    };
+    Ok(SocketPlan {
+        dual_stack,
+        uid: Some(uid),
+    })
+}
 
 /// While connections wait, how often the hold process looks for a ready member (a read of the
 /// pinned state): a connection that waited for a promote waits at most this much longer.
@@ -104,10 +226,12 @@ fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
 }
 
 /// Runs until the port is detached (then returns, and the placeholder closes) or an error.
-pub fn hold(spec: PortSpec, backlog: i32, max_wait: Duration) -> anyhow::Result<()> {
+pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     require_root()?;
+    let (spec, backlog, max_wait) = (o.spec, o.backlog, o.max_wait);
+    let plan = plan_for(o)?;
     // Bind first: a bad address fails here, before anything changed.
-    let sockets = bound(&[spec])?;
+    let sockets = bound(&[spec], plan)?;
     // Under zdt's control before the placeholder listens (idempotent): listeners already serving
     // become the active set, else new connections would park until the next promote; and a
     // placeholder listening at attach time would be adopted as an active member.
@@ -120,8 +244,14 @@ pub fn hold(spec: PortSpec, backlog: i32, max_wait: Duration) -> anyhow::Result<
     register(&spec, &fds)?;
     tracing::info!(port = spec.port, "holding");
     eprintln!(
-        "zdt-ctl hold: placeholder on {spec} registered; while no member is active, new \
-         connections wait on it for the next promoted process"
+        "zdt-ctl hold: placeholder on {spec} ({}, uid {}) registered; while no member is \
+         active, new connections wait on it for the next promoted process",
+        if plan.dual_stack {
+            "one dual-stack socket"
+        } else {
+            "split IPv4/IPv6 sockets"
+        },
+        plan.uid.unwrap_or(0)
     );
     let families = fds.iter().map(family).collect::<anyhow::Result<Vec<_>>>()?;
     // Per placeholder: since when its queue has not been empty.

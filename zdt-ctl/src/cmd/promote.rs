@@ -6,12 +6,28 @@ use std::time::{Duration, Instant};
 use zdt_common::{ActiveSet, ROLE_CANDIDATE};
 
 use crate::{
+    addr::PortSpec,
     cmd::resolve_port,
     error::{bad_input, err, require_root, Kind},
-    failpoint, readiness,
-    sockets::{self, PidFd},
+    failpoint, plan, readiness,
+    sockets::{self, Listener, PidFd},
     state::{lists_of, plain_set, State},
 };
+
+/// How often promote looks whether PID listens yet.
+const LISTEN_POLL: Duration = Duration::from_millis(50);
+/// How often, while PID does not listen, promote looks for a child of PID that does (a scan of
+/// /proc, so not at every poll).
+const CHILD_CHECK: Duration = Duration::from_secs(1);
+
+/// What a promote is waiting for, for a progress display.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// PID has not started listening on `spec` yet.
+    Listening { elapsed: Duration, spec: PortSpec },
+    /// The readiness check answered `answer` ("200" ends the wait).
+    Answer { elapsed: Duration, answer: &'a str },
+}
 
 #[derive(Debug, Clone)]
 pub struct PromoteOptions {
@@ -37,7 +53,8 @@ pub struct PromoteOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Stopped {
     pub pid: i32,
-    /// exited | still-running | gone (exited or pid reused before the signal)
+    /// exited | still-running | gone (exited or pid reused before the signal) | not-a-service
+    /// (pid 1 or zdt-ctl, recorded by an older zdt-ctl: never signalled)
     pub outcome: &'static str,
     pub after_ms: u64,
 }
@@ -81,10 +98,12 @@ struct Switched {
 /// wait, then one atomic switch per port. Returns one report per port.
 pub fn promote(
     opts: &PromoteOptions,
-    mut progress: impl FnMut(Duration, &str),
+    mut progress: impl FnMut(Progress<'_>),
 ) -> anyhow::Result<Vec<PromoteReport>> {
     require_root()?;
     let t0 = Instant::now();
+    // --timeout covers the whole wait: for PID to listen, then for it to be ready.
+    let deadline = t0 + opts.timeout;
     // Input checks first, in order of cost; none of them changes anything.
     let url = opts
         .readyz
@@ -92,6 +111,7 @@ pub fn promote(
         .map(readiness::check_url)
         .transpose()?;
     let target = PidFd::open(opts.pid)?;
+    sockets::refuse_non_app(&target)?;
     tracing::info!(pid = opts.pid, ports = ?opts.ports, "promote started");
     let mut ports = if opts.ports.is_empty() {
         vec![resolve_port(None)?]
@@ -101,15 +121,22 @@ pub fn promote(
     // Locks are taken in port order, so two multi-port promotes never wait on each other.
     ports.sort_unstable();
     ports.dedup();
+    let mut read = Vec::new();
     for &port in &ports {
-        let spec = State::open_read(port)?
-            .ok_or_else(|| crate::state::not_attached(port))?
-            .spec;
-        // Validate the sockets now so that a wrong pid fails before any wait, then close the
-        // duplicates: holding them while the process warms up would keep its listener alive if
-        // it crashed (a duplicate fd is a reference to the socket).
-        drop(sockets::fetch_listeners(&target, &spec)?);
+        read.push(State::open_read(port)?.ok_or_else(|| crate::state::not_attached(port))?);
     }
+    // A process may bind its port some time after it starts (a JVM, an app that loads its
+    // configuration first): wait for it, and fail as soon as what it binds cannot be used.
+    let specs: Vec<PortSpec> = read.iter().map(|s| s.spec).collect();
+    let found = wait_listening(&target, &specs, deadline, &mut progress)?;
+    for (state, listeners) in read.iter().zip(&found) {
+        sockets::check_serves(opts.pid, listeners)?;
+        check_fits(state, opts.pid, listeners)?;
+    }
+    // Close the duplicates before the readiness wait: holding them while the process warms up
+    // would keep its listener alive if it crashed (a duplicate fd is a reference to the socket).
+    drop(found);
+    drop(read);
     if let Some(url) = &url {
         sockets::check_url_owner(&target, url)?;
     }
@@ -124,13 +151,17 @@ pub fn promote(
     let validate = t0.elapsed();
 
     let t1 = Instant::now();
+    let left = deadline.saturating_duration_since(t1);
+    let mut answered =
+        |elapsed: Duration, answer: &str| progress(Progress::Answer { elapsed, answer });
     if let Some(url) = &url {
         tracing::info!(pid = opts.pid, %url, "waiting for readiness");
-        readiness::wait_ready(url, opts.timeout, || target.alive(), &mut progress)?;
+        readiness::wait_ready(url, left, || target.alive(), &mut answered)?;
         tracing::info!(pid = opts.pid, ms = ms(t1.elapsed()), "ready");
     }
     if let Some(path) = &opts.probe {
-        probe_through_port(&mut states, &target, path, opts.timeout, &mut progress)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        probe_through_port(&mut states, &target, path, left, &mut answered)?;
     }
     let readiness = t1.elapsed();
     failpoint("readied");
@@ -226,21 +257,8 @@ fn switch_port(
     let t = Instant::now();
     let port = state.spec.port;
     let listeners = sockets::fetch_listeners(target, &state.spec)?;
-    let slots = state.slots()?;
-    // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
-    // socket of another uid would never be selectable from this group.
-    if let Some((l, s)) = listeners.iter().find_map(|l| {
-        slots
-            .iter()
-            .find(|s| s.meta.family == l.family() && s.meta.uid != l.uid)
-            .map(|s| (l, s))
-    }) {
-        return Err(bad_input(format!(
-            "the socket of pid {pid} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
-             the kernel keeps them in separate groups, so zdt cannot hand over between them",
-            l.local, l.uid, s.meta.uid, s.meta.pid
-        )));
-    }
+    // Again at the switch: PID may have bound more sockets since the validation.
+    check_fits(&state, pid, &listeners)?;
     for l in &listeners {
         state.attach_to_group(&l.fd)?;
     }
@@ -301,6 +319,147 @@ fn switch_port(
         switched_at_ms,
         switch,
     })
+}
+
+/// Waits until PID listens on every spec of `specs` (see [`sockets::find_listeners`]) and
+/// returns its listeners per spec. Fails at once when PID exits, binds something unusable, or
+/// does not listen itself while a child of it does (a start script that does not exec).
+fn wait_listening(
+    target: &PidFd,
+    specs: &[PortSpec],
+    deadline: Instant,
+    progress: &mut impl FnMut(Progress<'_>),
+) -> anyhow::Result<Vec<Vec<Listener>>> {
+    let pid = target.pid;
+    let start = Instant::now();
+    let mut next_child_check = start;
+    let exited = |spec: &PortSpec| {
+        err(
+            Kind::ProcessDied,
+            format!("pid {pid} exited before it listened on {spec}; nothing was changed"),
+        )
+    };
+    loop {
+        let mut found = Vec::new();
+        let mut missing = None;
+        for spec in specs {
+            match sockets::find_listeners(target, spec) {
+                Ok(Some(l)) => found.push(l),
+                Ok(None) => {
+                    missing = Some(*spec);
+                    break;
+                }
+                Err(_) if !target.alive() => return Err(exited(spec)),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(spec) = missing else {
+            if start.elapsed() > LISTEN_POLL {
+                tracing::info!(pid, ms = ms(start.elapsed()), "listening");
+            }
+            return Ok(found);
+        };
+        drop(found);
+        if Instant::now() >= next_child_check {
+            next_child_check = Instant::now() + CHILD_CHECK;
+            if let Some((child, comm)) = sockets::listening_descendant(pid, &spec) {
+                return Err(bad_input(format!(
+                    "pid {pid} does not listen on {spec}, its child pid {child} ({comm}) does: \
+                     pass pid {child}, or start the service with `exec` so that it keeps the pid \
+                     you pass; nothing was changed"
+                )));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(err(
+                Kind::ReadinessTimeout,
+                format!(
+                    "{} after waiting {} for it (--timeout); nothing was changed",
+                    sockets::not_listening(pid, &spec),
+                    humantime::format_duration(Duration::from_millis(
+                        start.elapsed().as_millis() as u64
+                    ))
+                ),
+            ));
+        }
+        if start.elapsed() < LISTEN_POLL {
+            tracing::info!(pid, %spec, "waiting for the process to listen");
+        }
+        progress(Progress::Listening {
+            elapsed: start.elapsed(),
+            spec,
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        if target.wait_exit(LISTEN_POLL.min(left)) {
+            return Err(exited(&spec));
+        }
+    }
+}
+
+/// Checks that PID's `listeners` can take the port over from its current sockets (members and
+/// placeholders) without a loss: the same owner uid, and the same layout of groups
+/// ([`plan::layout_conflict`]). Changes nothing.
+fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
+    let slots = state.slots()?;
+    // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
+    // socket of another uid would never be selectable from this group.
+    if let Some((l, s)) = listeners.iter().find_map(|l| {
+        slots
+            .iter()
+            .find(|s| {
+                s.meta.pid as i32 != pid && s.meta.family == l.family() && s.meta.uid != l.uid
+            })
+            .map(|s| (l, s))
+    }) {
+        return Err(bad_input(format!(
+            "the socket of pid {pid} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
+             the kernel keeps them in separate groups, so zdt cannot hand over between them",
+            l.local, l.uid, s.meta.uid, s.meta.pid
+        )));
+    }
+    // The sockets that take connections now, or would park them: the live set's and the
+    // placeholders of `zdt-ctl hold`.
+    let set = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+    let cookies: Vec<u64> = slots
+        .iter()
+        .filter(|s| {
+            s.meta.pid as i32 != pid && (set.names(s.index) || s.meta.role == zdt_common::ROLE_HOLD)
+        })
+        .map(|s| s.meta.cookie)
+        .collect();
+    if cookies.is_empty() {
+        return Ok(());
+    }
+    let current = plan::Layout::new(
+        sockets::listen_entries()?
+            .values()
+            .filter(|e| cookies.contains(&e.cookie))
+            .map(|e| e.group()),
+    );
+    let new = plan::Layout::new(listeners.iter().map(|l| l.group));
+    if let Some(why) = plan::layout_conflict(&current, &new) {
+        let holding = slots
+            .iter()
+            .any(|s| s.meta.role == zdt_common::ROLE_HOLD && cookies.contains(&s.meta.cookie));
+        let todo = if holding && new.dual_stack() {
+            "Start the new version with the same sockets or, if the app is meant to listen \
+             dual-stack, restart `zdt-ctl hold` with --dual-stack"
+        } else if holding {
+            "Start the new version with the same sockets, or restart `zdt-ctl hold` with --split"
+        } else {
+            "Start the new version with the same sockets as the running one (IPV6_V6ONLY, and an \
+             IPv4 socket or not). To change the layout, stop the old version first: a restart \
+             without overlap, behind `zdt-ctl hold` started with the new layout"
+        };
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "pid {pid} cannot take port {} over: {why}. {todo}; nothing was changed",
+                state.spec.port
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The slots of `lists` that are not in `new`.
@@ -450,6 +609,13 @@ fn stop_all(pids: &[(i32, u64)], timeout: Duration) -> Vec<Stopped> {
     let mut out = Vec::new();
     for &(pid, pid_start) in pids {
         match PidFd::open(pid) {
+            // Members are the app's processes only (never pid 1 nor zdt-ctl: see plan::member);
+            // a state recorded by an older zdt-ctl may still name one, and it is not signalled.
+            Ok(p) if sockets::refuse_non_app(&p).is_err() => out.push(Stopped {
+                pid,
+                outcome: "not-a-service",
+                after_ms: 0,
+            }),
             Ok(p) if p.start == pid_start && p.signal(rustix::process::Signal::TERM).is_ok() => {
                 waiting.push(p)
             }

@@ -1,0 +1,342 @@
+//! Pure decisions over values: which SO_REUSEPORT group a listener is in, whether a new
+//! process's listeners can take over from the port's current ones, and which of the processes
+//! holding a listener is the one that serves it. No kernel, no /proc: the callers read those and
+//! pass values in, and the unit tests below cover every rule without root.
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
+
+/// The kind of reuseport group a TCP listener of a port is in. Kernel contract
+/// (net/ipv4/inet_hashtables.c, inet_reuseport_add_sock): sockets share a group only with the
+/// same family, address, port, bound device, IPV6_V6ONLY setting and owner uid. An IPv4 client
+/// is given to an AF_INET listener before a dual-stack one (compute_score ranks AF_INET higher),
+/// and a program or a migration can only choose inside one group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Group {
+    /// An AF_INET socket (`0.0.0.0:PORT`, or an IPv4 address).
+    V4,
+    /// An AF_INET6 socket with IPV6_V6ONLY=1, or bound to a specific IPv6 address: IPv6 only.
+    V6Only,
+    /// `[::]:PORT` with IPV6_V6ONLY=0 (the default of Go, Java, Node): one socket for both
+    /// families.
+    DualStack,
+}
+
+impl Group {
+    pub fn of(local: &SocketAddr, v6only: bool) -> Self {
+        match local {
+            SocketAddr::V4(_) => Group::V4,
+            SocketAddr::V6(a) if !v6only && a.ip().is_unspecified() => Group::DualStack,
+            SocketAddr::V6(_) => Group::V6Only,
+        }
+    }
+}
+
+/// How a set of listeners is laid out: the groups it has sockets in, each once, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout(Vec<Group>);
+
+impl Layout {
+    pub fn new(groups: impl IntoIterator<Item = Group>) -> Self {
+        let mut v: Vec<Group> = groups.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Layout(v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn dual_stack(&self) -> bool {
+        self.0.contains(&Group::DualStack)
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<&str> = self
+            .0
+            .iter()
+            .map(|g| match g {
+                Group::V4 => "an IPv4 socket",
+                Group::V6Only => "an IPv6-only socket",
+                Group::DualStack => "one dual-stack socket (IPV6_V6ONLY=0)",
+            })
+            .collect();
+        match parts.as_slice() {
+            [] => f.write_str("no socket"),
+            [one] => f.write_str(one),
+            [init @ .., last] => write!(f, "{} and {last}", init.join(", ")),
+        }
+    }
+}
+
+/// Whether listeners laid out as `new` can take the port's connections over from listeners
+/// laid out as `current` without a loss; `Some(why)` if not.
+///
+/// Split layouts (IPv4 and/or IPv6-only sockets) hand over to split layouts group by group, as
+/// they always have. Once either side has a dual-stack socket, the two must have the same
+/// groups: a dual-stack socket is in a group of its own, beside an IPv4 group that wins every
+/// IPv4 client, so connections would stay on (or go to) the side that is being replaced, and
+/// its queue, when it closes, could not move to the other group.
+pub fn layout_conflict(current: &Layout, new: &Layout) -> Option<String> {
+    if current.is_empty() || new.is_empty() || current == new {
+        return None;
+    }
+    if !current.dual_stack() && !new.dual_stack() {
+        return None;
+    }
+    Some(format!(
+        "the port's sockets are {current}, the new ones {new}: the kernel keeps a dual-stack \
+         socket in a SO_REUSEPORT group of its own (and gives IPv4 clients to an IPv4 socket \
+         first), and neither zdt's program nor the kernel's migration can move a connection \
+         from one group to another"
+    ))
+}
+
+/// What zdt knows of a process that may hold a listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub ppid: i32,
+    /// The executable (/proc/PID/exe), if readable.
+    pub exe: Option<String>,
+    /// The process runs a program it exec'd itself (PF_FORKNOEXEC clear): not a fork of its
+    /// parent that kept the parent's program (as nginx's or gunicorn's workers are).
+    pub execed: bool,
+    /// Its environment has LISTEN_FDS: sockets were handed to it the systemd way.
+    pub listen_fds: bool,
+    /// A zdt-ctl process (hold, metrics, exec before it execs).
+    pub zdt: bool,
+}
+
+/// A process table: pid -> what zdt knows of it.
+pub type Procs = BTreeMap<i32, ProcInfo>;
+
+/// Why a process that holds a listener is not the process that serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotServing {
+    /// pid 1: systemd holds the sockets of socket-activated services.
+    Init,
+    /// zdt-ctl itself (the placeholder of `zdt-ctl hold`, say).
+    Zdt,
+    /// It handed the socket to a program it started (`child`), and kept a copy: a supervisor.
+    Supervisor { child: i32 },
+}
+
+/// Whether `pid` descends from `ancestor` (at most 64 generations: the table is a snapshot, and
+/// a pid reused while it was read must not make a loop).
+pub fn descends(pid: i32, ancestor: i32, procs: &Procs) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        match procs.get(&p) {
+            Some(info) if info.ppid == ancestor => return true,
+            Some(info) if info.ppid > 0 && info.ppid != p => p = info.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Why `pid`, one of the processes in `holders` that hold the same listener, does not serve
+/// it; None if it may. A holder is a supervisor when a descendant of it that also holds the
+/// socket runs a program of its own: it exec'd, and either its executable differs or it was
+/// handed sockets the systemd way (LISTEN_FDS). Workers forked by a master (nginx, gunicorn)
+/// run their master's program without exec, so their master stays the serving process.
+pub fn not_serving(pid: i32, holders: &[i32], procs: &Procs) -> Option<NotServing> {
+    if pid == 1 {
+        return Some(NotServing::Init);
+    }
+    let me = procs.get(&pid);
+    if me.is_some_and(|p| p.zdt) {
+        return Some(NotServing::Zdt);
+    }
+    holders
+        .iter()
+        .copied()
+        .filter(|&h| h != pid && descends(h, pid, procs))
+        .find(|h| {
+            procs.get(h).is_some_and(|c| {
+                c.execed && (c.listen_fds || c.exe != me.and_then(|m| m.exe.clone()))
+            })
+        })
+        .map(|child| NotServing::Supervisor { child })
+}
+
+/// The member to record for a listener held by `holders`: among the processes that serve it,
+/// the topmost (a master before the workers it forked), the lowest pid if several are.
+/// None if no holder serves it (only systemd or zdt-ctl hold it).
+pub fn member(holders: &[i32], procs: &Procs) -> Option<i32> {
+    let serving: Vec<i32> = holders
+        .iter()
+        .copied()
+        .filter(|&h| not_serving(h, holders, procs).is_none())
+        .collect();
+    serving
+        .iter()
+        .copied()
+        .filter(|&h| !serving.iter().any(|&o| o != h && descends(h, o, procs)))
+        .min()
+        // Only in a snapshot with a cycle is no serving holder topmost.
+        .or_else(|| serving.iter().copied().min())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn groups_follow_family_address_and_v6only() {
+        assert_eq!(Group::of(&sa("0.0.0.0:80"), false), Group::V4);
+        assert_eq!(Group::of(&sa("127.0.0.1:80"), false), Group::V4);
+        assert_eq!(Group::of(&sa("[::]:80"), true), Group::V6Only);
+        assert_eq!(Group::of(&sa("[::]:80"), false), Group::DualStack);
+        // A specific IPv6 address takes no IPv4 client whatever IPV6_V6ONLY says.
+        assert_eq!(Group::of(&sa("[::1]:80"), false), Group::V6Only);
+    }
+
+    fn l(groups: &[Group]) -> Layout {
+        Layout::new(groups.iter().copied())
+    }
+
+    #[test]
+    fn split_layouts_hand_over_to_split_layouts() {
+        use Group::*;
+        let split = l(&[V4, V6Only]);
+        assert_eq!(layout_conflict(&split, &split), None);
+        // Adding or dropping a family is what it was before zdt: no group changes kind.
+        assert_eq!(layout_conflict(&l(&[V4]), &split), None);
+        assert_eq!(layout_conflict(&split, &l(&[V4])), None);
+        assert_eq!(layout_conflict(&l(&[V6Only]), &l(&[V4])), None);
+    }
+
+    #[test]
+    fn dual_stack_hands_over_to_dual_stack_only() {
+        use Group::*;
+        let dual = l(&[DualStack]);
+        assert_eq!(layout_conflict(&dual, &dual), None);
+        for (current, new) in [
+            (l(&[V4, V6Only]), dual.clone()),
+            (dual.clone(), l(&[V4, V6Only])),
+            (l(&[V4]), dual.clone()),
+            (dual.clone(), l(&[V6Only])),
+            // An IPv4 socket beside a dual-stack one takes every IPv4 client from it.
+            (dual.clone(), l(&[DualStack, V4])),
+            (l(&[DualStack, V4]), dual.clone()),
+        ] {
+            let why = layout_conflict(&current, &new).expect("a conflict");
+            assert!(why.contains("dual-stack"), "{why}");
+        }
+    }
+
+    #[test]
+    fn nothing_to_compare_is_no_conflict() {
+        let dual = l(&[Group::DualStack]);
+        assert_eq!(layout_conflict(&Layout::default(), &dual), None);
+        assert_eq!(layout_conflict(&dual, &Layout::default()), None);
+    }
+
+    #[test]
+    fn layouts_read_as_words() {
+        use Group::*;
+        assert_eq!(
+            l(&[V6Only, V4]).to_string(),
+            "an IPv4 socket and an IPv6-only socket"
+        );
+        assert_eq!(
+            l(&[DualStack]).to_string(),
+            "one dual-stack socket (IPV6_V6ONLY=0)"
+        );
+        assert_eq!(Layout::default().to_string(), "no socket");
+    }
+
+    fn proc(ppid: i32, exe: &str, execed: bool) -> ProcInfo {
+        ProcInfo {
+            ppid,
+            exe: Some(exe.into()),
+            execed,
+            ..ProcInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_master_is_the_member_not_its_workers() {
+        // nginx: the master forks its workers, which keep its program (no exec).
+        let procs = Procs::from([
+            (100, proc(1, "/usr/sbin/nginx", true)),
+            (101, proc(100, "/usr/sbin/nginx", false)),
+            (102, proc(100, "/usr/sbin/nginx", false)),
+        ]);
+        assert_eq!(not_serving(100, &[100, 101, 102], &procs), None);
+        assert_eq!(member(&[101, 102, 100], &procs), Some(100));
+        // Workers alone (the master closed its copy): the lowest of them.
+        assert_eq!(member(&[102, 101], &procs), Some(101));
+    }
+
+    #[test]
+    fn a_supervisor_that_keeps_the_socket_is_not_the_member() {
+        // A supervisor (pid 50) made the socket and started the app with it (exec, another
+        // program); both hold it.
+        let procs = Procs::from([
+            (50, proc(1, "/usr/bin/supervisor", true)),
+            (60, proc(50, "/usr/bin/myapp", true)),
+            (61, proc(60, "/usr/bin/myapp", false)),
+        ]);
+        assert_eq!(
+            not_serving(50, &[50, 60, 61], &procs),
+            Some(NotServing::Supervisor { child: 60 })
+        );
+        assert_eq!(member(&[50, 60, 61], &procs), Some(60));
+        // The same program re-exec'd with sockets handed the systemd way is a supervisor too.
+        let mut same = procs.clone();
+        same.insert(
+            60,
+            ProcInfo {
+                exe: Some("/usr/bin/supervisor".into()),
+                listen_fds: true,
+                ..proc(50, "", true)
+            },
+        );
+        assert_eq!(member(&[50, 60], &same), Some(60));
+        // Without LISTEN_FDS and with the same program, it is a master and its worker.
+        same.get_mut(&60).unwrap().listen_fds = false;
+        assert_eq!(member(&[50, 60], &same), Some(50));
+    }
+
+    #[test]
+    fn init_and_zdt_never_are_members() {
+        let procs = Procs::from([
+            (1, proc(0, "/lib/systemd/systemd", true)),
+            (70, proc(1, "/usr/bin/myapp", true)),
+            (
+                80,
+                ProcInfo {
+                    zdt: true,
+                    ..proc(1, "/usr/sbin/zdt-ctl", true)
+                },
+            ),
+        ]);
+        assert_eq!(not_serving(1, &[1, 70], &procs), Some(NotServing::Init));
+        assert_eq!(not_serving(80, &[80], &procs), Some(NotServing::Zdt));
+        // Socket activation: systemd and the service hold the socket; the service is the member.
+        assert_eq!(member(&[1, 70], &procs), Some(70));
+        // Only systemd (the service has not started) or only the placeholder: no member.
+        assert_eq!(member(&[1], &procs), None);
+        assert_eq!(member(&[80], &procs), None);
+    }
+
+    #[test]
+    fn an_unknown_or_looping_ancestry_ends() {
+        // A snapshot taken while pids were reused can hold a cycle.
+        let procs = Procs::from([(10, proc(11, "/a", false)), (11, proc(10, "/a", false))]);
+        assert!(!descends(10, 12, &procs));
+        assert!(!descends(99, 1, &procs));
+        assert_eq!(member(&[11, 10], &procs), Some(10));
+    }
+}
