@@ -590,28 +590,15 @@ pub fn perf(cfg: &Config) -> anyhow::Result<Perf> {
         let t = load::tally(&samples);
         Ok(t.count(Outcome::Ok) as f64 / secs)
     };
-    let stats = |ns: &Netns| -> anyhow::Result<(u64, Duration)> {
-        ns.run(|| {
-            zdt_ctl::state::State::open_read(PORT)?
-                .context("not attached")?
-                .program_stats()
-        })?
-    };
     let (mut zdt, mut none) = (Vec::new(), Vec::new());
     let (mut runs, mut time) = (0u64, Duration::ZERO);
     for _ in 0..cfg.perf_rounds.max(1) {
         none.push(measure(&spec)?);
         zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
-        // Run-time stats are on only while this fd is open (the same switch as
-        // kernel.bpf_stats_enabled); dropping it restores the previous state.
-        let enabled = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .context("enabling BPF run-time stats")?;
-        let (r0, t0) = stats(&ns)?;
-        zdt.push(measure(&spec)?);
-        let (r1, t1) = stats(&ns)?;
-        drop(enabled);
-        runs += r1 - r0;
-        time += t1 - t0;
+        let (rate, r, t) = with_program_stats(&ns, PORT, || measure(&spec))?;
+        zdt.push(rate);
+        runs += r;
+        time += t;
         zdt_ok(&ns, &["detach", &format!(":{PORT}")])?;
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -626,6 +613,31 @@ pub fn perf(cfg: &Config) -> anyhow::Result<Perf> {
             0.0
         },
     })
+}
+
+/// Runs `f` with the kernel's BPF run-time stats on, and returns what it returned with the runs
+/// of `port`'s program meanwhile and their total run time.
+pub(crate) fn with_program_stats<T>(
+    ns: &Netns,
+    port: u16,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, u64, Duration)> {
+    let stats = || -> anyhow::Result<(u64, Duration)> {
+        ns.run(move || {
+            zdt_ctl::state::State::open_read(port)?
+                .context("not attached")?
+                .program_stats()
+        })?
+    };
+    // Run-time stats are on only while this fd is open (the same switch as
+    // kernel.bpf_stats_enabled); dropping it restores the previous state.
+    let enabled =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
+    let (r0, t0) = stats()?;
+    let out = f()?;
+    let (r1, t1) = stats()?;
+    drop(enabled);
+    Ok((out, r1 - r0, t1 - t0))
 }
 
 pub(crate) fn machine() -> (String, String) {

@@ -5,3 +5,4 @@ pub mod cold;
 pub mod harness;
 pub mod load;
 pub mod netns;
+pub mod scale;

@@ -120,3 +120,26 @@ fn short_cold_restart_benchmark() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The program's cost per selection stays flat as the active list grows from 2 to 512 sockets:
+/// the flow hash picks the slot, nothing walks the list while its sockets listen. Compared as a
+/// ratio within one run (a loaded machine slows both alike); a walk over the list would make it
+/// grow with the length (hundreds of times), the cache misses of more slots do not.
+#[test]
+fn short_scale_benchmark() -> anyhow::Result<()> {
+    let r = zdt_tests::scale::run(&[2, 512], Duration::from_secs(1), 8, 2)?;
+    println!("{}", zdt_tests::scale::markdown(&r));
+    let [small, large] = r.points.as_slice() else {
+        anyhow::bail!("two sizes measured: {r:?}");
+    };
+    for p in [small, large] {
+        assert_eq!(p.failed, 0, "{p:?}");
+        assert!(p.bpf_runs > 1000, "too few selections: {p:?}");
+    }
+    let ratio = large.bpf_ns_per_run / small.bpf_ns_per_run;
+    assert!(
+        ratio < 3.0,
+        "512 sockets cost {ratio:.2} x 2 sockets: {r:?}"
+    );
+    Ok(())
+}

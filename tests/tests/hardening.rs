@@ -211,3 +211,43 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     zdt_ok(&ns, &promote)?;
     Ok(())
 }
+
+#[test]
+fn a_kernel_older_than_5_14_is_refused_before_anything_changes() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    // The running kernel's release, as an older kernel would report it (the variable is the
+    // test hook that stands in for uname).
+    for (args, attached) in [
+        (vec!["attach", ":8080"], false),
+        (vec!["status"], false),
+        (vec!["attach", ":8080"], true),
+    ] {
+        if attached {
+            zdt_ok(&ns, &["attach", ":8080"])?;
+        }
+        let before = fingerprint(&ns, PORT)?;
+        let out: zdt_tests::harness::Ctl = zdt_tests::harness::zdt_command(&ns, &args)
+            .env("ZDT_KERNEL_RELEASE", "5.10.0-28-amd64")
+            .output()?
+            .into();
+        assert_eq!(out.code, 7, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("5.10.0-28-amd64") && out.stderr.contains(">= 5.14"),
+            "{args:?}: {out:?}"
+        );
+        assert_eq!(
+            fingerprint(&ns, PORT)?,
+            before,
+            "{args:?} changed the state"
+        );
+    }
+    // The promote that would follow changes nothing either.
+    let out: zdt_tests::harness::Ctl =
+        zdt_tests::harness::zdt_command(&ns, &["promote", &v1.pid.to_string(), "--no-readyz"])
+            .env("ZDT_KERNEL_RELEASE", "5.13.19")
+            .output()?
+            .into();
+    assert_eq!(out.code, 7, "{out:?}");
+    Ok(())
+}

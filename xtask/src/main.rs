@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
             build()?;
             let out = root().join("bench-results");
             // Results of an earlier run must not pass for this one's in update_readme.
-            for f in ["RESULTS.md", "COLD.md"] {
+            for f in ["RESULTS.md", "COLD.md", "SCALE.md"] {
                 let _ = std::fs::remove_file(out.join(f));
             }
             let mut c = Command::new(root().join("target/release/zdt-bench"));
@@ -108,8 +108,8 @@ fn dist() -> anyhow::Result<()> {
 }
 
 /// Puts the results of a run into the README, each part between its markers: RESULTS.md
-/// (handover matrix, with the plot copied to docs/) and COLD.md (cold restarts), whichever the
-/// run produced.
+/// (handover matrix, with the plot copied to docs/), COLD.md (cold restarts) and SCALE.md (cost
+/// per selection with many sockets), whichever the run produced.
 fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
     let path = root().join("README.md");
     let mut readme = std::fs::read_to_string(&path)?;
@@ -121,12 +121,14 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
         std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
         any = true;
     }
-    if let Ok(cold) = std::fs::read_to_string(out.join("COLD.md")) {
-        readme = replace_section(&readme, "cold", &cold)?;
-        any = true;
+    for (file, section) in [("COLD.md", "cold"), ("SCALE.md", "scale")] {
+        if let Ok(text) = std::fs::read_to_string(out.join(file)) {
+            readme = replace_section(&readme, section, &text)?;
+            any = true;
+        }
     }
     if !any {
-        bail!("{} has neither RESULTS.md nor COLD.md", out.display());
+        bail!("{} has none of RESULTS.md, COLD.md, SCALE.md", out.display());
     }
     std::fs::write(&path, readme)?;
     Ok(())

@@ -7,14 +7,28 @@
 #![no_std]
 
 /// Bumped whenever a map layout below changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
-/// Number of slots in the socket array (one listening socket per slot).
-pub const MAX_SLOTS: u32 = 256;
+/// Number of slots in the socket array (one listening socket per slot): two versions of an app
+/// with 512 workers, each worker with its own socket per family (nginx's `reuseport`), fit at
+/// once (2 x 512 x 2 = 2048), with as much again to spare.
+pub const MAX_SLOTS: u32 = 4096;
 
-/// Maximum number of sockets of one address family in the active set. The program walks the
-/// active list in a bounded loop, so this bounds the work per new connection too.
-pub const MAX_ACTIVE: usize = 32;
+/// Maximum number of sockets of one address family in one list of the active set (two versions
+/// of a 512-worker app, both adopted as active at once, fit). The program's cost per new
+/// connection does not grow with it: the flow hash picks one slot, and only if that socket
+/// cannot take the connection does the program try others, at most [`WALK`] + [`PROBES`].
+pub const MAX_ACTIVE: usize = 1024;
+
+/// After a failed selection, how many of the following slots of the list the program tries in
+/// turn. A list of at most this many sockets is tried whole.
+pub const WALK: u32 = 32;
+
+/// After the walk, how many slots of a longer list the program tries at random. The sockets of
+/// one process sit together in a list and die together, so a walk that started among a dead
+/// process's slots can end before it leaves them; random probes find a live slot among the rest
+/// (with half of the list dead, all of them miss with probability 2^-32).
+pub const PROBES: u32 = 32;
 
 /// `AF_INET` / `AF_INET6`, as the kernel's `bpf_sock.family` reports them.
 pub const AF_INET: u32 = 2;

@@ -77,9 +77,48 @@ pub fn kind_of(error: &anyhow::Error) -> Kind {
         .map_or(Kind::Internal, |e| e.kind)
 }
 
+/// The oldest kernel zdt runs on: 5.14 brought the migration of a closing listener's queue
+/// through a BPF program (BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) and SO_NETNS_COOKIE; pidfd_open
+/// (5.3) and pidfd_getfd (5.6) came before.
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+/// (major, minor) of a kernel release string such as "6.1.0-26-amd64".
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>());
+    Some((parts.next()?.ok()?, parts.next()?.ok()?))
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`] with a message naming it, before anything is
+/// read or changed. `ZDT_KERNEL_RELEASE` stands in for the running kernel's release in tests
+/// (an old kernel cannot be booted for every test run).
+pub fn require_kernel() -> anyhow::Result<()> {
+    let release = match std::env::var("ZDT_KERNEL_RELEASE") {
+        Ok(r) => r,
+        Err(_) => nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        _ => Err(err(
+            Kind::Refused,
+            format!(
+                "this kernel is {release}; zdt needs Linux >= {}.{} (a BPF program that migrates \
+                 a closing listener's queue, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, and \
+                 SO_NETNS_COOKIE); nothing was changed",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        )),
+    }
+}
+
 /// zdt loads BPF programs, writes pinned maps and duplicates other processes' sockets: all of it
-/// needs root. Checked first, so a non-root run touches nothing.
+/// needs root, and a kernel that has what zdt relies on. Checked first, so a run that cannot
+/// work touches nothing.
 pub fn require_root() -> anyhow::Result<()> {
+    require_kernel()?;
     if nix::unistd::geteuid().is_root() {
         Ok(())
     } else {
@@ -88,5 +127,21 @@ pub fn require_root() -> anyhow::Result<()> {
             "zdt-ctl must run as root: it loads a BPF program, writes its pinned maps under \
              /sys/fs/bpf and takes listening sockets from other processes. Run it with sudo.",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_are_read_and_compared() {
+        assert_eq!(kernel_version("6.1.0-26-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.14.0-284.el9.x86_64"), Some((5, 14)));
+        assert_eq!(kernel_version("6.18.44-fc-v769"), Some((6, 18)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.13.19").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.14.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("6.0.1").unwrap() >= MIN_KERNEL);
     }
 }

@@ -9,6 +9,23 @@ pub mod readiness;
 pub mod sockets;
 pub mod state;
 
+/// Raises the soft limit of open files to the hard one: a promote duplicates every listener of
+/// the new process (an nginx with 512 workers has 1024 on a dual-stack port), which the default
+/// soft limit of 1024 would not hold.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Test hook: when `ZDT_FAILPOINT` is `NAME`, stop at that point until killed; when it is
 /// `NAME:DURATION`, pause there that long and go on. The fault tests SIGKILL zdt-ctl at every
 /// step of a command this way, or make something happen between two steps. Without the variable

@@ -203,6 +203,7 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    zdt_ctl::raise_nofile_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -451,14 +451,68 @@ impl State {
         Ok((meta.cookie == cookie).then_some(meta))
     }
 
+    /// The metadata of every slot, in as few syscalls as the kernel allows (BPF_MAP_LOOKUP_BATCH
+    /// on the array, kernel >= 5.6): with 4096 slots, one lookup each would cost milliseconds.
+    fn all_meta(&self) -> anyhow::Result<Vec<SlotMeta>> {
+        let mut out = vec![SlotMeta::default(); MAX_SLOTS as usize];
+        let mut keys = vec![0u32; MAX_SLOTS as usize];
+        let fd = self.meta_fd();
+        let mut done = 0usize;
+        let mut next: u32 = 0;
+        while done < out.len() {
+            let mut attr = BpfBatchAttr {
+                in_batch: if done == 0 {
+                    0
+                } else {
+                    &next as *const u32 as u64
+                },
+                out_batch: &mut next as *mut u32 as u64,
+                keys: keys[done..].as_mut_ptr() as u64,
+                values: out[done..].as_mut_ptr() as u64,
+                count: (out.len() - done) as u32,
+                map_fd: fd as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: the kernel writes at most `count` keys and values into the two buffers,
+            // which have room for that many, and reads/writes the u32 batch cursors; all of
+            // them outlive the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BpfBatchAttr,
+                    std::mem::size_of::<BpfBatchAttr>() as u32,
+                )
+            };
+            let err = std::io::Error::last_os_error();
+            done += attr.count as usize;
+            if rc == 0 {
+                continue;
+            }
+            // ENOENT: the end of the array was reached (the last batch is filled).
+            if err.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(err).context("reading the slot metadata (BPF_MAP_LOOKUP_BATCH)");
+        }
+        Ok(out)
+    }
+
+    fn meta_fd(&self) -> i32 {
+        let map: &MapData = aya::maps::IterableMap::map(&self.meta);
+        map.fd().as_fd().as_raw_fd()
+    }
+
     /// Every slot that holds a live socket zdt put there (cookie matches its metadata).
     pub fn slots(&self) -> anyhow::Result<Vec<Slot>> {
         let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
         let mut out = Vec::new();
-        for index in 0..MAX_SLOTS {
-            let Some(meta) = self.live_meta(index)? else {
+        for (index, meta) in (0..MAX_SLOTS).zip(self.all_meta()?) {
+            // A slot zdt never filled has no cookie in its metadata: no need to ask the array.
+            if meta.cookie == 0 || self.cookie_at(index)? != Some(meta.cookie) {
                 continue;
-            };
+            }
             let per_cpu = self.slot_counters.get(&index, 0)?;
             let now_bucket = monotonic_ns() / zdt_common::RECENT_BUCKET_NS;
             out.push(Slot {
@@ -610,15 +664,8 @@ impl State {
         for i in 0..2 {
             out.extend(format!("{:?}", self.active.get(&i, 0)?).bytes());
         }
-        for slot in 0..MAX_SLOTS {
-            out.extend(
-                format!(
-                    "{slot}:{:?}:{:?}",
-                    self.cookie_at(slot)?,
-                    self.meta.get(&slot, 0)?
-                )
-                .bytes(),
-            );
+        for (slot, meta) in (0..MAX_SLOTS).zip(self.all_meta()?) {
+            out.extend(format!("{slot}:{:?}:{meta:?}", self.cookie_at(slot)?).bytes());
         }
         Ok(out)
     }
@@ -867,6 +914,20 @@ struct BpfMapElemAttr {
     flags: u64,
 }
 
+/// `union bpf_attr` as BPF_MAP_*_BATCH uses it.
+#[repr(C)]
+struct BpfBatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 

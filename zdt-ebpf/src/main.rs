@@ -19,7 +19,8 @@ mod program {
             sk_action::{SK_DROP, SK_PASS},
         },
         helpers::generated::{
-            bpf_ktime_get_ns, bpf_sk_select_reuseport, bpf_skb_load_bytes_relative,
+            bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_select_reuseport,
+            bpf_skb_load_bytes_relative,
         },
         macros::{map, sk_reuseport},
         maps::{Array, PerCpuArray},
@@ -28,7 +29,7 @@ mod program {
     };
     use zdt_common::{
         family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotList, SlotMeta,
-        MAX_ACTIVE, MAX_SLOTS, PROBE_PORTS, RECENT_BUCKET_NS,
+        MAX_SLOTS, PROBES, PROBE_PORTS, RECENT_BUCKET_NS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -164,11 +165,15 @@ mod program {
         if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
             if !migrating {
                 // The canary's share, by flow hash: every SYN of one connection (retransmits
-                // included) has the same hash, so a connection never changes sides.
+                // included) has the same hash, so a connection never changes sides. The share
+                // is decided on the hash's upper half, the slot (try_list) on its value modulo
+                // the list's length: deciding both on `hash % 100` would leave the canary's
+                // connections only the slots `hash % n` can reach under `hash % 100 < weight`
+                // (with weight 1 and 2 or 4 sockets, the first socket alone).
                 if let Some(canary) = set.canary.get(i) {
                     if set.canary_weight > 0
                         && canary.len > 0
-                        && ctx.hash() % 100 < set.canary_weight
+                        && (ctx.hash() >> 16) % 100 < set.canary_weight
                         && try_list(ctx, canary, false)
                     {
                         return SK_PASS;
@@ -211,68 +216,85 @@ mod program {
         SK_PASS
     }
 
-    /// Selects one of the active slots, starting at the flow hash and trying the others in turn
-    /// if a selection fails. A selection fails with -ENOENT for a slot whose socket has stopped
-    /// listening: on the migration path that is always the case for the closing socket itself,
-    /// which has already left the socket array (net/core/filter.c, sk_select_reuseport), so this
-    /// walk naturally picks "an active socket other than the closing one".
+    /// Selects one of the slots of `list`: the one the flow hash picks, so that the cost of a
+    /// selection does not grow with the list; if that fails, the next [`WALK`] slots in turn,
+    /// then [`PROBES`] slots at random. A selection fails with -ENOENT for a slot whose socket
+    /// has stopped listening: on the migration path that is always the case for the closing
+    /// socket itself, which has already left the socket array (net/core/filter.c,
+    /// sk_select_reuseport), so this naturally picks "an active socket other than the closing
+    /// one". A list of at most WALK slots is tried whole.
     #[inline(always)]
     fn try_list(ctx: &SkReuseportContext, list: &SlotList, migrating: bool) -> bool {
-        let slots = &list.slots;
-        let n = if list.len > MAX_ACTIVE as u32 {
-            MAX_ACTIVE as u32
-        } else {
-            list.len
-        };
+        // Not clamped to MAX_ACTIVE on purpose: the bounds check in try_slot (`slots.get`) is
+        // what the verifier needs to see, and the compiler would drop it as redundant if it
+        // knew that every index is below n <= MAX_ACTIVE. A longer len (never written) only
+        // makes some selections fail.
+        let n = list.len;
         if n == 0 {
             return false;
         }
         let start = ctx.hash() % n;
-        for i in 0..MAX_ACTIVE as u32 {
+        for i in 0..WALK {
             if i >= n {
-                break;
+                return false;
             }
             let mut idx = start + i;
             if idx >= n {
                 idx -= n;
             }
-            let Some(&slot) = slots.get(idx as usize) else {
-                break;
-            };
-            if select_slot(ctx, slot) {
-                if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
-                    // SAFETY: per-CPU value, no concurrent writer on this CPU (see `global`).
-                    let c = unsafe { &mut *c };
-                    if migrating {
-                        c.migrated += 1;
-                    } else {
-                        c.steered += 1;
-                        // Two rotating buckets give `status` the share of recent connections
-                        // without a daemon keeping history.
-                        // SAFETY: a helper without arguments.
-                        let bucket = unsafe { bpf_ktime_get_ns() } / RECENT_BUCKET_NS;
-                        let i = (bucket & 1) as usize;
-                        if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
-                            if *b != bucket {
-                                *b = bucket;
-                                *r = 0;
-                            }
-                            *r += 1;
-                        }
-                    }
-                }
-                global(|g| {
-                    if migrating {
-                        g.migrated += 1;
-                    } else {
-                        g.steered += 1;
-                    }
-                });
+            if try_slot(ctx, list, idx, migrating) {
                 return true;
             }
-            global(|g| g.select_failed += 1);
+        }
+        for _ in 0..PROBES {
+            // SAFETY: a helper without arguments.
+            let idx = unsafe { bpf_get_prandom_u32() } % n;
+            if try_slot(ctx, list, idx, migrating) {
+                return true;
+            }
         }
         false
+    }
+
+    /// Selects the socket of `list.slots[idx]` and counts it; false if it cannot be selected.
+    #[inline(always)]
+    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, migrating: bool) -> bool {
+        let Some(&slot) = list.slots.get(idx as usize) else {
+            return false;
+        };
+        if !select_slot(ctx, slot) {
+            global(|g| g.select_failed += 1);
+            return false;
+        }
+        if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
+            // SAFETY: per-CPU value, no concurrent writer on this CPU (see `global`).
+            let c = unsafe { &mut *c };
+            if migrating {
+                c.migrated += 1;
+            } else {
+                c.steered += 1;
+                // Two rotating buckets give `status` the share of recent connections without a
+                // daemon keeping history.
+                // SAFETY: a helper without arguments.
+                let bucket = unsafe { bpf_ktime_get_ns() } / RECENT_BUCKET_NS;
+                let i = (bucket & 1) as usize;
+                if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
+                    if *b != bucket {
+                        *b = bucket;
+                        *r = 0;
+                    }
+                    *r += 1;
+                }
+            }
+        }
+        global(|g| {
+            if migrating {
+                g.migrated += 1;
+            } else {
+                g.steered += 1;
+            }
+        });
+        true
     }
 
     /// Whether the connection is one of zdt-ctl's own: a source port in [`PROBE_PORTS`] *and* a

@@ -6,13 +6,21 @@ use clap::Parser;
 use zdt_tests::{
     bench::{self, Config, Mode, Rate},
     cold::{self, ColdConfig},
+    scale,
 };
 
 #[derive(Parser)]
 struct Args {
-    /// Which parts to run: `handover` (the reset-count matrix) and/or `cold` (cold restarts).
-    #[arg(long, value_delimiter = ',', default_value = "handover,cold")]
+    /// Which parts to run: `handover` (the reset-count matrix), `cold` (cold restarts) and/or
+    /// `scale` (the program's cost per selection with many sockets).
+    #[arg(long, value_delimiter = ',', default_value = "handover,cold,scale")]
     parts: Vec<Part>,
+    /// Sockets of the active member in the scale part.
+    #[arg(long, value_delimiter = ',', default_value = "2,64,512")]
+    scale_sockets: Vec<usize>,
+    /// Runs per size in the scale part (each `--perf-run` long).
+    #[arg(long, default_value_t = 3)]
+    scale_rounds: usize,
     /// Request rates: numbers (req/s, open loop) and/or `sat` (closed loop).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,sat")]
     rates: Vec<Rate>,
@@ -65,6 +73,7 @@ struct Args {
 enum Part {
     Handover,
     Cold,
+    Scale,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +83,9 @@ fn main() -> anyhow::Result<()> {
         if let Ok(report) = serde_json::from_str::<bench::Report>(&text) {
             bench::write(&report, &a.out)?;
             println!("{}", bench::markdown(&report));
+        } else if let Ok(report) = serde_json::from_str::<scale::ScaleReport>(&text) {
+            scale::write(&report, &a.out)?;
+            println!("{}", scale::markdown(&report));
         } else {
             let report: cold::ColdReport = serde_json::from_str(&text)?;
             cold::write(&report, &a.out)?;
@@ -109,6 +121,11 @@ fn main() -> anyhow::Result<()> {
         let report = cold::run(&cfg)?;
         cold::write(&report, &a.out)?;
         println!("{}", cold::markdown(&report));
+    }
+    if a.parts.contains(&Part::Scale) {
+        let report = scale::run(&a.scale_sockets, a.perf_run, a.workers, a.scale_rounds)?;
+        scale::write(&report, &a.out)?;
+        println!("{}", scale::markdown(&report));
     }
     println!("results in {}", a.out.display());
     Ok(())

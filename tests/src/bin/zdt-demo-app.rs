@@ -91,6 +91,10 @@ struct Args {
     /// and Node.
     #[arg(long)]
     dual_stack: bool,
+    /// Listening sockets per address of the public port, each with its own accept loop, as
+    /// nginx's `reuseport` gives each worker its own.
+    #[arg(long, default_value_t = 1)]
+    sockets: usize,
     /// Wait this long after start before binding the public port (an app that loads its
     /// configuration first, a JVM). The admin port binds at once.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -230,6 +234,9 @@ fn serve(stream: tokio::net::TcpStream, app: &Arc<App>, graceful: &GracefulShutd
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Many listening sockets (--sockets) and their connections need more open files than the
+    // default soft limit.
+    zdt_ctl::raise_nofile_limit();
     let app = Arc::new(App {
         version: args.version.clone(),
         pid: std::process::id(),
@@ -277,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
     let ports = std::iter::once(args.port).chain(args.extra_port);
     let addrs: Vec<SocketAddr> = ports
         .flat_map(|port| {
-            if args.split {
+            let addrs = if args.split {
                 vec![
                     SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
                     SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
@@ -289,7 +296,10 @@ async fn main() -> anyhow::Result<()> {
                 )]
             } else {
                 vec![SocketAddr::new(args.addr, port)]
-            }
+            };
+            addrs
+                .into_iter()
+                .flat_map(|a| std::iter::repeat_n(a, args.sockets.max(1)))
         })
         .collect();
     let bind = || -> anyhow::Result<Vec<TcpListener>> {

@@ -194,6 +194,8 @@ pub fn attached_ports() -> anyhow::Result<Vec<u16>> {
 
 /// The status of `port`, or of every attached port.
 pub fn statuses(port: Option<u16>) -> anyhow::Result<Vec<Status>> {
+    // Before anything is read, also when no port is attached.
+    crate::error::require_root()?;
     let ports = match port {
         // A port asked for by name must be attached (exit 3 otherwise, as for every command).
         Some(p) if !State::exists(p)? => return Err(crate::state::not_attached(p)),

@@ -1,0 +1,130 @@
+//! Many sockets per port: nginx with `reuseport` gives each worker a socket of its own per
+//! address, so a 512-worker box has 512 listeners per family, and a deploy has two versions of
+//! them at once.
+use std::{collections::BTreeMap, time::Duration};
+
+use zdt_tests::{
+    harness::{promote_args, replace, status, strs, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+/// Members of the port by version: (role, number of slots).
+fn members(st: &serde_json::Value) -> BTreeMap<String, (String, usize)> {
+    st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["pid"].to_string(),
+                (
+                    m["role"].as_str().unwrap_or_default().to_string(),
+                    m["slots"].as_array().map_or(0, Vec::len),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_versions_of_a_512_worker_app_hand_over_on_both_families() -> anyhow::Result<()> {
+    const SOCKETS: &str = "512";
+    let ns = Netns::new()?;
+    let app = |v: &str| {
+        AppOpts::new(PORT, v)
+            .arg("--split")
+            .arg("--sockets")
+            .arg(SOCKETS)
+    };
+    let mut v1 = App::start(&ns, &app("v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let loads: Vec<Background> = [
+        std::net::SocketAddr::from(([127, 0, 0, 1], PORT)),
+        (std::net::Ipv6Addr::LOCALHOST, PORT).into(),
+    ]
+    .into_iter()
+    .map(|a| Background::start(&ns, LoadSpec::open(a, 200.0, Duration::from_secs(60))))
+    .collect();
+    let v2 = App::start(&ns, &app("v2").warmup(Duration::from_millis(300)))?;
+    // Both versions at once in the active set: v1's 1024 sockets active, v2's 1024 as a canary.
+    zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "50"])))?;
+    let st = status(&ns, PORT)?;
+    let by_pid = members(&st);
+    assert_eq!(
+        by_pid.get(&v1.pid.to_string()),
+        Some(&("active".into(), 1024)),
+        "{by_pid:?}"
+    );
+    assert_eq!(
+        by_pid.get(&v2.pid.to_string()),
+        Some(&("canary".into(), 1024)),
+        "{by_pid:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // The rollout completes; v1 is stopped and its queues move to v2.
+    replace(&ns, &v2, &mut v1)?;
+    let st = status(&ns, PORT)?;
+    assert_eq!(
+        members(&st),
+        BTreeMap::from([(v2.pid.to_string(), ("active".into(), 1024))]),
+        "{st}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for l in loads {
+        let t = load::tally(&l.finish());
+        assert!(t.requests > 200, "{t:?}");
+        assert_eq!(t.failures(), 0, "{t:?}");
+        assert_eq!(t.versions.len(), 2, "{t:?}");
+    }
+    Ok(())
+}
+
+/// New connections steered to each slot of the port (the program's per-slot counters).
+fn steered_per_slot(ns: &Netns) -> anyhow::Result<BTreeMap<u32, u64>> {
+    ns.run(|| -> anyhow::Result<BTreeMap<u32, u64>> {
+        let state = zdt_ctl::state::State::open_read(PORT)?.expect("attached");
+        Ok(state
+            .slots()?
+            .iter()
+            .map(|s| (s.index, s.steered))
+            .collect())
+    })?
+}
+
+#[test]
+fn a_small_canary_share_reaches_every_canary_socket() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--sockets").arg("4"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--sockets").arg("4"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "2"])))?;
+    let t = load::requests(&ns, PORT, 3000, 2000.0);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    let canary = t.versions.get("v2").copied().unwrap_or(0);
+    // About 60 canary connections. With the share and the slot decided on the same bits of the
+    // flow hash (hash % 100 < 2, then hash % 4, which is hash % 100 % 4), they all went to the
+    // canary's first two sockets.
+    assert!(canary > 20, "{t:?}");
+    let st = status(&ns, PORT)?;
+    let v2_slots: Vec<u32> = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["pid"] == v2.pid)
+        .flat_map(|m| m["slots"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s.as_u64().map(|s| s as u32))
+        .collect();
+    assert_eq!(v2_slots.len(), 4, "{st}");
+    let per_slot = steered_per_slot(&ns)?;
+    for slot in &v2_slots {
+        // Each gets a quarter, about 15; none is left out (P(0 of 60) = 0.75^60, 3e-8).
+        assert!(
+            per_slot.get(slot).copied().unwrap_or(0) > 0,
+            "canary slot {slot} got nothing: {per_slot:?}"
+        );
+    }
+    Ok(())
+}
