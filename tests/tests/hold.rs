@@ -207,3 +207,37 @@ fn a_family_no_process_serves_is_reset_after_max_wait() -> anyhow::Result<()> {
     assert!(v4.is_ok_and(|n| n > 0), "{v4:?}");
     Ok(())
 }
+
+#[test]
+fn a_backlog_above_4096_survives_every_move() -> anyhow::Result<()> {
+    const WAITING: u64 = 5;
+    let ns = Netns::new()?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let mut hold = Hold::start(&ns, &["0.0.0.0:8080", "--backlog", "8192"])?;
+    // Twice: connections wait while nothing is promoted, then move to the next process. The
+    // placeholder listens again after each move, with its backlog of 8192.
+    for v in ["v1", "v2"] {
+        let burst = Background::start(
+            &ns,
+            LoadSpec::burst(addr(), WAITING, Duration::from_secs(20)),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let app = App::start(&ns, &AppOpts::new(PORT, v))?;
+        zdt_ok(&ns, &strs(&promote_args(&app, &[])))?;
+        let t = load::tally(&burst.finish());
+        assert_eq!(
+            t.count(Outcome::Ok) + t.count(Outcome::Slow),
+            WAITING,
+            "{v}: {t:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            hold.child.try_wait()?.is_none(),
+            "hold exited after the move to {v}: {:?}",
+            hold.lines.try_iter().collect::<Vec<_>>()
+        );
+        app.signal(Signal::SIGKILL);
+        drop(app);
+    }
+    Ok(())
+}

@@ -337,3 +337,57 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     assert!(body.contains("zdt_member_steered_total{"), "{body}");
     Ok(())
 }
+
+#[test]
+fn metrics_listen_serves_every_scraper_and_times_out_idle_ones() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut server = zdt_command(&ns, &["metrics", "--listen", "127.0.0.1:9814"]).spawn()?;
+    let result = ns.run(|| -> anyhow::Result<(String, Vec<std::time::Duration>)> {
+        let connect = || -> anyhow::Result<std::net::TcpStream> {
+            for _ in 0..50 {
+                if let Ok(s) = std::net::TcpStream::connect("127.0.0.1:9814") {
+                    return Ok(s);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            anyhow::bail!("metrics --listen never listened")
+        };
+        // A client that connects and says nothing, and one that sends half a request.
+        let idle = connect()?;
+        let mut half = connect()?;
+        half.write_all(b"GET /metr")?;
+        // A scraper behind them is served at once, not after them.
+        let mut scrape = connect()?;
+        scrape.set_read_timeout(Some(Duration::from_secs(3)))?;
+        scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        scrape.read_to_string(&mut text)?;
+        // The two stalled ones are closed by the server after its timeout.
+        let mut closed_after = Vec::new();
+        for mut s in [idle, half] {
+            let t = std::time::Instant::now();
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf)?;
+            closed_after.push(t.elapsed());
+        }
+        Ok((text, closed_after))
+    })??;
+    let (text, closed_after) = result;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("zdt_steered_total"), "{text}");
+    for d in &closed_after {
+        assert!(
+            *d < Duration::from_secs(15),
+            "a stalled scraper held on for {d:?}"
+        );
+    }
+    // Still serving.
+    assert!(server.try_wait()?.is_none(), "metrics --listen exited");
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
+}

@@ -331,7 +331,11 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
             let fd = &fds[k];
             nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                 .context("shutting the placeholder down")?;
-            nix::sys::socket::listen(&fd.as_fd(), nix::sys::socket::Backlog::new(backlog)?)
+            // With the backlog it was first given, whatever its size: the kernel caps it at
+            // net.core.somaxconn by itself (nix's Backlog type refuses more than SOMAXCONN,
+            // 4096, with EINVAL, which once ended hold after its first move).
+            socket2::SockRef::from(fd)
+                .listen(backlog)
                 .context("listening again on the placeholder")?;
             since[k] = None;
         }

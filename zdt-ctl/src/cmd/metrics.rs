@@ -185,6 +185,11 @@ pub fn render(all: &[Status]) -> String {
 }
 
 /// Serves `GET /metrics` on `addr` until killed; every scrape reads the maps afresh.
+/// How long one scraper's connection may stay open, whatever it does (an idle keep-alive, a
+/// request sent halfway): the server serves every scraper at once, and this bounds what one of
+/// them can hold.
+pub const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
     use http_body_util::Full;
     use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
@@ -200,15 +205,27 @@ pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
             .map_err(|e| crate::error::bad_input(format!("cannot listen on {addr}: {e}")))?;
         tracing::info!(%addr, "serving metrics");
         loop {
-            let (stream, _) = listener.accept().await?;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of fds, a connection reset before it was accepted...: the next one may
+                // well work, and the scrapers must not lose their endpoint over it.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let svc = service_fn(
                 move |req: hyper::Request<hyper::body::Incoming>| async move {
                     let (code, body) = if req.uri().path() != "/metrics" {
                         (404, "only /metrics here\n".to_string())
                     } else {
-                        match statuses(port) {
-                            Ok(all) => (200, render(&all)),
-                            Err(e) => (500, format!("zdt-ctl metrics: {e:#}\n")),
+                        // Reading the state is blocking work (map reads, status's own probe
+                        // connection): off the thread that serves the other scrapers.
+                        match tokio::task::spawn_blocking(move || statuses(port)).await {
+                            Ok(Ok(all)) => (200, render(&all)),
+                            Ok(Err(e)) => (500, format!("zdt-ctl metrics: {e:#}\n")),
+                            Err(e) => (500, format!("zdt-ctl metrics: {e}\n")),
                         }
                     };
                     Response::builder()
@@ -217,10 +234,11 @@ pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
                         .body(Full::new(Bytes::from(body)))
                 },
             );
-            // One scrape at a time is plenty, and keeps the probes from overlapping.
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            // Every scraper on its own task, each connection closed after SCRAPE_TIMEOUT.
+            tokio::spawn(async move {
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(SCRAPE_TIMEOUT, conn).await;
+            });
         }
     })
 }
