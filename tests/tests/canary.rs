@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use zdt_tests::{
     harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
-    load::{self, Background, LoadSpec},
+    load::{self, Background, LoadSpec, Outcome},
     netns::Netns,
 };
 
@@ -134,7 +134,13 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
 
 /// One GET / from `from` to `to`, on a socket bound to `from`: the answer's status line and
 /// x-zdt-version, or the error.
-fn get_from(from: std::net::SocketAddr, to: std::net::SocketAddr) -> std::io::Result<String> {
+/// `GET /` from `from` to `to`: "STATUS-LINE VERSION". `marked`: with zdt-ctl's mark on the SYN
+/// (the MSS option of readiness::probe_socket), as zdt-ctl's own connections have it.
+fn get_from(
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    marked: bool,
+) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let s = socket2::Socket::new(
         socket2::Domain::for_address(to),
@@ -142,6 +148,9 @@ fn get_from(from: std::net::SocketAddr, to: std::net::SocketAddr) -> std::io::Re
         None,
     )?;
     s.set_reuse_address(true)?;
+    if marked {
+        s.set_tcp_mss(u32::from(zdt_common::PROBE_MSS))?;
+    }
     s.bind(&from.into())?;
     s.connect_timeout(&to.into(), Duration::from_secs(2))?;
     let mut s: std::net::TcpStream = s.into();
@@ -160,8 +169,7 @@ fn get_from(from: std::net::SocketAddr, to: std::net::SocketAddr) -> std::io::Re
 #[test]
 fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    // A second address, not loopback: connections from it stand for remote clients, which may
-    // pick any source port (Windows and macOS use 49152-65535, the reserved range included).
+    // A second address, not loopback: connections from it stand for remote clients.
     let mut ip = std::process::Command::new("ip");
     ip.args(["addr", "add", "10.77.0.1/32", "dev", "lo"]);
     ns.command(&mut ip);
@@ -178,6 +186,14 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
     // v1 never got it.
     assert_eq!(steered, 0, "{st}");
     assert!(refused >= 1, "{st}");
+
+    // Busy servers widen the ephemeral port range; here every ordinary local client gets a
+    // source port of 61000-61999, the range zdt-ctl once reserved for its probes (the program
+    // then refused all of them). /proc/sys/net is per namespace.
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "61000 61999"))??;
+    let t = load::requests(&ns, PORT, 300, 1000.0);
+    assert_eq!(t.count(Outcome::Ok), 300, "{t:?}");
+    assert_eq!(t.versions.get("v1"), Some(&300), "{t:?}");
 
     // A never-ready candidate is being probed through the public port for 3 s.
     let v2 = App::start(
@@ -198,29 +214,32 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
     .spawn()?;
     std::thread::sleep(Duration::from_millis(1000));
     let answers = ns.run(move || {
-        (0..20u16)
-            .map(|i| {
-                let port = 61500 + i;
-                let to = std::net::SocketAddr::new(remote, PORT);
-                let remote_answer = get_from((remote, port).into(), to).map_err(|e| e.kind());
-                let local_answer =
-                    get_from(([127, 0, 0, 1], port + 100).into(), to).map_err(|e| e.kind());
-                (remote_answer, local_answer)
+        let to = std::net::SocketAddr::new(remote, PORT);
+        // Ephemeral source ports for all: the mark is in the SYN's options, not in the port.
+        let ask = |ip: std::net::IpAddr, marked| {
+            get_from((ip, 0).into(), to, marked).map_err(|e| e.kind())
+        };
+        let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+        (0..20)
+            .map(|_| {
+                (
+                    ask(remote, false),
+                    ask(loopback, false),
+                    ask(loopback, true),
+                )
             })
             .collect::<Vec<_>>()
     })?;
     assert!(!promote.wait()?.success(), "v2 can never be ready");
-    for (remote_answer, local_answer) in &answers {
-        // The remote client on a reserved port is served by the active version like any other.
+    for (remote_answer, local_answer, marked_answer) in &answers {
+        // Remote and local clients, whatever their ports, are served by the active version.
+        for a in [remote_answer, local_answer] {
+            assert_eq!(a.as_deref().ok(), Some("HTTP/1.1 200 OK v1"), "{answers:?}");
+        }
+        // A loopback connection with zdt-ctl's mark is a probe: it reaches the candidate (503
+        // while it warms up), never v1.
         assert_eq!(
-            remote_answer.as_deref().ok(),
-            Some("HTTP/1.1 200 OK v1"),
-            "{answers:?}"
-        );
-        // A loopback connection from a reserved port is a probe: it reaches the candidate
-        // (503 while it warms up), never v1.
-        assert_eq!(
-            local_answer.as_deref().ok(),
+            marked_answer.as_deref().ok(),
             Some("HTTP/1.1 503 Service Unavailable v2"),
             "{answers:?}"
         );

@@ -2,6 +2,8 @@
 //! gets refused. (The argument-level cases are in core.rs.)
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
+use anyhow::Context as _;
+
 use zdt_tests::{
     harness::{fingerprint, zdt, zdt_ok, App, AppOpts},
     netns::Netns,
@@ -178,6 +180,38 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
         assert!(r.stderr.contains("mode 755, not root and 700"), "{r:?}");
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    zdt_ok(&ns, &promote)?;
+
+    // The directories above it: one that others can write, one replaced by a symlink.
+    let netns_dir = dir
+        .parent()
+        .expect("the namespace's directory")
+        .to_path_buf();
+    std::fs::set_permissions(&netns_dir, std::fs::Permissions::from_mode(0o777))
+        .context("chmod 777")?;
+    let r = zdt(&ns, &promote);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "{} is owned by uid 0 with mode 777",
+            netns_dir.display()
+        )),
+        "{r:?}"
+    );
+    std::fs::set_permissions(&netns_dir, std::fs::Permissions::from_mode(0o700))
+        .context("chmod 700")?;
+    // (bpffs refuses names with a dot.)
+    let real = netns_dir.with_file_name(format!(
+        "{}real",
+        netns_dir.file_name().expect("a name").to_string_lossy()
+    ));
+    std::fs::rename(&netns_dir, &real).context("rename")?;
+    std::os::unix::fs::symlink(&real, &netns_dir).context("symlink")?;
+    let r = zdt(&ns, &promote);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("is a symlink"), "{r:?}");
+    std::fs::remove_file(&netns_dir).context("unlink")?;
+    std::fs::rename(&real, &netns_dir).context("rename back")?;
     zdt_ok(&ns, &promote)?;
 
     // A map of another shape under one of zdt's names.

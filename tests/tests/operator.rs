@@ -221,7 +221,8 @@ fn status_watch_redraws() -> anyhow::Result<()> {
     let mut child = zdt_command(&ns, &["status", "--watch", "200ms"])
         .stdout(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(900));
+    // At least 3 frames of 200 ms each; a frame itself takes a while on a loaded machine.
+    std::thread::sleep(Duration::from_millis(2500));
     let _ = child.kill();
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -91,3 +91,40 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn rollback_restores_the_set_before_the_last_promote_whatever_switched_since() -> anyhow::Result<()>
+{
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    // Switches that are not promotes: hold registers its placeholder, and a --probe promote of
+    // a version that never gets ready puts its probe lists in and takes them out again.
+    let hold = zdt_tests::harness::Hold::start(&ns, &["0.0.0.0:8080"])?;
+    let v3 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
+    )?;
+    let pid3 = v3.pid.to_string();
+    let r = zdt(
+        &ns,
+        &["promote", &pid3, "--probe", "/readyz", "--timeout", "1s"],
+    );
+    assert_eq!(r.code, 4, "{r:?}");
+    // Rollback goes back to the set before v2's promote: v1, and names no one else.
+    let r = zdt_ok(&ns, &["rollback"])?;
+    assert!(
+        r.stdout.contains(&format!(
+            "pid {} active again; pid {} draining",
+            v1.pid, v2.pid
+        )),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains(&hold.child.id().to_string()), "{r:?}");
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
+    Ok(())
+}

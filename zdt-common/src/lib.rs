@@ -88,7 +88,7 @@ pub struct ActiveSet {
     /// one connection agree), go to these slots instead of `lists`.
     pub canary: [SlotList; 2],
     pub canary_weight: u32,
-    /// zdt-ctl's own connections (loopback, from [`PROBE_PORTS`]) go to these slots and nowhere
+    /// zdt-ctl's own connections (loopback, marked with [`PROBE_MSS`]) go to these slots and nowhere
     /// else: zdt-ctl checks a candidate's readiness through the public port this way. With no
     /// probe slots, such a connection is refused.
     pub probe: [SlotList; 2],
@@ -98,12 +98,15 @@ pub struct ActiveSet {
     pub hold: [SlotList; 2],
 }
 
-/// The source ports of zdt-ctl's own connections to the public port (readiness probes through
-/// it, and status's check that the program runs), always from a loopback address. Above Linux's
-/// default ephemeral range (32768-60999), so no local client picks them by itself. Remote clients
-/// may use them (other systems pick ephemeral ports in 49152-65535): the program tells zdt-ctl's
-/// connections by the loopback source address as well, never by the port alone.
-pub const PROBE_PORTS: (u16, u16) = (61000, 61999);
+/// The mark of zdt-ctl's own connections to the public port (readiness probes through it, and
+/// status's check that the program runs): the MSS option of their SYN, set with TCP_MAXSEG,
+/// always from a loopback address. An ordinary client's SYN carries the MSS of its route (65483
+/// on loopback, 1460 behind Ethernet): no client has this one by accident, whatever its source
+/// port (a reserved range of source ports was taken by ordinary clients on hosts with a widened
+/// net.ipv4.ip_local_port_range, and could be bound by any user). Kernel contract: a SYN
+/// advertises min(TCP_MAXSEG, the route's advmss) (tcp_connect_init, tcp_mss_clamp), and
+/// loopback's is far larger.
+pub const PROBE_MSS: u16 = 1237;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, required_unless_present_any = ["no_readyz", "probe"])]
         readyz: Option<String>,
         /// Check readiness at PATH through the public port itself, for apps without a separate
-        /// readiness port: zdt's probes (from reserved source ports) reach PID and no one else.
+        /// readiness port: zdt's probes (marked connections from loopback) reach PID and no one else.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["readyz", "no_readyz"])]
         probe: Option<String>,
         /// Skip the readiness check (the process is taken as ready now).

@@ -68,28 +68,16 @@ impl Prober {
 
 /// Asks `PATH` through the public port, from one of the source ports the program reserves for
 /// probes: the program sends such a connection to the candidate and to no other process. Plain
-/// HTTP/1.1 on a socket bound to the source port (an HTTP library would pick its own port).
+/// HTTP/1.1 on a socket of [`probe_socket`] (an HTTP library would make its own socket).
 pub struct PortProber {
     target: std::net::SocketAddr,
     path: String,
-    next: std::cell::Cell<u16>,
 }
 
-/// The port after `p` in [`zdt_common::PROBE_PORTS`], wrapping round.
-fn next_probe_port(p: u16) -> u16 {
-    let (lo, hi) = zdt_common::PROBE_PORTS;
-    if p >= hi {
-        lo
-    } else {
-        p + 1
-    }
-}
-
-/// A TCP socket for `target`'s family, bound to loopback and to a source port of
-/// [`zdt_common::PROBE_PORTS`], the first free one from `first` on: the program recognizes
-/// zdt-ctl's own connections by both (see zdt-ebpf, is_zdt_probe).
-pub fn probe_socket(target: std::net::SocketAddr, first: u16) -> std::io::Result<socket2::Socket> {
-    let (lo, hi) = zdt_common::PROBE_PORTS;
+/// A TCP socket for `target`'s family, bound to loopback (any port) and marked with
+/// [`zdt_common::PROBE_MSS`] (TCP_MAXSEG): the program recognizes zdt-ctl's own connections by
+/// both (see zdt-ebpf, is_zdt_probe).
+pub fn probe_socket(target: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
     let ip: std::net::IpAddr = match target {
         std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
         std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
@@ -99,18 +87,9 @@ pub fn probe_socket(target: std::net::SocketAddr, first: u16) -> std::io::Result
         socket2::Type::STREAM,
         None,
     )?;
-    s.set_reuse_address(true)?;
-    let mut port = first.clamp(lo, hi);
-    for _ in lo..=hi {
-        match s.bind(&std::net::SocketAddr::new(ip, port).into()) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => port = next_probe_port(port),
-            other => return other.map(|()| s),
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AddrInUse,
-        format!("every source port of {lo}-{hi} on loopback is in use"),
-    ))
+    s.set_tcp_mss(u32::from(zdt_common::PROBE_MSS))?;
+    s.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+    Ok(s)
 }
 
 impl PortProber {
@@ -118,23 +97,14 @@ impl PortProber {
         PortProber {
             target,
             path: path.to_string(),
-            next: std::cell::Cell::new(zdt_common::PROBE_PORTS.0),
         }
-    }
-
-    /// The source ports go round the reserved range, so a port left in TIME_WAIT by an earlier
-    /// probe is not needed again for a long while.
-    fn source_port(&self) -> u16 {
-        let p = self.next.get();
-        self.next.set(next_probe_port(p));
-        p
     }
 
     pub fn probe(&self, limit: Duration) -> Result<(), String> {
         use std::io::{Read, Write};
         let limit = limit.min(REQUEST_TIMEOUT).max(Duration::from_millis(10));
         let answer = (|| -> std::io::Result<Vec<u8>> {
-            let s = probe_socket(self.target, self.source_port())?;
+            let s = probe_socket(self.target)?;
             s.connect_timeout(&self.target.into(), limit)?;
             let mut s: std::net::TcpStream = s.into();
             s.set_read_timeout(Some(limit))?;

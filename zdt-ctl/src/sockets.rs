@@ -375,6 +375,23 @@ fn dup_from(pidfd: &PidFd, target_fd: i32) -> anyhow::Result<OwnedFd> {
                 pidfd.pid
             ),
         ),
+        // Kernel contract: pidfd_getfd needs PTRACE_MODE_ATTACH_REALCREDS; with Yama's
+        // ptrace_scope at 3 that is denied to every process, root included, until reboot.
+        rustix::io::Errno::PERM
+            if std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+                .is_ok_and(|v| v.trim() == "3") =>
+        {
+            err(
+                Kind::Refused,
+                format!(
+                    "cannot take the socket of pid {}: kernel.yama.ptrace_scope is 3, which denies \
+                     pidfd_getfd to every process, root included, and cannot be lowered until \
+                     reboot. zdt needs it at 2 or less (set it at boot, e.g. in \
+                     /etc/sysctl.d/); nothing was changed",
+                    pidfd.pid
+                ),
+            )
+        }
         e => anyhow::Error::new(e).context(format!(
             "pidfd_getfd(pid {}, fd {target_fd}): cannot take the socket",
             pidfd.pid

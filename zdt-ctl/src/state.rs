@@ -39,6 +39,8 @@ use crate::{
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdt"));
 
 const BPFFS: &str = "/sys/fs/bpf";
+/// The entry of ZDT_ACTIVE that holds the rollback target (0 and 1 are the live double buffer).
+const ROLLBACK_ENTRY: u32 = 2;
 const ALL_MAPS: [&str; 6] = [
     names::SOCKETS,
     names::CONTROL,
@@ -100,15 +102,35 @@ pub struct Lock {
 }
 
 impl Lock {
-    fn take(dir: &Path) -> anyhow::Result<Self> {
-        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        // SAFETY: flock on an fd we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", dir.display()));
+    /// Locks the directory that `dir` names when the lock is granted; None if it is gone by then.
+    ///
+    /// Kernel contract: flock locks the inode of the open file, not the path. A command that
+    /// waited here while `detach` removed the directory and `attach` made a new one would hold
+    /// the lock of a directory that is gone, beside the holder of the new one's: so after the
+    /// lock is granted, the path must still name the locked inode, else the new one is locked.
+    fn take(dir: &Path) -> anyhow::Result<Option<Self>> {
+        use std::os::unix::fs::MetadataExt as _;
+        loop {
+            let file = match File::open(dir) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
+            };
+            // SAFETY: flock on an fd we own.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("locking {}", dir.display()));
+            }
+            crate::failpoint("lock-taken");
+            let locked = file.metadata()?.ino();
+            match fs::metadata(dir) {
+                Ok(m) if m.ino() == locked => return Ok(Some(Lock { _dir: file })),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+            }
         }
-        Ok(Lock { _dir: file })
     }
 }
 
@@ -199,8 +221,8 @@ impl State {
     /// the group's program runs on the SYN, before the handshake completes, so when connect()
     /// returns the count has moved, unless the group has no program or another one (an app can
     /// replace it with SO_ATTACH_REUSEPORT_EBPF, or remove it with SO_DETACH_REUSEPORT_BPF).
-    /// The program refuses that connection (it comes from zdt-ctl's reserved source ports on
-    /// loopback), so the app never sees it; without the program, the app gets it and sees it close.
+    /// The program refuses that connection (it is marked as zdt-ctl's own and comes from
+    /// loopback: readiness::probe_socket), so the app never sees it; without the program, the app gets it and sees it close.
     pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
         let i = usize::from(!v4);
         let before = self.global_counters()?.runs[i];
@@ -210,12 +232,10 @@ impl State {
             None => std::net::Ipv6Addr::LOCALHOST.into(),
         };
         let target = std::net::SocketAddr::new(ip, self.spec.port);
-        // From loopback and a reserved source port: the program refuses such a connection
+        // From loopback and marked as zdt-ctl's: the program refuses such a connection
         // unless a probe is under way, so the app never sees it. A refused or timed-out probe
         // still ran the program (if attached) on its SYN.
-        let first = zdt_common::PROBE_PORTS.0 + (std::process::id() % 1000) as u16;
-        let s = crate::readiness::probe_socket(target, first)
-            .context("binding status's probe socket")?;
+        let s = crate::readiness::probe_socket(target).context("binding status's probe socket")?;
         drop(s.connect_timeout(&target.into(), std::time::Duration::from_secs(1)));
         Ok(self.global_counters()?.runs[i] > before)
     }
@@ -228,15 +248,14 @@ impl State {
     /// Opens the state of `port` and takes its lock (for commands that change it).
     pub fn open_locked(port: u16) -> anyhow::Result<Self> {
         let dir = port_dir(port)?;
-        if !dir.exists() {
-            return Err(not_attached(port));
-        }
-        let lock = Lock::take(&dir)?;
+        let lock = Lock::take(&dir)?.ok_or_else(|| not_attached(port))?;
         // A detach may have removed the state while we waited for the lock.
         if !dir.join(names::PROGRAM).exists() {
             return Err(not_attached(port));
         }
-        Self::open_at(dir, Some(lock))
+        let mut state = Self::open_at(dir, Some(lock))?;
+        state.repair()?;
+        Ok(state)
     }
 
     /// Opens the state of `port` without the lock, for reading (status). Every map read is one
@@ -288,8 +307,13 @@ impl State {
     pub fn create(spec: PortSpec) -> anyhow::Result<(Self, bool)> {
         ensure_bpffs()?;
         let dir = port_dir(spec.port)?;
-        mkdir_private(&dir)?;
-        let lock = Lock::take(&dir)?;
+        // A detach may remove the directory between its creation and the lock: make it again.
+        let lock = loop {
+            mkdir_private(&dir)?;
+            if let Some(lock) = Lock::take(&dir)? {
+                break lock;
+            }
+        };
         if dir.join(names::PROGRAM).exists() {
             let state = Self::open_at(dir, Some(lock))?;
             if state.spec != spec {
@@ -417,16 +441,46 @@ impl State {
         Ok(out)
     }
 
-    /// The active set that was live before the last switch: the buffer that is not live now
-    /// (the switch protocol writes the other buffer and flips, so it still holds the old set).
-    /// None before the first switch.
+    /// What `rollback` restores: the set that was live before the last promote (or the last
+    /// rollback, so that a second one goes forward again). None before the first promote.
     pub fn previous_set(&self) -> anyhow::Result<Option<ActiveSet>> {
-        let c = self.control()?;
-        if c.active_buf == 0 {
-            return Ok(None);
-        }
-        let set = self.active.get(&(2 - c.active_buf), 0)?;
+        let set = self.active.get(&ROLLBACK_ENTRY, 0)?;
         Ok((!set.is_empty()).then_some(set))
+    }
+
+    /// Records `set` as what `rollback` restores. Written before the switch it precedes: a
+    /// command killed in between leaves the live set as the rollback target, which a rollback
+    /// then leaves as it is.
+    pub fn save_rollback(&mut self, set: &ActiveSet) -> anyhow::Result<()> {
+        let mut set = *set;
+        set.probe = [zdt_common::SlotList::EMPTY; 2];
+        Ok(self.active.set(ROLLBACK_ENTRY, set, 0)?)
+    }
+
+    /// Puts right what a command killed halfway left behind; run by every command that takes
+    /// the lock, so no other command is halfway through now:
+    /// - live probe lists (a `promote --probe` killed while it waited): zdt-ctl's own marked
+    ///   connections would keep reaching that process;
+    /// - members of the live set still recorded as candidates (a promote killed between its
+    ///   flip and its roles): `--stop-old` stops only members whose role says they served.
+    fn repair(&mut self) -> anyhow::Result<()> {
+        let Some(mut set) = self.active_set()? else {
+            return Ok(());
+        };
+        if set.probe.iter().any(|l| l.len > 0) {
+            tracing::info!("clearing the probe lists of an interrupted promote --probe");
+            set.probe = [zdt_common::SlotList::EMPTY; 2];
+            self.switch_set(&set)?;
+        }
+        let slots = self.slots()?;
+        if slots
+            .iter()
+            .any(|s| s.meta.role == ROLE_CANDIDATE && (s.active || s.canary))
+        {
+            tracing::info!("recording the roles of an interrupted switch");
+            self.set_roles(&slots, &set)?;
+        }
+        Ok(())
     }
 
     /// Cookie of the socket in `slot`, or None if the slot is empty. Kernel contract: a lookup
@@ -631,6 +685,12 @@ impl State {
                 set.hold = live.hold;
             }
         }
+        self.switch_set_exactly(&set)
+    }
+
+    /// [`State::switch_set`] to `set` as it is, hold lists included (empty ones too).
+    pub fn switch_set_exactly(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
+        let set = *set;
         let mut control = self.control()?;
         let target = if control.active_buf == 1 { 2 } else { 1 };
         self.active.set(target - 1, set, 0)?;
@@ -661,7 +721,7 @@ impl State {
     /// show that a failed command changed nothing.
     pub fn fingerprint(&self) -> anyhow::Result<Vec<u8>> {
         let mut out = format!("{:?}", self.control()?).into_bytes();
-        for i in 0..2 {
+        for i in 0..3 {
             out.extend(format!("{:?}", self.active.get(&i, 0)?).bytes());
         }
         for (slot, meta) in (0..MAX_SLOTS).zip(self.all_meta()?) {
@@ -704,7 +764,7 @@ fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 6]
     [
         (names::SOCKETS, T::ReuseportSockArray, 4, 8, MAX_SLOTS),
         (names::CONTROL, T::Array, 4, size_of::<Control>(), 1),
-        (names::ACTIVE, T::Array, 4, size_of::<ActiveSet>(), 2),
+        (names::ACTIVE, T::Array, 4, size_of::<ActiveSet>(), 3),
         (
             names::SLOT_COUNTERS,
             T::PerCpuArray,
@@ -772,6 +832,41 @@ fn verify(dir: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    // The directories above: whoever can rename or replace one of them can put a state of
+    // their own where zdt looks (bpffs is an ordinary filesystem for that). Each must be a real
+    // directory (not a symlink), root's, and writable by root alone; bpffs's root may be
+    // world-writable only with the sticky bit, as /tmp is.
+    let mut above: Vec<&Path> = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|p| p.starts_with(BPFFS))
+        .collect();
+    above.reverse();
+    for (i, p) in above.iter().enumerate() {
+        let m = fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        let mode = m.mode() & 0o7777;
+        let open = if i == 0 {
+            mode & 0o002 != 0 && mode & 0o1000 == 0
+        } else {
+            mode & 0o022 != 0
+        };
+        if !m.file_type().is_dir() || m.uid() != 0 || open {
+            return Err(refuse(format!(
+                "{} is {}owned by uid {} with mode {mode:o}: it must be a directory of root's \
+                 that no one else can write",
+                p.display(),
+                if m.file_type().is_symlink() {
+                    "a symlink, "
+                } else {
+                    ""
+                },
+                m.uid()
+            )));
+        }
+    }
+    if fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return Err(refuse(format!("{} is a symlink", dir.display())));
+    }
     check_mode(dir, 0o700)?;
     check_mode(&dir.join(names::PROGRAM), 0o600)?;
     for (name, kind, key, value, entries) in expected_maps() {

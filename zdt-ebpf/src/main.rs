@@ -29,7 +29,7 @@ mod program {
     };
     use zdt_common::{
         family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotList, SlotMeta,
-        MAX_SLOTS, PROBES, PROBE_PORTS, RECENT_BUCKET_NS, WALK,
+        MAX_SLOTS, PROBES, PROBE_MSS, RECENT_BUCKET_NS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -80,8 +80,12 @@ mod program {
     /// ZDT_CONTROL, then waits for an RCU grace period before it may write again, so a running
     /// program only ever reads a buffer that nobody is writing: it sees the old set or the new
     /// one, never a mix.
+    ///
+    /// A third entry, never read by the program, keeps what `zdt-ctl rollback` restores: the set
+    /// that was live before the last promote. The idle buffer cannot serve for it: every switch
+    /// overwrites it, hold's registrations and a --probe's probe lists too.
     #[map]
-    static ZDT_ACTIVE: Array<ActiveSet> = Array::with_max_entries(2, 0);
+    static ZDT_ACTIVE: Array<ActiveSet> = Array::with_max_entries(3, 0);
 
     #[map]
     static ZDT_SLOT_COUNTERS: PerCpuArray<SlotCounters> =
@@ -297,24 +301,33 @@ mod program {
         true
     }
 
-    /// Whether the connection is one of zdt-ctl's own: a source port in [`PROBE_PORTS`] *and* a
-    /// loopback source address. The port alone is not enough: remote clients on other systems
-    /// pick ephemeral ports in 49152-65535. Call only off the migration path.
+    /// Whether the connection is one of zdt-ctl's own: its SYN's MSS option is [`PROBE_MSS`]
+    /// *and* it comes from a loopback address. No ordinary client matches by accident (see
+    /// PROBE_MSS), whatever source port it has. Call only off the migration path.
     ///
     /// Kernel contracts: for an sk_reuseport program, data..data_end starts at the TCP header
-    /// (net/core/filter.c, bpf_run_sk_reuseport), whose first two bytes are the source port;
-    /// bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP header (sk_reuseport_func_proto
-    /// offers it), but the migration of an established connection runs the program without an
-    /// skb, so it is never called there. eth_protocol is skb->protocol, big-endian.
+    /// (net/core/filter.c, bpf_run_sk_reuseport); Linux writes the MSS option first in a SYN's
+    /// options (tcp_options_write: only an MD5 or AO signature, which zdt-ctl never asks for,
+    /// comes before it); bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP header
+    /// (sk_reuseport_func_proto offers it), but the migration of an established connection runs
+    /// the program without an skb, so it is never called there. eth_protocol is skb->protocol,
+    /// big-endian.
     #[inline(always)]
     fn is_zdt_probe(ctx: &SkReuseportContext) -> bool {
         let (data, end) = (ctx.data(), ctx.data_end());
-        if data + 2 > end {
+        // The fixed header (20 bytes) and one MSS option (kind 2, length 4, value).
+        if data + 24 > end {
             return false;
         }
-        // SAFETY: bounds checked just above, against data_end.
-        let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
-        if port < PROBE_PORTS.0 || port > PROBE_PORTS.1 {
+        // SAFETY: bounds checked just above, against data_end: bytes 12 and 20..24 are in.
+        let (doff, option) = unsafe {
+            (
+                *((data + 12) as *const u8) >> 4,
+                core::ptr::read_unaligned((data + 20) as *const [u8; 4]),
+            )
+        };
+        let mss = u16::from_be_bytes([option[2], option[3]]);
+        if doff < 6 || option[0] != 2 || option[1] != 4 || mss != PROBE_MSS {
             return false;
         }
         let load = |offset: u32, to: &mut [u8]| {

@@ -85,6 +85,7 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         ));
     }
     let (mut state, created) = State::create(spec)?;
+    crate::failpoint("attach-locked");
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
     // that was re-created without the program.
     for (_, l) in &listeners {

@@ -1,5 +1,7 @@
 //! `zdt-ctl detach [ADDR]:PORT`: take the program off the port's groups and remove the state.
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, os::fd::AsRawFd};
+
+use anyhow::Context as _;
 
 use aya::programs::SkReuseport;
 
@@ -12,18 +14,41 @@ use crate::{
 
 pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     require_root()?;
-    let state = State::open_locked(spec.port)?;
+    let mut state = State::open_locked(spec.port)?;
+    crate::failpoint("detach-locked");
     if state.spec != spec {
         return Err(bad_input(format!(
             "port {} is attached as {}, not {spec}; run `zdt-ctl detach {}`",
             spec.port, state.spec, state.spec
         )));
     }
+    let found = sockets::matching_listeners(&spec)?;
+    // The placeholders of `zdt-ctl hold` go first, while the program still steers: without it,
+    // kernel hashing would give them, which never accept, a share of new connections, reset
+    // when hold exits. So: no new connection parks on them any more, then shutdown(SHUT_RD)
+    // stops them for every holder at once and migrates what waits in their queues through the
+    // program to the active members. The hold process sees the state gone and exits.
+    let slots = state.slots()?;
+    let held: Vec<u64> = slots
+        .iter()
+        .filter(|s| s.meta.role == zdt_common::ROLE_HOLD)
+        .map(|s| s.meta.cookie)
+        .collect();
+    if !held.is_empty() {
+        if let Some(mut set) = state.active_set()? {
+            set.hold = [zdt_common::SlotList::EMPTY; 2];
+            state.switch_set_exactly(&set)?;
+        }
+        for f in found.iter().filter(|f| held.contains(&f.entry.cookie)) {
+            nix::sys::socket::shutdown(f.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
+                .context("shutting a placeholder of zdt-ctl hold down")?;
+        }
+    }
     // One member of each group is enough: the program belongs to the group. Detach first, then
     // remove the pins: if this is interrupted, the state still says "attached" and a second
     // detach finishes the job.
     let mut families_done = BTreeSet::new();
-    for found in sockets::matching_listeners(&spec)? {
+    for found in found.iter().filter(|f| !held.contains(&f.entry.cookie)) {
         if families_done.insert(found.entry.group()) {
             // ENOENT means the group has no program (re-created since): nothing to detach.
             let _ = SkReuseport::detach(&found.fd);

@@ -296,6 +296,17 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll() on the placeholders"),
             }
+            // A placeholder shut down by someone else (detach does, before it takes the program
+            // away) polls as hung up at once: look for the detach now, and do not spin.
+            let hung_up = pollfds
+                .iter()
+                .any(|p| p.revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)));
+            if hung_up {
+                last_check = Instant::now()
+                    .checked_sub(DETACH_CHECK)
+                    .unwrap_or(last_check);
+                std::thread::sleep(POLL);
+            }
             continue;
         }
         // Opened once per wait, not per look: opening verifies the whole pinned state, and

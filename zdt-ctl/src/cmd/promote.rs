@@ -37,8 +37,8 @@ pub struct PromoteOptions {
     /// None only with an explicit `--no-readyz`.
     pub readyz: Option<String>,
     pub timeout: Duration,
-    /// Check readiness at this path through the public port itself (from zdt's reserved probe
-    /// source ports, which the program sends to the candidate only) instead of a URL.
+    /// Check readiness at this path through the public port itself (with zdt-ctl's own marked
+    /// connections, which the program sends to the candidate only) instead of a URL.
     pub probe: Option<String>,
     /// Canary: send this share (1-99 %) of new connections to PID, the rest to the current
     /// active members. None: PID takes all (a full promote, or the end of a canary).
@@ -102,8 +102,6 @@ pub fn promote(
 ) -> anyhow::Result<Vec<PromoteReport>> {
     require_root()?;
     let t0 = Instant::now();
-    // --timeout covers the whole wait: for PID to listen, then for it to be ready.
-    let deadline = t0 + opts.timeout;
     // Input checks first, in order of cost; none of them changes anything.
     let url = opts
         .readyz
@@ -128,6 +126,8 @@ pub fn promote(
     // A process may bind its port some time after it starts (a JVM, an app that loads its
     // configuration first): wait for it, and fail as soon as what it binds cannot be used.
     let specs: Vec<PortSpec> = read.iter().map(|s| s.spec).collect();
+    // --timeout covers both waits: for PID to listen, then for it to be ready.
+    let deadline = Instant::now() + opts.timeout;
     let found = wait_listening(&target, &specs, deadline, &mut progress)?;
     for (state, listeners) in read.iter().zip(&found) {
         sockets::check_serves(opts.pid, listeners)?;
@@ -296,6 +296,8 @@ fn switch_port(
     // demotes, and any that an earlier promote demoted without stopping (e.g. it was killed
     // after its switch and this promote is its retry).
     let to_stop = pids_of(&|s| !set.names(s.index) && s.meta.role != ROLE_CANDIDATE);
+    // What `rollback` restores from now on: the set before this promote.
+    state.save_rollback(&before)?;
     let switched_at_ms = state.switch_set(&set)?;
     failpoint("switched");
     state.set_roles(&slots, &set)?;
@@ -471,8 +473,8 @@ fn without(lists: &[zdt_common::SlotList; 2], new: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// `--probe PATH`: put PID's sockets into the probe lists (connections from zdt's reserved
-/// source ports reach them, nothing else does), ask PATH through the public port until it
+/// `--probe PATH`: put PID's sockets into the probe lists (zdt-ctl's own marked connections
+/// reach them, nothing else does), ask PATH through the public port until it
 /// answers 200, then take them out again; the switch proper follows. On failure the earlier
 /// set is live again and the error says what the probe saw.
 fn probe_through_port(
@@ -578,7 +580,9 @@ fn restore(state: &mut State, before: &ActiveSet) -> anyhow::Result<Vec<i32>> {
     }
     state.switch_set(&set)?;
     state.set_roles(&slots, &set)?;
-    Ok(crate::state::pids_where(&slots, |s| set.names(s.index)))
+    Ok(crate::state::pids_where(&slots, |s| {
+        set.names(s.index) && s.meta.role != zdt_common::ROLE_HOLD
+    }))
 }
 
 fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {

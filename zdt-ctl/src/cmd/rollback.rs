@@ -27,8 +27,7 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     let slots = state.slots()?;
     // Only sockets that still listen can be restored. A slot of the previous set is never given
     // to another socket (State::insert), so a live slot still holds the socket it held then.
-    // Candidates are left out: if a promote died between writing the idle buffer and the flip,
-    // that buffer names sockets that were never live, and a rollback must not make them so.
+    // Candidates are left out: a rollback must never make live a socket that was not promoted.
     let back = crate::state::live_only(&previous, &slots, |s| {
         s.meta.role == zdt_common::ROLE_CANDIDATE
     })?;
@@ -42,9 +41,16 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
         ));
     }
     let demoted = pids_where(&slots, |s| (s.active || s.canary) && !back.names(s.index));
+    // A second rollback goes forward again.
+    if let Some(live) = state.active_set()? {
+        state.save_rollback(&live)?;
+    }
     state.switch_set(&back)?;
     state.set_roles(&slots, &back)?;
-    let restored = pids_where(&slots, |s| back.names(s.index));
+    // The placeholders of `zdt-ctl hold` ride along in every set; they are not members.
+    let restored = pids_where(&slots, |s| {
+        back.names(s.index) && s.meta.role != zdt_common::ROLE_HOLD
+    });
     tracing::info!(port, ?restored, ?demoted, "rolled back");
     Ok(RollbackReport {
         port,
