@@ -6,3 +6,4 @@ pub mod harness;
 pub mod load;
 pub mod netns;
 pub mod scale;
+pub mod servers;

@@ -16,6 +16,11 @@ const PACKAGES: [&str; 4] = [
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
+/// For tests/tests/servers.rs: the real servers it hands over (nginx, HAProxy, gunicorn) and wrk,
+/// the load generator it runs them under. The tests start every instance with a config of their
+/// own inside a network namespace of their own, so the packages' own services (nginx's default
+/// site on :80, haproxy.service), if the install starts them, share no port with the tests.
+const SERVER_PACKAGES: [&str; 4] = ["nginx", "haproxy", "gunicorn", "wrk"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLCHAIN: &str = "debian-web";
 
@@ -26,6 +31,7 @@ fn run_quiet(cmd: &mut Command) -> bool {
 fn missing_packages() -> Vec<&'static str> {
     PACKAGES
         .into_iter()
+        .chain(SERVER_PACKAGES)
         .filter(|p| {
             let out = Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", p])

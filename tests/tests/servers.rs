@@ -1,0 +1,258 @@
+//! Real servers handed over by zdt under load: nginx (`listen ... reuseport`, 4 workers), HAProxy
+//! (master-worker) and gunicorn (`--reuse-port`), each started the way its users start it, with
+//! its own config and its own admin port for /readyz, and stopped with its own graceful signal.
+//!
+//! Two loads run at once during every handover: wrk, a real load generator, with a new
+//! connection per request (`Connection: close`), and the project's classifying client at
+//! 300 req/s. Their failures are checked against the kernel's TCP counters of the namespace.
+//! Each test runs the control first: the same handovers without zdt, the new instance sharing
+//! the port by plain SO_REUSEPORT and the old one stopped gracefully once the new one is ready.
+use std::{net::SocketAddr, time::Duration};
+
+use zdt_tests::{
+    bench::Kernel,
+    harness::{print_tally, status, zdt_ok},
+    load::{self, Background, LoadSpec, Outcome, Tally},
+    netns::Netns,
+    servers::{add_kernel_delta, kernel, kernel_delta, Kind, Server, Wrk, WrkReport, PORT},
+};
+
+/// The classifying client's open-loop rate, new connection per request.
+const RATE: f64 = 300.0;
+/// wrk's connections: it runs closed loop, each connection's next request (on a new TCP
+/// connection) as soon as the last is answered, which keeps the accept queues busy.
+const WRK_CONNECTIONS: u32 = 4;
+/// Upper bound of either load; both are stopped as soon as the handovers are done.
+const MAX_LOAD: Duration = Duration::from_secs(50);
+/// Steady state between handovers, and before the first one.
+const SETTLE: Duration = Duration::from_millis(300);
+const STARTUP: Duration = Duration::from_secs(20);
+
+fn addr() -> SocketAddr {
+    ([127, 0, 0, 1], PORT).into()
+}
+
+/// One arm of a test: what both loads saw, and what the kernel counted meanwhile.
+struct Run {
+    handovers: u16,
+    tally: Tally,
+    wrk: WrkReport,
+    /// The kernel's counters summed over the stops: from the moment the old instance is sent
+    /// its signal (the new one ready, and with zdt promoted) to a moment after it exited.
+    stops: Kernel,
+    /// The same from just before the first handover to the end of the last stop, warm-ups
+    /// included. (The loads' own start and end, when wrk drops the connections it has in
+    /// flight, are outside both.)
+    whole: Kernel,
+    /// zdt's program counters after the run (zdt arm only): connections steered and migrated.
+    program: Option<serde_json::Value>,
+    /// zdt arm only: each promote's `phases:` line.
+    phases: Vec<String>,
+}
+
+impl Run {
+    /// Resets the clients were hit by: the classifying client's, and wrk's read and write
+    /// errors (each of those here is a connection reset by the closing listener; the
+    /// control's are checked to be resets by the kernel's count).
+    fn client_resets(&self) -> u64 {
+        self.tally.count(Outcome::Reset) + self.wrk.read + self.wrk.write
+    }
+
+    fn print(&self, kind: Kind, arm: &str) {
+        print_tally(
+            &format!(
+                "== {} {arm}: {} handovers; classifying client:",
+                kind.name(),
+                self.handovers
+            ),
+            &self.tally,
+        );
+        let w = &self.wrk;
+        println!(
+            "  wrk: requests {} socket errors: connect {} read {} write {} timeout {}; \
+             non-2xx/3xx {}; max latency {:?}",
+            w.requests, w.connect, w.read, w.write, w.timeout, w.non_2xx_3xx, w.latency_max
+        );
+        for (what, k) in [("stops", &self.stops), ("whole run", &self.whole)] {
+            println!(
+                "  kernel, {what}: OutRsts {} EstabResets {} AttemptFails {} ListenOverflows {} \
+                 ListenDrops {} TCPMigrateReqSuccess {} TCPMigrateReqFailure {}",
+                k.out_rsts,
+                k.estab_resets,
+                k.attempt_fails,
+                k.listen_overflows,
+                k.listen_drops,
+                k.migrate_req_success,
+                k.migrate_req_failure
+            );
+        }
+        if let Some(p) = &self.program {
+            println!("  zdt counters: {p}");
+        }
+        for p in &self.phases {
+            println!("  promote {p}");
+        }
+    }
+}
+
+/// v1 serves under both loads; then `count` times, a new instance starts and takes over and
+/// the old one stops gracefully. With zdt: `promote` once the new one is ready (zdt steers new
+/// connections to it alone, and moves what is queued on the old listeners when they close).
+/// Without: the new one binds the port beside the old one, and the old one is stopped as soon as
+/// the new one is ready.
+fn handovers(kind: Kind, with_zdt: bool, warmup: Duration, count: u16) -> anyhow::Result<Run> {
+    let ns = Netns::new()?;
+    let mut old = Server::start(&ns, kind, 1, warmup)?;
+    old.wait_ready(&ns, STARTUP)?;
+    if with_zdt {
+        // Adopts v1, already serving, as the active member.
+        zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
+    }
+    let client = Background::start(&ns, LoadSpec::open(addr(), RATE, MAX_LOAD));
+    let wrk = Wrk::start(&ns, addr(), WRK_CONNECTIONS, MAX_LOAD)?;
+    std::thread::sleep(SETTLE);
+    let start = kernel(&ns)?;
+    let mut stops = Kernel::default();
+    let mut phases = Vec::new();
+    for n in 2..=count + 1 {
+        let mut new = Server::start(&ns, kind, n, warmup)?;
+        if with_zdt {
+            // Waits for the new instance to listen and answer 200 on its own /readyz, then
+            // switches every new connection to it.
+            let pid = new.serving_pid(STARTUP)?.to_string();
+            let url = new.readyz();
+            let r = zdt_ok(
+                &ns,
+                &["promote", &pid, "--readyz", &url, "--timeout", "30s"],
+            )?;
+            phases.extend(
+                r.stdout
+                    .lines()
+                    .filter(|l| l.starts_with("phases:"))
+                    .map(String::from),
+            );
+        } else {
+            new.wait_ready(&ns, STARTUP)?;
+        }
+        // The new instance is ready (with zdt: and has every new connection). The old one stops
+        // the way its users stop it, with its graceful signal, sent by the test in both arms.
+        // (For nginx and HAProxy, --stop-old's SIGTERM would be their fast or hard stop; for
+        // gunicorn SIGTERM is the graceful stop, which --stop-old would send just the same.)
+        let before = kernel(&ns)?;
+        old.stop_gracefully();
+        let st = old.wait_exit(Duration::from_secs(30))?;
+        anyhow::ensure!(st.success(), "{} {} exited {st}", kind.name(), old.version);
+        std::thread::sleep(SETTLE);
+        add_kernel_delta(&mut stops, &kernel(&ns)?, &before);
+        old = new;
+    }
+    let whole = kernel_delta(&kernel(&ns)?, &start);
+    let program = if with_zdt {
+        Some(status(&ns, PORT)?["counters"].clone())
+    } else {
+        None
+    };
+    let wrk = wrk.finish()?;
+    let tally = load::tally(&client.finish());
+    Ok(Run {
+        handovers: count,
+        tally,
+        wrk,
+        stops,
+        whole,
+        program,
+        phases,
+    })
+}
+
+/// The control, then zdt: zdt loses nothing, where the control loses requests (unless
+/// `control_loses` is false: a server whose own graceful stop lost nothing in the control).
+fn control_then_zdt(
+    kind: Kind,
+    warmup: Duration,
+    count: u16,
+    control_loses: bool,
+) -> anyhow::Result<()> {
+    let plain = handovers(kind, false, warmup, count)?;
+    plain.print(kind, "without zdt (control)");
+    let z = handovers(kind, true, warmup, count)?;
+    z.print(kind, "with zdt");
+
+    // Both loads ran through every handover.
+    for r in [&plain, &z] {
+        assert!(r.tally.requests > 500, "{:?}", r.tally);
+        assert!(r.wrk.requests > 500, "{:?}", r.wrk);
+    }
+    // With zdt: not one failure, by either client, and not one RST sent in the namespace while
+    // the old instances stopped. (Not over the whole run: while gunicorn's workers import the
+    // app, a readiness probe of zdt-ctl's can wait out its 1 s and be dropped, and the worker's
+    // late answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it.)
+    assert_eq!(z.tally.failures(), 0, "{:?}", z.tally);
+    assert_eq!(z.wrk.failures(), 0, "{:?}", z.wrk);
+    assert_eq!(z.stops.out_rsts, 0, "{:?}", z.stops);
+    assert_eq!(z.whole.migrate_req_failure, 0, "{:?}", z.whole);
+    // Every instance answered: the handovers did happen under the load.
+    assert_eq!(
+        z.tally.versions.len(),
+        usize::from(count) + 1,
+        "{:?}",
+        z.tally
+    );
+    let program = z.program.as_ref().expect("zdt arm");
+    assert_eq!(program["fallback"], 0, "{program}");
+
+    // Every reset a client saw is a RST the kernel sent while an old instance stopped. (One for
+    // one in every run so far, but not required to be: a connection whose ACK and request both
+    // reach a listener that is gone draws a RST for each.)
+    assert!(
+        plain.client_resets() <= plain.stops.out_rsts,
+        "{:?} {:?} {:?}",
+        plain.tally,
+        plain.wrk,
+        plain.stops
+    );
+    if control_loses {
+        // The control: the same handovers lose requests, seen by the clients and by the kernel.
+        assert!(
+            plain.tally.failures() + plain.wrk.failures() > 0,
+            "control lost nothing: {:?} {:?}",
+            plain.tally,
+            plain.wrk
+        );
+        assert!(
+            plain.client_resets() > 0,
+            "{:?} {:?}",
+            plain.tally,
+            plain.wrk
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn nginx_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
+    // nginx is ready as soon as it runs. Its control loses few requests per handover (about one
+    // in the runs so far: a SIGQUIT worker resets what is queued on its own listener when it
+    // closes it), hence 15 handovers.
+    control_then_zdt(Kind::Nginx, Duration::ZERO, 15, true)
+}
+
+#[test]
+fn haproxy_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
+    // HAProxy's own soft stop (SIGUSR1) rarely loses anything: in the control, 7 resets in 135
+    // handovers over 20 runs (none in 16 of them), under the same loads and with up to 64 wrk
+    // connections, against about one per handover for nginx. (It accepts on one listener
+    // from an event loop per thread, and closes it as soon as the signal arrives: its queue is
+    // seldom non-empty then.) So its control is run and printed, and its resets are checked
+    // against the kernel's, but it is not required to lose anything.
+    control_then_zdt(Kind::Haproxy, Duration::ZERO, 10, false)
+}
+
+#[test]
+fn gunicorn_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
+    // Each worker imports the app for 1 s after the master has bound the port, as an app that
+    // loads its framework does: in the control the kernel gives the new master's listener its
+    // share of connections before any worker accepts them (slow), and the old workers reset what
+    // is queued on their listener when they exit.
+    control_then_zdt(Kind::Gunicorn, Duration::from_secs(1), 5, true)
+}
