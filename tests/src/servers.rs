@@ -30,7 +30,8 @@ pub fn fixtures() -> PathBuf {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Nginx,
+    /// nginx with this many worker processes, each with a `reuseport` listener of its own.
+    Nginx(u16),
     Haproxy,
     Gunicorn,
 }
@@ -38,7 +39,7 @@ pub enum Kind {
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
-            Kind::Nginx => "nginx",
+            Kind::Nginx(_) => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Gunicorn => "gunicorn",
         }
@@ -50,7 +51,7 @@ impl Kind {
         match self {
             // SIGTERM and SIGINT are nginx's *fast* shutdown: the workers exit at once and drop
             // whatever they are serving. SIGQUIT is the graceful one (`nginx -s quit`).
-            Kind::Nginx => Signal::SIGQUIT,
+            Kind::Nginx(_) => Signal::SIGQUIT,
             // SIGTERM is HAProxy's hard stop, which kills the sessions in progress; SIGUSR1 is
             // the soft stop. Sent to the master, which passes it on to its worker.
             Kind::Haproxy => Signal::SIGUSR1,
@@ -64,14 +65,14 @@ impl Kind {
     fn config(self, dir: &Path, n: u16, admin: u16) -> Option<String> {
         let d = dir.display();
         match self {
-            // `reuseport` gives each of the 4 workers a listener of its own, all made and held
+            // `reuseport` gives each of the workers a listener of its own, all made and held
             // by the master (zdt's member). `daemon off` keeps the master our child, so its exit
             // is seen; `master_process on` is the default, said here because the handover
             // depends on it. Every path is the instance's own: two instances run at once.
-            Kind::Nginx => Some(format!(
+            Kind::Nginx(workers) => Some(format!(
                 "daemon off;
 master_process on;
-worker_processes 4;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log notice;
 events {{ worker_connections 1024; }}
@@ -152,7 +153,7 @@ impl Server {
             fs::write(&conf, text)?;
         }
         let mut cmd = match kind {
-            Kind::Nginx => {
+            Kind::Nginx(_) => {
                 let mut c = Command::new("nginx");
                 // -e: the error log before the config is read (nginx otherwise opens
                 // /var/log/nginx/error.log first); -p: relative paths in the instance's dir.
