@@ -3,8 +3,9 @@
 //! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
 //! other task runs it first, so the README's two commands work on a new machine.
 mod setup;
+mod vm;
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -24,6 +25,21 @@ enum Task {
     Build,
     /// Run the whole test suite (needs root: every BPF test gets its own network namespace).
     Test {
+        /// Run the tests in a VM booted from this kernel image instead of on the host's kernel
+        /// (virtme-ng, qemu without KVM), e.g. /boot/vmlinuz-6.1.0-56-amd64.
+        #[arg(long, value_name = "VMLINUZ")]
+        kernel: Option<PathBuf>,
+        /// Only this suite (tests/tests/NAME.rs); may repeat. Default: every test executable.
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
+        /// With --kernel: kill the VM after this many minutes.
+        #[arg(
+            long,
+            value_name = "MINUTES",
+            default_value_t = 45,
+            requires = "kernel"
+        )]
+        vm_timeout: u64,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -49,10 +65,21 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build()
         }
-        Task::Test { args } => {
+        Task::Test {
+            kernel,
+            suites,
+            vm_timeout,
+            args,
+        } => {
             setup::run()?;
             build()?;
-            test(&args)
+            match kernel {
+                Some(k) => {
+                    setup::vm()?;
+                    vm::test(&k, &suites, &args, Duration::from_secs(vm_timeout * 60))
+                }
+                None => test(&suites, &args),
+            }
         }
         Task::Demo => {
             setup::run()?;
@@ -128,7 +155,10 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     if !any {
-        bail!("{} has none of RESULTS.md, COLD.md, SCALE.md", out.display());
+        bail!(
+            "{} has none of RESULTS.md, COLD.md, SCALE.md",
+            out.display()
+        );
     }
     std::fs::write(&path, readme)?;
     Ok(())
@@ -174,14 +204,18 @@ fn build() -> anyhow::Result<()> {
     run(c)
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
     if !nix_is_root() {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
     let mut c = cargo();
     // One test at a time: the tests put real load on real sockets, and on a 2-core machine two
     // of them at once would measure each other.
-    c.args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+    c.args(["test", "--release", "--workspace"]);
+    for s in suites {
+        c.args(["--test", s]);
+    }
+    c.args(["--", "--test-threads=1"])
         .args(args)
         .env("ZDT_BIN_DIR", root().join("target/release"));
     run(c)

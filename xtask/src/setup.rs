@@ -4,6 +4,10 @@
 //! prebuilt `core` for that target (rustc-web + libstd-rust-web-dev-bpf) and LLVM 22; bpf-linker
 //! is built against that LLVM from crates.io. rustup then sees Debian's toolchain as
 //! `debian-web`, which zdt-ctl's build.rs asks aya-build to use.
+//!
+//! `cargo xtask test --kernel` also needs qemu, virtme-ng and Debian 12's 6.1 kernel to run the
+//! suite on another kernel (see vm.rs); [`vm`] installs them for that task alone.
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context as _;
@@ -16,11 +20,27 @@ const PACKAGES: [&str; 4] = [
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
+/// For `cargo xtask test --kernel` (vm.rs): qemu to run the VM; a static busybox, from which
+/// virtme-ng builds the initramfs that loads the modules the guest needs to mount its root (9p is
+/// a module in Debian's kernel); Debian's Python venv to hold virtme-ng; and Debian 12's kernel
+/// to boot. virtme-ng boots the guest on the host's root filesystem, so the kernel's modules must
+/// be installed on the host, which the package does (`/boot/vmlinuz-6.1.0-N-amd64`,
+/// `/lib/modules/6.1.0-N-amd64`). The metapackage rather than an ABI-named
+/// `linux-image-6.1.0-N-amd64`: the archive stops listing an ABI once a newer one replaces it,
+/// and setup must still work on a fresh machine then.
+const VM_PACKAGES: [&str; 4] = [
+    "qemu-system-x86",
+    "busybox-static",
+    "python3-venv",
+    "linux-image-amd64",
+];
 /// For tests/tests/servers.rs: the real servers it hands over (nginx, HAProxy, gunicorn) and wrk,
 /// the load generator it runs them under. The tests start every instance with a config of their
 /// own inside a network namespace of their own, so the packages' own services (nginx's default
 /// site on :80, haproxy.service), if the install starts them, share no port with the tests.
 const SERVER_PACKAGES: [&str; 4] = ["nginx", "haproxy", "gunicorn", "wrk"];
+/// virtme-ng from PyPI (Debian 12 has no package for it).
+const VIRTME_NG_VERSION: &str = "1.42";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLCHAIN: &str = "debian-web";
 
@@ -28,10 +48,9 @@ fn run_quiet(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+fn missing_packages(wanted: impl IntoIterator<Item = &'static str>) -> Vec<&'static str> {
+    wanted
         .into_iter()
-        .chain(SERVER_PACKAGES)
         .filter(|p| {
             let out = Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", p])
@@ -49,24 +68,42 @@ fn has_bpf_linker() -> bool {
         .unwrap_or(false)
 }
 
+/// virtme-ng's own venv, so that neither Debian's Python nor a pyenv on PATH is changed. It is
+/// outside the work tree so that every clone (and CI's fresh one) shares it; its name carries the
+/// version, so a new pin installs next to the old one instead of being mistaken for it.
+fn virtme_ng_venv() -> PathBuf {
+    PathBuf::from(format!("/opt/zdt/virtme-ng-{VIRTME_NG_VERSION}"))
+}
+
+/// The venv's `vng`; it exists only once pip has installed virtme-ng completely.
+pub fn vng() -> PathBuf {
+    virtme_ng_venv().join("bin/vng")
+}
+
 fn has_toolchain() -> bool {
     run_quiet(Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--version"]))
 }
 
-pub fn run() -> anyhow::Result<()> {
-    let packages = missing_packages();
-    if !packages.is_empty() {
-        eprintln!("setup: installing {}", packages.join(" "));
-        let apt = |args: &[&str]| {
-            let mut c = Command::new("apt-get");
-            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            c
-        };
-        run_checked(apt(&["update", "-q"])).context("apt-get update (setup needs root)")?;
-        let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-        install.args(&packages);
-        run_checked(install)?;
+/// Installs `packages` that are missing (apt-get update first, only then).
+fn apt_install(packages: impl IntoIterator<Item = &'static str>) -> anyhow::Result<()> {
+    let packages = missing_packages(packages);
+    if packages.is_empty() {
+        return Ok(());
     }
+    eprintln!("setup: installing {}", packages.join(" "));
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run_checked(apt(&["update", "-q"])).context("apt-get update (setup needs root)")?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&packages);
+    run_checked(install)
+}
+
+pub fn run() -> anyhow::Result<()> {
+    apt_install(PACKAGES.into_iter().chain(SERVER_PACKAGES))?;
     if !has_bpf_linker() {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
         let mut c = Command::new("cargo");
@@ -92,6 +129,38 @@ pub fn run() -> anyhow::Result<()> {
     anyhow::ensure!(
         has_bpf_linker() && has_toolchain(),
         "setup finished but the BPF toolchain is still not usable: is ~/.cargo/bin on PATH?"
+    );
+    Ok(())
+}
+
+/// What `cargo xtask test --kernel` needs besides [`run`]'s: qemu, virtme-ng, Debian 12's kernel.
+/// Only that task installs them, so the default setup (and CI) stays as it was.
+pub fn vm() -> anyhow::Result<()> {
+    apt_install(VM_PACKAGES)?;
+    if !vng().exists() {
+        let venv = virtme_ng_venv();
+        eprintln!(
+            "setup: installing virtme-ng {VIRTME_NG_VERSION} in {}",
+            venv.display()
+        );
+        // Debian's python3, not whatever `python3` is first on PATH: the venv must outlive a
+        // pyenv or a user's PATH.
+        run_checked({
+            let mut c = Command::new("/usr/bin/python3");
+            c.arg("-m").arg("venv").arg(&venv);
+            c
+        })?;
+        run_checked({
+            let mut c = Command::new(venv.join("bin/pip"));
+            c.args(["install", "-q", &format!("virtme-ng=={VIRTME_NG_VERSION}")]);
+            c
+        })
+        .context("pip install virtme-ng (needs PyPI)")?;
+    }
+    anyhow::ensure!(
+        vng().exists(),
+        "setup installed virtme-ng but {} is missing",
+        vng().display()
     );
     Ok(())
 }
