@@ -281,7 +281,7 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
     );
     if !status.success() {
         bail!(
-            "tests failed in the VM on {} (vng exit {status}; 255 means the guest died)",
+            "tests failed in the VM on {} (vng {status}; exit status 255 means the guest died)",
             kernel.display()
         );
     }
