@@ -472,12 +472,11 @@ impl State {
             set.probe = [zdt_common::SlotList::EMPTY; 2];
             self.switch_set(&set)?;
         }
-        let slots = self.slots()?;
-        if slots
-            .iter()
-            .any(|s| s.meta.role == ROLE_CANDIDATE && (s.active || s.canary))
-        {
+        // Only the live set's few slots are read on the way of every command; the whole array
+        // only when there is something to record.
+        if self.members()?.iter().any(|m| m.role == ROLE_CANDIDATE) {
             tracing::info!("recording the roles of an interrupted switch");
+            let slots = self.slots()?;
             self.set_roles(&slots, &set)?;
         }
         Ok(())
@@ -531,14 +530,7 @@ impl State {
             // SAFETY: the kernel writes at most `count` keys and values into the two buffers,
             // which have room for that many, and reads/writes the u32 batch cursors; all of
             // them outlive the call.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BpfBatchAttr,
-                    std::mem::size_of::<BpfBatchAttr>() as u32,
-                )
-            };
+            let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
             let err = std::io::Error::last_os_error();
             done += attr.count as usize;
             if rc == 0 {
@@ -1023,6 +1015,20 @@ struct BpfBatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The bpf(2) syscall with `attr` as its attribute union.
+///
+/// # Safety
+/// `attr` must be the layout the kernel expects for `cmd`, and every pointer in it valid for the
+/// call.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+    libc::syscall(
+        libc::SYS_bpf,
+        cmd,
+        attr as *mut T,
+        std::mem::size_of::<T>() as u32,
+    )
+}
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 
@@ -1043,14 +1049,7 @@ fn bpf_map_elem(
     };
     // SAFETY: the kernel reads the 4-byte key and reads or writes the 8-byte value, both ours
     // and alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut BpfMapElemAttr,
-            std::mem::size_of::<BpfMapElemAttr>() as u32,
-        )
-    };
+    let rc = unsafe { sys_bpf(cmd, &mut attr) };
     if rc == 0 {
         Ok(())
     } else {
