@@ -2,8 +2,10 @@
 //! zdt-ctl), and a load client that classifies every request.
 pub mod bench;
 pub mod cold;
+pub mod cost;
 pub mod harness;
 pub mod load;
 pub mod netns;
+pub mod programs;
 pub mod scale;
 pub mod servers;

@@ -5,11 +5,14 @@
 //! measures it and `--readme` puts the table in the README.
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use crate::{
     bench::{machine, with_program_stats},
     harness::{zdt_ok, App, AppOpts},
     load::{self, LoadSpec, Outcome},
     netns::Netns,
+    programs,
 };
 
 const PORT: u16 = 8080;
@@ -24,6 +27,10 @@ pub struct ScalePoint {
     pub failed: u64,
     pub bpf_runs: u64,
     pub bpf_ns_per_run: f64,
+    /// The same load with a two-instruction program (`return SK_PASS`) in zdt's place: what
+    /// running any sk_reuseport program with run-time stats costs on this machine.
+    #[serde(default)]
+    pub floor_ns_per_run: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -53,8 +60,9 @@ pub fn run(
         for &n in sizes {
             let p = measure(n, run, workers)?;
             eprintln!(
-                "scale: {n} sockets: {:.0} ns/selection over {} runs, {:.0} ok/s, {} failed",
-                p.bpf_ns_per_run, p.bpf_runs, p.ok_per_s, p.failed
+                "scale: {n} sockets: {:.0} ns/selection over {} runs (floor {:.0} ns), {:.0} \
+                 ok/s, {} failed",
+                p.bpf_ns_per_run, p.bpf_runs, p.floor_ns_per_run, p.ok_per_s, p.failed
             );
             match points.iter_mut().find(|q| q.sockets == n) {
                 Some(q) => {
@@ -64,6 +72,7 @@ pub fn run(
                     q.bpf_ns_per_run = time / q.bpf_runs.max(1) as f64;
                     q.ok_per_s = (q.ok_per_s * q.requests as f64 + p.ok_per_s * p.requests as f64)
                         / (q.requests + p.requests).max(1) as f64;
+                    q.floor_ns_per_run = (q.floor_ns_per_run + p.floor_ns_per_run) / 2.0;
                     q.requests += p.requests;
                     q.failed += p.failed;
                 }
@@ -93,13 +102,7 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
             .arg(&n.to_string()),
     )?;
     zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
-    let spec = LoadSpec {
-        rate: None,
-        workers,
-        duration: run,
-        max_requests: u64::MAX,
-        ..LoadSpec::open(([127, 0, 0, 1], PORT).into(), 1.0, run)
-    };
+    let spec = spec_for(run, workers);
     let (samples, runs, time) = with_program_stats(&ns, PORT, || {
         ns.run(move || {
             let mut out = Vec::new();
@@ -108,18 +111,52 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         })
     })?;
     let t = load::tally(&samples);
+    let floor = floor(&ns, spec_for(run, workers))?;
     Ok(ScalePoint {
         sockets: n,
         ok_per_s: t.count(Outcome::Ok) as f64 / run.as_secs_f64(),
         requests: t.requests,
         failed: t.failures(),
         bpf_runs: runs,
-        bpf_ns_per_run: if runs > 0 {
-            time.as_nanos() as f64 / runs as f64
-        } else {
-            0.0
-        },
+        bpf_ns_per_run: per_run(runs, time),
+        floor_ns_per_run: floor,
     })
+}
+
+fn per_run(runs: u64, time: Duration) -> f64 {
+    if runs > 0 {
+        time.as_nanos() as f64 / runs as f64
+    } else {
+        0.0
+    }
+}
+
+/// Saturating new connections to PORT for `run`.
+fn spec_for(run: Duration, workers: usize) -> LoadSpec {
+    LoadSpec {
+        rate: None,
+        workers,
+        duration: run,
+        max_requests: u64::MAX,
+        ..LoadSpec::open(([127, 0, 0, 1], PORT).into(), 1.0, run)
+    }
+}
+
+/// ns per run of `return SK_PASS` in zdt's place on the port's groups, under the same load.
+fn floor(ns: &Netns, spec: LoadSpec) -> anyhow::Result<f64> {
+    zdt_ok(ns, &["detach", &format!(":{PORT}")])?;
+    let prog = ns.run(|| -> anyhow::Result<_> {
+        let prog = programs::load_pass_program()?;
+        programs::attach_to_port(&prog, PORT)?;
+        Ok(prog)
+    })??;
+    let enabled =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
+    let (r0, t0) = programs::run_stats(&prog)?;
+    ns.run(move || load::run(&spec, &Default::default(), &mut |_| {}))?;
+    let (r1, t1) = programs::run_stats(&prog)?;
+    drop(enabled);
+    Ok(per_run(r1 - r0, t1 - t0))
 }
 
 /// The README's table.
@@ -128,8 +165,11 @@ pub fn markdown(r: &ScaleReport) -> String {
         "Machine: {}, kernel {}. Saturated new connections ({} closed-loop clients, {} ms per \
          run, {} runs per size, interleaved); the program's run time from the kernel's BPF \
          stats. Run time {:.0} s.\n\n\
-         | sockets in the active list | ns per selection | selections | answered 200 per s | failed |\n\
-         |---|---|---|---|---|\n",
+         The floor is the same load with a program of two instructions (`return SK_PASS`) in \
+         zdt's place: what the kernel's dispatch and its run-time stats cost per run on this \
+         machine, whatever the program does.\n\n\
+         | sockets in the active list | ns per selection | floor, ns per run | selections | answered 200 per s | failed |\n\
+         |---|---|---|---|---|---|\n",
         r.machine,
         r.kernel,
         r.workers,
@@ -139,8 +179,8 @@ pub fn markdown(r: &ScaleReport) -> String {
     );
     for p in &r.points {
         o += &format!(
-            "| {} | {:.0} | {} | {:.0} | {} |\n",
-            p.sockets, p.bpf_ns_per_run, p.bpf_runs, p.ok_per_s, p.failed
+            "| {} | {:.0} | {:.0} | {} | {:.0} | {} |\n",
+            p.sockets, p.bpf_ns_per_run, p.floor_ns_per_run, p.bpf_runs, p.ok_per_s, p.failed
         );
     }
     o

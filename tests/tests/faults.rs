@@ -316,7 +316,7 @@ fn a_program_removed_or_replaced_by_the_app_is_detected_and_reattached() -> anyh
         let p = zdt_ctl::sockets::PidFd::open(pid)?;
         let spec: zdt_ctl::addr::PortSpec = ":8080".parse()?;
         let l = zdt_ctl::sockets::fetch_listeners(&p, &spec)?;
-        let prog_fd = zdt_tests::harness::load_pass_program()?;
+        let prog_fd = zdt_tests::programs::load_pass_program()?;
         let prog = prog_fd.as_raw_fd();
         // SAFETY: setsockopt reads 4 bytes of `prog`; both fds are alive for the call.
         let rc = unsafe {

@@ -235,11 +235,11 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     let prog = dir.join(zdt_common::names::PROGRAM);
     let saved = dir.join("saved");
     std::fs::rename(&prog, &saved)?;
-    zdt_tests::harness::pin_pass_program(&prog)?;
+    zdt_tests::programs::pin_pass_program(&prog)?;
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o600))?;
     let r = zdt(&ns, &promote);
     assert_eq!(r.code, 7, "{r:?}");
-    assert!(r.stderr.contains("the pinned program has tag"), "{r:?}");
+    assert!(r.stderr.contains("is not this zdt-ctl's"), "{r:?}");
     std::fs::remove_file(&prog)?;
     std::fs::rename(&saved, &prog)?;
     zdt_ok(&ns, &promote)?;

@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
             build()?;
             let out = root().join("bench-results");
             // Results of an earlier run must not pass for this one's in update_readme.
-            for f in ["RESULTS.md", "COLD.md", "SCALE.md"] {
+            for f in ["RESULTS.md", "COLD.md", "SCALE.md", "COST.md"] {
                 let _ = std::fs::remove_file(out.join(f));
             }
             let mut c = Command::new(root().join("target/release/zdt-bench"));
@@ -148,7 +148,11 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
         std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
         any = true;
     }
-    for (file, section) in [("COLD.md", "cold"), ("SCALE.md", "scale")] {
+    for (file, section) in [
+        ("COLD.md", "cold"),
+        ("SCALE.md", "scale"),
+        ("COST.md", "cost"),
+    ] {
         if let Ok(text) = std::fs::read_to_string(out.join(file)) {
             readme = replace_section(&readme, section, &text)?;
             any = true;
@@ -156,7 +160,7 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
     }
     if !any {
         bail!(
-            "{} has none of RESULTS.md, COLD.md, SCALE.md",
+            "{} has none of RESULTS.md, COLD.md, SCALE.md, COST.md",
             out.display()
         );
     }

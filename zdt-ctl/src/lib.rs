@@ -5,6 +5,7 @@ pub mod addr;
 pub mod cmd;
 pub mod error;
 pub mod plan;
+pub mod program;
 pub mod readiness;
 pub mod sockets;
 pub mod state;

@@ -181,6 +181,25 @@ enum Command {
         /// bash, zsh, fish, elvish, powershell, or man
         what: String,
     },
+    /// After installing a new zdt-ctl: swap its program in, keeping roles, sets and counters.
+    #[command(
+        after_help = "Every other command refuses a port whose pinned program another zdt-ctl \
+                      loaded (exit 7). upgrade loads this zdt-ctl's program against the port's \
+                      pinned maps and attaches it to each of the port's SO_REUSEPORT groups, \
+                      which the kernel swaps in one step: no connection is refused or reset, \
+                      and members, roles, the rollback target and counters stay. It refuses \
+                      (exit 7, nothing changed) when the pinned maps have another layout than \
+                      this zdt-ctl's; then detach with the old zdt-ctl and attach with the new \
+                      one. Running it again is harmless.\n\n\
+                      Example, in a package's postinst:\n  zdt-ctl upgrade"
+    )]
+    Upgrade {
+        /// The port (default: every attached port of this network namespace).
+        #[arg(value_parser = parse_port_arg)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove the program from the port's groups and delete zdt's state for it.
     Detach {
         #[arg(value_parser = parse_spec)]
@@ -359,6 +378,26 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "zdt-ctl: warning: some previous members were still running after the drain \
                      timeout; they receive no new connections"
                 );
+            }
+        }
+        Command::Upgrade { port, json } => {
+            let reports = cmd::upgrade::upgrade(port)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+                return Ok(());
+            }
+            for r in &reports {
+                if r.upgraded {
+                    println!(
+                        "port {}: program upgraded (tag {} -> {}), attached through {} socket(s)",
+                        r.port, r.from_tag, r.to_tag, r.sockets
+                    );
+                } else {
+                    println!(
+                        "port {}: already runs this zdt-ctl's program (tag {})",
+                        r.port, r.to_tag
+                    );
+                }
             }
         }
         Command::Drain { pid, force, port } => {

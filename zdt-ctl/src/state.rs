@@ -19,11 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{SkReuseport, SkReuseportAttachType},
-    Ebpf,
-};
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
     family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta,
     LAYOUT_VERSION, MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANARY, ROLE_CANDIDATE, ROLE_DRAINING,
@@ -32,13 +28,14 @@ use zdt_common::{
 use crate::{
     addr::PortSpec,
     error::{err, Kind},
+    program,
     sockets::{self, Listener},
 };
 
-/// The BPF object built from zdt-ebpf by build.rs.
-static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdt"));
-
 const BPFFS: &str = "/sys/fs/bpf";
+/// Where `upgrade` pins the new program before it is attached everywhere; renamed over
+/// [`names::PROGRAM`] as the last step (bpffs refuses names with a dot).
+const STAGED_PROGRAM: &str = "zdt_select_next";
 /// The entry of ZDT_ACTIVE that holds the rollback target (0 and 1 are the live double buffer).
 const ROLLBACK_ENTRY: u32 = 2;
 const ALL_MAPS: [&str; 6] = [
@@ -177,7 +174,15 @@ pub struct State {
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     meta: Array<MapData, SlotMeta>,
-    program: SkReuseport,
+    /// The slot metadata as last read or written by this command, kept while it holds the lock
+    /// (only lock holders write it, so the copy stays true): reading all MAX_SLOTS entries
+    /// costs a 160 KB copy out of the kernel, and a promote needs them several times.
+    meta_cache: std::cell::RefCell<Option<Vec<SlotMeta>>>,
+    /// The pinned program, opened by path (BPF_OBJ_GET). Not through aya's
+    /// `SkReuseport::from_pin`: that reads the program's name, which makes aya probe every
+    /// kernel feature once per process (five verifier runs and nine BTF loads, about half of a
+    /// status's CPU time).
+    program: std::os::fd::OwnedFd,
     _lock: Option<Lock>,
 }
 
@@ -247,13 +252,23 @@ impl State {
 
     /// Opens the state of `port` and takes its lock (for commands that change it).
     pub fn open_locked(port: u16) -> anyhow::Result<Self> {
+        Self::lock_and_open(port, Program::Ours)
+    }
+
+    /// Opens the state of `port` locked, whichever program is pinned, for `upgrade`: everything
+    /// else is checked as for any command (permissions, the maps' shapes, the layout version).
+    pub fn open_for_upgrade(port: u16) -> anyhow::Result<Self> {
+        Self::lock_and_open(port, Program::Any)
+    }
+
+    fn lock_and_open(port: u16, program: Program) -> anyhow::Result<Self> {
         let dir = port_dir(port)?;
         let lock = Lock::take(&dir)?.ok_or_else(|| not_attached(port))?;
         // A detach may have removed the state while we waited for the lock.
         if !dir.join(names::PROGRAM).exists() {
             return Err(not_attached(port));
         }
-        let mut state = Self::open_at(dir, Some(lock))?;
+        let mut state = Self::open_checked(dir, Some(lock), program)?;
         state.repair()?;
         Ok(state)
     }
@@ -269,24 +284,29 @@ impl State {
     }
 
     fn open_at(dir: PathBuf, lock: Option<Lock>) -> anyhow::Result<Self> {
-        verify(&dir)?;
+        Self::open_checked(dir, lock, Program::Ours)
+    }
+
+    fn open_checked(dir: PathBuf, lock: Option<Lock>, program: Program) -> anyhow::Result<Self> {
+        verify(&dir, program)?;
         let control: Array<MapData, Control> =
             Map::Array(open_map(&dir, names::CONTROL)?).try_into()?;
         let c = control.get(&0, 0)?;
         if c.layout_version != LAYOUT_VERSION {
-            anyhow::bail!(
-                "the state in {} was written by another zdt version (layout {} != {LAYOUT_VERSION}); \
-                 detach with that version, or remove the directory, then attach again",
-                dir.display(),
-                c.layout_version
-            );
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "the state in {} was written by another zdt version (map layout {}, this \
+                     zdt-ctl's {LAYOUT_VERSION}): this zdt-ctl cannot read its maps, and \
+                     `zdt-ctl upgrade` cannot keep them. Detach with the zdt-ctl that attached \
+                     (or remove the directory), then attach with this one; nothing was changed",
+                    dir.display(),
+                    c.layout_version
+                ),
+            ));
         }
         let spec = decode_spec(&c);
-        let program = SkReuseport::from_pin(
-            dir.join(names::PROGRAM),
-            SkReuseportAttachType::SelectOrMigrate,
-        )
-        .with_context(|| format!("opening pinned program in {}", dir.display()))?;
+        let program = obj_get(&dir.join(names::PROGRAM))?;
         Ok(State {
             sockets: open_map(&dir, names::SOCKETS)?,
             control,
@@ -298,6 +318,7 @@ impl State {
             program,
             dir,
             spec,
+            meta_cache: Default::default(),
             _lock: lock,
         })
     }
@@ -322,10 +343,11 @@ impl State {
             return Ok((state, false));
         }
         // No program pin: nothing, or an interrupted creation. Start clean.
+        let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
         for name in ALL_MAPS {
             let _ = fs::remove_file(dir.join(name));
         }
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT).context("loading the BPF object")?;
+        let mut ebpf = program::load_fresh()?;
         for name in ALL_MAPS {
             let map = ebpf
                 .map(name)
@@ -342,13 +364,7 @@ impl State {
                 .try_into()?;
             control.set(0, encode_control(&spec, 0), 0)?;
         }
-        let program: &mut SkReuseport = ebpf
-            .program_mut(names::PROGRAM)
-            .context("BPF object has no program zdt_select")?
-            .try_into()?;
-        program
-            .load()
-            .context("loading the sk_reuseport program (the kernel verifier rejected it)")?;
+        let program = program::load_program(&mut ebpf)?;
         let path = dir.join(names::PROGRAM);
         program
             .pin(&path)
@@ -363,6 +379,7 @@ impl State {
         let dir = self.dir.clone();
         fs::remove_file(dir.join(names::PROGRAM))
             .with_context(|| format!("removing {}", dir.display()))?;
+        let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
         for name in ALL_MAPS {
             let _ = fs::remove_file(dir.join(name));
         }
@@ -380,20 +397,60 @@ impl State {
     /// program (SO_ATTACH_REUSEPORT_EBPF), so this is idempotent. A group re-created after all its
     /// listeners closed starts without a program: attaching again through a new member fixes it.
     pub fn attach_to_group(&self, socket: impl AsFd) -> anyhow::Result<()> {
-        self.program
-            .attach(socket)
+        attach_program(&self.program, socket)
             .context("attaching the program to the port's SO_REUSEPORT group")
+    }
+
+    /// The kernel's view of the pinned program.
+    fn program_info(&self) -> anyhow::Result<aya::programs::ProgramInfo> {
+        Ok(aya::programs::ProgramInfo::from_pin(
+            self.dir.join(names::PROGRAM),
+        )?)
+    }
+
+    /// The tag of the pinned program (the kernel's hash of its instructions).
+    pub fn program_tag(&self) -> anyhow::Result<u64> {
+        Ok(self.program_info()?.tag())
+    }
+
+    /// Replaces the pinned program with this build's, keeping the maps and so every slot, role,
+    /// set and counter: the new program is loaded against the pinned maps, pinned beside the
+    /// old one, attached to the group of every socket of `sockets`, and only then renamed over
+    /// the old pin. Kernel contract: SO_ATTACH_REUSEPORT_EBPF swaps a group's program in one
+    /// step (reuseport_attach_prog, under the reuseport lock; the old one is freed after an RCU
+    /// grace period), so every SYN and every migration runs either the old or the new program.
+    /// Both read the same maps, whose layout the caller has checked. Killed before the rename,
+    /// the old pin stays, every command but `upgrade` keeps refusing, and `upgrade` redoes it.
+    /// Returns the new program's tag.
+    pub fn replace_program<S: AsFd>(&mut self, sockets: &[S]) -> anyhow::Result<u64> {
+        let mut ebpf = program::load_against(&self.dir, &ALL_MAPS)?;
+        let new = program::load_program(&mut ebpf)?;
+        let staged = self.dir.join(STAGED_PROGRAM);
+        let _ = fs::remove_file(&staged);
+        new.pin(&staged)
+            .with_context(|| format!("pinning {}", staged.display()))?;
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))?;
+        for s in sockets {
+            attach_program(new.fd()?, s)
+                .context("attaching the new program to the port's SO_REUSEPORT group")?;
+        }
+        crate::failpoint("upgrade-attached");
+        let path = self.dir.join(names::PROGRAM);
+        fs::rename(&staged, &path)
+            .with_context(|| format!("renaming {} to {}", staged.display(), path.display()))?;
+        self.program = obj_get(&path)?;
+        self.program_tag()
     }
 
     /// The kernel's id of the loaded program (as `bpftool prog` shows it).
     pub fn program_id(&self) -> anyhow::Result<u32> {
-        Ok(self.program.info()?.id())
+        Ok(self.program_info()?.id())
     }
 
     /// The kernel's run statistics of the program: (runs, total run time). They only grow while
     /// run-time stats are enabled (kernel.bpf_stats_enabled, or aya::sys::enable_stats).
     pub fn program_stats(&self) -> anyhow::Result<(u64, std::time::Duration)> {
-        let info = self.program.info()?;
+        let info = self.program_info()?;
         Ok((info.run_count(), info.run_time()))
     }
 
@@ -506,7 +563,28 @@ impl State {
 
     /// The metadata of every slot, in as few syscalls as the kernel allows (BPF_MAP_LOOKUP_BATCH
     /// on the array, kernel >= 5.6): with 4096 slots, one lookup each would cost milliseconds.
+    /// Writes the metadata of `slot` (and the cached copy).
+    fn set_meta(&mut self, slot: u32, meta: SlotMeta) -> anyhow::Result<()> {
+        self.meta.set(slot, meta, 0)?;
+        if let Some(m) = self.meta_cache.get_mut().as_mut() {
+            m[slot as usize] = meta;
+        }
+        Ok(())
+    }
+
+    /// Every slot's metadata: the cached copy under the lock, else one batch read.
     fn all_meta(&self) -> anyhow::Result<Vec<SlotMeta>> {
+        if let Some(m) = self.meta_cache.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let out = self.read_all_meta()?;
+        if self._lock.is_some() {
+            *self.meta_cache.borrow_mut() = Some(out.clone());
+        }
+        Ok(out)
+    }
+
+    fn read_all_meta(&self) -> anyhow::Result<Vec<SlotMeta>> {
         let mut out = vec![SlotMeta::default(); MAX_SLOTS as usize];
         let mut keys = vec![0u32; MAX_SLOTS as usize];
         let fd = self.meta_fd();
@@ -634,7 +712,7 @@ impl State {
             };
             // Metadata and zeroed counters first: the socket only counts as zdt's once the
             // array holds it (Slot requires the cookie to match).
-            self.meta.set(slot, meta, 0)?;
+            self.set_meta(slot, meta)?;
             let zero = PerCpuValues::try_from(vec![
                 SlotCounters::default();
                 aya::util::nr_cpus().map_err(|(_, e)| e)?
@@ -700,7 +778,7 @@ impl State {
         for s in slots.iter().filter(|s| indices.contains(&s.index)) {
             let mut meta = s.meta;
             meta.role = zdt_common::ROLE_HOLD;
-            self.meta.set(s.index, meta, 0)?;
+            self.set_meta(s.index, meta)?;
         }
         let mut set = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
         set.hold = lists_of(slots, indices)?;
@@ -741,7 +819,7 @@ impl State {
                 let mut meta = s.meta;
                 meta.role = role;
                 meta.since_ms = now_ms();
-                self.meta.set(s.index, meta, 0)?;
+                self.set_meta(s.index, meta)?;
             }
         }
         Ok(())
@@ -781,27 +859,19 @@ fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 6]
     ]
 }
 
-/// The tag (hash of the instructions, map references left out) of the program this zdt-ctl
-/// carries, computed by the kernel from a throwaway load.
-fn expected_tag() -> anyhow::Result<u64> {
-    static TAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if let Some(t) = TAG.get() {
-        return Ok(*t);
-    }
-    let mut ebpf = Ebpf::load(PROGRAM_OBJECT).context("loading the BPF object")?;
-    let program: &mut SkReuseport = ebpf
-        .program_mut(names::PROGRAM)
-        .context("BPF object has no program zdt_select")?
-        .try_into()?;
-    program.load()?;
-    let tag = program.info()?.tag();
-    Ok(*TAG.get_or_init(|| tag))
+/// Which pinned program a command accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Program {
+    /// This build's (every command but `upgrade`).
+    Ours,
+    /// Any (`upgrade`, which replaces it).
+    Any,
 }
 
 /// Refuses a pinned state that zdt did not create as it is: the access control of the state is
 /// the directory's permissions (a user who can open a pinned map can write it), so they must be
 /// root-only; and maps or a program of another shape would be misread or would steer wrongly.
-fn verify(dir: &Path) -> anyhow::Result<()> {
+fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let refuse = |what: String| {
         err(
@@ -881,12 +951,20 @@ fn verify(dir: &Path) -> anyhow::Result<()> {
         }
     }
     let pinned = aya::programs::ProgramInfo::from_pin(dir.join(names::PROGRAM))?;
-    if pinned.tag() != expected_tag()? {
-        return Err(refuse(format!(
-            "the pinned program has tag {:016x}, this zdt-ctl's program {:016x} (another zdt              version, or another program)",
-            pinned.tag(),
-            expected_tag()?
-        )));
+    if program == Program::Ours && !program::is_ours(pinned.tag())? {
+        // Not `refuse`: starting over is not the first thing to try here.
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "the program pinned in {} (tag {:016x}) is not this zdt-ctl's ({}): it was \
+                 loaded by another zdt version, or it is another program. After installing a new \
+                 zdt-ctl, run `zdt-ctl upgrade` once: it swaps the program in and keeps roles \
+                 and counters. Nothing was changed",
+                dir.display(),
+                pinned.tag(),
+                program::expected_tag()?
+            ),
+        ));
     }
     Ok(())
 }
@@ -1031,6 +1109,50 @@ unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
 }
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// Opens the BPF object pinned at `path`.
+fn obj_get(path: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = ObjGet {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: the kernel reads the attr and the path, both alive for the call.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening pinned program {}", path.display()));
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// SO_ATTACH_REUSEPORT_EBPF: makes `program` the program of `socket`'s reuseport group.
+pub fn attach_program(program: impl AsFd, socket: impl AsFd) -> std::io::Result<()> {
+    let prog = program.as_fd().as_raw_fd();
+    // SAFETY: setsockopt with an int-sized value, as SO_ATTACH_REUSEPORT_EBPF expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_EBPF,
+            &prog as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// One BPF_MAP_{LOOKUP,UPDATE}_ELEM on a socket array with a u32 key and a u64 value (aya 0.14
 /// has no lookup for this map type, and its update passes a 4-byte fd).

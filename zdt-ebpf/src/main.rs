@@ -19,7 +19,7 @@ mod program {
             sk_action::{SK_DROP, SK_PASS},
         },
         helpers::generated::{
-            bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_select_reuseport,
+            bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_select_reuseport,
             bpf_skb_load_bytes_relative,
         },
         macros::{map, sk_reuseport},
@@ -279,8 +279,12 @@ mod program {
                 c.steered += 1;
                 // Two rotating buckets give `status` the share of recent connections without a
                 // daemon keeping history.
+                // The coarse clock (CLOCK_MONOTONIC_COARSE, 5.11+): the time of the last tick, a
+                // plain read, where bpf_ktime_get_ns reads the clock source; a tick's
+                // resolution is plenty for buckets of RECENT_BUCKET_NS, and zdt-ctl compares
+                // them with CLOCK_MONOTONIC, of which this is the tick-rounded value.
                 // SAFETY: a helper without arguments.
-                let bucket = unsafe { bpf_ktime_get_ns() } / RECENT_BUCKET_NS;
+                let bucket = unsafe { bpf_ktime_get_coarse_ns() } / RECENT_BUCKET_NS;
                 let i = (bucket & 1) as usize;
                 if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
                     if *b != bucket {

@@ -6,15 +6,23 @@ use clap::Parser;
 use zdt_tests::{
     bench::{self, Config, Mode, Rate},
     cold::{self, ColdConfig},
-    scale,
+    cost, scale,
 };
 
 #[derive(Parser)]
 struct Args {
     /// Which parts to run: `handover` (the reset-count matrix), `cold` (cold restarts) and/or
-    /// `scale` (the program's cost per selection with many sockets).
-    #[arg(long, value_delimiter = ',', default_value = "handover,cold,scale")]
+    /// `scale` (the program's cost per selection with many sockets), `cost` (what zdt-ctl's own
+    /// commands cost).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "handover,cold,scale,cost"
+    )]
     parts: Vec<Part>,
+    /// Runs of status and of promote in the cost part (attach: a tenth of them, at least 3).
+    #[arg(long, default_value_t = 60)]
+    cost_runs: usize,
     /// Sockets of the active member in the scale part.
     #[arg(long, value_delimiter = ',', default_value = "2,64,512")]
     scale_sockets: Vec<usize>,
@@ -74,6 +82,7 @@ enum Part {
     Handover,
     Cold,
     Scale,
+    Cost,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,6 +92,9 @@ fn main() -> anyhow::Result<()> {
         if let Ok(report) = serde_json::from_str::<bench::Report>(&text) {
             bench::write(&report, &a.out)?;
             println!("{}", bench::markdown(&report));
+        } else if let Ok(report) = serde_json::from_str::<cost::CostReport>(&text) {
+            cost::write(&report, &a.out)?;
+            println!("{}", cost::markdown(&report));
         } else if let Ok(report) = serde_json::from_str::<scale::ScaleReport>(&text) {
             scale::write(&report, &a.out)?;
             println!("{}", scale::markdown(&report));
@@ -126,6 +138,11 @@ fn main() -> anyhow::Result<()> {
         let report = scale::run(&a.scale_sockets, a.perf_run, a.workers, a.scale_rounds)?;
         scale::write(&report, &a.out)?;
         println!("{}", scale::markdown(&report));
+    }
+    if a.parts.contains(&Part::Cost) {
+        let report = cost::run(a.cost_runs, (a.cost_runs / 10).max(3))?;
+        cost::write(&report, &a.out)?;
+        println!("{}", cost::markdown(&report));
     }
     println!("results in {}", a.out.display());
     Ok(())

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod promote;
 pub mod rollback;
 pub mod status;
+pub mod upgrade;
 
 use crate::error::{bad_input, err, Kind};
 

@@ -1,0 +1,192 @@
+//! The program's identity and `zdt-ctl upgrade`: the tag zdt-ctl computes without loading its
+//! program is the one the kernel gives it, and a state made by another build of the program is
+//! refused by every command but `upgrade`, which replaces the program without losing a
+//! connection, a role or a counter.
+
+/// The tag zdt-ctl computes from its object (no verifier) equals the tag the kernel computes
+/// when the program is really loaded. If aya's relocation or the kernel's hashing rule changed,
+/// every command would refuse every state: this is the test that says so first.
+#[test]
+fn tag_is_the_kernels() -> anyhow::Result<()> {
+    let mut ebpf = zdt_ctl::program::load_fresh()?;
+    let program = zdt_ctl::program::load_program(&mut ebpf)?;
+    let kernel = program.info()?.tag();
+    let ours = zdt_ctl::program::expected_tags()?;
+    eprintln!(
+        "kernel {kernel:016x} sha1 {:016x} sha256 {:016x}",
+        ours[0], ours[1]
+    );
+    assert!(
+        ours.contains(&kernel),
+        "kernel tag {kernel:016x}, computed {:016x} (SHA-1) / {:016x} (SHA-256)",
+        ours[0],
+        ours[1]
+    );
+    Ok(())
+}
+
+use std::time::Duration;
+
+use zdt_tests::{
+    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
+    netns::Netns,
+    programs,
+};
+
+const PORT: u16 = 8080;
+
+/// (role, steered) of `pid` in the port's status.
+fn role_and_steered(ns: &Netns, pid: i32) -> anyhow::Result<(String, u64)> {
+    let st = status(ns, PORT)?;
+    let m = st["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["pid"] == pid))
+        .ok_or_else(|| anyhow::anyhow!("pid {pid} is not a member: {st}"))?;
+    Ok((
+        m["role"].as_str().unwrap_or_default().to_string(),
+        m["steered"].as_u64().unwrap_or_default(),
+    ))
+}
+
+/// The program pinned for the port.
+fn pinned(ns: &Netns) -> anyhow::Result<aya::programs::ProgramInfo> {
+    ns.run(|| -> anyhow::Result<_> {
+        let path = zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::PROGRAM);
+        Ok(aya::programs::ProgramInfo::from_pin(path)?)
+    })?
+}
+
+/// The kernel's run count of program `id` (BPF run-time stats must be on).
+fn runs(id: u32) -> anyhow::Result<u64> {
+    for p in aya::programs::loaded_programs() {
+        let p = p?;
+        if p.id() == id {
+            return Ok(p.run_count());
+        }
+    }
+    anyhow::bail!("no program {id}")
+}
+
+/// A state whose program another zdt build loaded is refused by every command but `upgrade`;
+/// `upgrade`, killed once after attaching and run again, swaps this build's program in under
+/// load: the kernel runs the new program from then on, the members keep their roles and
+/// counters, and not one request fails, before, during or after (a deploy follows).
+#[test]
+fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            300.0,
+            Duration::from_secs(60),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let (role, steered_before) = role_and_steered(&ns, v1.pid)?;
+    assert_eq!(role, "active");
+    assert!(steered_before > 100, "{steered_before}");
+
+    // "Another zdt build" upgraded the port: its program steers with the same maps.
+    let variant = ns.run(|| programs::install_variant(PORT))??;
+    let variant_id = pinned(&ns)?.id();
+    let r = zdt(&ns, &["status", "8080"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("zdt-ctl upgrade"), "{r:?}");
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let r = zdt(&ns, &strs(&promote_args(&v2, &[])));
+    assert_eq!(r.code, 7, "a promote under another build's program: {r:?}");
+    let variant_runs = runs(variant_id)?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        runs(variant_id)? > variant_runs,
+        "the variant steers the port"
+    );
+
+    // Killed after attaching the new program, before its pin replaced the old one: the next
+    // command still refuses (the pin says another build), and upgrade finishes the job.
+    let mut killed = zdt_command(&ns, &["upgrade", "8080"])
+        .env("ZDT_FAILPOINT", "upgrade-attached")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::BufRead as _;
+        let err = killed.stderr.take().expect("stderr");
+        let reached = std::io::BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("failpoint upgrade-attached"));
+        assert!(reached, "upgrade ended before its failpoint");
+    }
+    killed.kill()?;
+    killed.wait()?;
+    assert_eq!(zdt(&ns, &["status", "8080"]).code, 7);
+
+    let r = zdt_ok(&ns, &["upgrade", "8080"])?;
+    assert!(r.stdout.contains("program upgraded"), "{r:?}");
+    // From here on the kernel runs the pinned (new) program, never the variant.
+    let (variant_after, ours_after) = (runs(variant_id)?, runs(pinned(&ns)?.id())?);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(runs(variant_id)?, variant_after);
+    assert!(runs(pinned(&ns)?.id())? > ours_after + 50);
+    let (role, steered_after) = role_and_steered(&ns, v1.pid)?;
+    assert_eq!(role, "active", "the role survived the upgrade");
+    assert!(
+        steered_after > steered_before,
+        "the counters survived: {steered_before} then {steered_after}"
+    );
+    // Running it again changes nothing.
+    let r = zdt_ok(&ns, &["upgrade"])?;
+    assert!(r.stdout.contains("already runs"), "{r:?}");
+
+    // And deploys go on.
+    zdt_ok(&ns, &strs(&promote_args(&v2, &["--stop-old"])))?;
+    std::thread::sleep(Duration::from_millis(400));
+    drop(stats);
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions["v1"] > 100 && t.versions["v2"] > 50, "{t:?}");
+    drop((v1, variant));
+    Ok(())
+}
+
+/// A state whose maps have another layout than this build's cannot be kept: upgrade refuses it
+/// (exit 7, saying what to do) and changes nothing.
+#[test]
+fn upgrade_refuses_maps_of_another_layout() -> anyhow::Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    use zdt_common::{names, Control};
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let set_layout = |delta: i32| {
+        ns.run(move || -> anyhow::Result<()> {
+            let path = zdt_ctl::state::port_dir(PORT)?.join(names::CONTROL);
+            let mut control: Array<MapData, Control> =
+                Map::Array(MapData::from_pin(path)?).try_into()?;
+            let mut c = control.get(&0, 0)?;
+            c.layout_version = c.layout_version.wrapping_add_signed(delta);
+            control.set(0, c, 0)?;
+            Ok(())
+        })
+    };
+    let _variant = ns.run(|| programs::install_variant(PORT))??;
+    let tag = || pinned(&ns).map(|p| p.tag());
+    let before = tag()?;
+    set_layout(1)??;
+    let r = zdt(&ns, &["upgrade", "8080"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("layout"), "{r:?}");
+    assert_eq!(tag()?, before, "the pinned program was not replaced");
+    // With the layout back, the same command succeeds: the refusal was the layout's.
+    set_layout(-1)??;
+    zdt_ok(&ns, &["upgrade", "8080"])?;
+    assert_ne!(tag()?, before);
+    zdt_ok(&ns, &["status", "8080"])?;
+    Ok(())
+}
