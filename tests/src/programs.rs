@@ -137,9 +137,16 @@ pub fn attach_to_port(fd: &OwnedFd, port: u16) -> anyhow::Result<()> {
 
 /// One instruction: `code` with dst r0 and immediate `imm`.
 fn insn(code: u8, imm: i32) -> bpf_insn {
+    ins(code, 0, 0, 0, imm)
+}
+
+fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> bpf_insn {
     // SAFETY: bpf_insn is plain data; all zero is a valid value.
     let mut i: bpf_insn = unsafe { std::mem::zeroed() };
     i.code = code;
+    i.set_dst_reg(dst);
+    i.set_src_reg(src);
+    i.off = off;
     i.imm = imm;
     i
 }
@@ -152,6 +159,39 @@ const EXIT: u8 = 0x95;
 /// the tests where an app installs its own or a pinned state holds a foreign one.
 pub fn load_pass_program() -> anyhow::Result<OwnedFd> {
     load_sk_reuseport(&[insn(MOV64_IMM, 1), insn(EXIT, 0)], c"GPL", "pass", 0)
+}
+
+/// Loads a program that does nothing but select the socket in slot 0 of the socket array
+/// `sockets` (bpf_sk_select_reuseport) and return SK_PASS: the least any steering program does,
+/// to tell the cost of a selection on this machine from the cost of zdt's bookkeeping.
+pub fn load_select_only(sockets: &aya::maps::MapData) -> anyhow::Result<OwnedFd> {
+    const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
+    const LD_IMM64: u8 = 0x18;
+    const ADD64_IMM: u8 = 0x07;
+    const CALL: u8 = 0x85;
+    const PSEUDO_MAP_FD: u8 = 1;
+    const SK_SELECT_REUSEPORT: i32 = 82; // BPF_FUNC_sk_select_reuseport
+    let fd = sockets.fd().as_fd().as_raw_fd();
+    let insns = [
+        ins(MOV64_X, 6, 1, 0, 0),               // r6 = ctx
+        ins(ST_W, 10, 0, -4, 0),                // *(u32 *)(fp - 4) = 0: the key
+        ins(LD_IMM64, 2, PSEUDO_MAP_FD, 0, fd), // r2 = the socket array
+        ins(0, 0, 0, 0, 0),
+        ins(MOV64_X, 3, 10, 0, 0), // r3 = fp
+        ins(ADD64_IMM, 3, 0, 0, -4),
+        ins(MOV64_IMM, 4, 0, 0, 0), // r4 = 0 (flags)
+        ins(MOV64_X, 1, 6, 0, 0),
+        ins(CALL, 0, 0, 0, SK_SELECT_REUSEPORT),
+        insn(MOV64_IMM, 1), // SK_PASS
+        insn(EXIT, 0),
+    ];
+    load_sk_reuseport(
+        &insns,
+        c"GPL",
+        "select_only",
+        bpf_attach_type::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE as u32,
+    )
 }
 
 /// Pins [`load_pass_program`] at `path`.

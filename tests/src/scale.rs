@@ -31,6 +31,10 @@ pub struct ScalePoint {
     /// running any sk_reuseport program with run-time stats costs on this machine.
     #[serde(default)]
     pub floor_ns_per_run: f64,
+    /// The same load with a program that only selects one socket (bpf_sk_select_reuseport)
+    /// in zdt's place: the least that steering costs here.
+    #[serde(default)]
+    pub select_ns_per_run: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -60,9 +64,14 @@ pub fn run(
         for &n in sizes {
             let p = measure(n, run, workers)?;
             eprintln!(
-                "scale: {n} sockets: {:.0} ns/selection over {} runs (floor {:.0} ns), {:.0} \
-                 ok/s, {} failed",
-                p.bpf_ns_per_run, p.bpf_runs, p.floor_ns_per_run, p.ok_per_s, p.failed
+                "scale: {n} sockets: {:.0} ns/selection over {} runs (select only {:.0} ns, \
+                 floor {:.0} ns), {:.0} ok/s, {} failed",
+                p.bpf_ns_per_run,
+                p.bpf_runs,
+                p.select_ns_per_run,
+                p.floor_ns_per_run,
+                p.ok_per_s,
+                p.failed
             );
             match points.iter_mut().find(|q| q.sockets == n) {
                 Some(q) => {
@@ -73,6 +82,7 @@ pub fn run(
                     q.ok_per_s = (q.ok_per_s * q.requests as f64 + p.ok_per_s * p.requests as f64)
                         / (q.requests + p.requests).max(1) as f64;
                     q.floor_ns_per_run = (q.floor_ns_per_run + p.floor_ns_per_run) / 2.0;
+                    q.select_ns_per_run = (q.select_ns_per_run + p.select_ns_per_run) / 2.0;
                     q.requests += p.requests;
                     q.failed += p.failed;
                 }
@@ -111,7 +121,9 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         })
     })?;
     let t = load::tally(&samples);
-    let floor = floor(&ns, spec_for(run, workers))?;
+    let select = reference(&ns, spec_for(run, workers), Reference::SelectOnly)?;
+    zdt_ok(&ns, &["detach", &format!(":{PORT}")])?;
+    let floor = reference(&ns, spec_for(run, workers), Reference::Pass)?;
     Ok(ScalePoint {
         sockets: n,
         ok_per_s: t.count(Outcome::Ok) as f64 / run.as_secs_f64(),
@@ -120,6 +132,7 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         bpf_runs: runs,
         bpf_ns_per_run: per_run(runs, time),
         floor_ns_per_run: floor,
+        select_ns_per_run: select,
     })
 }
 
@@ -142,11 +155,24 @@ fn spec_for(run: Duration, workers: usize) -> LoadSpec {
     }
 }
 
-/// ns per run of `return SK_PASS` in zdt's place on the port's groups, under the same load.
-fn floor(ns: &Netns, spec: LoadSpec) -> anyhow::Result<f64> {
-    zdt_ok(ns, &["detach", &format!(":{PORT}")])?;
-    let prog = ns.run(|| -> anyhow::Result<_> {
-        let prog = programs::load_pass_program()?;
+enum Reference {
+    /// `return SK_PASS`.
+    Pass,
+    /// Select slot 0 of zdt's socket array, return SK_PASS.
+    SelectOnly,
+}
+
+/// ns per run of a reference program in zdt's place on the port's groups, under the same load.
+fn reference(ns: &Netns, spec: LoadSpec, which: Reference) -> anyhow::Result<f64> {
+    let prog = ns.run(move || -> anyhow::Result<_> {
+        let prog = match which {
+            Reference::Pass => programs::load_pass_program()?,
+            Reference::SelectOnly => {
+                let dir = zdt_ctl::state::port_dir(PORT)?;
+                let map = aya::maps::MapData::from_pin(dir.join(zdt_common::names::SOCKETS))?;
+                programs::load_select_only(&map)?
+            }
+        };
         programs::attach_to_port(&prog, PORT)?;
         Ok(prog)
     })??;
@@ -165,11 +191,12 @@ pub fn markdown(r: &ScaleReport) -> String {
         "Machine: {}, kernel {}. Saturated new connections ({} closed-loop clients, {} ms per \
          run, {} runs per size, interleaved); the program's run time from the kernel's BPF \
          stats. Run time {:.0} s.\n\n\
-         The floor is the same load with a program of two instructions (`return SK_PASS`) in \
-         zdt's place: what the kernel's dispatch and its run-time stats cost per run on this \
-         machine, whatever the program does.\n\n\
-         | sockets in the active list | ns per selection | floor, ns per run | selections | answered 200 per s | failed |\n\
-         |---|---|---|---|---|---|\n",
+         Two reference programs ran in zdt's place under the same load: *select only* selects \
+         one socket (bpf_sk_select_reuseport) and nothing else, the least any steering costs \
+         here; *floor* is `return SK_PASS`, what the kernel's dispatch and its run-time stats \
+         cost per run on this machine whatever the program does.\n\n\
+         | sockets in the active list | zdt, ns per selection | select only, ns | floor, ns | selections | answered 200 per s | failed |\n\
+         |---|---|---|---|---|---|---|\n",
         r.machine,
         r.kernel,
         r.workers,
@@ -179,8 +206,14 @@ pub fn markdown(r: &ScaleReport) -> String {
     );
     for p in &r.points {
         o += &format!(
-            "| {} | {:.0} | {:.0} | {} | {:.0} | {} |\n",
-            p.sockets, p.bpf_ns_per_run, p.floor_ns_per_run, p.bpf_runs, p.ok_per_s, p.failed
+            "| {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {} |\n",
+            p.sockets,
+            p.bpf_ns_per_run,
+            p.select_ns_per_run,
+            p.floor_ns_per_run,
+            p.bpf_runs,
+            p.ok_per_s,
+            p.failed
         );
     }
     o
