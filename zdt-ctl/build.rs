@@ -41,6 +41,11 @@ fn main() -> anyhow::Result<()> {
 /// "unknown" outside a git checkout (a source tarball) or without git.
 fn commit() -> String {
     let dir = env!("CARGO_MANIFEST_DIR");
+    // git obeys these; outside a checkout (or with git missing) no path below is watched, so
+    // only a change of them, of zdt-ebpf or of this file runs this again.
+    for var in ["GIT_DIR", "GIT_WORK_TREE"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let git = |args: &[&str]| -> Option<String> {
         // --no-optional-locks: `status` must not rewrite the index under a git command the
         // developer runs meanwhile.

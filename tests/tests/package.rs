@@ -122,7 +122,7 @@ fn the_package_passes_lintian_and_installs_into_a_fresh_debian_root() -> anyhow:
     // --fail-on error: exit 1 on an E: tag. Run as root, lintian says that it should not be; the
     // package is only read.
     let lintian = Command::new("lintian")
-        .args(["--fail-on", "error", "--no-tag-display-limit"])
+        .args(["--fail-on", "error", "--tag-display-limit", "0"])
         .arg(&deb)
         .output()
         .context("lintian (from `cargo xtask setup`)")?;
