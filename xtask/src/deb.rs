@@ -46,6 +46,15 @@ pub fn build(dist: &Path) -> anyhow::Result<PathBuf> {
     if stage.exists() {
         fs::remove_dir_all(&stage)?;
     }
+    // A package of an earlier version must not pass for this build's (tests/tests/package.rs
+    // wants exactly one).
+    for entry in fs::read_dir(dist)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.starts_with("zdt_") && name.ends_with(".deb") {
+            fs::remove_file(&path)?;
+        }
+    }
     let ctl = stage.join(&PACKAGED_CTL[1..]);
     fs::create_dir_all(ctl.parent().unwrap())?;
     // What dh_strip removes: the symbol table and the compiler's notes (lintian flags an
