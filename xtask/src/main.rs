@@ -2,6 +2,7 @@
 //!
 //! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
 //! other task runs it first, so the README's two commands work on a new machine.
+mod deb;
 mod setup;
 mod vm;
 
@@ -46,7 +47,7 @@ enum Task {
     },
     /// The live demo: three deploys under load in a fresh network namespace.
     Demo,
-    /// Shell completions and the man page of zdt-ctl, in target/dist/.
+    /// Shell completions, the man page of zdt-ctl and the Debian package, in target/dist/.
     Dist,
     /// The reset-count benchmark (full run; flags go to zdt-bench, see `--help`).
     Bench {
@@ -73,6 +74,10 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build()?;
+            // tests/tests/package.rs checks the package that `dist` builds.
+            if suites.is_empty() || suites.iter().any(|s| s == "package") {
+                dist()?;
+            }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
@@ -110,7 +115,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Generates completions (bash, zsh, fish) and the man page from zdt-ctl's own clap definitions.
+/// Generates completions (bash, zsh, fish) and the man page from zdt-ctl's own clap definitions,
+/// then the Debian package with them (deb.rs).
 fn dist() -> anyhow::Result<()> {
     let out = root().join("target/dist");
     std::fs::create_dir_all(out.join("completions"))?;
@@ -131,6 +137,8 @@ fn dist() -> anyhow::Result<()> {
         std::fs::write(out.join(file), o.stdout)?;
         eprintln!("wrote target/dist/{file}");
     }
+    let deb = deb::build(&out)?;
+    eprintln!("wrote {}", deb.strip_prefix(root())?.display());
     Ok(())
 }
 

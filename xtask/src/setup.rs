@@ -39,6 +39,10 @@ const VM_PACKAGES: [&str; 4] = [
 /// own inside a network namespace of their own, so the packages' own services (nginx's default
 /// site on :80, haproxy.service), if the install starts them, share no port with the tests.
 const SERVER_PACKAGES: [&str; 4] = ["nginx", "haproxy", "gunicorn", "wrk"];
+/// For `cargo xtask dist`, and tests/tests/package.rs, which checks its package: dpkg-shlibdeps
+/// (and binutils' strip) to build the package, lintian to check it, mmdebstrap to make the
+/// Debian root it is installed into.
+const PACKAGE_PACKAGES: [&str; 3] = ["dpkg-dev", "lintian", "mmdebstrap"];
 /// virtme-ng from PyPI (Debian 12 has no package for it).
 const VIRTME_NG_VERSION: &str = "1.42";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -103,7 +107,12 @@ fn apt_install(packages: impl IntoIterator<Item = &'static str>) -> anyhow::Resu
 }
 
 pub fn run() -> anyhow::Result<()> {
-    apt_install(PACKAGES.into_iter().chain(SERVER_PACKAGES))?;
+    apt_install(
+        PACKAGES
+            .into_iter()
+            .chain(SERVER_PACKAGES)
+            .chain(PACKAGE_PACKAGES),
+    )?;
     if !has_bpf_linker() {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
         let mut c = Command::new("cargo");

@@ -11,7 +11,8 @@ use zdt_ctl::{
 #[derive(Parser)]
 #[command(
     name = "zdt-ctl",
-    version,
+    // ZDT_COMMIT comes from build.rs: the checkout's commit, or "unknown" outside git.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ZDT_COMMIT"), ")"),
     about = "Zero-downtime deploys on one SO_REUSEPORT port, steered by a BPF program",
     after_help = "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 port not attached, \
                   4 readiness timeout, 5 process died, 6 not root, 7 refused, 8 rolled back"
