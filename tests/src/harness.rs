@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::netns::Netns;
+use crate::{load::scaled, netns::Netns};
 
 /// Directory of the workspace's binaries: $ZDT_BIN_DIR, else the directory of the running
 /// executable (a test runs from target/<profile>/deps, a binary from target/<profile>).
@@ -196,12 +196,12 @@ impl App {
             version: o.version.clone(),
             lines,
         };
-        let admin = app.wait_line("admin=", Duration::from_secs(10))?;
+        let admin = app.wait_line("admin=", scaled(Duration::from_secs(10)))?;
         app.admin = admin.parse().context("admin address")?;
         // The admin port binds the wildcard; probe it on loopback.
         app.admin.set_ip([127, 0, 0, 1].into());
         if o.bind_at_start && o.bind_delay.is_zero() {
-            app.wait_line("bound=", Duration::from_secs(10))?;
+            app.wait_line("bound=", scaled(Duration::from_secs(10)))?;
         }
         Ok(app)
     }
@@ -222,7 +222,7 @@ impl App {
 
     /// Waits until the service prints that its warm-up is over.
     pub fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + scaled(Duration::from_secs(60));
         let mut cmd_done = false;
         while !cmd_done {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -316,7 +316,7 @@ pub fn replace(ns: &Netns, new: &App, old: &mut App) -> anyhow::Result<Ctl> {
         "{r:?}"
     );
     anyhow::ensure!(
-        old.wait_exit(Duration::from_secs(5)),
+        old.wait_exit(scaled(Duration::from_secs(5))),
         "pid {} still runs",
         old.pid
     );
@@ -350,7 +350,7 @@ impl Hold {
                 let _ = tx.send(l);
             }
         });
-        let first = lines.recv_timeout(Duration::from_secs(10))?;
+        let first = lines.recv_timeout(scaled(Duration::from_secs(10)))?;
         anyhow::ensure!(first.contains("registered"), "zdt-ctl hold said: {first}");
         Ok(Hold {
             child,

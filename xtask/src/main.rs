@@ -27,7 +27,8 @@ enum Task {
     /// Run the whole test suite (needs root: every BPF test gets its own network namespace).
     Test {
         /// Run the tests in a VM booted from this kernel image instead of on the host's kernel
-        /// (virtme-ng, qemu without KVM), e.g. /boot/vmlinuz-6.1.0-56-amd64.
+        /// (virtme-ng, qemu without KVM), e.g. /boot/vmlinuz-6.1.0-56-amd64; `debian-12`: the
+        /// kernel of Debian 12's linux-image-amd64 (6.1), which this task installs.
         #[arg(long, value_name = "VMLINUZ")]
         kernel: Option<PathBuf>,
         /// Only this suite (tests/tests/NAME.rs); may repeat. Default: every test executable.
@@ -81,6 +82,11 @@ fn main() -> anyhow::Result<()> {
             match kernel {
                 Some(k) => {
                     setup::vm()?;
+                    let k = if k.as_os_str() == "debian-12" {
+                        vm::debian_12_kernel()?
+                    } else {
+                        k
+                    };
                     vm::test(&k, &suites, &args, Duration::from_secs(vm_timeout * 60))
                 }
                 None => test(&suites, &args),
