@@ -53,6 +53,13 @@ struct Args {
     addr: IpAddr,
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// The admin port's address (default: --addr), e.g. ::1 for an admin port on IPv6 loopback.
+    #[arg(long)]
+    admin_addr: Option<IpAddr>,
+    /// Bind the admin port with SO_REUSEPORT, so that another instance can share it (which
+    /// makes its /readyz answer for whichever instance the kernel picks).
+    #[arg(long)]
+    admin_reuseport: bool,
     #[arg(long, default_value = "v1")]
     version: String,
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -262,8 +269,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Admin port: readiness of *this* instance, whoever owns the public port.
     let admin = listener(
-        SocketAddr::new(args.addr, args.admin_port),
-        false,
+        SocketAddr::new(args.admin_addr.unwrap_or(args.addr), args.admin_port),
+        args.admin_reuseport,
         true,
         128,
     )?;
