@@ -265,3 +265,49 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     assert_eq!(t.failures(), 0, "{t:?}");
     Ok(())
 }
+
+/// `drain --force PID` of the only active member, under 200 req/s, with or without a
+/// `zdt-ctl hold` running; returns drain's output, the load's tally, and whether the state
+/// changed.
+fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl, Tally, bool)> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
+    // The default --max-wait (30 s): longer than the load client waits for an answer (5 s).
+    let _hold = if with_hold {
+        Some(Hold::start(&ns, &["0.0.0.0:8080"])?)
+    } else {
+        None
+    };
+    let before = fingerprint(&ns, PORT)?;
+    let l = Background::start(&ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = zdt(&ns, &["drain", &v1.pid.to_string(), "--force"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = load::tally(&l.finish());
+    Ok((r, t, fingerprint(&ns, PORT)? != before))
+}
+
+#[test]
+fn drain_force_of_the_last_member_beside_hold_is_refused() -> anyhow::Result<()> {
+    // Without hold, `--force` does what it says: new connections go to kernel hashing, which
+    // has only v1 to give them to (it still listens), so nothing is lost.
+    let (r, t, changed) = drain_last_member(false)?;
+    assert!(r.ok() && changed, "control: {r:?}");
+    assert!(t.requests > 200 && t.failures() == 0, "control: {t:?}");
+
+    // With hold, the placeholder would be the only destination: every new connection would wait
+    // on it for a promote (up to hold's --max-wait) while v1, which could serve it, listens.
+    // Refused, and nothing changes.
+    let (r, t, changed) = drain_last_member(true)?;
+    assert_eq!(t.failures(), 0, "{t:?} {r:?}");
+    assert!(t.requests > 200, "{t:?}");
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(
+        r.stderr.contains("zdt-ctl hold") && r.stderr.contains("still listens"),
+        "{r:?}"
+    );
+    assert!(!changed, "the refused drain changed the state");
+    Ok(())
+}

@@ -83,7 +83,9 @@ enum Command {
     Drain {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
         pid: i32,
-        /// Drain even if no active socket would remain (new connections then go to kernel hashing).
+        /// Drain even if no active socket would remain (new connections then go to kernel
+        /// hashing). Refused all the same while `zdt-ctl hold` runs: its placeholder would take
+        /// them, to wait for a promote, while PID still listens.
         #[arg(long)]
         force: bool,
         #[arg(long, value_parser = parse_port_arg)]
