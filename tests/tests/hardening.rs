@@ -5,7 +5,7 @@ use std::{os::unix::fs::PermissionsExt, time::Duration};
 use anyhow::Context as _;
 
 use zdt_tests::{
-    harness::{at_failpoint, fingerprint, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{at_failpoint, fingerprint, promote_args, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -488,5 +488,36 @@ fn a_readiness_url_taken_over_during_the_wait_is_refused() -> anyhow::Result<()>
     assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
     let t = served_throughout(l);
     assert_eq!(t.versions.get("v1").copied(), Some(t.requests), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let before = fingerprint(&ns, PORT)?;
+    let mut v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--swap-on-usr2"))?;
+    // Each read of v2's fds pauses between /proc and pidfd_getfd: at the validation, then at
+    // the switch, whose sockets go into the map. In the second pause, v2 puts a listener of
+    // port 8081 (another group) under the fd number /proc gave for its listener on 8080.
+    let mut paused = at_failpoint(&ns, &promote_args(&v2, &[]), "fds-read:1500ms");
+    let second = paused
+        .stderr
+        .iter()
+        .find(|l| l.contains("failpoint fds-read reached"));
+    assert!(second.is_some(), "the promote ended before its switch");
+    v2.signal(nix::sys::signal::Signal::SIGUSR2);
+    v2.wait_line("swapped=", Duration::from_secs(5))?;
+    let code = paused.child.wait()?.code();
+    let said = paused.stderr.iter().collect::<Vec<_>>().join("\n");
+    // The duplicate is not the socket /proc named: refused (before the check, 8081's listener
+    // went into the map as v2's, and the promote succeeded).
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("changed while zdt read it"), "{said}");
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v2"), None, "{t:?}");
     Ok(())
 }

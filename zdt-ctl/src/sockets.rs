@@ -476,6 +476,9 @@ pub fn find_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Option<V
             addrs[0]
         )));
     }
+    // Between the read of /proc above and the duplication below, the process may close an fd
+    // and reuse its number: the fault tests swap one here.
+    crate::failpoint("fds-read");
     let mut out = Vec::new();
     for (entry, fd) in matching {
         out.push(listener_from(
