@@ -198,8 +198,14 @@ impl App {
         };
         let admin = app.wait_line("admin=", scaled(Duration::from_secs(10)))?;
         app.admin = admin.parse().context("admin address")?;
-        // The admin port binds the wildcard; probe it on loopback.
-        app.admin.set_ip([127, 0, 0, 1].into());
+        // The admin port binds the wildcard unless told otherwise; probe it on loopback.
+        if app.admin.ip().is_unspecified() {
+            app.admin.set_ip(if app.admin.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
         if o.bind_at_start && o.bind_delay.is_zero() {
             app.wait_line("bound=", scaled(Duration::from_secs(10)))?;
         }
@@ -381,6 +387,39 @@ pub fn zdt_command(ns: &Netns, args: &[&str]) -> Command {
     cmd.args(args).stdin(Stdio::null());
     ns.command(&mut cmd);
     cmd
+}
+
+/// A zdt-ctl run stopped or paused at a failpoint, and what it says on stderr from then on (read
+/// by a thread as it comes, so that it never blocks on a full pipe).
+pub struct Paused {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+/// Runs zdt-ctl with ZDT_FAILPOINT set to `point` in the background; returns once it got there.
+pub fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> Paused {
+    let mut cmd = zdt_command(ns, &strs(args));
+    cmd.env("ZDT_FAILPOINT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn zdt-ctl");
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let want = format!("failpoint {}", point.split(':').next().unwrap_or(point));
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(&want) => break,
+            Some(_) => continue,
+            None => panic!("zdt-ctl ended before failpoint {point}"),
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    Paused { child, stderr: rx }
 }
 
 /// Runs zdt-ctl and fails with its output if it did not succeed.

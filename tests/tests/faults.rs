@@ -1,15 +1,12 @@
 //! Faults: the port keeps serving. Each test in its own network namespace, with real processes
 //! under real load; every one fails if the behaviour regresses.
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::Stdio,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, promote_args, status, strs, zdt_command, zdt_ok, App, AppOpts},
+    harness::{
+        at_failpoint, fingerprint, promote_args, status, strs, zdt_command, zdt_ok, App, AppOpts,
+    },
     load::{self, Background, LoadSpec, Outcome},
     netns::Netns,
 };
@@ -54,28 +51,6 @@ fn only_in_flight_losses(t: &load::Tally) {
 
 fn role(pid: i32, r: &str) -> (i64, String) {
     (i64::from(pid), r.to_string())
-}
-
-/// Runs zdt-ctl with ZDT_FAILPOINT set, in the background; returns once it reached the point.
-fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> std::process::Child {
-    let mut cmd = zdt_command(ns, &strs(args));
-    cmd.env("ZDT_FAILPOINT", point)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn zdt-ctl");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let want = format!("failpoint {}", point.split(':').next().unwrap());
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains(&want) => break,
-            Some(_) => continue,
-            None => panic!("zdt-ctl ended before failpoint {point}"),
-        }
-    }
-    // Keep draining its stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
 }
 
 #[test]
@@ -165,7 +140,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
 
     // Dies between readiness and the switch (zdt paused at `readied`): exit 5, nothing changed.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    let child = at_failpoint(&ns, &promote_args(&v3, &[]), "readied:1s");
+    let child = at_failpoint(&ns, &promote_args(&v3, &[]), "readied:1s").child;
     v3.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
     assert_eq!(out.status.code(), Some(5), "{out:?}");
@@ -173,7 +148,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
 
     // Dies right after the switch (zdt paused at `switched`): rolled back to v1, exit 8.
     let v4 = App::start(&ns, &AppOpts::new(PORT, "v4"))?;
-    let child = at_failpoint(&ns, &promote_args(&v4, &[]), "switched:1s");
+    let child = at_failpoint(&ns, &promote_args(&v4, &[]), "switched:1s").child;
     v4.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
     assert_eq!(out.status.code(), Some(8), "{out:?}");
@@ -231,7 +206,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
     ];
     for (i, point) in points.iter().enumerate() {
         let new = App::start(&ns, &AppOpts::new(PORT, &format!("v{}", i + 1)))?;
-        let mut child = at_failpoint(&ns, &promote_args(&new, &["--stop-old"]), point);
+        let mut child = at_failpoint(&ns, &promote_args(&new, &["--stop-old"]), point).child;
         let killed = child.kill(); // SIGKILL
         child.wait()?;
         killed?;
@@ -497,7 +472,7 @@ fn a_command_that_waited_on_a_detached_state_waits_for_the_new_one() -> anyhow::
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // A detach holds the lock; a promote starts waiting for it, and is paused right after the
     // lock is granted (when the detach has removed the directory).
-    let mut detach = at_failpoint(&ns, &args(&["detach", ":8080"]), "detach-locked:1s");
+    let mut detach = at_failpoint(&ns, &args(&["detach", ":8080"]), "detach-locked:1s").child;
     let waiter = zdt_command(&ns, &["promote", &v1.pid.to_string(), "--no-readyz"])
         .env("ZDT_FAILPOINT", "lock-taken:1500ms")
         .stdout(Stdio::null())
@@ -507,7 +482,7 @@ fn a_command_that_waited_on_a_detached_state_waits_for_the_new_one() -> anyhow::
     let waiter = waiter?;
     assert!(detached?.success());
     // An attach makes the state again and holds its lock for 2 s.
-    let attach = at_failpoint(&ns, &args(&["attach", ":8080"]), "attach-locked:2s");
+    let attach = at_failpoint(&ns, &args(&["attach", ":8080"]), "attach-locked:2s").child;
     let ended = |mut c: std::process::Child| {
         std::thread::spawn(move || c.wait().map(|s| (s, std::time::Instant::now())))
     };
@@ -568,7 +543,7 @@ fn what_a_killed_promote_left_is_put_right_by_the_next_command() -> anyhow::Resu
     // A promote killed between its flip and its roles leaves v3 serving but recorded as a
     // candidate; a later promote --stop-old must still stop it.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    let mut killed = at_failpoint(&ns, &promote_args(&v3, &[]), "flipped");
+    let mut killed = at_failpoint(&ns, &promote_args(&v3, &[]), "flipped").child;
     let _ = killed.kill();
     killed.wait()?;
     let v4 = App::start(&ns, &AppOpts::new(PORT, "v4"))?;

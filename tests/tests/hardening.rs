@@ -5,7 +5,8 @@ use std::{os::unix::fs::PermissionsExt, time::Duration};
 use anyhow::Context as _;
 
 use zdt_tests::{
-    harness::{fingerprint, zdt, zdt_ok, App, AppOpts},
+    harness::{at_failpoint, fingerprint, promote_args, zdt, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, Background, LoadSpec},
     netns::Netns,
 };
 
@@ -283,5 +284,240 @@ fn a_kernel_older_than_5_14_is_refused_before_anything_changes() -> anyhow::Resu
             .output()?
             .into();
     assert_eq!(out.code, 7, "{out:?}");
+    Ok(())
+}
+
+/// A demo service on `port` whose admin port (its /readyz) is `admin` ("127.0.0.1:9100",
+/// "[::1]:9100"), shared by SO_REUSEPORT with other instances if `shared`.
+fn with_admin(
+    ns: &Netns,
+    port: u16,
+    version: &str,
+    admin: &str,
+    shared: bool,
+    warmup: Duration,
+) -> anyhow::Result<App> {
+    let admin: std::net::SocketAddr = admin.parse()?;
+    let mut o = AppOpts::new(port, version)
+        .warmup(warmup)
+        .arg("--admin-addr")
+        .arg(&admin.ip().to_string())
+        .arg("--admin-port")
+        .arg(&admin.port().to_string());
+    if shared {
+        o = o.arg("--admin-reuseport");
+    }
+    App::start(ns, &o)
+}
+
+/// 300 requests/s to the port, from a thread in the namespace, until finished.
+fn background_load(ns: &Netns) -> Background {
+    Background::start(
+        ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            300.0,
+            Duration::from_secs(60),
+        ),
+    )
+}
+
+/// `promote PID --readyz URL EXTRA...`.
+fn promote_on(ns: &Netns, pid: i32, url: &str, extra: &[&str]) -> zdt_tests::harness::Ctl {
+    let pid = pid.to_string();
+    zdt(
+        ns,
+        &[&["promote", pid.as_str(), "--readyz", url], extra].concat(),
+    )
+}
+
+/// The load's tally, once it has seen the port serve every request throughout.
+fn served_throughout(l: Background) -> load::Tally {
+    let t = load::tally(&l.finish());
+    assert!(t.requests > 100 && t.failures() == 0, "{t:?}");
+    t
+}
+
+/// The refusal of a promote of `pid` whose readiness URL is served by `other` too: exit 2, and
+/// a message that says so and names both pids.
+fn assert_refused_for(r: &zdt_tests::harness::Ctl, pid: i32, other: i32) {
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("pid {other}")) && r.stderr.contains(&format!("pid {pid}")),
+        "the message names both pids: {r:?}"
+    );
+    assert!(r.stderr.contains("more than one process"), "{r:?}");
+}
+
+#[test]
+fn a_readiness_port_shared_by_two_instances_is_refused() -> anyhow::Result<()> {
+    const WARMUP: Duration = Duration::from_secs(60);
+    let ns = Netns::new()?;
+    // v1 and v2 share their admin port by SO_REUSEPORT: a probe of it reaches either of them.
+    let v1 = with_admin(&ns, PORT, "v1", "127.0.0.1:9100", true, Duration::ZERO)?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let v2 = with_admin(&ns, PORT, "v2", "127.0.0.1:9100", true, WARMUP)?;
+    let before = fingerprint(&ns, PORT)?;
+    // v2 is not ready (60 s of warm-up); v1's 200 must not promote it.
+    let r = promote_on(
+        &ns,
+        v2.pid,
+        "http://127.0.0.1:9100/readyz",
+        &["--timeout", "5s"],
+    );
+    assert_refused_for(&r, v2.pid, v1.pid);
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    // v1 goes on serving the port.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v2"), None, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn a_localhost_readiness_url_is_checked_on_both_loopbacks() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    // v2's admin port is on ::1 only. `localhost` names ::1 as well as 127.0.0.1 (RFC 6761),
+    // whatever /etc/hosts says: the promote finds it, checks it, and waits for its 200.
+    let v2 = with_admin(&ns, PORT, "v2", "[::1]:9101", false, Duration::from_secs(1))?;
+    let r = promote_on(
+        &ns,
+        v2.pid,
+        "http://localhost:9101/readyz",
+        &["--stop-old", "--timeout", "10s"],
+    );
+    assert!(r.ok(), "{r:?}");
+    assert!(
+        r.stdout
+            .contains(&format!("stopped: pid {} exited", v1.pid)),
+        "{r:?}"
+    );
+    assert!(v1.wait_exit(Duration::from_secs(5)));
+    // v3 serves 127.0.0.1:9102, another process [::1]:9102, ready: `localhost:9102` is served
+    // by two processes, and a probe could reach either. Refused, nothing changes.
+    let other = with_admin(&ns, PORT + 10, "other", "[::1]:9102", false, Duration::ZERO)?;
+    let v3 = with_admin(&ns, PORT, "v3", "127.0.0.1:9102", false, Duration::ZERO)?;
+    let before = fingerprint(&ns, PORT)?;
+    let r = promote_on(
+        &ns,
+        v3.pid,
+        "http://localhost:9102/readyz",
+        &["--timeout", "5s"],
+    );
+    assert_refused_for(&r, v3.pid, other.pid);
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v3"), None, "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn a_readiness_url_taken_over_during_the_wait_is_refused() -> anyhow::Result<()> {
+    const WARMUP: Duration = Duration::from_secs(4);
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let before = fingerprint(&ns, PORT)?;
+
+    // At a probe: while the promote waits for v2 (4 s of warm-up), a ready process starts
+    // serving v2's admin address beside it (SO_REUSEPORT).
+    let v2 = with_admin(&ns, PORT, "v2", "127.0.0.1:9103", true, WARMUP)?;
+    let start = std::time::Instant::now();
+    let promote = zdt_command(
+        &ns,
+        &[
+            "promote",
+            &v2.pid.to_string(),
+            "--readyz",
+            "http://127.0.0.1:9103/readyz",
+            "--timeout",
+            "10s",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let other = with_admin(
+        &ns,
+        PORT + 10,
+        "other",
+        "127.0.0.1:9103",
+        true,
+        Duration::ZERO,
+    )?;
+    let r: zdt_tests::harness::Ctl = promote.wait_with_output()?.into();
+    assert_refused_for(&r, v2.pid, other.pid);
+    // At the next probe, not after v2's warm-up.
+    assert!(start.elapsed() < WARMUP, "{:?}", start.elapsed());
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    drop(other);
+
+    // At the switch: v3 is ready, the promote pauses after its 200 (failpoint `readied`), and
+    // meanwhile another process starts serving v3's admin address.
+    let v3 = with_admin(&ns, PORT, "v3", "127.0.0.1:9104", true, Duration::ZERO)?;
+    let args = [
+        "promote",
+        &v3.pid.to_string(),
+        "--readyz",
+        "http://127.0.0.1:9104/readyz",
+    ]
+    .map(String::from);
+    let mut paused = at_failpoint(&ns, &args, "readied:1500ms");
+    let other = with_admin(
+        &ns,
+        PORT + 11,
+        "other",
+        "127.0.0.1:9104",
+        true,
+        Duration::ZERO,
+    )?;
+    let code = paused.child.wait()?.code();
+    let said: Vec<String> = paused.stderr.iter().collect();
+    let r = zdt_tests::harness::Ctl {
+        code: code.unwrap_or(-1),
+        stdout: String::new(),
+        stderr: said.join("\n"),
+    };
+    assert_refused_for(&r, v3.pid, other.pid);
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v1").copied(), Some(t.requests), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let before = fingerprint(&ns, PORT)?;
+    let mut v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--swap-on-usr2"))?;
+    // Each read of v2's fds pauses between /proc and pidfd_getfd: at the validation, then at
+    // the switch, whose sockets go into the map. In the second pause, v2 puts a listener of
+    // port 8081 (another group) under the fd number /proc gave for its listener on 8080.
+    let mut paused = at_failpoint(&ns, &promote_args(&v2, &[]), "fds-read:1500ms");
+    let second = paused
+        .stderr
+        .iter()
+        .find(|l| l.contains("failpoint fds-read reached"));
+    assert!(second.is_some(), "the promote ended before its switch");
+    v2.signal(nix::sys::signal::Signal::SIGUSR2);
+    v2.wait_line("swapped=", Duration::from_secs(5))?;
+    let code = paused.child.wait()?.code();
+    let said = paused.stderr.iter().collect::<Vec<_>>().join("\n");
+    // The duplicate is not the socket /proc named: refused (before the check, 8081's listener
+    // went into the map as v2's, and the promote succeeded).
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("changed while zdt read it"), "{said}");
+    assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v2"), None, "{t:?}");
     Ok(())
 }

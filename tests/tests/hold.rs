@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts, Hold},
+    harness::{
+        fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
+    },
     load::{self, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
@@ -263,5 +265,110 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     let t = load::tally(&l.finish());
     assert!(t.requests > 300, "{t:?}");
     assert_eq!(t.failures(), 0, "{t:?}");
+    Ok(())
+}
+
+/// `drain --force PID` of the only active member, under 200 req/s, with or without a
+/// `zdt-ctl hold` running; returns drain's output, the load's tally, and whether the state
+/// changed.
+fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl, Tally, bool)> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
+    // The default --max-wait (30 s): longer than the load client waits for an answer (5 s).
+    let _hold = if with_hold {
+        Some(Hold::start(&ns, &["0.0.0.0:8080"])?)
+    } else {
+        None
+    };
+    let before = fingerprint(&ns, PORT)?;
+    let l = Background::start(&ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = zdt(&ns, &["drain", &v1.pid.to_string(), "--force"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = load::tally(&l.finish());
+    Ok((r, t, fingerprint(&ns, PORT)? != before))
+}
+
+#[test]
+fn drain_force_of_the_last_member_beside_hold_is_refused() -> anyhow::Result<()> {
+    // Without hold, `--force` does what it says: new connections go to kernel hashing, which
+    // has only v1 to give them to (it still listens), so nothing is lost.
+    let (r, t, changed) = drain_last_member(false)?;
+    assert!(r.ok() && changed, "control: {r:?}");
+    assert!(t.requests > 200 && t.failures() == 0, "control: {t:?}");
+
+    // With hold, the placeholder would be the only destination: every new connection would wait
+    // on it for a promote (up to hold's --max-wait) while v1, which could serve it, listens.
+    // Refused, and nothing changes.
+    let (r, t, changed) = drain_last_member(true)?;
+    assert_eq!(t.failures(), 0, "{t:?} {r:?}");
+    assert!(t.requests > 200, "{t:?}");
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(
+        r.stderr.contains("zdt-ctl hold") && r.stderr.contains("still listens"),
+        "{r:?}"
+    );
+    assert!(!changed, "the refused drain changed the state");
+    Ok(())
+}
+
+#[test]
+fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
+    const WARMUP: Duration = Duration::from_secs(3);
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let l = Background::start(&ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(WARMUP))?;
+    let promote = zdt_command(&ns, &strs(&promote_args(&v2, &["--stop-old", "--json"])))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // hold starts while the promote waits for v2's /readyz (3 s).
+    std::thread::sleep(Duration::from_millis(300));
+    let hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
+    let registered_ms = zdt_ctl::state::now_ms();
+    let out = promote.wait_with_output()?;
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // It registered before the promote's switch, i.e. during the readiness wait: before the
+    // fix it waited for the promote's lock, which the promote held until after its switch.
+    let switched_ms = report["switched_at_ms"].as_u64().unwrap_or(0);
+    assert!(
+        registered_ms < switched_ms,
+        "hold registered {} ms after the switch: {report}",
+        registered_ms.saturating_sub(switched_ms)
+    );
+    assert_eq!(
+        report["stopped"][0]["pid"],
+        serde_json::json!(v1.pid),
+        "{report}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    assert!(t.requests > 500, "{t:?}");
+    assert_eq!(t.failures(), 0, "{t:?}");
+    // The switch kept hold's placeholder: v2 active, the placeholder held.
+    let st = status(&ns, PORT)?;
+    let mut roles: Vec<(i64, String)> = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["pid"].as_i64().unwrap_or(0),
+                m["role"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    roles.sort();
+    let mut want = vec![
+        (i64::from(v2.pid), "active".to_string()),
+        (i64::from(hold.child.id()), "hold".to_string()),
+    ];
+    want.sort();
+    assert_eq!(roles, want, "{st}");
     Ok(())
 }

@@ -45,7 +45,9 @@ enum Command {
     Promote {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
         pid: i32,
-        /// Readiness URL; the switch happens once it answers 200.
+        /// Readiness URL; the switch happens once it answers 200. Only PID (or a process it
+        /// started) may serve its address, checked at every probe and at the switch;
+        /// `localhost` means 127.0.0.1 and ::1.
         #[arg(long, required_unless_present_any = ["no_readyz", "probe"])]
         readyz: Option<String>,
         /// Check readiness at PATH through the public port itself, for apps without a separate
@@ -84,7 +86,9 @@ enum Command {
     Drain {
         #[arg(value_parser = parse_pid_arg, allow_hyphen_values = true)]
         pid: i32,
-        /// Drain even if no active socket would remain (new connections then go to kernel hashing).
+        /// Drain even if no active socket would remain (new connections then go to kernel
+        /// hashing). Refused all the same while `zdt-ctl hold` runs: its placeholder would take
+        /// them, to wait for a promote, while PID still listens.
         #[arg(long)]
         force: bool,
         #[arg(long, value_parser = parse_port_arg)]

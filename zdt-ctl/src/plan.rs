@@ -30,6 +30,26 @@ impl Group {
     }
 }
 
+/// Whether a TCP listener bound to `local` (with IPV6_V6ONLY `v6only`) can take a connection
+/// to `to`. Kernel contract (inet_lookup_listener, compute_score): a listener takes connections
+/// to its port on its own address, or on any address of its family when bound to the wildcard;
+/// a `[::]` socket without IPV6_V6ONLY takes IPv4 ones too. (A listener on the exact address is
+/// preferred to a wildcard one, but which of them is there when a connection comes is not
+/// known in advance: both count.)
+pub fn serves(local: &SocketAddr, v6only: bool, to: &SocketAddr) -> bool {
+    if local.port() != to.port() {
+        return false;
+    }
+    match (local, to) {
+        (SocketAddr::V4(l), SocketAddr::V4(t)) => l.ip() == t.ip() || l.ip().is_unspecified(),
+        (SocketAddr::V6(l), SocketAddr::V6(t)) => l.ip() == t.ip() || l.ip().is_unspecified(),
+        (SocketAddr::V6(l), SocketAddr::V4(t)) => {
+            !v6only && (l.ip().is_unspecified() || l.ip().to_ipv4_mapped() == Some(*t.ip()))
+        }
+        (SocketAddr::V4(_), SocketAddr::V6(_)) => false,
+    }
+}
+
 /// How a set of listeners is laid out: the groups it has sockets in, each once, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Layout(Vec<Group>);
@@ -199,6 +219,27 @@ mod tests {
         assert_eq!(Group::of(&sa("[::]:80"), false), Group::DualStack);
         // A specific IPv6 address takes no IPv4 client whatever IPV6_V6ONLY says.
         assert_eq!(Group::of(&sa("[::1]:80"), false), Group::V6Only);
+    }
+
+    #[test]
+    fn a_listener_serves_its_address_or_its_family_from_the_wildcard() {
+        let to4 = sa("127.0.0.1:9100");
+        let to6 = sa("[::1]:9100");
+        for (local, v6only, four, six) in [
+            ("127.0.0.1:9100", false, true, false),
+            ("0.0.0.0:9100", false, true, false),
+            ("127.0.0.2:9100", false, false, false),
+            ("0.0.0.0:9101", false, false, false),
+            ("[::1]:9100", true, false, true),
+            ("[::]:9100", true, false, true),
+            // Dual-stack: IPv4 clients too.
+            ("[::]:9100", false, true, true),
+            ("[::ffff:127.0.0.1]:9100", false, true, false),
+            ("[::2]:9100", false, false, false),
+        ] {
+            assert_eq!(serves(&sa(local), v6only, &to4), four, "{local} {v6only}");
+            assert_eq!(serves(&sa(local), v6only, &to6), six, "{local} {v6only}");
+        }
     }
 
     fn l(groups: &[Group]) -> Layout {

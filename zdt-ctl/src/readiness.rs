@@ -24,21 +24,65 @@ pub fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
     Ok(parsed)
 }
 
-/// Asks a readiness URL, one request at a time. The status code alone decides: redirects are
-/// not followed, bodies are not read, anything but 200 (or no answer) is "not ready".
+/// The addresses a readiness URL's host names, with the URL's port: what its probes connect to
+/// (see [`Prober`]), and so what the owner check covers (`sockets::check_url_owner`).
+/// `localhost` names both loopback addresses (RFC 6761), whatever /etc/hosts says; another name
+/// is resolved once, here, so that a probe never reaches an address that was not checked.
+pub fn addresses(url: &reqwest::Url) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
+    let port = url.port_or_known_default().unwrap_or(80);
+    let host = url.host_str().unwrap_or_default();
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(vec![
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        ]);
+    }
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let mut addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            bad_input(format!(
+                "readiness URL {url}: {host:?} does not resolve ({e}); write an address, e.g. \
+                 http://127.0.0.1:8081/readyz"
+            ))
+        })?
+        .collect();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// Asks one readiness URL, one request at a time, on the addresses of [`addresses`] and no
+/// others. The status code alone decides: redirects are not followed, bodies are not read,
+/// anything but 200 (or no answer) is "not ready".
 pub struct Prober {
+    pub url: reqwest::Url,
+    /// Where the probes connect.
+    pub addrs: Vec<std::net::SocketAddr>,
     client: reqwest::Client,
     rt: tokio::runtime::Runtime,
 }
 
 impl Prober {
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new(url: &reqwest::Url) -> anyhow::Result<Self> {
+        let addrs = addresses(url)?;
+        let mut client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(REQUEST_TIMEOUT)
+            .no_proxy();
+        // A name connects to the addresses resolved above (and checked), not to what a later
+        // lookup might say. An address is used as it is.
+        if let Some(host) = url.host_str().filter(|h| !h.starts_with('[')) {
+            if host.parse::<std::net::IpAddr>().is_err() {
+                client = client.resolve_to_addrs(host, &addrs);
+            }
+        }
         Ok(Prober {
-            client: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(REQUEST_TIMEOUT)
-                .no_proxy()
-                .build()?,
+            url: url.clone(),
+            addrs,
+            client: client.build()?,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
@@ -46,12 +90,12 @@ impl Prober {
     }
 
     /// Ok(()) for 200; otherwise what was seen, for messages.
-    pub fn probe(&self, url: &reqwest::Url, limit: Duration) -> Result<(), String> {
+    pub fn probe(&self, limit: Duration) -> Result<(), String> {
         // send() registers its timeout with the runtime's timer: call it inside the runtime.
         let answer = self.rt.block_on(async {
             tokio::time::timeout(
                 limit.min(REQUEST_TIMEOUT),
-                self.client.get(url.clone()).send(),
+                self.client.get(self.url.clone()).send(),
             )
             .await
         });
@@ -142,43 +186,33 @@ impl PortProber {
     }
 }
 
-/// Polls `url` until it answers 200, for at most `timeout`. `alive` is asked between polls, so
-/// a process that dies while warming fails the wait at once. `progress` sees every answer.
-pub fn wait_ready(
-    url: &reqwest::Url,
-    timeout: Duration,
-    alive: impl Fn() -> bool,
-    progress: impl FnMut(Duration, &str),
-) -> anyhow::Result<Duration> {
-    let prober = Prober::new()?;
-    wait_until(
-        url.as_ref(),
-        timeout,
-        alive,
-        |limit| prober.probe(url, limit),
-        progress,
+/// The error of a wait whose process exited.
+pub fn exited_while_waiting() -> anyhow::Error {
+    err(
+        Kind::ProcessDied,
+        "the process exited while zdt was waiting for it to become ready; nothing was changed",
     )
 }
 
-/// The polling loop of [`wait_ready`], for any probe (`what` names it in messages).
+/// Polls `probe` until it answers 200, for at most `timeout` (`what` names it in messages).
+/// `check` runs before every probe and again after the 200 that ends the wait: its error ends
+/// the wait at once (the process exited, the URL is not its own any more). `progress` sees
+/// every answer.
 pub fn wait_until(
     what: &str,
     timeout: Duration,
-    alive: impl Fn() -> bool,
+    check: impl Fn() -> anyhow::Result<()>,
     probe: impl Fn(Duration) -> Result<(), String>,
     mut progress: impl FnMut(Duration, &str),
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        if !alive() {
-            return Err(err(
-                Kind::ProcessDied,
-                "the process exited while zdt was waiting for it to become ready; nothing was changed",
-            ));
-        }
+        check()?;
         let remaining = timeout.saturating_sub(start.elapsed());
         let last = match probe(remaining) {
             Ok(()) => {
+                // The 200 counts only if what answered it was still the process's own.
+                check()?;
                 progress(start.elapsed(), "200");
                 return Ok(start.elapsed());
             }

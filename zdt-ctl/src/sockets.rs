@@ -476,6 +476,9 @@ pub fn find_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Option<V
             addrs[0]
         )));
     }
+    // Between the read of /proc above and the duplication below, the process may close an fd
+    // and reuse its number: the fault tests swap one here.
+    crate::failpoint("fds-read");
     let mut out = Vec::new();
     for (entry, fd) in matching {
         out.push(listener_from(
@@ -684,48 +687,81 @@ fn udp_on_port(fds: &BTreeMap<u64, i32>, port: u16) -> Option<SocketAddr> {
     })
 }
 
-/// Checks that the readiness URL is answered by `pid` itself when it points at a listener of
-/// this machine: a switch must follow the readiness of the process it switches to, not of
-/// whichever process answers on that port (another instance, or a process that took over a
-/// reused pid number). A URL that nothing listens on yet is fine: the wait reports it.
-pub fn check_url_owner(pidfd: &PidFd, url: &reqwest::Url) -> anyhow::Result<()> {
-    let Some(port) = url.port_or_known_default() else {
-        return Ok(());
-    };
-    let host: Option<std::net::IpAddr> = match url.host_str() {
-        Some("localhost") => Some([127, 0, 0, 1].into()),
-        Some(h) => h.trim_matches(['[', ']']).parse().ok(),
-        None => None,
-    };
-    let Some(host) = host else { return Ok(()) };
+/// Checks that every listener of this network namespace that a readiness probe can reach (one
+/// that can take a connection to one of `addrs`, the addresses the probes of `url` connect to)
+/// is served by `pidfd`'s process, or by a process it started (nginx's workers): a switch must
+/// follow the readiness of the process it switches to, not of whichever process answers on that
+/// port. Refused: an address served by another process (another instance, or a process that
+/// took over a reused pid number), alone or beside PID's own socket (an admin port shared with
+/// SO_REUSEPORT, where the kernel picks the instance that answers). Addresses that nothing
+/// listens on are fine: the wait reports them. Run before the wait, at every probe and again
+/// at the switch, since another process can start listening at any time.
+pub fn check_url_owner(
+    pidfd: &PidFd,
+    url: &reqwest::Url,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<()> {
+    let pid = pidfd.pid;
     let table = listen_entries()?;
     let serving: BTreeSet<u64> = table
         .values()
-        .filter(|e| {
-            e.local.port() == port
-                && (e.local.ip() == host
-                    || (e.local.ip().is_unspecified() && e.local.is_ipv4() == host.is_ipv4()))
-        })
+        .filter(|e| addrs.iter().any(|a| plan::serves(&e.local, e.v6only, a)))
         .map(|e| e.inode)
         .collect();
-    if serving.is_empty() {
+    let mine = socket_fds(pid)?;
+    // The common case, without a scan of every process: PID holds every socket there.
+    if serving.iter().all(|i| mine.contains_key(i)) {
         return Ok(());
     }
-    let mine = socket_fds(pidfd.pid)?;
-    if serving.iter().any(|i| mine.contains_key(i)) {
+    let h = holders(&serving);
+    let mut ours = false;
+    let mut others: BTreeMap<i32, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for inode in &serving {
+        let pids = h.pids(*inode);
+        if mine.contains_key(inode) {
+            ours = true;
+            continue;
+        }
+        // The process that serves the socket (plan::member): a master before the workers it
+        // forked, never systemd or zdt-ctl while another holder serves it.
+        let member = plan::member(&pids, &h.procs);
+        if member.is_some_and(|m| m == pid || plan::descends(m, pid, &h.procs)) {
+            ours = true;
+            continue;
+        }
+        let local = table.get(inode).map(|e| e.local);
+        for p in member.map_or(pids, |m| vec![m]) {
+            others.entry(p).or_default().extend(local);
+        }
+    }
+    if others.is_empty() {
         return Ok(());
     }
-    let others: BTreeSet<i32> = holders(&serving)
-        .by_inode
-        .into_values()
-        .flatten()
-        .map(|(p, _)| p)
+    let pids: Vec<String> = others.keys().map(i32::to_string).collect();
+    let pids = pids.join(", pid ");
+    let named: Vec<String> = others
+        .iter()
+        .map(|(p, at)| {
+            let at: Vec<String> = at.iter().map(SocketAddr::to_string).collect();
+            format!(
+                "pid {p} ({}) listens on {}",
+                comm(*p).unwrap_or_default(),
+                at.join(", ")
+            )
+        })
         .collect();
-    let others: Vec<String> = others.iter().map(i32::to_string).collect();
+    let named = named.join("; ");
+    if ours {
+        return Err(bad_input(format!(
+            "readiness URL {url} is served by more than one process: by pid {pid} and by pid \
+             {pids} ({named}). A probe may reach any of them, so a 200 would not say that pid \
+             {pid} is ready. Give each instance an admin port of its own (without SO_REUSEPORT), \
+             or check readiness through the public port with --probe PATH; nothing was changed"
+        )));
+    }
     Err(bad_input(format!(
-        "readiness URL {url} is served by pid {}, not by pid {}: pass the readiness URL of the          process being promoted",
-        if others.is_empty() { "?".to_string() } else { others.join(", ") },
-        pidfd.pid
+        "readiness URL {url} is served by pid {pids}, not by pid {pid} ({named}): pass the \
+         readiness URL of the process being promoted; nothing was changed"
     )))
 }
 

@@ -53,6 +53,13 @@ struct Args {
     addr: IpAddr,
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// The admin port's address (default: --addr), e.g. ::1 for an admin port on IPv6 loopback.
+    #[arg(long)]
+    admin_addr: Option<IpAddr>,
+    /// Bind the admin port with SO_REUSEPORT, so that another instance can share it (which
+    /// makes its /readyz answer for whichever instance the kernel picks).
+    #[arg(long)]
+    admin_reuseport: bool,
     #[arg(long, default_value = "v1")]
     version: String,
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -102,6 +109,12 @@ struct Args {
     /// Serve on this port too (a service on :80 and :443, say).
     #[arg(long)]
     extra_port: Option<u16>,
+    /// On SIGUSR2, put a listener of another port (PORT+1) under the fd number of the public
+    /// listener (dup2), keeping the public one open at another number: an fd that names
+    /// another socket from one moment to the next, as a process that closes and reuses fd
+    /// numbers has. Prints `swapped=FD`.
+    #[arg(long)]
+    swap_on_usr2: bool,
 }
 
 struct App {
@@ -262,8 +275,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Admin port: readiness of *this* instance, whoever owns the public port.
     let admin = listener(
-        SocketAddr::new(args.addr, args.admin_port),
-        false,
+        SocketAddr::new(args.admin_addr.unwrap_or(args.addr), args.admin_port),
+        args.admin_reuseport,
         true,
         128,
     )?;
@@ -347,6 +360,28 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let mut open: Vec<Arc<TcpListener>> = listeners.drain(..).map(Arc::new).collect();
+    if let (true, Some(first)) = (args.swap_on_usr2, open.first()) {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let fd = first.as_raw_fd();
+        let other = SocketAddr::new(args.addr, args.port + 1);
+        let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                let Ok(l) = listener(other, true, true, 128).and_then(|l| l.into_std()) else {
+                    continue;
+                };
+                let new = l.into_raw_fd();
+                // SAFETY: plain fd calls on descriptors of this process. The public listener
+                // stays open under the dup (deliberately never closed), so it keeps listening.
+                unsafe {
+                    libc::dup(fd);
+                    libc::dup2(new, fd);
+                    libc::close(new);
+                }
+                println!("swapped={fd}");
+            }
+        });
+    }
     if !args.no_accept {
         spawn_accepts(&open);
     }

@@ -103,10 +103,10 @@ pub fn promote(
     require_root()?;
     let t0 = Instant::now();
     // Input checks first, in order of cost; none of them changes anything.
-    let url = opts
+    let prober = opts
         .readyz
         .as_deref()
-        .map(readiness::check_url)
+        .map(|u| readiness::check_url(u).and_then(|u| readiness::Prober::new(&u)))
         .transpose()?;
     let target = PidFd::open(opts.pid)?;
     sockets::refuse_non_app(&target)?;
@@ -137,10 +137,40 @@ pub fn promote(
     // would keep its listener alive if it crashed (a duplicate fd is a reference to the socket).
     drop(found);
     drop(read);
-    if let Some(url) = &url {
-        sockets::check_url_owner(&target, url)?;
-    }
+    // Alive, and (with a readiness URL) the only process serving it: before the wait, at every
+    // probe, and at the switch.
+    let still_valid = || -> anyhow::Result<()> {
+        if !target.alive() {
+            return Err(readiness::exited_while_waiting());
+        }
+        match &prober {
+            Some(p) => sockets::check_url_owner(&target, &p.url, &p.addrs),
+            None => Ok(()),
+        }
+    };
+    still_valid()?;
     failpoint("validated");
+    let validate = t0.elapsed();
+
+    // The readiness wait takes no lock: other commands (a `zdt-ctl hold` that starts, status)
+    // go on meanwhile, and the switch below re-reads and re-checks under the lock whatever
+    // it relies on.
+    let t1 = Instant::now();
+    let mut answered =
+        |elapsed: Duration, answer: &str| progress(Progress::Answer { elapsed, answer });
+    if let Some(p) = &prober {
+        tracing::info!(pid = opts.pid, url = %p.url, "waiting for readiness");
+        let left = deadline.saturating_duration_since(t1);
+        readiness::wait_until(
+            p.url.as_str(),
+            left,
+            still_valid,
+            |limit| p.probe(limit),
+            &mut answered,
+        )?;
+        tracing::info!(pid = opts.pid, ms = ms(t1.elapsed()), "ready");
+    }
+    let mut readiness = t1.elapsed();
 
     // Serialize with other commands on these ports for the rest of the promote.
     let mut states = Vec::new();
@@ -148,26 +178,25 @@ pub fn promote(
         states.push(State::open_locked(port)?);
     }
     failpoint("locked");
-    let validate = t0.elapsed();
-
-    let t1 = Instant::now();
-    let left = deadline.saturating_duration_since(t1);
-    let mut answered =
-        |elapsed: Duration, answer: &str| progress(Progress::Answer { elapsed, answer });
-    if let Some(url) = &url {
-        tracing::info!(pid = opts.pid, %url, "waiting for readiness");
-        readiness::wait_ready(url, left, || target.alive(), &mut answered)?;
-        tracing::info!(pid = opts.pid, ms = ms(t1.elapsed()), "ready");
-    }
+    // --probe changes the state (the probe lists) while it waits: under the lock.
     if let Some(path) = &opts.probe {
-        let left = deadline.saturating_duration_since(Instant::now());
-        probe_through_port(&mut states, &target, path, left, &mut answered)?;
+        let t2 = Instant::now();
+        let left = deadline.saturating_duration_since(t2);
+        probe_through_port(
+            &mut states,
+            &target,
+            path,
+            left,
+            &still_valid,
+            &mut answered,
+        )?;
+        readiness += t2.elapsed();
     }
-    let readiness = t1.elapsed();
     failpoint("readied");
 
     // The process that passed readiness must be the one whose sockets we take: the pidfd pins
-    // the process, the start time rules out a reused pid number.
+    // the process, the start time rules out a reused pid number. And its readiness URL must
+    // still be its own alone.
     if !target.alive() || sockets::start_time(opts.pid) != Some(target.start) {
         return Err(err(
             Kind::ProcessDied,
@@ -177,6 +206,7 @@ pub fn promote(
             ),
         ));
     }
+    still_valid()?;
     let mut done: Vec<Switched> = Vec::new();
     for state in states {
         match switch_port(state, opts.pid, &target, opts.weight) {
@@ -194,7 +224,7 @@ pub fn promote(
     // The new process must still be there once our references are gone; then, with
     // --probation, stay alive and ready for that long.
     let t3 = Instant::now();
-    if let Err(why) = watch(&target, url.as_ref(), opts.probation.unwrap_or_default()) {
+    if let Err(why) = watch(&target, prober.as_ref(), opts.probation.unwrap_or_default()) {
         tracing::warn!(pid = opts.pid, why, "rolling back");
         let mut restored = Vec::new();
         for s in done.iter_mut() {
@@ -482,6 +512,7 @@ fn probe_through_port(
     target: &PidFd,
     path: &str,
     timeout: Duration,
+    check: &impl Fn() -> anyhow::Result<()>,
     progress: &mut impl FnMut(Duration, &str),
 ) -> anyhow::Result<()> {
     let mut befores = Vec::new();
@@ -515,7 +546,7 @@ fn probe_through_port(
     let waited = readiness::wait_until(
         &what,
         timeout,
-        || target.alive(),
+        check,
         |limit| prober.probe(limit),
         |e, a| progress(e, a),
     );
@@ -531,8 +562,13 @@ fn probe_through_port(
 const PROBATION_FAILURES: u32 = 2;
 
 /// Checks the new process right after the switch and then for `probation`: alive (pidfd) and,
-/// with a URL, answering 200. Err(what happened) ends it.
-fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Result<(), String> {
+/// with a readiness URL, answering 200 on it, which it must still serve alone. Err(what
+/// happened) ends it.
+fn watch(
+    target: &PidFd,
+    prober: Option<&readiness::Prober>,
+    probation: Duration,
+) -> Result<(), String> {
     let died = || format!("pid {} exited right after the switch", target.pid);
     if !target.alive() {
         return Err(died());
@@ -540,7 +576,6 @@ fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Res
     if probation.is_zero() {
         return Ok(());
     }
-    let prober = readiness::Prober::new().map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut failures = 0;
     while start.elapsed() < probation {
@@ -551,16 +586,20 @@ fn watch(target: &PidFd, url: Option<&reqwest::Url>, probation: Duration) -> Res
                 start.elapsed().as_secs_f64()
             ));
         }
-        if let Some(url) = url {
-            match prober.probe(url, probation.saturating_sub(start.elapsed())) {
+        if let Some(p) = prober {
+            let answer = sockets::check_url_owner(target, &p.url, &p.addrs)
+                .map_err(|e| e.to_string())
+                .and_then(|()| p.probe(probation.saturating_sub(start.elapsed())));
+            match answer {
                 Ok(()) => failures = 0,
                 Err(answer) => {
                     failures += 1;
                     if failures >= PROBATION_FAILURES {
                         return Err(format!(
-                            "pid {} stopped being ready {:.1}s into its probation ({url} answered: {answer})",
+                            "pid {} stopped being ready {:.1}s into its probation ({} answered: {answer})",
                             target.pid,
-                            start.elapsed().as_secs_f64()
+                            start.elapsed().as_secs_f64(),
+                            p.url
                         ));
                     }
                 }
