@@ -28,7 +28,7 @@ fn tag_is_the_kernels() -> anyhow::Result<()> {
 use std::time::Duration;
 
 use zdt_tests::{
-    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{at_failpoint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
     programs,
@@ -109,22 +109,9 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
 
     // Killed after attaching the new program, before its pin replaced the old one: the next
     // command still refuses (the pin says another build), and upgrade finishes the job.
-    let mut killed = zdt_command(&ns, &["upgrade", "8080"])
-        .env("ZDT_FAILPOINT", "upgrade-attached")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::BufRead as _;
-        let err = killed.stderr.take().expect("stderr");
-        let reached = std::io::BufReader::new(err)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.contains("failpoint upgrade-attached"));
-        assert!(reached, "upgrade ended before its failpoint");
-    }
-    killed.kill()?;
-    killed.wait()?;
+    let mut killed = at_failpoint(&ns, &["upgrade".into(), "8080".into()], "upgrade-attached");
+    killed.child.kill()?;
+    killed.child.wait()?;
     assert_eq!(zdt(&ns, &["status", "8080"]).code, 7);
 
     let r = zdt_ok(&ns, &["upgrade", "8080"])?;

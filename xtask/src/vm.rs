@@ -65,7 +65,11 @@ pub fn debian_12_kernel() -> anyhow::Result<PathBuf> {
         .collect();
     // vmlinuz-6.1.0-N-amd64: the highest N is the newest.
     found.sort_by_key(|p| {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         name.trim_start_matches("vmlinuz-6.1.0-")
             .trim_end_matches("-amd64")
             .parse::<u32>()
