@@ -287,6 +287,97 @@ fn a_kernel_older_than_5_14_is_refused_before_anything_changes() -> anyhow::Resu
     Ok(())
 }
 
+/// Runs zdt-ctl in `ns` under a seccomp filter that fails pidfd_getfd with ENOSYS, as on a
+/// kernel that lacks it whatever its release says.
+fn zdt_without_pidfd_getfd(ns: &Netns, args: &[&str]) -> std::io::Result<zdt_tests::harness::Ctl> {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = zdt_tests::harness::zdt_command(ns, args);
+    // SAFETY: prctl only, between fork and exec; the filter outlives the call (it is copied by
+    // the kernel).
+    unsafe {
+        cmd.pre_exec(|| {
+            let nr = libc::SYS_pidfd_getfd as u32;
+            let mut filter = [
+                // A = seccomp_data.nr
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                // if A == nr: next, else skip one
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: nr,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | libc::ENOSYS as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_mut_ptr(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.output()?.into())
+}
+
+/// The release number is not the only check: a kernel (or a sandbox) without one of the system
+/// calls zdt needs is refused by every command before anything changes, naming the call.
+#[test]
+fn a_kernel_without_pidfd_getfd_is_refused_before_anything_changes() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let pid = v1.pid.to_string();
+    // Not attached yet: attach creates nothing.
+    let out = zdt_without_pidfd_getfd(&ns, &["attach", ":8080"])?;
+    assert_eq!(out.code, 7, "{out:?}");
+    assert!(out.stderr.contains("pidfd_getfd"), "{out:?}");
+    assert_eq!(fingerprint(&ns, PORT)?, None, "attach created a state");
+    // Attached: no command changes anything.
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let before = fingerprint(&ns, PORT)?;
+    for args in [
+        vec!["status"],
+        vec!["promote", &pid, "--no-readyz"],
+        vec!["upgrade"],
+    ] {
+        let out = zdt_without_pidfd_getfd(&ns, &args)?;
+        assert_eq!(out.code, 7, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("pidfd_getfd"), "{args:?}: {out:?}");
+        assert_eq!(
+            fingerprint(&ns, PORT)?,
+            before,
+            "{args:?} changed the state"
+        );
+    }
+    // The same commands without the filter work: the refusal was the missing call's.
+    zdt_ok(&ns, &["status"])?;
+    Ok(())
+}
+
 /// A demo service on `port` whose admin port (its /readyz) is `admin` ("127.0.0.1:9100",
 /// "[::1]:9100"), shared by SO_REUSEPORT with other instances if `shared`.
 fn with_admin(

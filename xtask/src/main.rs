@@ -222,14 +222,34 @@ fn build() -> anyhow::Result<()> {
     run(c)
 }
 
+/// The lints are part of the test command: formatting, and clippy with every warning an error.
+fn lint() -> anyhow::Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt).context("cargo fmt --check: run `cargo fmt --all`")?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--workspace",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy).context("cargo clippy found warnings")
+}
+
 fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
     if !nix_is_root() {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
+    lint()?;
     let mut c = cargo();
     // One test at a time: the tests put real load on real sockets, and on a 2-core machine two
-    // of them at once would measure each other.
-    c.args(["test", "--release", "--workspace"]);
+    // of them at once would measure each other. Every suite runs even after one failed, so a
+    // run reports all failures at once.
+    c.args(["test", "--release", "--workspace", "--no-fail-fast"]);
     for s in suites {
         c.args(["--test", s]);
     }

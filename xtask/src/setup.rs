@@ -127,6 +127,17 @@ pub fn run() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", "/usr/lib/llvm-22");
         run_checked(c)?;
     }
+    // `cargo xtask test` checks formatting and runs clippy first.
+    if !run_quiet(Command::new("cargo").args(["fmt", "--version"]))
+        || !run_quiet(Command::new("cargo").args(["clippy", "--version"]))
+    {
+        eprintln!("setup: adding rustfmt and clippy to the Rust toolchain");
+        run_checked({
+            let mut c = Command::new("rustup");
+            c.args(["component", "add", "rustfmt", "clippy"]);
+            c
+        })?;
+    }
     if !has_toolchain() {
         eprintln!("setup: linking Debian's Rust as rustup toolchain {TOOLCHAIN}");
         run_checked({

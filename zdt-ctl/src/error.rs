@@ -100,17 +100,68 @@ pub fn require_kernel() -> anyhow::Result<()> {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    match kernel_version(&release) {
-        Some(v) if v >= MIN_KERNEL => Ok(()),
-        _ => Err(err(
+    let too_old = |why: String| {
+        err(
             Kind::Refused,
             format!(
                 "this kernel is {release}; zdt needs Linux >= {}.{} (a BPF program that migrates \
-                 a closing listener's queue, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, and \
-                 SO_NETNS_COOKIE); nothing was changed",
+                 a closing listener's queue, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, SO_NETNS_COOKIE, \
+                 pidfd_open and pidfd_getfd){why}; nothing was changed",
                 MIN_KERNEL.0, MIN_KERNEL.1
             ),
-        )),
+        )
+    };
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => {}
+        _ => return Err(too_old(String::new())),
+    }
+    // A release number is a claim: a distribution's kernel may lack what its number says (or a
+    // seccomp filter may refuse it). The three system calls are tried on zdt-ctl's own objects,
+    // a few microseconds. The migrate attach type cannot be tried without loading a program;
+    // attach loads one and says so if the kernel refuses it.
+    match missing_feature() {
+        Some(what) => Err(too_old(format!(", and {what} fails here"))),
+        None => Ok(()),
+    }
+}
+
+/// The first of the system calls zdt relies on that fails on zdt-ctl's own objects.
+fn missing_feature() -> Option<&'static str> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain system calls on our own pid and on fds we own; each returned fd is owned
+    // (and closed) at once.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
+        if pidfd < 0 {
+            return Some("pidfd_open (5.3)");
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let dup = libc::syscall(
+            libc::SYS_pidfd_getfd,
+            pidfd.as_raw_fd(),
+            pidfd.as_raw_fd(),
+            0,
+        );
+        if dup < 0 {
+            return Some("pidfd_getfd (5.6)");
+        }
+        drop(OwnedFd::from_raw_fd(dup as i32));
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return None;
+        }
+        let sock = OwnedFd::from_raw_fd(sock);
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        );
+        (rc != 0).then_some("SO_NETNS_COOKIE (5.14)")
     }
 }
 
