@@ -86,7 +86,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
             Duration::from_secs(60),
         ),
     );
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(load::scaled(Duration::from_millis(800)));
     let (role, steered_before) = role_and_steered(&ns, v1.pid)?;
     assert_eq!(role, "active");
     assert!(steered_before > 100, "{steered_before}");

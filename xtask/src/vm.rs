@@ -272,7 +272,10 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         // Nothing to type into the guest; a VM reading the terminal would also stop a run in
         // the background.
         .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        // Piped, not inherited: qemu opens its console output by path, which truncates a log
+        // file that stdout or stderr point to (CI's log lost the host run's output that way).
+        .stderr(Stdio::piped());
     eprintln!(
         "vm: booting {} (TCG, {CPUS} vCPUs, {MEMORY}; limit {} min)",
         kernel.display(),
@@ -286,6 +289,12 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         )
     })?;
     let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let errors = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
     // Lines go through here so that the log says when the guest's script started (the boot).
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -302,7 +311,7 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         if start.elapsed() > limit {
             kill_tree(child.id());
             let _ = child.wait();
-            let _ = reader.join();
+            let _ = (reader.join(), errors.join());
             bail!(
                 "the VM ran longer than {} min and was killed: a test hangs on this kernel, or \
                  the run needs a higher --vm-timeout (or fewer suites/tests)",
@@ -311,7 +320,7 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let _ = reader.join();
+    let _ = (reader.join(), errors.join());
     eprintln!(
         "vm: finished in {:.1} s: {status}",
         start.elapsed().as_secs_f64()
