@@ -176,9 +176,225 @@ pub fn markdown(r: &CostReport) -> String {
     o
 }
 
-pub fn write(r: &CostReport, dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn write(r: &CostReport, w: &WindowReport, dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("cost.json"), serde_json::to_string_pretty(r)?)?;
-    std::fs::write(dir.join("COST.md"), markdown(r))?;
+    std::fs::write(
+        dir.join("cost.json"),
+        serde_json::to_string_pretty(&(r, w))?,
+    )?;
+    std::fs::write(
+        dir.join("COST.md"),
+        format!(
+            "{}\nWhere a handover's latency comes from:\n\n{}",
+            markdown(r),
+            windows_markdown(w)
+        ),
+    )?;
     Ok(())
+}
+
+/// The latency of requests that start while one kind of action runs, against requests that start
+/// while nothing runs, under the same open-loop load of new connections: where a handover's
+/// extra latency comes from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WindowRow {
+    pub action: String,
+    pub windows: usize,
+    pub requests: u64,
+    pub failed: u64,
+    /// p50, p99, p99.9 of the requests that started in this action's windows, ms.
+    pub latency_ms: [f64; 3],
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WindowReport {
+    pub machine: String,
+    pub kernel: String,
+    pub rate: f64,
+    pub rows: Vec<WindowRow>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Action {
+    /// Nothing: the steady state between the other actions.
+    Idle,
+    /// `zdt-ctl promote` between two processes that are running and ready already.
+    PromoteOnly,
+    /// A new process of the app starts beside the serving one (it binds the port but is never
+    /// promoted), then gets SIGTERM and exits: process churn without zdt-ctl.
+    StartAndStop,
+    /// A whole handover as the benchmark's zdt arm does it: a new process, promote --stop-old.
+    Handover,
+    /// Setting up the next round (not reported; kept out of the steady state).
+    Setup,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Idle => "nothing (steady state)",
+            Action::PromoteOnly => "zdt-ctl promote only (both processes running and ready)",
+            Action::StartAndStop => "a new process starts and stops, no zdt-ctl",
+            Action::Handover => "a whole handover (new process, promote --stop-old)",
+            Action::Setup => "setup",
+        }
+    }
+}
+
+/// Runs `rounds` of each action under `rate` req/s of new connections, with a quiet second
+/// between actions, and compares the latency of requests that started in each action's window.
+pub fn windows(rate: f64, rounds: usize) -> anyhow::Result<WindowReport> {
+    use crate::load::{self, Background, LoadSpec, Outcome};
+    let t0 = Instant::now();
+    let (machine, kernel) = machine();
+    let ns = Netns::new()?;
+    let warm = Duration::from_millis(150);
+    let mut serving = App::start(&ns, &AppOpts::new(PORT, "w0").warmup(warm))?;
+    let mut spare = App::start(&ns, &AppOpts::new(PORT, "w1").warmup(warm))?;
+    spare.wait_ready()?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    zdt_ok(&ns, &strs(&promote_args(&serving, &[])))?;
+    let load = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            rate,
+            Duration::from_secs(3600),
+        ),
+    );
+    let quiet = Duration::from_secs(1);
+    let mut windows: Vec<(Action, Instant, Instant)> = Vec::new();
+    let mut generation = 2;
+    std::thread::sleep(quiet);
+    for _ in 0..rounds {
+        for action in [Action::PromoteOnly, Action::StartAndStop, Action::Handover] {
+            let start = Instant::now();
+            match action {
+                Action::Idle | Action::Setup => {}
+                Action::PromoteOnly => {
+                    zdt_ok(&ns, &strs(&promote_args(&spare, &[])))?;
+                    std::mem::swap(&mut serving, &mut spare);
+                }
+                Action::StartAndStop => {
+                    let mut extra = App::start(&ns, &AppOpts::new(PORT, "extra").warmup(warm))?;
+                    extra.wait_ready()?;
+                    extra.signal(nix::sys::signal::Signal::SIGTERM);
+                    extra.wait_exit(Duration::from_secs(5));
+                }
+                Action::Handover => {
+                    let new = App::start(
+                        &ns,
+                        &AppOpts::new(PORT, &format!("w{generation}")).warmup(warm),
+                    )?;
+                    generation += 1;
+                    // The spare (not serving) is the one that goes: the serving process keeps
+                    // serving until the switch, as in a deploy.
+                    let mut old = std::mem::replace(&mut serving, new);
+                    crate::harness::replace(&ns, &serving, &mut old)?;
+                }
+            }
+            // Requests that started up to 200 ms after the action count as its own (a request
+            // queued behind it).
+            windows.push((action, start, Instant::now() + Duration::from_millis(200)));
+            std::thread::sleep(quiet);
+        }
+        // --stop-old stopped the spare (a drained member): a new one for the next round.
+        let start = Instant::now();
+        spare = App::start(
+            &ns,
+            &AppOpts::new(PORT, &format!("w{generation}")).warmup(warm),
+        )?;
+        generation += 1;
+        spare.wait_ready()?;
+        windows.push((
+            Action::Setup,
+            start,
+            Instant::now() + Duration::from_millis(200),
+        ));
+        std::thread::sleep(quiet);
+    }
+    let samples = load.finish();
+    drop((serving, spare));
+    let mut rows = Vec::new();
+    for action in [
+        Action::Idle,
+        Action::PromoteOnly,
+        Action::StartAndStop,
+        Action::Handover,
+    ] {
+        let mut lat: Vec<f64> = Vec::new();
+        let mut failed = 0u64;
+        for s in &samples {
+            let inside = windows
+                .iter()
+                .find(|(_, a, b)| s.at >= *a && s.at <= *b)
+                .map(|(k, _, _)| *k)
+                .unwrap_or(Action::Idle);
+            if inside != action {
+                continue;
+            }
+            if s.outcome != Outcome::Ok {
+                failed += 1;
+            }
+            lat.push(ms(s.latency));
+        }
+        lat.sort_by(f64::total_cmp);
+        let q = |q: f64| {
+            if lat.is_empty() {
+                f64::NAN
+            } else {
+                lat[((lat.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        rows.push(WindowRow {
+            action: action.name().into(),
+            windows: windows.iter().filter(|(k, _, _)| *k == action).count(),
+            requests: lat.len() as u64,
+            failed,
+            latency_ms: [q(0.5), q(0.99), q(0.999)],
+        });
+    }
+    let _ = load::tally(&samples);
+    Ok(WindowReport {
+        machine,
+        kernel,
+        rate,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The table of [`windows`].
+pub fn windows_markdown(r: &WindowReport) -> String {
+    let mut o = format!(
+        "Machine: {}, kernel {}; {} req/s of new connections to the demo app on an attached \
+         port; each action {} times, interleaved, a quiet second between actions; a request \
+         belongs to the action during which (or up to 200 ms after which) it started. Run time \
+         {:.0} s.\n\n\
+         | requests that started while ... | windows | requests | failed | p50 ms | p99 ms | p99.9 ms |\n\
+         |---|---|---|---|---|---|---|\n",
+        r.machine,
+        r.kernel,
+        r.rate,
+        r.rows.get(1).map_or(0, |w| w.windows),
+        r.seconds
+    );
+    for w in &r.rows {
+        o += &format!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            w.action,
+            if w.windows == 0 {
+                "-".to_string()
+            } else {
+                w.windows.to_string()
+            },
+            w.requests,
+            w.failed,
+            w.latency_ms[0],
+            w.latency_ms[1],
+            w.latency_ms[2]
+        );
+    }
+    o
 }

@@ -278,6 +278,7 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     spec.max_requests = 250;
     ns.run(move || load::run(&spec, &Default::default(), &mut |_| {}))?;
     let text = zdt_ok(&ns, &["metrics"])?.stdout;
+    families_documented_as_emitted(&text)?;
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line_start))
@@ -390,5 +391,55 @@ fn metrics_listen_serves_every_scraper_and_times_out_idle_ones() -> anyhow::Resu
     assert!(server.try_wait()?.is_none(), "metrics --listen exited");
     let _ = server.kill();
     let _ = server.wait();
+    Ok(())
+}
+
+/// The metric families docs/OPERATING.md lists ("Families: ..."), with `{a,b}` expanded and a
+/// trailing `{label,...}` dropped, are exactly those `zdt-ctl metrics` declares (`# TYPE`).
+fn families_documented_as_emitted(text: &str) -> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+    let emitted: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OPERATING.md"),
+    )?;
+    let start = doc
+        .find("Families:")
+        .ok_or_else(|| anyhow::anyhow!("docs/OPERATING.md lists no metric families"))?;
+    // The rest of that bullet: up to the next line that starts a bullet or a blank line.
+    let rest = &doc[start..];
+    let end = rest
+        .find("\n- ")
+        .or_else(|| rest.find("\n\n"))
+        .unwrap_or(rest.len());
+    let mut documented = BTreeSet::new();
+    for token in rest[..end].split('`').skip(1).step_by(2) {
+        if !token.starts_with("zdt_") {
+            continue;
+        }
+        let mut name = token.to_string();
+        if name.ends_with('}') {
+            let open = name.rfind('{').expect("a closing brace has an opening one");
+            name.truncate(open);
+        }
+        match (name.find('{'), name.find('}')) {
+            (Some(a), Some(b)) => {
+                for alt in name[a + 1..b].split(',') {
+                    documented.insert(format!("{}{alt}{}", &name[..a], &name[b + 1..]));
+                }
+            }
+            _ => {
+                documented.insert(name);
+            }
+        }
+    }
+    assert_eq!(
+        documented, emitted,
+        "docs/OPERATING.md's metric families and `zdt-ctl metrics` differ"
+    );
     Ok(())
 }

@@ -105,6 +105,11 @@ pub fn build(dist: &Path) -> anyhow::Result<PathBuf> {
     for (from, to) in [
         ("README.md", "README.md.gz"),
         ("docs/ARCHITECTURE.md", "ARCHITECTURE.md.gz"),
+        ("docs/BENCHMARK.md", "BENCHMARK.md.gz"),
+        ("docs/FAULTS.md", "FAULTS.md.gz"),
+        ("docs/OPERATING.md", "OPERATING.md.gz"),
+        ("docs/PEERS.md", "PEERS.md.gz"),
+        ("docs/TESTING.md", "TESTING.md.gz"),
     ] {
         put(
             &stage,

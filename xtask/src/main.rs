@@ -52,7 +52,7 @@ enum Task {
     Dist,
     /// The reset-count benchmark (full run; flags go to zdt-bench, see `--help`).
     Bench {
-        /// Replace the README's results section and docs/bench.svg with this run's.
+        /// Replace the results sections of docs/BENCHMARK.md and docs/bench.svg with this run's.
         #[arg(long)]
         readme: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -148,17 +148,17 @@ fn dist() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts the results of a run into the README, each part between its markers: RESULTS.md
-/// (handover matrix, with the plot copied to docs/), COLD.md (cold restarts) and SCALE.md (cost
-/// per selection with many sockets), whichever the run produced.
+/// Puts the results of a run into docs/BENCHMARK.md, each part between its markers: RESULTS.md
+/// (handover matrix, with the plot copied to docs/), COLD.md (cold restarts), SCALE.md (cost per
+/// selection with many sockets) and COST.md (what zdt-ctl's commands cost), whichever the run
+/// produced.
 fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
-    let path = root().join("README.md");
-    let mut readme = std::fs::read_to_string(&path)?;
+    let path = root().join("docs/BENCHMARK.md");
+    let mut doc = std::fs::read_to_string(&path)?;
     let mut any = false;
     if let Ok(results) = std::fs::read_to_string(out.join("RESULTS.md")) {
-        let body = format!("{results}\n![failures and latency per cell](docs/bench.svg)");
-        readme = replace_section(&readme, "bench", &body)?;
-        std::fs::create_dir_all(root().join("docs"))?;
+        let body = format!("{results}\n![failures and latency per cell](bench.svg)");
+        doc = replace_section(&doc, "bench", &body)?;
         std::fs::copy(out.join("bench.svg"), root().join("docs/bench.svg"))?;
         any = true;
     }
@@ -168,7 +168,7 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
         ("COST.md", "cost"),
     ] {
         if let Ok(text) = std::fs::read_to_string(out.join(file)) {
-            readme = replace_section(&readme, section, &text)?;
+            doc = replace_section(&doc, section, &text)?;
             any = true;
         }
     }
@@ -178,7 +178,7 @@ fn update_readme(out: &std::path::Path) -> anyhow::Result<()> {
             out.display()
         );
     }
-    std::fs::write(&path, readme)?;
+    std::fs::write(&path, doc)?;
     Ok(())
 }
 
@@ -189,7 +189,7 @@ fn replace_section(text: &str, name: &str, body: &str) -> anyhow::Result<String>
         format!("<!-- {name}:end -->"),
     );
     let (Some(a), Some(b)) = (text.find(&begin), text.find(&end)) else {
-        bail!("README.md has no {begin} ... {end} section");
+        bail!("docs/BENCHMARK.md has no {begin} ... {end} section");
     };
     Ok(format!("{}{begin}\n{body}\n{}", &text[..a], &text[b..]))
 }

@@ -23,6 +23,10 @@ struct Args {
     /// Runs of status and of promote in the cost part (attach: a tenth of them, at least 3).
     #[arg(long, default_value_t = 60)]
     cost_runs: usize,
+    /// Rounds of the cost part's latency windows (each: a promote, a process start and stop, a
+    /// handover, under 1000 req/s).
+    #[arg(long, default_value_t = 40)]
+    cost_windows: usize,
     /// Sockets of the active member in the scale part.
     #[arg(long, value_delimiter = ',', default_value = "2,64,512")]
     scale_sockets: Vec<usize>,
@@ -92,8 +96,10 @@ fn main() -> anyhow::Result<()> {
         if let Ok(report) = serde_json::from_str::<bench::Report>(&text) {
             bench::write(&report, &a.out)?;
             println!("{}", bench::markdown(&report));
-        } else if let Ok(report) = serde_json::from_str::<cost::CostReport>(&text) {
-            cost::write(&report, &a.out)?;
+        } else if let Ok((report, w)) =
+            serde_json::from_str::<(cost::CostReport, cost::WindowReport)>(&text)
+        {
+            cost::write(&report, &w, &a.out)?;
             println!("{}", cost::markdown(&report));
         } else if let Ok(report) = serde_json::from_str::<scale::ScaleReport>(&text) {
             scale::write(&report, &a.out)?;
@@ -141,8 +147,10 @@ fn main() -> anyhow::Result<()> {
     }
     if a.parts.contains(&Part::Cost) {
         let report = cost::run(a.cost_runs, (a.cost_runs / 10).max(3))?;
-        cost::write(&report, &a.out)?;
+        let windows = cost::windows(1000.0, a.cost_windows)?;
+        cost::write(&report, &windows, &a.out)?;
         println!("{}", cost::markdown(&report));
+        println!("{}", cost::windows_markdown(&windows));
     }
     println!("results in {}", a.out.display());
     Ok(())
