@@ -607,12 +607,17 @@ pub fn perf(cfg: &Config) -> anyhow::Result<Perf> {
         zdt_conn_per_s: zdt,
         none_conn_per_s: none,
         bpf_runs: runs,
-        bpf_ns_per_run: if runs > 0 {
-            time.as_nanos() as f64 / runs as f64
-        } else {
-            0.0
-        },
+        bpf_ns_per_run: ns_per_run(runs, time),
     })
+}
+
+/// Mean run time of `runs` runs that took `time` in all, ns (0 without runs).
+pub(crate) fn ns_per_run(runs: u64, time: Duration) -> f64 {
+    if runs > 0 {
+        time.as_nanos() as f64 / runs as f64
+    } else {
+        0.0
+    }
 }
 
 /// Runs `f` with the kernel's BPF run-time stats on, and returns what it returned with the runs
@@ -622,13 +627,24 @@ pub(crate) fn with_program_stats<T>(
     port: u16,
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, u64, Duration)> {
-    let stats = || -> anyhow::Result<(u64, Duration)> {
-        ns.run(move || {
-            zdt_ctl::state::State::open_read(port)?
-                .context("not attached")?
-                .program_stats()
-        })?
-    };
+    with_stats(
+        || {
+            ns.run(move || {
+                zdt_ctl::state::State::open_read(port)?
+                    .context("not attached")?
+                    .program_stats()
+            })?
+        },
+        f,
+    )
+}
+
+/// Runs `f` with the kernel's BPF run-time stats on, and returns what it returned with the
+/// growth of `stats` (a program's runs and total run time) meanwhile.
+pub(crate) fn with_stats<T>(
+    stats: impl Fn() -> anyhow::Result<(u64, Duration)>,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, u64, Duration)> {
     // Run-time stats are on only while this fd is open (the same switch as
     // kernel.bpf_stats_enabled); dropping it restores the previous state.
     let enabled =

@@ -67,18 +67,24 @@ fn timed(ns: &Netns, args: &[&str]) -> anyhow::Result<(Duration, Duration, Strin
     ))
 }
 
-fn percentiles(mut v: Vec<f64>) -> [f64; 2] {
+/// The `qs` quantiles of `v` (nearest rank), NaN for an empty `v`.
+fn quantiles<const N: usize>(mut v: Vec<f64>, qs: [f64; N]) -> [f64; N] {
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    [at(0.5), at(0.9)]
+    qs.map(|q| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    })
 }
 
 fn row(what: &str, wall: Vec<f64>, cpu: Vec<f64>, goal: Option<[f64; 2]>) -> Costs {
     Costs {
         what: what.into(),
         runs: wall.len(),
-        wall_ms: percentiles(wall),
-        cpu_ms: percentiles(cpu),
+        wall_ms: quantiles(wall, [0.5, 0.9]),
+        cpu_ms: quantiles(cpu, [0.5, 0.9]),
         goal_ms: goal,
     }
 }
@@ -245,7 +251,7 @@ impl Action {
 /// Runs `rounds` of each action under `rate` req/s of new connections, with a quiet second
 /// between actions, and compares the latency of requests that started in each action's window.
 pub fn windows(rate: f64, rounds: usize) -> anyhow::Result<WindowReport> {
-    use crate::load::{self, Background, LoadSpec, Outcome};
+    use crate::load::{Background, LoadSpec, Outcome};
     let t0 = Instant::now();
     let (machine, kernel) = machine();
     let ns = Netns::new()?;
@@ -339,23 +345,14 @@ pub fn windows(rate: f64, rounds: usize) -> anyhow::Result<WindowReport> {
             }
             lat.push(ms(s.latency));
         }
-        lat.sort_by(f64::total_cmp);
-        let q = |q: f64| {
-            if lat.is_empty() {
-                f64::NAN
-            } else {
-                lat[((lat.len() - 1) as f64 * q).round() as usize]
-            }
-        };
         rows.push(WindowRow {
             action: action.name().into(),
             windows: windows.iter().filter(|(k, _, _)| *k == action).count(),
             requests: lat.len() as u64,
             failed,
-            latency_ms: [q(0.5), q(0.99), q(0.999)],
+            latency_ms: quantiles(lat, [0.5, 0.99, 0.999]),
         });
     }
-    let _ = load::tally(&samples);
     Ok(WindowReport {
         machine,
         kernel,

@@ -2,7 +2,6 @@
 //! object's instructions as they are): a pass-through program, as an app or a stranger might
 //! attach or pin, and "another zdt build's program" for the upgrade tests.
 use std::{
-    collections::HashSet,
     ffi::CStr,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
@@ -203,32 +202,25 @@ pub fn pin_pass_program(path: &Path) -> anyhow::Result<()> {
 /// read). It behaves exactly like zdt's and reads the same maps, but the kernel gives it another
 /// tag, as it would a program built from other sources. Loaded against the maps pinned in `dir`.
 pub fn load_variant(dir: &Path) -> anyhow::Result<OwnedFd> {
-    let mut obj = aya_obj::Object::parse(zdt_ctl::program::object())?;
-    let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-    let maps: Vec<(String, aya_obj::Map, aya::maps::MapData)> = obj
-        .maps
-        .iter()
-        .map(|(n, m)| {
-            let data = aya::maps::MapData::from_pin(dir.join(n))
-                .with_context(|| format!("map {n} is not pinned in {}", dir.display()))?;
-            Ok((n.clone(), m.clone(), data))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    obj.relocate_maps(
-        maps.iter()
-            .map(|(n, m, d)| (n.as_str(), d.fd().as_fd().as_raw_fd(), m)),
-        &text,
-    )?;
-    obj.relocate_calls(&text)?;
-    let program = &obj.programs[names::PROGRAM];
+    // The pinned maps stay open until the program is loaded (it refers to them by fd).
+    let mut maps = Vec::new();
+    let relocated = zdt_ctl::program::relocated_instructions(|name| {
+        let map = aya::maps::MapData::from_pin(dir.join(name))
+            .with_context(|| format!("map {name} is not pinned in {}", dir.display()))?;
+        let fd = map.fd().as_fd().as_raw_fd();
+        maps.push(map);
+        Ok(fd)
+    })?;
     let mut insns = vec![insn(MOV64_IMM, 0)];
-    insns.extend_from_slice(&obj.functions[&program.function_key()].instructions);
-    load_sk_reuseport(
+    insns.extend(relocated);
+    let loaded = load_sk_reuseport(
         &insns,
         c"Dual MIT/GPL",
         names::PROGRAM,
         bpf_attach_type::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE as u32,
-    )
+    );
+    drop(maps);
+    loaded
 }
 
 /// Puts the variant where zdt's program was on `port`, as an upgrade by another zdt build

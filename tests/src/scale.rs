@@ -5,10 +5,8 @@
 //! measures it and `--readme` puts the table in the README.
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-
 use crate::{
-    bench::{machine, with_program_stats},
+    bench::{machine, ns_per_run, with_program_stats, with_stats},
     harness::{zdt_ok, App, AppOpts},
     load::{self, LoadSpec, Outcome},
     netns::Netns,
@@ -130,18 +128,10 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         requests: t.requests,
         failed: t.failures(),
         bpf_runs: runs,
-        bpf_ns_per_run: per_run(runs, time),
+        bpf_ns_per_run: ns_per_run(runs, time),
         floor_ns_per_run: floor,
         select_ns_per_run: select,
     })
-}
-
-fn per_run(runs: u64, time: Duration) -> f64 {
-    if runs > 0 {
-        time.as_nanos() as f64 / runs as f64
-    } else {
-        0.0
-    }
 }
 
 /// Saturating new connections to PORT for `run`.
@@ -176,13 +166,11 @@ fn reference(ns: &Netns, spec: LoadSpec, which: Reference) -> anyhow::Result<f64
         programs::attach_to_port(&prog, PORT)?;
         Ok(prog)
     })??;
-    let enabled =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
-    let (r0, t0) = programs::run_stats(&prog)?;
-    ns.run(move || load::run(&spec, &Default::default(), &mut |_| {}))?;
-    let (r1, t1) = programs::run_stats(&prog)?;
-    drop(enabled);
-    Ok(per_run(r1 - r0, t1 - t0))
+    let ((), runs, time) = with_stats(
+        || programs::run_stats(&prog),
+        || ns.run(move || load::run(&spec, &Default::default(), &mut |_| {})),
+    )?;
+    Ok(ns_per_run(runs, time))
 }
 
 /// The README's table.

@@ -12,10 +12,11 @@
 //! hash the result both ways. A load through the verifier (about 100 ms of kernel CPU, plus a
 //! parse of the kernel's BTF) is then needed only where a program is really loaded: attach and
 //! upgrade. The test `program::tag_is_the_kernels` loads the program and compares.
-use std::{collections::HashSet, path::Path};
+use std::{collections::HashSet, os::fd::RawFd, path::Path};
 
 use anyhow::Context as _;
 use aya::{programs::SkReuseport, Ebpf, EbpfLoader};
+use aya_obj::generated::bpf_insn;
 use sha1::Digest as _;
 use zdt_common::names;
 
@@ -62,25 +63,31 @@ pub fn is_ours(tag: u64) -> anyhow::Result<bool> {
     Ok(expected_tags()?.contains(&tag))
 }
 
-/// The instructions of `zdt_select` as the kernel hashes them for the tag.
-fn tag_input() -> anyhow::Result<Vec<u8>> {
+/// The instructions of `zdt_select` as aya passes them to BPF_PROG_LOAD: the object relocated
+/// as aya relocates it (maps, then bpf-to-bpf calls), each map's `ld_imm64` holding the fd that
+/// `map_fd` gives for the map's name.
+pub fn relocated_instructions(
+    mut map_fd: impl FnMut(&str) -> anyhow::Result<RawFd>,
+) -> anyhow::Result<Vec<bpf_insn>> {
     let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the BPF object")?;
     // CO-RE relocations would make the instructions depend on the running kernel's BTF; the
     // program has none (it reads only its own maps and the sk_reuseport context, which the
     // verifier rewrites after the tag is taken).
     anyhow::ensure!(
         !obj.has_btf_relocations(),
-        "the BPF object has CO-RE relocations: its tag cannot be computed without loading it"
+        "the BPF object has CO-RE relocations: its instructions depend on the kernel's BTF"
     );
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-    let maps: Vec<(String, aya_obj::Map)> = obj
+    let maps: Vec<(String, RawFd, aya_obj::Map)> = obj
         .maps
         .iter()
-        .map(|(n, m)| (n.clone(), m.clone()))
-        .collect();
-    // The fd value is irrelevant: the kernel zeroes it before hashing, and so do we below.
-    obj.relocate_maps(maps.iter().map(|(n, m)| (n.as_str(), 0, m)), &text_sections)
-        .context("relocating the BPF object's maps")?;
+        .map(|(n, m)| Ok((n.clone(), map_fd(n)?, m.clone())))
+        .collect::<anyhow::Result<_>>()?;
+    obj.relocate_maps(
+        maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)),
+        &text_sections,
+    )
+    .context("relocating the BPF object's maps")?;
     obj.relocate_calls(&text_sections)
         .context("relocating the BPF object's calls")?;
     let program = obj
@@ -89,11 +96,18 @@ fn tag_input() -> anyhow::Result<Vec<u8>> {
         .context("BPF object has no program zdt_select")?;
     let function = obj
         .functions
-        .get(&program.function_key())
+        .remove(&program.function_key())
         .context("BPF object has no code for zdt_select")?;
-    let mut out = Vec::with_capacity(function.instructions.len() * 8);
+    Ok(function.instructions)
+}
+
+/// The instructions of `zdt_select` as the kernel hashes them for the tag.
+fn tag_input() -> anyhow::Result<Vec<u8>> {
+    // The fd value is irrelevant: the kernel zeroes it before hashing, and so do we below.
+    let instructions = relocated_instructions(|_| Ok(0))?;
+    let mut out = Vec::with_capacity(instructions.len() * 8);
     let mut was_ld_map = false;
-    for insn in &function.instructions {
+    for insn in &instructions {
         let mut imm = insn.imm;
         // The same rule as bpf_prog_calc_tag(): the first half of a map load, and the second
         // half when it looks like one (all fields but imm zero).
