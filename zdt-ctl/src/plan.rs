@@ -203,6 +203,23 @@ pub fn member(holders: &[i32], procs: &Procs) -> Option<i32> {
         .or_else(|| serving.iter().copied().min())
 }
 
+/// The descendant of `pid` to name when `pid` was seen not to listen on a spec while a process
+/// of its tree does (a start script that forked the server instead of exec'ing it): the lowest
+/// such pid among `holders` (the holders of every listener the spec names), or None when `pid`
+/// itself holds one of them now. A process that binds late and then forks workers sharing the
+/// sockets (nginx's master) was seen without listeners before it bound; by the time its tree is
+/// looked at it holds them itself, and it is the member, not the workers.
+pub fn listening_child(pid: i32, holders: &[i32], procs: &Procs) -> Option<i32> {
+    if holders.contains(&pid) {
+        return None;
+    }
+    holders
+        .iter()
+        .copied()
+        .filter(|&h| descends(h, pid, procs))
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +396,24 @@ mod tests {
         assert!(!descends(10, 12, &procs));
         assert!(!descends(99, 1, &procs));
         assert_eq!(member(&[11, 10], &procs), Some(10));
+    }
+
+    #[test]
+    fn a_child_is_named_only_while_its_parent_holds_nothing() {
+        // A shell (100) that forked the server (101) instead of exec'ing it: name the child.
+        let procs: Procs = [
+            (100, proc(1, "/bin/sh", true)),
+            (101, proc(100, "/usr/sbin/nginx", true)),
+            (102, proc(101, "/usr/sbin/nginx", false)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(listening_child(100, &[101, 102], &procs), Some(101));
+        // nginx's master (101) seen before it bound, its tree looked at after it bound and
+        // forked its workers: it holds the sockets itself, so no child is named.
+        assert_eq!(listening_child(101, &[101, 102], &procs), None);
+        // Holders outside the tree are no one's child.
+        assert_eq!(listening_child(102, &[101], &procs), None);
+        assert_eq!(listening_child(100, &[], &procs), None);
     }
 }

@@ -583,13 +583,8 @@ pub fn listening_descendant(pid: i32, spec: &PortSpec) -> Option<(i32, String)> 
         return None;
     }
     let h = holders(&inodes);
-    let child = h
-        .by_inode
-        .values()
-        .flatten()
-        .map(|(p, _)| *p)
-        .filter(|&p| p != pid && plan::descends(p, pid, &h.procs))
-        .min()?;
+    let pids: Vec<i32> = h.by_inode.values().flatten().map(|(p, _)| *p).collect();
+    let child = plan::listening_child(pid, &pids, &h.procs)?;
     Some((child, comm(child).unwrap_or_default()))
 }
 
