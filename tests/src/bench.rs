@@ -29,7 +29,7 @@ use hdrhistogram::Histogram;
 use nix::sys::signal::Signal;
 
 use crate::{
-    harness::{zdt_command, zdt_ok, App, AppOpts},
+    harness::{spawn_until, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec, Outcome, Sample, Tally},
     netns::Netns,
 };
@@ -346,8 +346,11 @@ impl ArmAcc {
 fn load_spec(rate: Rate, mode: Mode, workers: usize) -> LoadSpec {
     let addr: SocketAddr = ([127, 0, 0, 1], PORT).into();
     let mut spec = LoadSpec::open(addr, 1.0, Duration::from_secs(3600));
+    // A fixed rate is lowered on a slower machine as every open-loop load is (load::open_rate):
+    // a guest under emulation serves about 300 connections/s, and 500/s would bury every arm in
+    // its own backlog (answers after 10 s and more, connections the apps close unanswered).
     spec.rate = match rate {
-        Rate::Fixed(r) => Some(r),
+        Rate::Fixed(r) => Some(load::open_rate(r)),
         Rate::Saturation => None,
     };
     spec.workers = workers;
@@ -406,26 +409,13 @@ pub fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::R
         "--json",
     ];
     let mut cmd = zdt_command(ns, &args);
-    cmd.env("RUST_LOG", "zdt_ctl=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("spawning zdt-ctl promote")?;
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("switched") {
-                let _ = tx.send(());
-            }
-        }
-    });
+    cmd.env("RUST_LOG", "zdt_ctl=info").stdout(Stdio::piped());
     // Either it switched, or it ended (a failure, found when it is reaped).
-    let _ = rx.recv_timeout(Duration::from_secs(30));
-    Ok(Pending { child, old })
+    let (running, _) = spawn_until(&mut cmd, "switched")?;
+    Ok(Pending {
+        child: running.child,
+        old,
+    })
 }
 
 /// Reaps background promotes; records their timing. A promote that failed fails the run:

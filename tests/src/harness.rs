@@ -1,13 +1,13 @@
 //! Real processes in a test namespace: the demo service and zdt-ctl, started from the binaries
 //! that `cargo xtask build` puts in target/release.
 use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
+    io::{BufRead, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -389,37 +389,67 @@ pub fn zdt_command(ns: &Netns, args: &[&str]) -> Command {
     cmd
 }
 
-/// A zdt-ctl run stopped or paused at a failpoint, and what it says on stderr from then on (read
+/// A zdt-ctl run stopped or paused at some point, and what it says on stderr from then on (read
 /// by a thread as it comes, so that it never blocks on a full pipe).
 pub struct Paused {
     pub child: Child,
     pub stderr: mpsc::Receiver<String>,
 }
 
-/// Runs zdt-ctl with ZDT_FAILPOINT set to `point` in the background; returns once it got there.
-pub fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> Paused {
-    let mut cmd = zdt_command(ns, &strs(args));
-    cmd.env("ZDT_FAILPOINT", point)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn zdt-ctl");
+impl Paused {
+    /// Waits for the run to end: its exit code, and what it said after the point.
+    pub fn finish(mut self) -> anyhow::Result<Ctl> {
+        let code = self.child.wait()?.code().unwrap_or(-1);
+        Ok(Ctl {
+            code,
+            stdout: String::new(),
+            stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
+        })
+    }
+}
+
+/// Spawns `cmd` with its stderr piped and returns once it has said a line that contains `want`
+/// (true), or has ended without saying it (false). Whatever it says after that line goes to
+/// [`Paused::stderr`].
+pub fn spawn_until(cmd: &mut Command, want: &str) -> anyhow::Result<(Paused, bool)> {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
     let stderr = child.stderr.take().expect("piped");
     let mut lines = BufReader::new(stderr).lines();
-    let want = format!("failpoint {}", point.split(':').next().unwrap_or(point));
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains(&want) => break,
-            Some(_) => continue,
-            None => panic!("zdt-ctl ended before failpoint {point}"),
-        }
-    }
+    let said = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains(want));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
             let _ = tx.send(l);
         }
     });
-    Paused { child, stderr: rx }
+    Ok((Paused { child, stderr: rx }, said))
+}
+
+/// Runs zdt-ctl with ZDT_FAILPOINT set to `point` in the background; returns once it got there.
+pub fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> Paused {
+    let mut cmd = zdt_command(ns, &strs(args));
+    cmd.env("ZDT_FAILPOINT", point).stdout(Stdio::null());
+    let want = format!("failpoint {}", point.split(':').next().unwrap_or(point));
+    let (paused, reached) = spawn_until(&mut cmd, &want).expect("spawn zdt-ctl");
+    assert!(reached, "zdt-ctl ended before failpoint {point}");
+    paused
+}
+
+/// Runs zdt-ctl in the background with its info log on; returns once the log names `event`
+/// (e.g. "promote started"): a moment in its run that a test acts at, whatever the machine's
+/// speed.
+pub fn at_log_event(ns: &Netns, args: &[String], event: &str) -> Paused {
+    let mut cmd = zdt_command(ns, &strs(args));
+    cmd.env("RUST_LOG", "zdt_ctl=info").stdout(Stdio::null());
+    let (paused, said) = spawn_until(&mut cmd, event).expect("spawn zdt-ctl");
+    assert!(said, "zdt-ctl ended before its log said {event:?}");
+    paused
 }
 
 /// Runs zdt-ctl and fails with its output if it did not succeed.
@@ -434,6 +464,32 @@ pub fn zdt_ok(ns: &Netns, args: &[&str]) -> anyhow::Result<Ctl> {
         r.stderr
     );
     Ok(r)
+}
+
+/// How many sockets the live probe lists of `port` name (those of a `promote --probe` that is
+/// asking through the public port).
+pub fn probe_list_len(ns: &Netns, port: u16) -> anyhow::Result<usize> {
+    ns.run(move || -> anyhow::Result<usize> {
+        let set = zdt_ctl::state::State::open_read(port)?
+            .context("not attached")?
+            .active_set()?
+            .unwrap_or(zdt_common::ActiveSet::EMPTY);
+        Ok(set.probe.iter().map(|l| l.len as usize).sum())
+    })?
+}
+
+/// Waits until a `promote --probe` asks through the public port of `port`: its probe lists are
+/// live (at most `timeout`, stretched by the time scale).
+pub fn wait_probing(ns: &Netns, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + scaled(timeout);
+    while probe_list_len(ns, port)? == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no promote probed through port {port} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// `zdt-ctl status PORT --json`, parsed.
@@ -469,4 +525,84 @@ pub fn print_tally(title: &str, t: &crate::load::Tally) {
     println!("  failures by kind: {}", kinds.join(", "));
     let versions: Vec<String> = t.versions.iter().map(|(v, n)| format!("{v} {n}")).collect();
     println!("  answered by: {}", versions.join(", "));
+}
+
+/// Waits until `GET path` on `addr` (inside `ns`) answers 200, for at most `timeout` and while
+/// `alive` says so; otherwise returns the last thing it saw. It asks only once `addr` listens (a
+/// connection to a port nothing listens on yet is answered with a RST), and waits for each
+/// answer as long as the deadline allows (a request given up on is answered later to a closed
+/// socket, with a RST too): the RSTs a test counts are its clients' only.
+pub fn wait_for_200(
+    ns: &Netns,
+    addr: SocketAddr,
+    path: &'static str,
+    timeout: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("not listening");
+    loop {
+        // A listener on the wildcard of the port takes connections to `addr` too.
+        let takes = move |l: SocketAddr| {
+            l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())
+        };
+        let listening = ns
+            .run(move || {
+                zdt_ctl::sockets::listen_entries()
+                    .map(|t| t.values().any(|e| takes(e.local)))
+                    .unwrap_or(false)
+            })
+            .map_err(|e| e.to_string())?;
+        if listening {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let status = ns
+                .run(move || http_status(addr, path, left.max(Duration::from_secs(1))))
+                .map_err(|e| e.to_string())?;
+            if matches!(status, Ok(200)) {
+                return Ok(());
+            }
+            last = format!("{status:?}");
+        }
+        if !alive() || Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A connection to `addr` (from a thread inside the namespace) as soon as something listens
+/// there: a server that was just started binds its port when it gets to it. Tries for at most
+/// `timeout`, stretched by the time scale.
+pub fn connect_when_listening(addr: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let deadline = Instant::now() + scaled(timeout);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow::anyhow!(
+                    "nothing listened on {addr} within {timeout:?}: {e}"
+                ))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `GET path` on `addr`, one connection (call it on a thread inside the namespace): the status.
+pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: zdt\r\nConnection: close\r\n\r\n"
+    )?;
+    // To the end: the server closes first, and nothing unread is left to make our close a RST.
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line"))
 }

@@ -41,6 +41,21 @@ pub fn scaled(d: Duration) -> Duration {
     d.mul_f64(time_scale())
 }
 
+/// The rate an open-loop load asked for `rate` req/s really runs at: divided by the square root
+/// of [`time_scale`], a compromise: a machine that runs the tests 10 times slower (a VM under
+/// emulation) still carries a real load (a third of `rate`), without drowning in requests it
+/// cannot serve (SYN drops and timeouts that say nothing about zdt).
+pub fn open_rate(rate: f64) -> f64 {
+    rate / time_scale().sqrt()
+}
+
+/// How many requests an open-loop load asked for `rate` req/s starts in `d`: the unit in which
+/// a test states the least load it must have seen, so that the same statement holds on a slower
+/// machine, where the rate is lower ([`open_rate`]).
+pub fn requests_at(rate: f64, d: Duration) -> u64 {
+    (open_rate(rate) * d.as_secs_f64()).round() as u64
+}
+
 /// Segments the connection retransmitted so far (tcpi_total_retrans): right after connect(),
 /// the SYN's retransmissions. On loopback only a dropped segment makes one.
 fn retransmits(s: &TcpStream) -> u32 {
@@ -177,13 +192,11 @@ impl LoadSpec {
         s
     }
 
-    /// Open loop at `rate` req/s, new connection per request. On a machine that runs the tests
-    /// [`time_scale`] times slower (a VM under emulation) the rate is divided by the scale's
-    /// square root, a compromise: the guest still carries a real load (a third of `rate` at a
-    /// scale of 10), without drowning in requests it cannot serve (SYN drops and timeouts that
-    /// say nothing about zdt).
+    /// Open loop at `rate` req/s ([`open_rate`] on a slower machine), new connection per
+    /// request, for at most `duration` (stretched by [`time_scale`]: it is an upper bound, and
+    /// what a test does under the load takes that much longer).
     pub fn open(addr: SocketAddr, rate: f64, duration: Duration) -> Self {
-        let rate = rate / time_scale().sqrt();
+        let (rate, duration) = (open_rate(rate), scaled(duration));
         LoadSpec {
             addr,
             rate: Some(rate),

@@ -3,8 +3,7 @@
 //! with its own graceful signal), and wrk, a real load generator, with a parser for its report.
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -18,7 +17,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{bench::Kernel, netns::Netns};
+use crate::{bench::Kernel, harness::wait_for_200, load::scaled, netns::Netns};
 
 /// The public port every instance shares (each test has a namespace of its own).
 pub const PORT: u16 = 8080;
@@ -240,39 +239,21 @@ impl Server {
         }
     }
 
-    /// Waits until the instance's /readyz answers 200. It asks only once the admin port
-    /// listens (a connection to a port nothing listens on yet is answered with a RST), and
-    /// waits for each answer as long as the deadline allows (a request given up on is answered
-    /// later to a closed socket, with a RST too): the RSTs the test counts are the users' only.
+    /// Waits until the instance's /readyz answers 200 ([`wait_for_200`]), while it runs.
     pub fn wait_ready(&mut self, ns: &Netns, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let admin = self.admin;
-        let mut last = String::from("not listening");
-        loop {
-            let listening = ns.run(move || {
-                zdt_ctl::sockets::listen_entries()
-                    .map(|t| t.values().any(|e| e.local == admin))
-                    .unwrap_or(false)
-            })?;
-            if listening {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let status = ns
-                    .run(move || http_status(admin, "/readyz", left.max(Duration::from_secs(1))))?;
-                if matches!(status, Ok(200)) {
-                    return Ok(());
-                }
-                last = format!("{status:?}");
-            }
-            anyhow::ensure!(
-                self.child.try_wait()?.is_none() && Instant::now() < deadline,
+        let child = &mut self.child;
+        let waited = wait_for_200(ns, self.admin, "/readyz", timeout, || {
+            child.try_wait().is_ok_and(|s| s.is_none())
+        });
+        waited.map_err(|last| {
+            anyhow::anyhow!(
                 "{} {} never answered 200 on {} (last: {last}):\n{}",
                 self.kind.name(),
                 self.version,
                 self.readyz(),
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 
     /// Sends the server's graceful stop signal to its master.
@@ -324,25 +305,6 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// `GET path` on `addr`, one connection (call it on a thread inside the namespace): the status.
-pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: zdt\r\nConnection: close\r\n\r\n"
-    )?;
-    // To the end: the server closes first, and nothing unread is left to make our close a RST.
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    String::from_utf8_lossy(&buf)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status line"))
-}
-
 /// The kernel's TCP counters of the namespace (Tcp OutRsts, EstabResets, TcpExt ListenOverflows,
 /// TCPMigrateReqSuccess, ...).
 pub fn kernel(ns: &Netns) -> anyhow::Result<Kernel> {
@@ -382,8 +344,12 @@ impl Wrk {
             .args(["--connections", &connections.to_string()])
             .args(["--duration", &format!("{}s", max.as_secs().max(1))])
             // Above a SYN retransmit (1 s), so that a connection that waits for one is counted
-            // as slow by the latency, not as a timeout.
-            .args(["--timeout", "5s"])
+            // as slow by the latency, not as a timeout; as long again as every wait on a slower
+            // machine (whole seconds: wrk's unit).
+            .args([
+                "--timeout",
+                &format!("{}s", scaled(Duration::from_secs(5)).as_secs()),
+            ])
             // wrk keeps connections alive; this makes the server close each one after its
             // answer, and wrk then opens a new connection for the next request.
             .args(["-H", "Connection: close"])

@@ -10,9 +10,10 @@ use std::{
 use nix::sys::signal::Signal;
 use zdt_tests::{
     harness::{
-        bin, fingerprint, promote_args, replace, status, strs, zdt, zdt_ok, App, AppOpts, Hold,
+        at_log_event, bin, fingerprint, promote_args, replace, status, strs, zdt, zdt_ok, App,
+        AppOpts, Ctl, Hold,
     },
-    load::{self, Background, LoadSpec, Outcome, Tally},
+    load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
 
@@ -57,9 +58,10 @@ fn listeners(ns: &Netns) -> anyhow::Result<Vec<(SocketAddr, u32, bool)>> {
 #[test]
 fn promote_waits_for_a_process_that_binds_late() -> anyhow::Result<()> {
     let ns = Netns::new()?;
+    const RATE: f64 = 300.0;
     let mut old = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let l = loads(&ns, &[v4()], 300.0);
+    let l = loads(&ns, &[v4()], RATE);
     for v in ["v2", "v3"] {
         // The deploy script's way: start the app, pass its pid to promote at once. The app binds
         // its port 3 s after it starts (a JVM, an app that loads its configuration first).
@@ -77,7 +79,10 @@ fn promote_waits_for_a_process_that_binds_late() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let t = finish(l).remove(0);
-    assert!(t.requests > 1500, "{t:?}");
+    assert!(
+        t.requests > requests_at(RATE, Duration::from_secs(5)),
+        "{t:?}"
+    );
     assert_eq!(t.failures(), 0, "{t:?}");
     assert_eq!(t.versions.len(), 3, "{t:?}");
     Ok(())
@@ -86,16 +91,27 @@ fn promote_waits_for_a_process_that_binds_late() -> anyhow::Result<()> {
 /// Runs `zdt-ctl ARGS` and checks that it failed with `code` saying `says`, without waiting out
 /// its 60 s timeout, and without changing the state.
 fn fails_fast(ns: &Netns, args: &[&str], code: i32, says: &str) -> anyhow::Result<()> {
+    ends_fast(ns, &format!("{args:?}"), || Ok(zdt(ns, args)), code, says)
+}
+
+/// Runs the zdt-ctl command that `run` runs (`what`) and checks what [`fails_fast`] does.
+fn ends_fast(
+    ns: &Netns,
+    what: &str,
+    run: impl FnOnce() -> anyhow::Result<Ctl>,
+    code: i32,
+    says: &str,
+) -> anyhow::Result<()> {
     let before = fingerprint(ns, PORT)?;
     let t = Instant::now();
-    let r = zdt(ns, args);
-    assert_eq!(r.code, code, "{args:?}: {r:?}");
-    assert!(r.stderr.contains(says), "{args:?}: {r:?}");
+    let r = run()?;
+    assert_eq!(r.code, code, "{what}: {r:?}");
+    assert!(r.stderr.contains(says), "{what}: {r:?}");
     assert!(
         t.elapsed() < Duration::from_secs(30),
-        "{args:?} waited its timeout: {r:?}"
+        "{what} waited its timeout: {r:?}"
     );
-    assert_eq!(fingerprint(ns, PORT)?, before, "{args:?} changed the state");
+    assert_eq!(fingerprint(ns, PORT)?, before, "{what} changed the state");
     Ok(())
 }
 
@@ -114,17 +130,17 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
         2,
         "listens on 127.0.0.1:8080, not on :8080",
     )?;
-    // It exits before it binds.
+    // It exits before it binds: killed once the promote has started waiting for it.
     let dies = App::start(&ns, &late())?;
-    let pid = dies.pid;
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        dies.signal(Signal::SIGKILL);
-        drop(dies);
-    });
-    fails_fast(
+    let args = ["promote", &dies.pid.to_string(), "--no-readyz"].map(String::from);
+    ends_fast(
         &ns,
-        &["promote", &pid.to_string(), "--no-readyz"],
+        "a promote of a process that dies",
+        || {
+            let waiting = at_log_event(&ns, &args, "promote started");
+            dies.signal(Signal::SIGKILL);
+            waiting.finish()
+        },
         5,
         "exited before it listened on :8080",
     )?;
@@ -170,28 +186,41 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The warm-up of the apps that restart cold. With their bind delay (as long again), a request
+/// that comes when the old process has gone waits longer than the slow limit, at any time scale.
+fn cold_warmup() -> Duration {
+    scaled(Duration::from_millis(500))
+}
+
 /// A restart without overlap behind `zdt-ctl hold`, the way examples/app.service runs it: the
 /// app is started, and promoted at once (ExecStartPost), before it has bound its port.
 fn cold_restart(ns: &Netns, o: &AppOpts, to: &[SocketAddr]) -> anyhow::Result<Vec<Tally>> {
+    const RATE: f64 = 200.0;
     let start = |v: &str| -> anyhow::Result<App> {
         let mut o = o.clone();
         o.version = v.into();
-        let app = App::start(ns, &o.bind_delay(Duration::from_millis(500)))?;
+        let app = App::start(ns, &o.bind_delay(cold_warmup()))?;
         zdt_ok(ns, &strs(&promote_args(&app, &[])))?;
         Ok(app)
     };
     let mut v1 = start("v1")?;
-    let l = loads(ns, to, 200.0);
+    let l = loads(ns, to, RATE);
     std::thread::sleep(Duration::from_millis(500));
     v1.signal(Signal::SIGTERM);
-    anyhow::ensure!(v1.wait_exit(Duration::from_secs(5)), "v1 did not exit");
+    anyhow::ensure!(
+        v1.wait_exit(scaled(Duration::from_secs(5))),
+        "v1 did not exit"
+    );
     let _v2 = start("v2")?;
     std::thread::sleep(Duration::from_millis(500));
     let tallies = finish(l);
     // Every request answered 200; some waited on the placeholder (slow), none failed otherwise.
     for t in &tallies {
         let st = status(ns, PORT)?;
-        assert!(t.requests > 200, "{t:?}");
+        assert!(
+            t.requests > requests_at(RATE, Duration::from_secs(1)),
+            "{t:?}"
+        );
         assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?} {st}");
         assert!(t.versions.contains_key("v2"), "{t:?}");
     }
@@ -211,7 +240,10 @@ fn a_non_root_app_beside_hold_restarts_cold_without_a_loss() -> anyhow::Result<(
             .uid(NOBODY)
             .bind_delay(Duration::from_millis(100)),
     )?;
-    assert!(app.wait_exit(Duration::from_secs(5)), "nobody's app bound");
+    assert!(
+        app.wait_exit(scaled(Duration::from_secs(5))),
+        "nobody's app bound"
+    );
     drop(root_hold);
 
     // The placeholder made for the app's user before any app runs (`--user`), as
@@ -219,9 +251,7 @@ fn a_non_root_app_beside_hold_restarts_cold_without_a_loss() -> anyhow::Result<(
     let ns = Netns::new()?;
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let _hold = Hold::start(&ns, &["0.0.0.0:8080", "--user", "nobody"])?;
-    let nobody = AppOpts::new(PORT, "v")
-        .uid(NOBODY)
-        .warmup(Duration::from_millis(500));
+    let nobody = AppOpts::new(PORT, "v").uid(NOBODY).warmup(cold_warmup());
     let t = cold_restart(&ns, &nobody, &[v4()])?.remove(0);
     assert!(t.count(Outcome::Slow) > 0, "nothing waited: {t:?}");
 
@@ -249,7 +279,8 @@ fn dual_stack_apps_hand_over_on_both_families() -> anyhow::Result<()> {
     let any6: SocketAddr = "[::]:8080".parse()?;
     assert_eq!(found, [(any6, 0, false)]);
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let l = loads(&ns, &[v4(), v6()], 200.0);
+    const RATE: f64 = 200.0;
+    let l = loads(&ns, &[v4(), v6()], RATE);
     for v in ["v2", "v3"] {
         let new = App::start(&ns, &dual(v).warmup(Duration::from_millis(300)))?;
         replace(&ns, &new, &mut old)?;
@@ -257,7 +288,10 @@ fn dual_stack_apps_hand_over_on_both_families() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     for t in finish(l) {
-        assert!(t.requests > 200, "{t:?}");
+        assert!(
+            t.requests > requests_at(RATE, Duration::from_secs(1)),
+            "{t:?}"
+        );
         assert_eq!(t.failures(), 0, "{t:?}");
         assert_eq!(t.versions.len(), 3, "{t:?}");
     }
@@ -272,15 +306,13 @@ fn dual_stack_and_split_apps_behind_hold_restart_cold_on_both_families() -> anyh
     let _hold = Hold::start(&ns, &[":8080", "--dual-stack"])?;
     let dual = AppOpts::new(PORT, "v")
         .arg("--dual-stack")
-        .warmup(Duration::from_millis(500));
+        .warmup(cold_warmup());
     cold_restart(&ns, &dual, &[v4(), v6()])?;
     // Split, the same restart: hold's default layout when no app listens.
     let ns = Netns::new()?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let _hold = Hold::start(&ns, &[":8080"])?;
-    let split = AppOpts::new(PORT, "v")
-        .arg("--split")
-        .warmup(Duration::from_millis(500));
+    let split = AppOpts::new(PORT, "v").arg("--split").warmup(cold_warmup());
     cold_restart(&ns, &split, &[v4(), v6()])?;
     Ok(())
 }

@@ -2,8 +2,8 @@
 use std::time::Duration;
 
 use zdt_tests::{
-    harness::{promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
-    load::{self, Background, LoadSpec, Outcome},
+    harness::{promote_args, status, strs, wait_probing, zdt, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, scaled, Background, LoadSpec, Outcome},
     netns::Netns,
 };
 
@@ -78,13 +78,13 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
             Duration::from_secs(60),
         ),
     );
-    // v2 warms up for 1.5 s: its /readyz on the public port says 503 until then, while v1's, on
-    // the same port, says 200 all along. A probe that reached v1 would switch too early, and
-    // users would get v2's 503s.
-    let v2 = App::start(
-        &ns,
-        &AppOpts::new(PORT, "v2").warmup(Duration::from_millis(1500)),
-    )?;
+    // v2 warms up for 1.5 s (stretched by the time scale, so that it outlasts v2's own start
+    // and the promote's validation on a slower machine too): its /readyz on the public port
+    // says 503 until then, while v1's, on the same port, says 200 all along. A probe that
+    // reached v1 would switch too early, and users would get v2's 503s.
+    let warmup = scaled(Duration::from_millis(1500));
+    let started_ms = zdt_ctl::state::now_ms();
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
     let r = zdt_ok(
         &ns,
         &[
@@ -96,12 +96,15 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
         ],
     )?;
     let r: serde_json::Value = serde_json::from_str(&r.stdout)?;
-    // From v2's start (just before promote's) to the end of the readiness wait. Validation
-    // counts too: on a loaded machine it can take a good part of the warm-up.
-    let waited = r["validate_ms"].as_f64().unwrap() + r["readiness_ms"].as_f64().unwrap();
+    // v2 cannot have been ready before its warm-up, counted from before it started.
+    let switched = r["switched_at_ms"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(started_ms);
     assert!(
-        waited > 1200.0,
-        "switched after {waited} ms: the probe did not wait for v2: {r}"
+        u128::from(switched) >= warmup.as_millis(),
+        "switched {switched} ms after v2 started, warming up for {warmup:?}: the probe did not \
+         wait for v2: {r}"
     );
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
@@ -195,11 +198,13 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
     assert_eq!(t.count(Outcome::Ok), 300, "{t:?}");
     assert_eq!(t.versions.get("v1"), Some(&300), "{t:?}");
 
-    // A never-ready candidate is being probed through the public port for 3 s.
+    // A never-ready candidate is being probed through the public port for 3 s (stretched by the
+    // time scale: the connections below are made meanwhile).
     let v2 = App::start(
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
+    let timeout = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
     let mut promote = zdt_command(
         &ns,
         &[
@@ -208,11 +213,11 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
             "--probe",
             "/readyz",
             "--timeout",
-            "3s",
+            &timeout,
         ],
     )
     .spawn()?;
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_probing(&ns, PORT, Duration::from_secs(3))?;
     let answers = ns.run(move || {
         let to = std::net::SocketAddr::new(remote, PORT);
         // Ephemeral source ports for all: the mark is in the SYN's options, not in the port.

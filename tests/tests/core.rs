@@ -453,10 +453,11 @@ fn several_deploys_under_load_lose_nothing() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let mut old = App::start(&ns, &AppOpts::new(PORT, "v0"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let spec = LoadSpec::open(addr(PORT), 500.0, Duration::from_secs(60));
-    // Two seconds' worth of requests at least (the rate is lower in a slow VM).
-    let enough = (spec.rate.unwrap_or_default() * 2.0) as u64;
-    let load = Background::start(&ns, spec);
+    const RATE: f64 = 500.0;
+    let load = Background::start(
+        &ns,
+        LoadSpec::open(addr(PORT), RATE, Duration::from_secs(60)),
+    );
     for i in 1..=DEPLOYS {
         let new = App::start(
             &ns,
@@ -467,7 +468,11 @@ fn several_deploys_under_load_lose_nothing() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&load.finish());
-    assert!(t.requests > enough, "{t:?}");
+    // Two seconds' worth of requests at least.
+    assert!(
+        t.requests > load::requests_at(RATE, Duration::from_secs(2)),
+        "{t:?}"
+    );
     assert_eq!(t.failures(), 0, "{t:?}");
     for i in 0..=DEPLOYS {
         assert!(

@@ -5,9 +5,10 @@ use std::{net::SocketAddr, process::Stdio, time::Duration};
 use nix::sys::signal::Signal;
 use zdt_tests::{
     harness::{
-        at_failpoint, fingerprint, promote_args, status, strs, zdt_command, zdt_ok, App, AppOpts,
+        at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs,
+        wait_probing, zdt_command, zdt_ok, App, AppOpts, Paused,
     },
-    load::{self, Background, LoadSpec, Outcome},
+    load::{self, requests_at, scaled, Background, LoadSpec, Outcome},
     netns::Netns,
 };
 
@@ -17,8 +18,11 @@ fn addr() -> SocketAddr {
     ([127, 0, 0, 1], PORT).into()
 }
 
+/// The load every test here runs under, in requests/s.
+const RATE: f64 = 300.0;
+
 fn load(ns: &Netns) -> Background {
-    Background::start(ns, LoadSpec::open(addr(), 300.0, Duration::from_secs(120)))
+    Background::start(ns, LoadSpec::open(addr(), RATE, Duration::from_secs(120)))
 }
 
 fn roles(ns: &Netns) -> Vec<(i64, String)> {
@@ -53,6 +57,16 @@ fn role(pid: i32, r: &str) -> (i64, String) {
     (i64::from(pid), r.to_string())
 }
 
+/// `promote NEW --probation ... EXTRA...` running in the background, once it is in its probation
+/// (3 s, stretched by the time scale): switched, and watching NEW for half a second already.
+fn in_probation(ns: &Netns, new: &App, extra: &[&str]) -> Paused {
+    let probation = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
+    let args = promote_args(new, &[&["--probation", &probation], extra].concat());
+    let promote = at_log_event(ns, &args, "switched");
+    std::thread::sleep(Duration::from_millis(500));
+    promote
+}
+
 #[test]
 fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     let ns = Netns::new()?;
@@ -60,18 +74,11 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = load(&ns);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let child = zdt_command(
-        &ns,
-        &strs(&promote_args(&v2, &["--probation", "3s", "--stop-old"])),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()?;
-    std::thread::sleep(Duration::from_millis(1000));
+    let promote = in_probation(&ns, &v2, &["--stop-old"]);
     v2.signal(Signal::SIGKILL);
-    let out = child.wait_with_output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    let r = promote.finish()?;
+    let stderr = &r.stderr;
+    assert_eq!(r.code, 8, "{stderr}");
     assert!(stderr.contains("into its probation"), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -95,15 +102,11 @@ fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = load(&ns);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let child = zdt_command(&ns, &strs(&promote_args(&v2, &["--probation", "3s"])))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
+    let promote = in_probation(&ns, &v2, &[]);
     v2.signal(Signal::SIGUSR1); // its /readyz turns 503
-    let out = child.wait_with_output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    let r = promote.finish()?;
+    let stderr = &r.stderr;
+    assert_eq!(r.code, 8, "{stderr}");
     assert!(stderr.contains("stopped being ready"), "{stderr}");
     assert!(stderr.contains("503"), "{stderr}");
     assert_eq!(
@@ -128,14 +131,11 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
-    let child = zdt_command(&ns, &strs(&promote_args(&v2, &[])))
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    let waiting = at_log_event(&ns, &promote_args(&v2, &[]), "waiting for readiness");
     v2.signal(Signal::SIGKILL);
-    let out = child.wait_with_output()?;
-    assert_eq!(out.status.code(), Some(5), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was changed"));
+    let r = waiting.finish()?;
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("nothing was changed"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
 
     // Dies between readiness and the switch (zdt paused at `readied`): exit 5, nothing changed.
@@ -231,7 +231,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
             "{r:?}"
         );
         assert_eq!(roles(&ns), vec![role(new.pid, "active")], "after {point}");
-        current.wait_exit(Duration::from_secs(5));
+        current.wait_exit(scaled(Duration::from_secs(5)));
         current = new;
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -438,7 +438,10 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
     assert_eq!(t.failures(), 0, "{t:?}");
-    assert!(t.requests > 1000, "{t:?}");
+    assert!(
+        t.requests > requests_at(RATE, Duration::from_secs(10) / 3),
+        "{t:?}"
+    );
     // No leaked slots, listeners, pins or programs.
     assert_eq!(roles(&ns), vec![role(current.pid, "active")]);
     let listeners = ns.run(|| {
@@ -504,15 +507,6 @@ fn what_a_killed_promote_left_is_put_right_by_the_next_command() -> anyhow::Resu
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let probe_lists = |ns: &Netns| -> anyhow::Result<usize> {
-        ns.run(|| -> anyhow::Result<usize> {
-            let set = zdt_ctl::state::State::open_read(PORT)?
-                .expect("attached")
-                .active_set()?
-                .expect("promoted");
-            Ok(set.probe.iter().map(|l| l.len as usize).sum())
-        })?
-    };
     // A promote --probe killed while it waits leaves the probe lists live: zdt-ctl's own
     // connections would keep reaching the candidate.
     let v2 = App::start(
@@ -532,13 +526,16 @@ fn what_a_killed_promote_left_is_put_right_by_the_next_command() -> anyhow::Resu
     )
     .stderr(Stdio::null())
     .spawn()?;
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_probing(&ns, PORT, Duration::from_secs(10))?;
     let _ = probing.kill();
     probing.wait()?;
-    assert!(probe_lists(&ns)? > 0, "the kill left no probe list");
+    assert!(
+        probe_list_len(&ns, PORT)? > 0,
+        "the kill left no probe list"
+    );
     // The next command that takes the lock clears them.
     zdt_ok(&ns, &["promote", &v1.pid.to_string(), "--no-readyz"])?;
-    assert_eq!(probe_lists(&ns)?, 0);
+    assert_eq!(probe_list_len(&ns, PORT)?, 0);
 
     // A promote killed between its flip and its roles leaves v3 serving but recorded as a
     // candidate; a later promote --stop-old must still stop it.

@@ -7,12 +7,17 @@ use zdt_tests::{
     harness::{
         fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
     },
-    load::{self, Background, LoadSpec, Outcome, Tally},
+    load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
 };
 
 const PORT: u16 = 8080;
-const WARMUP: Duration = Duration::from_millis(1000);
+
+/// The warm-up of the process that restarts cold: as long as the slow limit, so that a request
+/// that comes while nothing is ready waits longer than that, at any time scale.
+fn warmup() -> Duration {
+    scaled(Duration::from_millis(1000))
+}
 
 fn addr() -> std::net::SocketAddr {
     ([127, 0, 0, 1], PORT).into()
@@ -28,8 +33,11 @@ fn cold_restart(ns: &Netns, with_zdt: bool) -> anyhow::Result<Tally> {
     let load = Background::start(ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
     std::thread::sleep(Duration::from_millis(300));
     v1.signal(Signal::SIGTERM);
-    anyhow::ensure!(v1.wait_exit(Duration::from_secs(5)), "v1 did not exit");
-    let v2 = App::start(ns, &AppOpts::new(PORT, "v2").warmup(WARMUP))?;
+    anyhow::ensure!(
+        v1.wait_exit(scaled(Duration::from_secs(5))),
+        "v1 did not exit"
+    );
+    let v2 = App::start(ns, &AppOpts::new(PORT, "v2").warmup(warmup()))?;
     if with_zdt {
         zdt_ok(ns, &strs(&promote_args(&v2, &[])))?;
     } else {
@@ -79,7 +87,7 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     // Detach: the hold process leaves by itself (a placeholder in a group without the program
     // would get a share of new connections and never accept them).
     zdt_ok(&ns, &["detach", ":8080"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(2));
     let status = loop {
         if let Some(s) = hold.child.try_wait()? {
             break s;
@@ -256,19 +264,25 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     // gave the placeholder, which never accepts, about half of the new connections until hold
     // noticed and exited, resetting them.
     zdt_ok(&ns, &["detach", "0.0.0.0:8080"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(2));
     while hold.child.try_wait()?.is_none() {
         anyhow::ensure!(std::time::Instant::now() < deadline, "hold still runs");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
     let t = load::tally(&l.finish());
-    assert!(t.requests > 300, "{t:?}");
+    assert!(
+        t.requests > requests_at(400.0, Duration::from_millis(750)),
+        "{t:?}"
+    );
     assert_eq!(t.failures(), 0, "{t:?}");
     Ok(())
 }
 
-/// `drain --force PID` of the only active member, under 200 req/s, with or without a
+/// The load under which the last member is drained, in requests/s.
+const DRAIN_RATE: f64 = 200.0;
+
+/// `drain --force PID` of the only active member, under DRAIN_RATE, with or without a
 /// `zdt-ctl hold` running; returns drain's output, the load's tally, and whether the state
 /// changed.
 fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl, Tally, bool)> {
@@ -283,7 +297,10 @@ fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl
         None
     };
     let before = fingerprint(&ns, PORT)?;
-    let l = Background::start(&ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(addr(), DRAIN_RATE, Duration::from_secs(30)),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let r = zdt(&ns, &["drain", &v1.pid.to_string(), "--force"]);
     std::thread::sleep(Duration::from_millis(1500));
@@ -295,16 +312,17 @@ fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl
 fn drain_force_of_the_last_member_beside_hold_is_refused() -> anyhow::Result<()> {
     // Without hold, `--force` does what it says: new connections go to kernel hashing, which
     // has only v1 to give them to (it still listens), so nothing is lost.
+    let enough = requests_at(DRAIN_RATE, Duration::from_secs(1));
     let (r, t, changed) = drain_last_member(false)?;
     assert!(r.ok() && changed, "control: {r:?}");
-    assert!(t.requests > 200 && t.failures() == 0, "control: {t:?}");
+    assert!(t.requests > enough && t.failures() == 0, "control: {t:?}");
 
     // With hold, the placeholder would be the only destination: every new connection would wait
     // on it for a promote (up to hold's --max-wait) while v1, which could serve it, listens.
     // Refused, and nothing changes.
     let (r, t, changed) = drain_last_member(true)?;
     assert_eq!(t.failures(), 0, "{t:?} {r:?}");
-    assert!(t.requests > 200, "{t:?}");
+    assert!(t.requests > enough, "{t:?}");
     assert_eq!(r.code, 7, "{r:?}");
     assert!(
         r.stderr.contains("zdt-ctl hold") && r.stderr.contains("still listens"),
@@ -316,12 +334,14 @@ fn drain_force_of_the_last_member_beside_hold_is_refused() -> anyhow::Result<()>
 
 #[test]
 fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
-    const WARMUP: Duration = Duration::from_secs(3);
+    const RATE: f64 = 200.0;
+    // Long enough for hold to start and register meanwhile, at any time scale.
+    let warmup = scaled(Duration::from_secs(3));
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
-    let l = Background::start(&ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
-    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(WARMUP))?;
+    let l = Background::start(&ns, LoadSpec::open(addr(), RATE, Duration::from_secs(30)));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
     let promote = zdt_command(&ns, &strs(&promote_args(&v2, &["--stop-old", "--json"])))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -348,7 +368,10 @@ fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
     );
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
-    assert!(t.requests > 500, "{t:?}");
+    assert!(
+        t.requests > requests_at(RATE, Duration::from_millis(2500)),
+        "{t:?}"
+    );
     assert_eq!(t.failures(), 0, "{t:?}");
     // The switch kept hold's placeholder: v2 active, the placeholder held.
     let st = status(&ns, PORT)?;

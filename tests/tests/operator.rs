@@ -2,12 +2,15 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use zdt_tests::{
-    harness::{bin, status, zdt_command, zdt_ok, App, AppOpts},
+    harness::{bin, connect_when_listening, status, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
 
 const PORT: u16 = 8080;
+/// Where `zdt-ctl metrics --listen` serves in these tests.
+const METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9814);
 
 fn promote(ns: &Netns, app: &App, extra: &[&str]) -> anyhow::Result<zdt_tests::harness::Ctl> {
     let pid = app.pid.to_string();
@@ -323,11 +326,10 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
         assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
     }
     // Served over HTTP too.
-    let mut server = zdt_command(&ns, &["metrics", "--listen", "127.0.0.1:9814"]).spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mut server = zdt_command(&ns, &["metrics", "--listen", &METRICS.to_string()]).spawn()?;
     let body = ns.run(|| -> anyhow::Result<String> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9814")?;
+        let mut s = connect_when_listening(METRICS, Duration::from_secs(5))?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
@@ -346,17 +348,9 @@ fn metrics_listen_serves_every_scraper_and_times_out_idle_ones() -> anyhow::Resu
     let ns = Netns::new()?;
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let mut server = zdt_command(&ns, &["metrics", "--listen", "127.0.0.1:9814"]).spawn()?;
+    let mut server = zdt_command(&ns, &["metrics", "--listen", &METRICS.to_string()]).spawn()?;
     let result = ns.run(|| -> anyhow::Result<(String, Vec<std::time::Duration>)> {
-        let connect = || -> anyhow::Result<std::net::TcpStream> {
-            for _ in 0..50 {
-                if let Ok(s) = std::net::TcpStream::connect("127.0.0.1:9814") {
-                    return Ok(s);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            anyhow::bail!("metrics --listen never listened")
-        };
+        let connect = || connect_when_listening(METRICS, Duration::from_secs(5));
         // A client that connects and says nothing, and one that sends half a request.
         let idle = connect()?;
         let mut half = connect()?;

@@ -4,8 +4,8 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use zdt_tests::{
-    harness::{bin, zdt_ok},
-    load::{self, Background, LoadSpec},
+    harness::{bin, wait_for_200, zdt_ok},
+    load::{self, scaled, Background, LoadSpec},
     netns::Netns,
 };
 
@@ -52,7 +52,16 @@ fn the_deploy_script_deploys_and_rolls_back() -> anyhow::Result<()> {
         .env("ZDT_BIN_DIR", bin("zdt-ctl").parent().unwrap());
     ns.command(&mut first);
     assert!(first.status()?.success());
-    std::thread::sleep(Duration::from_millis(500));
+    // Attached (and loaded) once it is ready: attach makes it the active member as it is, and a
+    // warming instance answers 503.
+    wait_for_200(
+        &ns,
+        ([127, 0, 0, 1], 8081).into(),
+        "/readyz",
+        scaled(Duration::from_secs(10)),
+        || true,
+    )
+    .map_err(|last| anyhow::anyhow!("app@8081 never got ready (last: {last})"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = Background::start(
         &ns,
