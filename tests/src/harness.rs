@@ -167,6 +167,14 @@ impl App {
             .args(["--close-gap", &format!("{}ms", o.close_gap.as_millis())])
             .args(["--bind-at", if o.bind_at_start { "start" } else { "ready" }])
             .args(["--bind-delay", &format!("{}ms", o.bind_delay.as_millis())])
+            // How long a stopping app still waits for the requests of connections it accepted
+            // before SIGTERM: the app's 300 ms, stretched like every wait of the tests. Under
+            // emulation a client may send its request later than that after its connect, and the
+            // app then closes the connection unanswered (an EOF, with an EstabReset).
+            .args([
+                "--drain-grace",
+                &format!("{}ms", scaled(Duration::from_millis(300)).as_millis()),
+            ])
             .args(&o.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -32,16 +32,20 @@ fn short_benchmark() -> anyhow::Result<()> {
             // with a new connection per request. With keep-alive, each retried request stands for
             // one RST, give or take a few per thousand (which retries come without one is not
             // pinned down yet): the README reports that bound, and this holds the suite to it.
-            let diff = a.kernel.out_rsts.abs_diff(a.client_rsts);
+            // Beyond those, the kernel may have sent one RST per segment it rejected as
+            // delivered out of order (Kernel::paws_rejected), which no request feels.
+            let (kernel, client) = (a.kernel.out_rsts, a.client_rsts);
             let allowed = match c.mode {
                 Mode::NewConn => 0,
                 Mode::KeepAlive => (a.tally.retried / 50).max(2),
             };
+            println!(
+                "{what}: kernel RSTs {kernel}, client {client}, out of order {}",
+                a.kernel.paws_rejected
+            );
             assert!(
-                diff <= allowed,
-                "{what}: kernel {} RSTs vs client {}: {:?} {:?}",
-                a.kernel.out_rsts,
-                a.client_rsts,
+                client <= kernel + allowed && kernel <= client + allowed + a.kernel.paws_rejected,
+                "{what}: kernel {kernel} RSTs vs client {client}: {:?} {:?}",
                 a.tally,
                 a.kernel
             );

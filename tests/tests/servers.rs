@@ -80,14 +80,15 @@ impl Run {
         for (what, k) in [("stops", &self.stops), ("whole run", &self.whole)] {
             println!(
                 "  kernel, {what}: OutRsts {} EstabResets {} AttemptFails {} ListenOverflows {} \
-                 ListenDrops {} TCPMigrateReqSuccess {} TCPMigrateReqFailure {}",
+                 ListenDrops {} TCPMigrateReqSuccess {} TCPMigrateReqFailure {} PAWS {}",
                 k.out_rsts,
                 k.estab_resets,
                 k.attempt_fails,
                 k.listen_overflows,
                 k.listen_drops,
                 k.migrate_req_success,
-                k.migrate_req_failure
+                k.migrate_req_failure,
+                k.paws_rejected
             );
         }
         if let Some(p) = &self.program {
@@ -195,10 +196,12 @@ fn control_then_zdt(
     // With zdt: not one failure, by either client, and not one RST sent in the namespace while
     // the old instances stopped. (Not over the whole run: while gunicorn's workers import the
     // app, a readiness probe of zdt-ctl's can wait out its 1 s and be dropped, and the worker's
-    // late answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it.)
+    // late answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it. Nor
+    // the RSTs that segments delivered out of order draw, which no request feels:
+    // Kernel::paws_rejected.)
     assert_eq!(z.tally.failures(), 0, "{:?}", z.tally);
     assert_eq!(z.wrk.failures(), 0, "{:?}", z.wrk);
-    assert_eq!(z.stops.out_rsts, 0, "{:?}", z.stops);
+    assert!(z.stops.out_rsts <= z.stops.paws_rejected, "{:?}", z.stops);
     assert_eq!(z.whole.migrate_req_failure, 0, "{:?}", z.whole);
     // Every instance answered: the handovers did happen under the load.
     assert_eq!(
