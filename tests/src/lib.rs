@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cold;
 pub mod cost;
+pub mod debian;
 pub mod harness;
 pub mod load;
 pub mod netns;
