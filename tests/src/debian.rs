@@ -1,6 +1,6 @@
 //! Fresh Debian roots with the package that `cargo xtask dist` builds installed as an operator
-//! installs it (`apt install ./zdt_VERSION_ARCH.deb`), for tests/tests/package.rs and any other
-//! test of the package in its system.
+//! installs it (`apt install ./zdt_VERSION_ARCH.deb`): tests/tests/package.rs checks the install,
+//! tests/tests/systemd_vm.rs boots such a root with systemd.
 use std::{
     path::{Path, PathBuf},
     process::Command,

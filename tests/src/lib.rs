@@ -5,6 +5,7 @@ pub mod cold;
 pub mod cost;
 pub mod debian;
 pub mod harness;
+pub mod kernel;
 pub mod load;
 pub mod netns;
 pub mod programs;
