@@ -3,6 +3,9 @@
 //! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
 //! other task runs it first, so the README's two commands work on a new machine.
 mod deb;
+// One piece of code with the test crate, which boots the same kernel (tests/src/kernel.rs).
+#[path = "../../tests/src/kernel.rs"]
+mod kernel;
 mod setup;
 mod vm;
 
@@ -75,15 +78,15 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build()?;
-            // tests/tests/package.rs checks the package that `dist` builds.
-            if suites.is_empty() || suites.iter().any(|s| s == "package") {
+            // tests/tests/package.rs and systemd_vm.rs install the package that `dist` builds.
+            if suites.is_empty() || suites.iter().any(|s| s == "package" || s == "systemd_vm") {
                 dist()?;
             }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
                     let k = if k.as_os_str() == "debian-12" {
-                        vm::debian_12_kernel()?
+                        kernel::debian_12_kernel()?
                     } else {
                         k
                     };
