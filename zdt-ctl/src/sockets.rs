@@ -147,7 +147,24 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                     tracing::debug!(error = ?e, "no IPv6 sock_diag");
                     return Ok(out);
                 }
-                NetlinkPayload::Error(e) => anyhow::bail!("{ctx}: {e:?}"),
+                // ENOENT: no handler for TCP. inet_diag loads tcp_diag on demand, and most
+                // distributions build it as a module: a kernel without its modules has none.
+                NetlinkPayload::Error(e) if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {
+                    return Err(crate::error::err(
+                        crate::error::Kind::Refused,
+                        format!(
+                            "{ctx}: the kernel has no TCP sock_diag (tcp_diag, a module in most \
+                             distributions' kernels): run `modprobe tcp_diag`, or install the \
+                             running kernel's modules; nothing was changed"
+                        ),
+                    ));
+                }
+                NetlinkPayload::Error(e) => {
+                    let why = e.code.map_or("an error".to_string(), |c| {
+                        std::io::Error::from_raw_os_error(-c.get()).to_string()
+                    });
+                    anyhow::bail!("{ctx}: {why}")
+                }
                 _ => {}
             }
             if len == 0 {
