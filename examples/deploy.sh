@@ -12,6 +12,16 @@ A=${A:-8081}
 B=${B:-8082}
 if systemctl is-active --quiet "$UNIT@$A"; then OLD=$A NEW=$B; else OLD=$B NEW=$A; fi
 
+# The running instance must be zdt's active member before the new one listens. An instance that
+# systemd started by itself (enabled at boot, started by hand, restarted after a crash) never
+# was, and while no active member lives, the kernel's own hashing sends the new instance its
+# share of new connections as it warms up (503s). Promoting the active member again changes
+# nothing.
+if systemctl is-active --quiet "$UNIT@$OLD"; then
+    zdt-ctl promote "$(systemctl show -p MainPID --value "$UNIT@$OLD")" \
+        --readyz "http://127.0.0.1:$OLD/readyz" --timeout "${TIMEOUT:-60s}" >/dev/null
+fi
+
 systemctl start "$UNIT@$NEW"
 PID=$(systemctl show -p MainPID --value "$UNIT@$NEW")
 

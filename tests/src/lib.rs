@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod cold;
 pub mod cost;
+pub mod debian;
 pub mod harness;
+pub mod kernel;
 pub mod load;
 pub mod netns;
 pub mod programs;

@@ -3,6 +3,9 @@
 //! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
 //! other task runs it first, so the README's two commands work on a new machine.
 mod deb;
+// One piece of code with the test crate, which boots the same kernel (tests/src/kernel.rs).
+#[path = "../../tests/src/kernel.rs"]
+mod kernel;
 mod setup;
 mod vm;
 
@@ -75,16 +78,20 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build()?;
-            // tests/tests/package.rs checks the package that `dist` builds. A VM run leaves it
-            // out unless it is named.
-            if vm::runs_suite("package", &suites, kernel.is_some()) {
+            // tests/tests/package.rs and systemd_vm.rs install the package that `dist` builds. A
+            // VM run leaves both out unless package is named (systemd_vm runs on the host only).
+            let vm = kernel.is_some();
+            if ["package", "systemd_vm"]
+                .iter()
+                .any(|s| vm::runs_suite(s, &suites, vm))
+            {
                 dist()?;
             }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
                     let k = if k.as_os_str() == "debian-12" {
-                        vm::debian_12_kernel()?
+                        kernel::debian_12_kernel()?
                     } else {
                         k
                     };

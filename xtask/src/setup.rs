@@ -5,8 +5,9 @@
 //! is built against that LLVM from crates.io. rustup then sees Debian's toolchain as
 //! `debian-web`, which zdt-ctl's build.rs asks aya-build to use.
 //!
-//! `cargo xtask test --kernel` also needs qemu, virtme-ng and Debian 12's 6.1 kernel to run the
-//! suite on another kernel (see vm.rs); [`vm`] installs them for that task alone.
+//! tests/tests/systemd_vm.rs boots Debian 12's 6.1 kernel in qemu, so setup installs both.
+//! `cargo xtask test --kernel` also needs virtme-ng to run the suite on another kernel (see
+//! vm.rs); [`vm`] installs it for that task alone.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -20,28 +21,27 @@ const PACKAGES: [&str; 4] = [
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
-/// For `cargo xtask test --kernel` (vm.rs): qemu to run the VM; a static busybox, from which
-/// virtme-ng builds the initramfs that loads the modules the guest needs to mount its root (9p is
-/// a module in Debian's kernel); Debian's Python venv to hold virtme-ng; and Debian 12's kernel
-/// to boot. virtme-ng boots the guest on the host's root filesystem, so the kernel's modules must
-/// be installed on the host, which the package does (`/boot/vmlinuz-6.1.0-N-amd64`,
-/// `/lib/modules/6.1.0-N-amd64`). The metapackage rather than an ABI-named
+/// For tests/tests/systemd_vm.rs and `cargo xtask test --kernel` (vm.rs), which boot Debian 12's
+/// kernel in qemu: qemu, the kernel (its image, modules and initrd), and e2fsprogs, whose
+/// `mkfs.ext4 -d` makes systemd_vm's disk. The kernel's metapackage rather than an ABI-named
 /// `linux-image-6.1.0-N-amd64`: the archive stops listing an ABI once a newer one replaces it,
 /// and setup must still work on a fresh machine then.
-const VM_PACKAGES: [&str; 4] = [
-    "qemu-system-x86",
-    "busybox-static",
-    "python3-venv",
-    "linux-image-amd64",
-];
+const BOOT_PACKAGES: [&str; 3] = ["qemu-system-x86", "linux-image-amd64", "e2fsprogs"];
+/// For `cargo xtask test --kernel` alone (vm.rs): a static busybox, from which virtme-ng builds
+/// the initramfs that loads the modules the guest needs to mount its root (9p is a module in
+/// Debian's kernel), and Debian's Python venv to hold virtme-ng. virtme-ng boots the guest on the
+/// host's root filesystem, so the kernel's modules must be installed on the host, which
+/// [`BOOT_PACKAGES`]' kernel package does (`/boot/vmlinuz-6.1.0-N-amd64`,
+/// `/lib/modules/6.1.0-N-amd64`).
+const VM_PACKAGES: [&str; 2] = ["busybox-static", "python3-venv"];
 /// For tests/tests/servers.rs: the real servers it hands over (nginx, HAProxy, gunicorn) and wrk,
 /// the load generator it runs them under. The tests start every instance with a config of their
 /// own inside a network namespace of their own, so the packages' own services (nginx's default
 /// site on :80, haproxy.service), if the install starts them, share no port with the tests.
 const SERVER_PACKAGES: [&str; 4] = ["nginx", "haproxy", "gunicorn", "wrk"];
-/// For `cargo xtask dist`, and tests/tests/package.rs, which checks its package: dpkg-shlibdeps
-/// (and binutils' strip) to build the package, lintian to check it, mmdebstrap to make the
-/// Debian root it is installed into.
+/// For `cargo xtask dist`, and tests/tests/package.rs and systemd_vm.rs, which check its
+/// package: dpkg-shlibdeps (and binutils' strip) to build the package, lintian to check it,
+/// mmdebstrap to make the Debian roots it is installed into.
 const PACKAGE_PACKAGES: [&str; 3] = ["dpkg-dev", "lintian", "mmdebstrap"];
 /// virtme-ng from PyPI (Debian 12 has no package for it).
 const VIRTME_NG_VERSION: &str = "1.42";
@@ -111,7 +111,8 @@ pub fn run() -> anyhow::Result<()> {
         PACKAGES
             .into_iter()
             .chain(SERVER_PACKAGES)
-            .chain(PACKAGE_PACKAGES),
+            .chain(PACKAGE_PACKAGES)
+            .chain(BOOT_PACKAGES),
     )?;
     if !has_bpf_linker() {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
@@ -153,8 +154,8 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask test --kernel` needs besides [`run`]'s: qemu, virtme-ng, Debian 12's kernel.
-/// Only that task installs them, so the default setup (and CI) stays as it was.
+/// What `cargo xtask test --kernel` needs besides [`run`]'s: virtme-ng. Only that task installs
+/// it.
 pub fn vm() -> anyhow::Result<()> {
     apt_install(VM_PACKAGES)?;
     if !vng().exists() {

@@ -31,12 +31,16 @@ const MEMORY: &str = "4G";
 /// milliseconds on the host took over a second in the guest (core suite on 6.1), and with this
 /// factor the core and upgrade suites' limits hold there.
 const TIME_SCALE: u32 = 10;
+/// Suites that boot a VM of their own (tests/tests/systemd_vm.rs): in the guest they would run
+/// an emulated machine inside an emulated machine, many times slower, so they run on the host
+/// only.
+const OWN_VM: [&str; 1] = ["systemd_vm"];
 /// How the guest script marks its own lines, so they stand out among the tests' output.
 const MARK: &str = "zdt-vm:";
 
 /// Suites that a VM run leaves out unless they are named (`--suite`), and why: nothing in them
 /// depends on the kernel.
-const HOST_ONLY: &[(&str, &str)] = &[(
+const LEFT_OUT: &[(&str, &str)] = &[(
     "package",
     "it checks the Debian package (lintian, then apt in a chroot), a file, not the kernel; \
      emulated, its minute would be ten",
@@ -56,39 +60,12 @@ pub fn test(
     limit: Duration,
 ) -> anyhow::Result<()> {
     check_kernel(kernel)?;
+    if let Some(s) = suites.iter().find(|s| OWN_VM.contains(&s.as_str())) {
+        bail!("--suite {s} boots a VM of its own: run it on the host, without --kernel");
+    }
     let exes = test_executables(suites)?;
     let script = write_script(&exes, args)?;
     boot(kernel, &script, limit)
-}
-
-/// The newest kernel image of Debian 12's 6.1 series in /boot (linux-image-amd64 installs it).
-pub fn debian_12_kernel() -> anyhow::Result<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("vmlinuz-6.1.0-") && name.ends_with("-amd64")
-        })
-        .collect();
-    // vmlinuz-6.1.0-N-amd64: the highest N is the newest.
-    found.sort_by_key(|p| {
-        let name = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        name.trim_start_matches("vmlinuz-6.1.0-")
-            .trim_end_matches("-amd64")
-            .parse::<u32>()
-            .unwrap_or(0)
-    });
-    found.pop().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no /boot/vmlinuz-6.1.0-*-amd64: Debian 12's linux-image-amd64 is not installed \
-             (apt-get install linux-image-amd64 installs it)"
-        )
-    })
 }
 
 /// A readable kernel image, with its modules installed where virtme-ng looks for them.
@@ -133,9 +110,12 @@ fn check_kernel(kernel: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why a VM run leaves `suite` out unless it is named, if it does.
-fn host_only(suite: &str) -> Option<&'static str> {
-    HOST_ONLY
+/// Why a VM run leaves `suite` out (when it is not named, for LEFT_OUT's; always, for OWN_VM's).
+fn left_out(suite: &str) -> Option<&'static str> {
+    if OWN_VM.contains(&suite) {
+        return Some("it boots a VM of its own: it runs on the host only");
+    }
+    LEFT_OUT
         .iter()
         .find(|(s, _)| *s == suite)
         .map(|(_, why)| *why)
@@ -143,15 +123,18 @@ fn host_only(suite: &str) -> Option<&'static str> {
 
 /// Whether a run of `suites` (every suite when none is named), in a VM or not, runs `suite`.
 pub fn runs_suite(suite: &str, suites: &[String], in_vm: bool) -> bool {
-    if suites.is_empty() {
-        !in_vm || host_only(suite).is_none()
+    if in_vm && OWN_VM.contains(&suite) {
+        false
+    } else if suites.is_empty() {
+        !in_vm || left_out(suite).is_none()
     } else {
         suites.iter().any(|s| s == suite)
     }
 }
 
 /// Builds the test executables on the host (the guest only runs them) and lists them in
-/// cargo's order: those of `suites` only, or all of the workspace's but the HOST_ONLY ones.
+/// cargo's order: those of `suites` only, or all of the workspace's but those a VM run leaves
+/// out (LEFT_OUT, OWN_VM).
 fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
     let mut c = cargo();
     c.args([
@@ -184,7 +167,7 @@ fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
         if !runs_suite(name, suites, true) {
             eprintln!(
                 "vm: left out: {name}: {}",
-                host_only(name).unwrap_or_default()
+                left_out(name).unwrap_or_default()
             );
             continue;
         }
@@ -399,4 +382,27 @@ fn kill_tree(pid: u32) {
         .arg("-KILL")
         .args(tree.iter().map(|p| p.to_string()))
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_suite;
+
+    fn named(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_vm_run_leaves_out_package_unless_named_and_systemd_vm_always() {
+        for suite in ["core", "package", "systemd_vm"] {
+            assert!(runs_suite(suite, &[], false), "{suite} on the host");
+        }
+        assert!(runs_suite("core", &[], true));
+        assert!(!runs_suite("package", &[], true));
+        assert!(runs_suite("package", &named(&["package"]), true));
+        assert!(!runs_suite("core", &named(&["package"]), true));
+        assert!(!runs_suite("systemd_vm", &[], true));
+        assert!(!runs_suite("systemd_vm", &named(&["systemd_vm"]), true));
+        assert!(runs_suite("systemd_vm", &named(&["systemd_vm"]), false));
+    }
 }

@@ -214,7 +214,7 @@ pub struct GlobalCounters {
     /// Connections parked on a placeholder of `zdt-ctl hold` (no member could take them): new
     /// ones, and those migrating from a dying member.
     pub held: u64,
-    /// zdt-ctl's own connections (loopback, reserved source ports) refused: probes whose
+    /// zdt-ctl's own connections (loopback, marked with [`PROBE_MSS`]) refused: probes whose
     /// candidate could not be selected, and status's check that the program runs.
     pub probe_refused: u64,
     /// Program runs for the IPv4 group and for the IPv6 group. `zdt-ctl status` proves that the

@@ -4,6 +4,8 @@
 //! pass values in, and the unit tests below cover every rule without root.
 use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
+pub mod sets;
+
 /// The kind of reuseport group a TCP listener of a port is in. Kernel contract
 /// (net/ipv4/inet_hashtables.c, inet_reuseport_add_sock): sockets share a group only with the
 /// same family, address, port, bound device, IPV6_V6ONLY setting and owner uid. An IPv4 client

@@ -89,8 +89,7 @@ impl Prober {
         })
     }
 
-    /// Ok(()) for 200; otherwise what was seen, for messages.
-    pub fn probe(&self, limit: Duration) -> Result<(), String> {
+    pub fn probe(&self, limit: Duration) -> Answer {
         // send() registers its timeout with the runtime's timer: call it inside the runtime.
         let answer = self.rt.block_on(async {
             tokio::time::timeout(
@@ -100,12 +99,12 @@ impl Prober {
             .await
         });
         match answer {
-            Ok(Ok(resp)) if resp.status() == reqwest::StatusCode::OK => Ok(()),
-            Ok(Ok(resp)) => Err(resp.status().as_u16().to_string()),
-            Ok(Err(e)) if e.is_connect() => Err("connection refused".into()),
-            Ok(Err(e)) if e.is_timeout() => Err("no answer within 1s".into()),
-            Ok(Err(e)) => Err(format!("error: {e}")),
-            Err(_) => Err("no answer within 1s".into()),
+            Ok(Ok(resp)) if resp.status() == reqwest::StatusCode::OK => Answer::Ready,
+            Ok(Ok(resp)) => Answer::Status(resp.status().as_u16()),
+            Ok(Err(e)) if e.is_connect() => Answer::Refused,
+            Ok(Err(e)) if e.is_timeout() => Answer::Timeout,
+            Ok(Err(e)) => Answer::Error(e.to_string()),
+            Err(_) => Answer::Timeout,
         }
     }
 }
@@ -144,7 +143,7 @@ impl PortProber {
         }
     }
 
-    pub fn probe(&self, limit: Duration) -> Result<(), String> {
+    pub fn probe(&self, limit: Duration) -> Answer {
         use std::io::{Read, Write};
         let limit = limit.min(REQUEST_TIMEOUT).max(Duration::from_millis(10));
         let answer = (|| -> std::io::Result<Vec<u8>> {
@@ -164,24 +163,52 @@ impl PortProber {
         match answer {
             Ok(buf) => {
                 let head = String::from_utf8_lossy(&buf[..buf.len().min(64)]).to_string();
-                match head.split_whitespace().nth(1) {
-                    Some("200") => Ok(()),
-                    Some(code) if head.starts_with("HTTP/") => Err(code.to_string()),
-                    _ => Err("error: not an HTTP answer".into()),
+                match head.split_whitespace().nth(1).map(str::parse::<u16>) {
+                    Some(Ok(200)) if head.starts_with("HTTP/") => Answer::Ready,
+                    Some(Ok(code)) if head.starts_with("HTTP/") => Answer::Status(code),
+                    _ => Answer::NotHttp,
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                Err("connection refused".into())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Answer::Refused,
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
                 ) =>
             {
-                Err("no answer within 1s".into())
+                Answer::Timeout
             }
-            Err(e) => Err(format!("error: {e}")),
+            Err(e) => Answer::Error(e.to_string()),
+        }
+    }
+}
+
+/// What one readiness probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// HTTP 200: ready.
+    Ready,
+    /// Another HTTP status.
+    Status(u16),
+    /// Nothing listens on the address.
+    Refused,
+    /// No answer within the probe's time limit.
+    Timeout,
+    /// Something answered, not with HTTP.
+    NotHttp,
+    /// Any other failure, as the system or the HTTP client said it.
+    Error(String),
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Ready => f.write_str("200"),
+            Answer::Status(code) => write!(f, "{code}"),
+            Answer::Refused => f.write_str("connection refused"),
+            Answer::Timeout => f.write_str("no answer within 1s"),
+            Answer::NotHttp => f.write_str("error: not an HTTP answer"),
+            Answer::Error(e) => write!(f, "error: {e}"),
         }
     }
 }
@@ -202,22 +229,20 @@ pub fn wait_until(
     what: &str,
     timeout: Duration,
     check: impl Fn() -> anyhow::Result<()>,
-    probe: impl Fn(Duration) -> Result<(), String>,
-    mut progress: impl FnMut(Duration, &str),
+    probe: impl Fn(Duration) -> Answer,
+    mut progress: impl FnMut(Duration, &Answer),
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
         check()?;
         let remaining = timeout.saturating_sub(start.elapsed());
-        let last = match probe(remaining) {
-            Ok(()) => {
-                // The 200 counts only if what answered it was still the process's own.
-                check()?;
-                progress(start.elapsed(), "200");
-                return Ok(start.elapsed());
-            }
-            Err(last) => last,
-        };
+        let last = probe(remaining);
+        if last == Answer::Ready {
+            // The 200 counts only if what answered it was still the process's own.
+            check()?;
+            progress(start.elapsed(), &last);
+            return Ok(start.elapsed());
+        }
         progress(start.elapsed(), &last);
         if start.elapsed() + POLL_INTERVAL >= timeout {
             return Err(err(

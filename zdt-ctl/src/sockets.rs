@@ -147,7 +147,24 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                     tracing::debug!(error = ?e, "no IPv6 sock_diag");
                     return Ok(out);
                 }
-                NetlinkPayload::Error(e) => anyhow::bail!("{ctx}: {e:?}"),
+                // ENOENT: no handler for TCP. inet_diag loads tcp_diag on demand, and most
+                // distributions build it as a module: a kernel without its modules has none.
+                NetlinkPayload::Error(e) if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {
+                    return Err(crate::error::err(
+                        crate::error::Kind::Refused,
+                        format!(
+                            "{ctx}: the kernel has no TCP sock_diag (tcp_diag, a module in most \
+                             distributions' kernels): run `modprobe tcp_diag`, or install the \
+                             running kernel's modules; nothing was changed"
+                        ),
+                    ));
+                }
+                NetlinkPayload::Error(e) => {
+                    let why = e.code.map_or("an error".to_string(), |c| {
+                        std::io::Error::from_raw_os_error(-c.get()).to_string()
+                    });
+                    anyhow::bail!("{ctx}: {why}")
+                }
                 _ => {}
             }
             if len == 0 {
@@ -214,40 +231,55 @@ fn own_exe() -> Option<std::path::PathBuf> {
 
 /// The holders of `inodes`, and the process table around them.
 pub fn holders(inodes: &BTreeSet<u64>) -> Holders {
+    holders_in(inodes, None)
+}
+
+/// [`holders`], looking for holders only among `root` and its descendants (`None`: among all
+/// processes). Reading a process's fds (a readlink per fd) is most of a scan's cost, and most
+/// questions are about one process's tree: whether a child it started serves its socket.
+pub fn holders_in(inodes: &BTreeSet<u64>, root: Option<i32>) -> Holders {
     let mut out = Holders::default();
     let Ok(all) = procfs::process::all_processes() else {
         return out;
     };
     let ours = own_exe();
-    let mut all: Vec<Process> = all.flatten().collect();
-    all.sort_unstable_by_key(|p| p.pid);
-    for p in all {
+    // First the parent of every process (one small read each), then the fds of those in scope.
+    let mut table: Vec<(Process, procfs::process::Stat)> = all
+        .flatten()
         // Processes may exit while we look: skip what vanished.
-        let Ok(stat) = p.stat() else { continue };
-        if stat.flags & PF_KTHREAD != 0 {
+        .filter_map(|p| p.stat().ok().map(|st| (p, st)))
+        .filter(|(_, st)| st.flags & PF_KTHREAD == 0)
+        .collect();
+    table.sort_unstable_by_key(|(p, _)| p.pid);
+    for (p, stat) in &table {
+        out.procs.insert(
+            p.pid,
+            plan::ProcInfo {
+                ppid: stat.ppid,
+                ..Default::default()
+            },
+        );
+    }
+    for (p, stat) in &table {
+        if root.is_some_and(|r| p.pid != r && !plan::descends(p.pid, r, &out.procs)) {
             continue;
         }
-        let mut info = plan::ProcInfo {
-            ppid: stat.ppid,
-            ..Default::default()
-        };
-        if let Ok(fds) = socket_fds(p.pid) {
-            let mut holds = false;
-            for (inode, fd) in fds.iter().filter(|(i, _)| inodes.contains(i)) {
-                out.by_inode.entry(*inode).or_default().push((p.pid, *fd));
-                holds = true;
-            }
-            if holds {
-                let exe = p.exe().ok();
-                info.zdt = stat.comm == "zdt-ctl" || (exe.is_some() && exe == ours);
-                info.exe = exe.map(|e| e.to_string_lossy().into_owned());
-                info.execed = stat.flags & PF_FORKNOEXEC == 0;
-                info.listen_fds = p
-                    .environ()
-                    .is_ok_and(|env| env.contains_key(std::ffi::OsStr::new("LISTEN_FDS")));
-            }
+        let Ok(fds) = socket_fds(p.pid) else { continue };
+        let mut holds = false;
+        for (inode, fd) in fds.iter().filter(|(i, _)| inodes.contains(i)) {
+            out.by_inode.entry(*inode).or_default().push((p.pid, *fd));
+            holds = true;
         }
-        out.procs.insert(p.pid, info);
+        if holds {
+            let exe = p.exe().ok();
+            let info = out.procs.entry(p.pid).or_default();
+            info.zdt = stat.comm == "zdt-ctl" || (exe.is_some() && exe == ours);
+            info.exe = exe.map(|e| e.to_string_lossy().into_owned());
+            info.execed = stat.flags & PF_FORKNOEXEC == 0;
+            info.listen_fds = p
+                .environ()
+                .is_ok_and(|env| env.contains_key(std::ffi::OsStr::new("LISTEN_FDS")));
+        }
     }
     out
 }
@@ -552,7 +584,8 @@ pub fn refuse_non_app(pidfd: &PidFd) -> anyhow::Result<()> {
 /// program it started serves (a supervisor handing sockets over the systemd way).
 pub fn check_serves(pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
     let inodes: BTreeSet<u64> = listeners.iter().map(|l| l.inode).collect();
-    let h = holders(&inodes);
+    // A supervisor is told by a descendant that holds the socket too: PID's tree is enough.
+    let h = holders_in(&inodes, Some(pid));
     for l in listeners {
         if let Some(plan::NotServing::Supervisor { child }) =
             plan::not_serving(pid, &h.pids(l.inode), &h.procs)
@@ -582,7 +615,7 @@ pub fn listening_descendant(pid: i32, spec: &PortSpec) -> Option<(i32, String)> 
     if inodes.is_empty() {
         return None;
     }
-    let h = holders(&inodes);
+    let h = holders_in(&inodes, Some(pid));
     let pids: Vec<i32> = h.by_inode.values().flatten().map(|(p, _)| *p).collect();
     let child = plan::listening_child(pid, &pids, &h.procs)?;
     Some((child, comm(child).unwrap_or_default()))

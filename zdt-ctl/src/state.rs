@@ -7,7 +7,7 @@
 //! - creation pins the maps first and the program last; a directory without the program pin is
 //!   an interrupted creation and is wiped and redone by the next `attach`;
 //! - sockets enter the socket array as candidates, which the program never selects; only the
-//!   one-word flip of `ZDT_CONTROL` makes a new active set live (see [`State::switch`]).
+//!   one-word flip of `ZDT_CONTROL` makes a new active set live (see [`State::write_set`]).
 use std::{
     fs::{self, File},
     os::{
@@ -21,16 +21,18 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
-    family_index, names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta,
-    LAYOUT_VERSION, MAX_ACTIVE, MAX_SLOTS, ROLE_ACTIVE, ROLE_CANARY, ROLE_CANDIDATE, ROLE_DRAINING,
+    names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, LAYOUT_VERSION, MAX_SLOTS,
 };
 
 use crate::{
     addr::PortSpec,
     error::{err, Kind},
+    plan::sets::{free_slot, Plan, Role},
     program,
     sockets::{self, Listener},
 };
+
+pub use crate::plan::sets::Slot;
 
 const BPFFS: &str = "/sys/fs/bpf";
 /// Where `upgrade` pins the new program before it is attached everywhere; renamed over
@@ -38,6 +40,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 const STAGED_PROGRAM: &str = "zdt_select_next";
 /// The entry of ZDT_ACTIVE that holds the rollback target (0 and 1 are the live double buffer).
 const ROLLBACK_ENTRY: u32 = 2;
+/// Slot metadata entries read per BPF_MAP_LOOKUP_BATCH call (see `State::read_all_meta`).
+const META_BATCH: usize = 256;
 const ALL_MAPS: [&str; 6] = [
     names::SOCKETS,
     names::CONTROL,
@@ -127,39 +131,6 @@ impl Lock {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
             }
-        }
-    }
-}
-
-/// One slot of the socket array that holds a live socket, with what zdt knows about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot {
-    pub index: u32,
-    pub meta: SlotMeta,
-    /// New connections steered to this slot (all CPUs).
-    pub steered: u64,
-    /// Connections migrated to this slot.
-    pub migrated: u64,
-    /// New connections steered here in the last 30 to 60 seconds.
-    pub recent: u64,
-    /// In the live set's active lists.
-    pub active: bool,
-    /// In the live set's canary lists.
-    pub canary: bool,
-}
-
-impl Slot {
-    pub fn role(&self) -> &'static str {
-        if self.active {
-            "active"
-        } else if self.canary {
-            "canary"
-        } else if self.meta.role == zdt_common::ROLE_HOLD {
-            "hold"
-        } else if self.meta.role == ROLE_CANDIDATE {
-            "candidate"
-        } else {
-            "draining"
         }
     }
 }
@@ -521,20 +492,23 @@ impl State {
     /// - members of the live set still recorded as candidates (a promote killed between its
     ///   flip and its roles): `--stop-old` stops only members whose role says they served.
     fn repair(&mut self) -> anyhow::Result<()> {
-        let Some(mut set) = self.active_set()? else {
+        let Some(live) = self.active_set()? else {
             return Ok(());
         };
-        if set.probe.iter().any(|l| l.len > 0) {
-            tracing::info!("clearing the probe lists of an interrupted promote --probe");
-            set.probe = [zdt_common::SlotList::EMPTY; 2];
-            self.switch_set(&set)?;
-        }
         // Only the live set's few slots are read on the way of every command; the whole array
-        // only when there is something to record.
-        if self.members()?.iter().any(|m| m.role == ROLE_CANDIDATE) {
-            tracing::info!("recording the roles of an interrupted switch");
-            let slots = self.slots()?;
-            self.set_roles(&slots, &set)?;
+        // only when there is something to put right.
+        let probing = live.probe.iter().any(|l| l.len > 0);
+        if !probing
+            && !self
+                .members()?
+                .iter()
+                .any(|m| Role::from_raw(m.role) == Role::Candidate)
+        {
+            return Ok(());
+        }
+        if let Some(plan) = crate::plan::sets::repair(&self.slots()?, &live) {
+            tracing::info!(probing, "putting right what an interrupted command left");
+            self.apply(&plan)?;
         }
         Ok(())
     }
@@ -584,13 +558,31 @@ impl State {
         Ok(out)
     }
 
+    /// Every slot's metadata, read in batches of [`META_BATCH`] entries up to the first batch
+    /// that holds a slot zdt never filled (cookie 0); all entries after it are unfilled too, and
+    /// are returned zeroed without being read. Invariant: slots are filled lowest first
+    /// ([`free_slot`] takes the lowest free one, and a never-filled slot is always free: no set
+    /// names it and the array holds nothing there), so the filled slots are a prefix of the
+    /// array. Reading all MAX_SLOTS entries costs a 160 KB copy out of the kernel, about a fifth
+    /// of a promote's CPU time; a port with a few sockets needs one batch.
     fn read_all_meta(&self) -> anyhow::Result<Vec<SlotMeta>> {
+        self.read_meta(false)
+    }
+
+    /// `whole`: read every entry, also past the prefix (the fingerprint, which must see a
+    /// state that breaks the invariant).
+    fn read_meta(&self, whole: bool) -> anyhow::Result<Vec<SlotMeta>> {
         let mut out = vec![SlotMeta::default(); MAX_SLOTS as usize];
         let mut keys = vec![0u32; MAX_SLOTS as usize];
         let fd = self.meta_fd();
         let mut done = 0usize;
         let mut next: u32 = 0;
         while done < out.len() {
+            let count = if whole {
+                out.len() - done
+            } else {
+                META_BATCH.min(out.len() - done)
+            };
             let mut attr = BpfBatchAttr {
                 in_batch: if done == 0 {
                     0
@@ -600,7 +592,7 @@ impl State {
                 out_batch: &mut next as *mut u32 as u64,
                 keys: keys[done..].as_mut_ptr() as u64,
                 values: out[done..].as_mut_ptr() as u64,
-                count: (out.len() - done) as u32,
+                count: count as u32,
                 map_fd: fd as u32,
                 elem_flags: 0,
                 flags: 0,
@@ -610,8 +602,12 @@ impl State {
             // them outlive the call.
             let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
             let err = std::io::Error::last_os_error();
-            done += attr.count as usize;
+            let read = done..done + attr.count as usize;
+            done = read.end;
             if rc == 0 {
+                if !whole && out[read].iter().any(|m| m.cookie == 0) {
+                    break;
+                }
                 continue;
             }
             // ENOENT: the end of the array was reached (the last batch is filled).
@@ -671,10 +667,8 @@ impl State {
     }
 
     /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
-    /// slots. A socket already in the array keeps its slot. A new one takes a slot that is empty
-    /// and not named by the live active set nor by the previous one: the program must never
-    /// start sending connections to a socket merely because it landed in a slot that a dead
-    /// active socket left behind, now or after a rollback to the previous set.
+    /// slots. A socket already in the array keeps its slot; a new one takes a
+    /// [`free_slot`].
     pub fn insert(
         &mut self,
         pid: i32,
@@ -691,22 +685,13 @@ impl State {
                 out.push(s.index);
                 continue;
             }
-            let slot = (0..MAX_SLOTS)
-                .find(|i| {
-                    !taken.contains(i)
-                        && !active.names(*i)
-                        && !previous.names(*i)
-                        && self.is_empty_slot(*i)
-                })
-                .ok_or_else(|| {
-                    anyhow::anyhow!("all {MAX_SLOTS} socket slots are in use; drain old members")
-                })?;
+            let slot = free_slot(&taken, &active, &previous, |i| self.is_empty_slot(i))?;
             let meta = SlotMeta {
                 cookie: l.cookie,
                 pid_start,
                 since_ms: now_ms(),
                 pid: pid as u32,
-                role: ROLE_CANDIDATE,
+                role: Role::Candidate.raw(),
                 family: l.family(),
                 uid: l.uid,
             };
@@ -732,8 +717,8 @@ impl State {
         matches!(self.cookie_at(slot), Ok(None))
     }
 
-    /// Makes `slots` the active set in one step, and returns when no running program can still
-    /// be using the previous set.
+    /// Makes `set` live in one step, exactly as it is (hold lists included), and returns when
+    /// no running program can still be using the previous set.
     ///
     /// Protocol: write the buffer that is not live (no program reads it: see below), then flip
     /// `ZDT_CONTROL.active_buf` between 1 and 2 (a one-byte change, so no reader can see a torn
@@ -742,28 +727,10 @@ impl State {
     /// only after synchronize_rcu(); afterwards every program run started after the flip, so the
     /// old buffer is unused: the next writer may overwrite it, and the caller knows that no new
     /// connection can be steered by the old set any more. Returns the Unix time (ms) of the flip.
-    pub fn switch(&mut self, slots: &[Slot], new: &[u32]) -> anyhow::Result<u64> {
-        self.switch_set(&plain_set(slots, new)?)
-    }
-
-    /// [`State::switch`] to a whole set (active, canary and probe lists). The placeholders of
-    /// `zdt-ctl hold` are carried over from the live set unless `set` names its own.
-    pub fn switch_set(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
-        let mut set = *set;
-        if set.hold.iter().all(|l| l.len == 0) {
-            if let Some(live) = self.active_set()? {
-                set.hold = live.hold;
-            }
-        }
-        self.switch_set_exactly(&set)
-    }
-
-    /// [`State::switch_set`] to `set` as it is, hold lists included (empty ones too).
-    pub fn switch_set_exactly(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
-        let set = *set;
+    pub fn write_set(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
         let mut control = self.control()?;
         let target = if control.active_buf == 1 { 2 } else { 1 };
-        self.active.set(target - 1, set, 0)?;
+        self.active.set(target - 1, *set, 0)?;
         control.active_buf = target;
         self.control.set(0, control, 0)?;
         let flipped_at = now_ms();
@@ -772,18 +739,36 @@ impl State {
         Ok(flipped_at)
     }
 
-    /// Makes `indices` the placeholders of `zdt-ctl hold` (replacing earlier ones): role hold, and
-    /// the hold lists of the live set.
-    pub fn set_hold(&mut self, slots: &[Slot], indices: &[u32]) -> anyhow::Result<()> {
-        for s in slots.iter().filter(|s| indices.contains(&s.index)) {
-            let mut meta = s.meta;
-            meta.role = zdt_common::ROLE_HOLD;
-            self.set_meta(s.index, meta)?;
+    /// Writes what `plan` decided, in the order that keeps every step safe to be killed after:
+    /// the rollback target first (a command killed before its switch leaves the live set as
+    /// the target, which a rollback leaves as it is), then the set in one switch (skipped when
+    /// it is live already), then the roles (a command killed before them leaves members of the
+    /// live set recorded as candidates, which the next command records: `repair`). Returns the
+    /// Unix time (ms) of the switch, or now when the set was live already.
+    pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<u64> {
+        self.apply_steps(plan, |_| {})
+    }
+
+    /// [`State::apply`], calling `step` after the switch ("switched") and after the roles
+    /// ("roles"): promote's failpoints.
+    pub fn apply_steps(&mut self, plan: &Plan, mut step: impl FnMut(&str)) -> anyhow::Result<u64> {
+        if let Some(target) = &plan.rollback {
+            self.save_rollback(target)?;
         }
-        let mut set = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        set.hold = lists_of(slots, indices)?;
-        self.switch_set(&set)?;
-        Ok(())
+        let at = if self.active_set()? == Some(plan.set) {
+            now_ms()
+        } else {
+            self.write_set(&plan.set)?
+        };
+        step("switched");
+        for &(slot, role) in &plan.roles {
+            let mut meta = self.meta.get(&slot, 0)?;
+            meta.role = role.raw();
+            meta.since_ms = now_ms();
+            self.set_meta(slot, meta)?;
+        }
+        step("roles");
+        Ok(at)
     }
 
     /// All of the state except the traffic counters, as bytes: the control word, both active
@@ -794,35 +779,10 @@ impl State {
         for i in 0..3 {
             out.extend(format!("{:?}", self.active.get(&i, 0)?).bytes());
         }
-        for (slot, meta) in (0..MAX_SLOTS).zip(self.all_meta()?) {
+        for (slot, meta) in (0..MAX_SLOTS).zip(self.read_meta(true)?) {
             out.extend(format!("{slot}:{:?}:{meta:?}", self.cookie_at(slot)?).bytes());
         }
         Ok(out)
-    }
-
-    /// Records roles after a switch to `set`: its active slots active, its canary slots canary,
-    /// candidates that it does not name candidates still, everything else draining.
-    pub fn set_roles(&mut self, slots: &[Slot], set: &ActiveSet) -> anyhow::Result<()> {
-        for s in slots {
-            let role = if set.contains(s.index) {
-                ROLE_ACTIVE
-            } else if set.is_canary(s.index) {
-                ROLE_CANARY
-            } else if s.meta.role == zdt_common::ROLE_HOLD {
-                zdt_common::ROLE_HOLD
-            } else if s.meta.role == ROLE_CANDIDATE && !s.active && !s.canary {
-                ROLE_CANDIDATE
-            } else {
-                ROLE_DRAINING
-            };
-            if role != s.meta.role {
-                let mut meta = s.meta;
-                meta.role = role;
-                meta.since_ms = now_ms();
-                self.set_meta(s.index, meta)?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -967,70 +927,6 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The per-family lists of `indices` (slots of `slots`), as the program reads them.
-pub fn lists_of(slots: &[Slot], indices: &[u32]) -> anyhow::Result<[zdt_common::SlotList; 2]> {
-    let mut lists = [zdt_common::SlotList::EMPTY; 2];
-    for index in indices {
-        let family = slots
-            .iter()
-            .find(|s| s.index == *index)
-            .map(|s| s.meta.family)
-            .context("switching to a slot that holds no socket")?;
-        let list = family_index(family)
-            .and_then(|i| lists.get_mut(i))
-            .context("slot with an unknown address family")?;
-        let n = list.len as usize;
-        if n >= MAX_ACTIVE {
-            anyhow::bail!("more than {MAX_ACTIVE} sockets of one family in the active set");
-        }
-        list.slots[n] = *index;
-        list.len += 1;
-    }
-    Ok(lists)
-}
-
-/// `set` without the slots that no longer hold a live socket of zdt's (and, if `skip` says so,
-/// without some of the live ones): what can still be made live of an earlier set.
-pub fn live_only(
-    set: &ActiveSet,
-    slots: &[Slot],
-    skip: impl Fn(&Slot) -> bool,
-) -> anyhow::Result<ActiveSet> {
-    let keep = |lists: &[zdt_common::SlotList; 2]| -> anyhow::Result<[zdt_common::SlotList; 2]> {
-        let indices: Vec<u32> = lists
-            .iter()
-            .flat_map(|l| l.as_slice().iter().copied())
-            .filter(|i| slots.iter().any(|s| s.index == *i && !skip(s)))
-            .collect();
-        lists_of(slots, &indices)
-    };
-    let mut out = *set;
-    out.lists = keep(&set.lists)?;
-    out.canary = keep(&set.canary)?;
-    out.probe = [zdt_common::SlotList::EMPTY; 2];
-    Ok(out)
-}
-
-/// The pids of the slots that `keep` selects, each once, in order.
-pub fn pids_where(slots: &[Slot], keep: impl Fn(&Slot) -> bool) -> Vec<i32> {
-    let mut pids: Vec<i32> = slots
-        .iter()
-        .filter(|s| keep(s))
-        .map(|s| s.meta.pid as i32)
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
-}
-
-/// The set that makes `indices` the active members, and nothing else.
-pub fn plain_set(slots: &[Slot], indices: &[u32]) -> anyhow::Result<ActiveSet> {
-    Ok(ActiveSet {
-        lists: lists_of(slots, indices)?,
-        ..ActiveSet::EMPTY
-    })
 }
 
 /// The spec is stored in the control map so every command sees what `attach` was given.

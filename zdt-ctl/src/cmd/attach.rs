@@ -6,6 +6,37 @@ use crate::{
     state::State,
 };
 
+/// Put a port under zdt's control (idempotent). Listeners already on the port keep serving.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80"
+)]
+pub struct Args {
+    /// [ADDR]:PORT, e.g. :80, 127.0.0.1:8080, [::]:80
+    #[arg(value_parser = super::parse_spec)]
+    pub addr: PortSpec,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    let r = attach(args.addr)?;
+    let verb = if r.created {
+        "attached"
+    } else {
+        "already attached"
+    };
+    println!("{}: {verb}", r.spec);
+    for w in &r.warnings {
+        eprintln!("zdt-ctl: warning: {w}");
+    }
+    if !r.adopted.is_empty() {
+        println!(
+            "active: pid {} (already listening)",
+            super::pid_list(&r.adopted)
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct AttachReport {
     pub spec: String,
@@ -105,10 +136,8 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
                 adopted.push(pid);
             }
         }
-        let live = state.slots()?;
-        state.switch(&live, &slots)?;
-        let live = state.slots()?;
-        state.set_roles(&live, &crate::state::plain_set(&live, &slots)?)?;
+        let live = state.active_set()?.unwrap_or(zdt_common::ActiveSet::EMPTY);
+        state.apply(&crate::plan::sets::adopt(&state.slots()?, &live, &slots)?)?;
     }
     tracing::info!(port = spec.port, created, ?adopted, "attached");
     Ok(AttachReport {

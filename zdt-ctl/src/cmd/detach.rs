@@ -12,6 +12,22 @@ use crate::{
     state::State,
 };
 
+/// Remove the program from the port's groups and delete zdt's state for it.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(value_parser = super::parse_spec)]
+    pub addr: PortSpec,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    let groups = detach(args.addr)?;
+    println!(
+        "{}: detached ({groups} group(s) back to kernel hashing)",
+        args.addr
+    );
+    Ok(())
+}
+
 pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     require_root()?;
     let mut state = State::open_locked(spec.port)?;
@@ -31,13 +47,13 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     let slots = state.slots()?;
     let held: Vec<u64> = slots
         .iter()
-        .filter(|s| s.meta.role == zdt_common::ROLE_HOLD)
+        .filter(|s| s.recorded() == crate::plan::sets::Role::Hold)
         .map(|s| s.meta.cookie)
         .collect();
     if !held.is_empty() {
         if let Some(mut set) = state.active_set()? {
             set.hold = [zdt_common::SlotList::EMPTY; 2];
-            state.switch_set_exactly(&set)?;
+            state.write_set(&set)?;
         }
         for f in found.iter().filter(|f| held.contains(&f.entry.cookie)) {
             nix::sys::socket::shutdown(f.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)

@@ -112,6 +112,30 @@ pub fn listeners(specs: &[PortSpec], backlog: i32) -> anyhow::Result<Vec<socket2
     Ok(sockets)
 }
 
+/// Run CMD with SO_REUSEPORT listeners handed over the systemd way (LISTEN_FDS).
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  zdt-ctl exec --listen :80 -- /usr/bin/myapp --socket-activation"
+)]
+pub struct Args {
+    /// [ADDR]:PORT to listen on (`:80` = 0.0.0.0:80 and [::]:80); may repeat.
+    #[arg(long = "listen", required = true, value_parser = super::parse_spec)]
+    pub listen: Vec<PortSpec>,
+    #[arg(long, default_value_t = 4096)]
+    pub backlog: i32,
+    /// The name passed in LISTEN_FDNAMES.
+    #[arg(long, default_value = "zdt")]
+    pub name: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Returns only on an error: otherwise the process becomes CMD.
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    match exec(&args.listen, args.backlog, &args.name, &args.command)? {}
+}
+
 pub fn exec(
     specs: &[PortSpec],
     backlog: i32,

@@ -195,8 +195,8 @@ fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     }
     let start = sockets::start_time(pid).unwrap_or(0);
     indices.extend(state.insert(pid, start, &missing)?);
-    let slots = state.slots()?;
-    state.set_hold(&slots, &indices)?;
+    let live = state.active_set()?.unwrap_or(zdt_common::ActiveSet::EMPTY);
+    state.apply(&crate::plan::sets::hold(&state.slots()?, &live, &indices)?)?;
     Ok(())
 }
 
@@ -223,6 +223,56 @@ fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
         "port {} is attached as {attached}, which does not cover {spec}: hold {attached} instead",
         spec.port
     )))
+}
+
+/// Keep the port's connections waiting while no promoted process is active (runs until stopped)
+///
+/// A placeholder listener that never accepts stays in the port's group. While no promoted
+/// process can take a connection (a crash, a stop-then-start restart), new connections and
+/// a dying member's queue wait on it instead of being refused or reset, and move to the next
+/// promoted process. Meant as a systemd service (examples/zdt-hold.service); ends when the
+/// port is detached.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The address your app binds, [ADDR]:PORT: `:PORT` holds both wildcards (0.0.0.0 and
+    /// [::]); use 0.0.0.0:PORT for an app that serves IPv4 only.
+    #[arg(value_parser = super::parse_spec)]
+    pub addr: PortSpec,
+    /// Accept-queue limit of each placeholder: how many connections can wait at once
+    /// (also capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096)]
+    pub backlog: i32,
+    /// How long connections may wait for a ready process of their address family; after
+    /// that they are reset (a family no process serves must not keep clients forever).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Owner of the placeholder (user name or uid): the app's user, e.g. www-data. The
+    /// kernel shares a port only between sockets of one uid. Default: the owner of the
+    /// port's listeners, or root when there are none.
+    #[arg(long, value_name = "NAME|UID")]
+    pub user: Option<String>,
+    /// One [::] placeholder with IPV6_V6ONLY=0, for an app that listens on one dual-stack
+    /// socket (Go, Java and Node do by default). Default: the layout of the port's
+    /// listeners, or split when there are none.
+    #[arg(long, conflicts_with = "split")]
+    pub dual_stack: bool,
+    /// An IPv4 and an IPv6-only placeholder (the default when the port has no listener).
+    #[arg(long)]
+    pub split: bool,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    hold(&HoldOptions {
+        spec: args.addr,
+        backlog: args.backlog,
+        max_wait: args.max_wait,
+        user: args.user,
+        layout: match (args.dual_stack, args.split) {
+            (true, _) => Some(HoldLayout::DualStack),
+            (_, true) => Some(HoldLayout::Split),
+            _ => None,
+        },
+    })
 }
 
 /// Runs until the port is detached (then returns, and the placeholder closes) or an error.

@@ -4,6 +4,29 @@ use std::{fmt::Write as _, net::SocketAddr};
 
 use crate::cmd::status::{statuses, Status};
 
+/// Print zdt's counters in the Prometheus text format, or serve them.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  zdt-ctl metrics > /var/lib/node_exporter/textfile/zdt.prom\n  zdt-ctl metrics --listen 127.0.0.1:9814"
+)]
+pub struct Args {
+    #[arg(value_parser = super::parse_port_arg)]
+    pub port: Option<u16>,
+    /// Serve GET /metrics on this address instead of printing once.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    match args.listen {
+        Some(addr) => serve(addr, args.port),
+        None => {
+            print!("{}", render(&statuses(args.port)?));
+            Ok(())
+        }
+    }
+}
+
 /// Label values escaped as the exposition format wants (backslash, quote, newline).
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -72,7 +95,7 @@ pub fn render(all: &[Status]) -> String {
             port(s),
             ("pid", m.pid.to_string()),
             ("command", m.command.clone()),
-            ("role", m.role.into()),
+            ("role", m.role.as_str().into()),
         ]
     };
     type MemberValue = fn(&crate::cmd::status::Member) -> f64;

@@ -1,4 +1,6 @@
-//! One module per verb. Each is a function of the library; the CLI only parses and prints.
+//! One module per verb. Each owns its command-line arguments (`Args`), its run (a function of
+//! the library, which the tests and the benchmark call too) and its rendering (`execute` runs it
+//! and prints the outcome as text or JSON); the binary's main only parses and dispatches.
 pub mod attach;
 pub mod detach;
 pub mod drain;
@@ -10,7 +12,44 @@ pub mod rollback;
 pub mod status;
 pub mod upgrade;
 
-use crate::error::{bad_input, err, Kind};
+use std::time::Duration;
+
+use crate::{
+    addr::{parse_duration, parse_pid, parse_port, PortSpec},
+    error::{bad_input, err, Kind},
+};
+
+// clap's value parsers return String errors; ours name the input already.
+pub(crate) fn parse_spec(s: &str) -> Result<PortSpec, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+pub(crate) fn parse_pid_arg(s: &str) -> Result<i32, String> {
+    parse_pid(s).map_err(|e| e.to_string())
+}
+pub(crate) fn parse_port_arg(s: &str) -> Result<u16, String> {
+    parse_port(s).map_err(|e| e.to_string())
+}
+pub(crate) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Prints `value` as pretty JSON: one object for one port asked for, else an array.
+pub(crate) fn print_json<T: serde::Serialize>(all: &[T], one: bool) -> anyhow::Result<()> {
+    let text = match all {
+        [single] if one => serde_json::to_string_pretty(single)?,
+        _ => serde_json::to_string_pretty(all)?,
+    };
+    println!("{text}");
+    Ok(())
+}
+
+/// "1, 2, 3"
+pub(crate) fn pid_list(pids: &[i32]) -> String {
+    pids.iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The port a command without `--port` means: the only attached port of this namespace.
 pub fn resolve_port(port: Option<u16>) -> anyhow::Result<u16> {

@@ -3,15 +3,20 @@
 //! optionally stop the previous members.
 use std::time::{Duration, Instant};
 
-use zdt_common::{ActiveSet, ROLE_CANDIDATE};
+use zdt_common::ActiveSet;
 
 use crate::{
     addr::PortSpec,
     cmd::resolve_port,
     error::{bad_input, err, require_root, Kind},
-    failpoint, plan, readiness,
+    failpoint,
+    plan::{
+        self,
+        sets::{self, Process, Role},
+    },
+    readiness,
     sockets::{self, Listener, PidFd},
-    state::{lists_of, plain_set, State},
+    state::State,
 };
 
 /// How often promote looks whether PID listens yet.
@@ -25,8 +30,189 @@ const CHILD_CHECK: Duration = Duration::from_secs(1);
 pub enum Progress<'a> {
     /// PID has not started listening on `spec` yet.
     Listening { elapsed: Duration, spec: PortSpec },
-    /// The readiness check answered `answer` ("200" ends the wait).
-    Answer { elapsed: Duration, answer: &'a str },
+    /// The readiness check answered `answer` (Ready ends the wait).
+    Answer {
+        elapsed: Duration,
+        answer: &'a readiness::Answer,
+    },
+}
+
+/// Wait for PID to listen on the port and be ready, then send all new connections to it.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "PID is the service's own process (with `exec` in a start script; under socket \
+                  activation its MainPID). It may bind the port some time after it starts: promote \
+                  waits for that, and fails at once if it binds another address, without \
+                  SO_REUSEPORT, as another uid, or laid out otherwise than the running version \
+                  (split IPv4/IPv6 vs one dual-stack socket).\n\n\
+                  Example:\n  ./myapp & zdt-ctl promote $! --readyz http://127.0.0.1:8081/readyz --stop-old"
+)]
+pub struct Args {
+    #[arg(value_parser = super::parse_pid_arg, allow_hyphen_values = true)]
+    pub pid: i32,
+    /// Readiness URL; the switch happens once it answers 200. Only PID (or a process it
+    /// started) may serve its address, checked at every probe and at the switch;
+    /// `localhost` means 127.0.0.1 and ::1.
+    #[arg(long, required_unless_present_any = ["no_readyz", "probe"])]
+    pub readyz: Option<String>,
+    /// Check readiness at PATH through the public port itself, for apps without a separate
+    /// readiness port: zdt's probes (marked connections from loopback) reach PID and no one else.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["readyz", "no_readyz"])]
+    pub probe: Option<String>,
+    /// Skip the readiness check (the process is taken as ready now).
+    #[arg(long, conflicts_with = "readyz")]
+    pub no_readyz: bool,
+    /// Canary: send N % (1-99) of new connections to PID, by flow hash; the rest stay with
+    /// the active members. `promote PID` without --weight completes the rollout.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99), conflicts_with = "stop_old")]
+    pub weight: Option<u32>,
+    /// How long to wait for PID to listen on the port and then answer 200, in all.
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration_arg)]
+    pub timeout: Duration,
+    /// After the switch, keep checking that the new process lives and answers 200 this long;
+    /// if it does not, restore the previous active set (exit code 8).
+    #[arg(long, value_parser = super::parse_duration_arg)]
+    pub probation: Option<Duration>,
+    /// SIGTERM the previous members after the switch (and probation) and wait for them to exit.
+    #[arg(long)]
+    pub stop_old: bool,
+    /// How long --stop-old waits for the previous members to exit.
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration_arg)]
+    pub drain_timeout: Duration,
+    /// The attached port (needed only when several are attached). May repeat: PID is
+    /// promoted on each, after one readiness wait, atomically per port.
+    #[arg(long = "port", value_parser = super::parse_port_arg)]
+    pub ports: Vec<u16>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    let opts = PromoteOptions {
+        pid: args.pid,
+        ports: args.ports,
+        readyz: args.readyz,
+        probe: args.probe,
+        weight: args.weight,
+        timeout: args.timeout,
+        probation: args.probation,
+        stop_old: args.stop_old,
+        drain_timeout: args.drain_timeout,
+    };
+    // Progress only on a terminal: one line, redrawn. In scripts and under systemd the log
+    // lines (RUST_LOG=info) tell the story.
+    let mut line = ProgressLine::default();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let reports = promote(&opts, |p| {
+        if tty {
+            line.show(opts.pid, p)
+        }
+    });
+    if line.printed {
+        eprintln!();
+    }
+    let reports = reports?;
+    if args.json {
+        return super::print_json(&reports, true);
+    }
+    print!("{}", render(&reports, opts.weight));
+    if reports
+        .iter()
+        .flat_map(|r| &r.stopped)
+        .any(|s| s.outcome == StopOutcome::StillRunning)
+    {
+        eprintln!(
+            "zdt-ctl: warning: some previous members were still running after the drain \
+             timeout; they receive no new connections"
+        );
+    }
+    Ok(())
+}
+
+/// The progress line on a terminal, with the readiness answers seen so far.
+#[derive(Default)]
+struct ProgressLine {
+    seen: Vec<(String, u32)>,
+    printed: bool,
+}
+
+impl ProgressLine {
+    fn show(&mut self, pid: i32, p: Progress<'_>) {
+        self.printed = true;
+        match p {
+            Progress::Listening { elapsed, spec } => eprint!(
+                "\r\x1b[2Kwaiting for pid {pid} to listen on {spec}: {:.1}s",
+                elapsed.as_secs_f64()
+            ),
+            Progress::Answer { elapsed, answer } => {
+                let text = answer.to_string();
+                match self.seen.iter_mut().find(|(a, _)| *a == text) {
+                    Some((_, n)) => *n += 1,
+                    None => self.seen.push((text, 1)),
+                }
+                let answers: Vec<String> =
+                    self.seen.iter().map(|(a, n)| format!("{a} x{n}")).collect();
+                eprint!(
+                    "\r\x1b[2Kwaiting for readiness: {:.1}s, answers: {}",
+                    elapsed.as_secs_f64(),
+                    answers.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// The text report: per port, who is active (or canary) and who drains; then what was
+/// stopped and how long each phase took.
+fn render(reports: &[PromoteReport], weight: Option<u32>) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    for r in reports {
+        let _ = match weight {
+            Some(w) => writeln!(
+                o,
+                "port {}: pid {} canary at {w} % (slots {:?})",
+                r.port, r.pid, r.slots
+            ),
+            None => writeln!(
+                o,
+                "port {}: pid {} active (slots {:?})",
+                r.port, r.pid, r.slots
+            ),
+        };
+        let _ = if r.drained.is_empty() {
+            writeln!(o, "drained: none")
+        } else {
+            writeln!(o, "drained: pid {}", super::pid_list(&r.drained))
+        };
+    }
+    let Some(r) = reports.first() else {
+        return o;
+    };
+    for s in &r.stopped {
+        let _ = writeln!(
+            o,
+            "stopped: pid {} {} after {} ms",
+            s.pid,
+            s.outcome.as_str(),
+            s.after_ms
+        );
+    }
+    let switch: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{:.2} ms", r.switch_ms))
+        .collect();
+    let _ = writeln!(
+        o,
+        "phases: validate {:.1} ms, readiness {:.1} ms, switch {}, probation {:.1} ms, stop {:.1} ms",
+        r.validate_ms,
+        r.readiness_ms,
+        switch.join(" + "),
+        r.probation_ms,
+        r.stop_ms
+    );
+    o
 }
 
 #[derive(Debug, Clone)]
@@ -50,12 +236,35 @@ pub struct PromoteOptions {
     pub drain_timeout: Duration,
 }
 
+/// What became of a previous member that `--stop-old` stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopOutcome {
+    /// It exited within the drain timeout.
+    Exited,
+    /// It still ran at the drain timeout (it takes no new connection).
+    StillRunning,
+    /// It had exited, or its pid was reused, before the signal: nothing was signalled.
+    Gone,
+    /// pid 1 or zdt-ctl, recorded by an older zdt-ctl: never signalled.
+    NotAService,
+}
+
+impl StopOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopOutcome::Exited => "exited",
+            StopOutcome::StillRunning => "still-running",
+            StopOutcome::Gone => "gone",
+            StopOutcome::NotAService => "not-a-service",
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Stopped {
     pub pid: i32,
-    /// exited | still-running | gone (exited or pid reused before the signal) | not-a-service
-    /// (pid 1 or zdt-ctl, recorded by an older zdt-ctl: never signalled)
-    pub outcome: &'static str,
+    pub outcome: StopOutcome,
     pub after_ms: u64,
 }
 
@@ -88,8 +297,8 @@ struct Switched {
     new: Vec<u32>,
     /// The set that was live before: what a rollback restores.
     before: ActiveSet,
-    drained: Vec<(i32, u64)>,
-    to_stop: Vec<(i32, u64)>,
+    drained: Vec<Process>,
+    to_stop: Vec<Process>,
     switched_at_ms: u64,
     switch: Duration,
 }
@@ -156,8 +365,9 @@ pub fn promote(
     // go on meanwhile, and the switch below re-reads and re-checks under the lock whatever
     // it relies on.
     let t1 = Instant::now();
-    let mut answered =
-        |elapsed: Duration, answer: &str| progress(Progress::Answer { elapsed, answer });
+    let mut answered = |elapsed: Duration, answer: &readiness::Answer| {
+        progress(Progress::Answer { elapsed, answer })
+    };
     if let Some(p) = &prober {
         tracing::info!(pid = opts.pid, url = %p.url, "waiting for readiness");
         let left = deadline.saturating_duration_since(t1);
@@ -238,7 +448,7 @@ pub fn promote(
 
     let t4 = Instant::now();
     failpoint("stopping");
-    let mut to_stop: Vec<(i32, u64)> = Vec::new();
+    let mut to_stop: Vec<Process> = Vec::new();
     for s in &done {
         for p in &s.to_stop {
             if !to_stop.contains(p) {
@@ -263,7 +473,7 @@ pub fn promote(
                 port,
                 pid: opts.pid,
                 slots: new,
-                drained: drained.iter().map(|d| d.0).collect(),
+                drained: drained.iter().map(|d| d.pid).collect(),
                 stopped: stopped.clone(),
                 validate_ms: ms(validate),
                 readiness_ms: ms(readiness),
@@ -296,49 +506,16 @@ fn switch_port(
     failpoint("inserted");
     let slots = state.slots()?;
     let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let set = match weight {
-        // A canary: the active members stay, PID gets its share next to them.
-        Some(w) => ActiveSet {
-            lists: lists_of(&slots, &without(&before.lists, &new))?,
-            canary: lists_of(&slots, &new)?,
-            canary_weight: w,
-            ..ActiveSet::EMPTY
-        },
-        None => plain_set(&slots, &new)?,
-    };
-    // The placeholders of `zdt-ctl hold` are never demoted nor stopped by a promote.
-    let pids_of = |keep: &dyn Fn(&crate::state::Slot) -> bool| {
-        let mut out: Vec<(i32, u64)> = Vec::new();
-        for s in slots
-            .iter()
-            .filter(|s| s.meta.role != zdt_common::ROLE_HOLD && keep(s))
-        {
-            let p = (s.meta.pid as i32, s.meta.pid_start);
-            if p.0 != pid && !out.contains(&p) {
-                out.push(p);
-            }
-        }
-        out
-    };
-    // Demoted: what took connections before and takes none now.
-    let drained = pids_of(&|s| (s.active || s.canary) && !set.names(s.index));
-    // --stop-old stops every member that will not take connections: the ones this promote
-    // demotes, and any that an earlier promote demoted without stopping (e.g. it was killed
-    // after its switch and this promote is its retry).
-    let to_stop = pids_of(&|s| !set.names(s.index) && s.meta.role != ROLE_CANDIDATE);
-    // What `rollback` restores from now on: the set before this promote.
-    state.save_rollback(&before)?;
-    let switched_at_ms = state.switch_set(&set)?;
-    failpoint("switched");
-    state.set_roles(&slots, &set)?;
-    failpoint("roles");
+    let plan = sets::promote(&slots, &before, pid, &new, weight)?;
+    // The rollback target (the set before this promote), the switch, then the roles.
+    let switched_at_ms = state.apply_steps(&plan, failpoint)?;
     // Close our duplicates before anything else: from here on only the processes hold them, so
     // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
     let switch = t.elapsed();
     tracing::info!(port, pid, weight, switch_ms = ms(switch), "switched");
-    if !drained.is_empty() {
-        let pids: Vec<i32> = drained.iter().map(|d| d.0).collect();
+    if !plan.drained.is_empty() {
+        let pids: Vec<i32> = plan.drained.iter().map(|d| d.pid).collect();
         tracing::info!(port, ?pids, "drained");
     }
     Ok(Switched {
@@ -346,8 +523,8 @@ fn switch_port(
         port,
         new,
         before,
-        drained,
-        to_stop,
+        drained: plan.drained,
+        to_stop: plan.to_stop,
         switched_at_ms,
         switch,
     })
@@ -454,9 +631,7 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     let set = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
     let cookies: Vec<u64> = slots
         .iter()
-        .filter(|s| {
-            s.meta.pid as i32 != pid && (set.names(s.index) || s.meta.role == zdt_common::ROLE_HOLD)
-        })
+        .filter(|s| s.pid() != pid && (set.names(s.index) || s.recorded() == Role::Hold))
         .map(|s| s.meta.cookie)
         .collect();
     if cookies.is_empty() {
@@ -472,7 +647,7 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     if let Some(why) = plan::layout_conflict(&current, &new) {
         let holding = slots
             .iter()
-            .any(|s| s.meta.role == zdt_common::ROLE_HOLD && cookies.contains(&s.meta.cookie));
+            .any(|s| s.recorded() == Role::Hold && cookies.contains(&s.meta.cookie));
         let todo = if holding && new.dual_stack() {
             "Start the new version with the same sockets or, if the app is meant to listen \
              dual-stack, restart `zdt-ctl hold` with --dual-stack"
@@ -494,15 +669,6 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     Ok(())
 }
 
-/// The slots of `lists` that are not in `new`.
-fn without(lists: &[zdt_common::SlotList; 2], new: &[u32]) -> Vec<u32> {
-    lists
-        .iter()
-        .flat_map(|l| l.as_slice().iter().copied())
-        .filter(|i| !new.contains(i))
-        .collect()
-}
-
 /// `--probe PATH`: put PID's sockets into the probe lists (zdt-ctl's own marked connections
 /// reach them, nothing else does), ask PATH through the public port until it
 /// answers 200, then take them out again; the switch proper follows. On failure the earlier
@@ -513,7 +679,7 @@ fn probe_through_port(
     path: &str,
     timeout: Duration,
     check: &impl Fn() -> anyhow::Result<()>,
-    progress: &mut impl FnMut(Duration, &str),
+    progress: &mut impl FnMut(Duration, &readiness::Answer),
 ) -> anyhow::Result<()> {
     let mut befores = Vec::new();
     // The probe goes to the first port; the family of its wildcard is that of PID's sockets
@@ -529,9 +695,7 @@ fn probe_through_port(
         drop(listeners);
         let slots = state.slots()?;
         let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        let mut set = before;
-        set.probe = lists_of(&slots, &new)?;
-        state.switch_set(&set)?;
+        state.write_set(&sets::probe(&slots, &before, &new)?)?;
         befores.push(before);
     }
     let spec = states[0].spec;
@@ -552,7 +716,7 @@ fn probe_through_port(
     );
     if waited.is_err() {
         for (state, before) in states.iter_mut().zip(&befores) {
-            state.switch_set(before)?;
+            state.write_set(before)?;
         }
     }
     waited.map(drop)
@@ -587,12 +751,13 @@ fn watch(
             ));
         }
         if let Some(p) = prober {
-            let answer = sockets::check_url_owner(target, &p.url, &p.addrs)
-                .map_err(|e| e.to_string())
-                .and_then(|()| p.probe(probation.saturating_sub(start.elapsed())));
+            let answer = match sockets::check_url_owner(target, &p.url, &p.addrs) {
+                Ok(()) => p.probe(probation.saturating_sub(start.elapsed())),
+                Err(e) => readiness::Answer::Error(e.to_string()),
+            };
             match answer {
-                Ok(()) => failures = 0,
-                Err(answer) => {
+                readiness::Answer::Ready => failures = 0,
+                answer => {
                     failures += 1;
                     if failures >= PROBATION_FAILURES {
                         return Err(format!(
@@ -613,15 +778,12 @@ fn watch(
 /// still listen; returns the pids restored.
 fn restore(state: &mut State, before: &ActiveSet) -> anyhow::Result<Vec<i32>> {
     let slots = state.slots()?;
-    let set = crate::state::live_only(before, &slots, |_| false)?;
-    if set.is_empty() {
+    let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+    let Some(plan) = sets::restore(&slots, &live, before)? else {
         return Ok(Vec::new());
-    }
-    state.switch_set(&set)?;
-    state.set_roles(&slots, &set)?;
-    Ok(crate::state::pids_where(&slots, |s| {
-        set.names(s.index) && s.meta.role != zdt_common::ROLE_HOLD
-    }))
+    };
+    state.apply(&plan)?;
+    Ok(plan.serving(&slots))
 }
 
 fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {
@@ -646,25 +808,25 @@ fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {
 
 /// SIGTERM to each previous member (only if it is still the process that was promoted then),
 /// then wait for all of them to exit, up to one shared deadline.
-fn stop_all(pids: &[(i32, u64)], timeout: Duration) -> Vec<Stopped> {
+fn stop_all(pids: &[Process], timeout: Duration) -> Vec<Stopped> {
     let start = Instant::now();
     let mut waiting = Vec::new();
     let mut out = Vec::new();
-    for &(pid, pid_start) in pids {
+    for &Process { pid, start } in pids {
         match PidFd::open(pid) {
             // Members are the app's processes only (never pid 1 nor zdt-ctl: see plan::member);
             // a state recorded by an older zdt-ctl may still name one, and it is not signalled.
             Ok(p) if sockets::refuse_non_app(&p).is_err() => out.push(Stopped {
                 pid,
-                outcome: "not-a-service",
+                outcome: StopOutcome::NotAService,
                 after_ms: 0,
             }),
-            Ok(p) if p.start == pid_start && p.signal(rustix::process::Signal::TERM).is_ok() => {
+            Ok(p) if p.start == start && p.signal(rustix::process::Signal::TERM).is_ok() => {
                 waiting.push(p)
             }
             _ => out.push(Stopped {
                 pid,
-                outcome: "gone",
+                outcome: StopOutcome::Gone,
                 after_ms: 0,
             }),
         }
@@ -674,7 +836,11 @@ fn stop_all(pids: &[(i32, u64)], timeout: Duration) -> Vec<Stopped> {
         let exited = p.wait_exit(left);
         out.push(Stopped {
             pid: p.pid,
-            outcome: if exited { "exited" } else { "still-running" },
+            outcome: if exited {
+                StopOutcome::Exited
+            } else {
+                StopOutcome::StillRunning
+            },
             after_ms: start.elapsed().as_millis() as u64,
         });
         tracing::info!(pid = p.pid, exited, "stopped");

@@ -1,10 +1,32 @@
 //! `zdt-ctl rollback [PORT]`: make the active set that was live before the last switch live
 //! again, in one update. The fast path back from a deploy: the previous version, drained but not
 //! yet stopped, takes all new connections again at once.
-use crate::{
-    error::{err, require_root, Kind},
-    state::{pids_where, State},
-};
+use crate::{error::require_root, plan::sets, state::State};
+
+/// Make the active set from before the last switch active again (while its sockets listen).
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example, right after a deploy that turns out bad (before --stop-old stopped the old version):\n  zdt-ctl rollback"
+)]
+pub struct Args {
+    #[arg(value_parser = super::parse_port_arg)]
+    pub port: Option<u16>,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    let port = super::resolve_port(args.port)?;
+    let r = rollback(port)?;
+    println!(
+        "port {port}: pid {} active again; pid {} draining",
+        super::pid_list(&r.restored),
+        if r.demoted.is_empty() {
+            "-".into()
+        } else {
+            super::pid_list(&r.demoted)
+        }
+    );
+    Ok(())
+}
 
 #[derive(Debug, serde::Serialize)]
 pub struct RollbackReport {
@@ -18,39 +40,18 @@ pub struct RollbackReport {
 pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     require_root()?;
     let mut state = State::open_locked(port)?;
-    let Some(previous) = state.previous_set()? else {
-        return Err(err(
-            Kind::Refused,
-            format!("port {port} has no previous active set to go back to (nothing was switched since attach)"),
-        ));
-    };
     let slots = state.slots()?;
-    // Only sockets that still listen can be restored. A slot of the previous set is never given
-    // to another socket (State::insert), so a live slot still holds the socket it held then.
-    // Candidates are left out: a rollback must never make live a socket that was not promoted.
-    let back = crate::state::live_only(&previous, &slots, |s| {
-        s.meta.role == zdt_common::ROLE_CANDIDATE
-    })?;
-    if back.is_empty() {
-        return Err(err(
-            Kind::Refused,
-            format!(
-                "the previous members of port {port} no longer listen (stopped or exited): there is \
-                 nothing to roll back to; nothing was changed"
-            ),
-        ));
-    }
-    let demoted = pids_where(&slots, |s| (s.active || s.canary) && !back.names(s.index));
-    // A second rollback goes forward again.
-    if let Some(live) = state.active_set()? {
-        state.save_rollback(&live)?;
-    }
-    state.switch_set(&back)?;
-    state.set_roles(&slots, &back)?;
-    // The placeholders of `zdt-ctl hold` ride along in every set; they are not members.
-    let restored = pids_where(&slots, |s| {
-        back.names(s.index) && s.meta.role != zdt_common::ROLE_HOLD
-    });
+    let plan = sets::rollback(
+        &slots,
+        state.active_set()?.as_ref(),
+        state.previous_set()?.as_ref(),
+        port,
+    )?;
+    state.apply(&plan)?;
+    let restored = plan.serving(&slots);
+    let mut demoted: Vec<i32> = plan.drained.iter().map(|p| p.pid).collect();
+    demoted.sort_unstable();
+    demoted.dedup();
     tracing::info!(port, ?restored, ?demoted, "rolled back");
     Ok(RollbackReport {
         port,

@@ -20,7 +20,7 @@ pub struct Group {
 pub struct Member {
     pub pid: i32,
     pub command: String,
-    pub role: &'static str,
+    pub role: crate::plan::sets::Role,
     pub slots: Vec<u32>,
     /// Unix time (ms) since which the member has had its role.
     pub since_ms: u64,
@@ -87,6 +87,49 @@ pub struct Status {
     pub members: Vec<Member>,
     pub counters: Counters,
     pub kernel: KernelCounters,
+}
+
+/// Show members, roles and counters.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "The JSON schema is docs/status.schema.json. Each group is checked with one \
+                        connection of zdt-ctl's own to the port, which the program refuses: the app \
+                        never sees it. A PORT that is not attached exits 3."
+)]
+pub struct Args {
+    /// The port (default: every attached port of this network namespace).
+    #[arg(value_parser = super::parse_port_arg)]
+    pub port: Option<u16>,
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+    /// Refresh the view every INTERVAL (default 1s) until interrupted.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = super::parse_duration_arg)]
+    pub watch: Option<std::time::Duration>,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    if let Some(every) = args.watch {
+        loop {
+            let all = statuses(args.port)?;
+            print!("\x1b[2J\x1b[H{}", render_all(&all));
+            std::thread::sleep(every);
+        }
+    }
+    let all = statuses(args.port)?;
+    if args.json {
+        // One port asked for: one object; otherwise an array.
+        return super::print_json(&all, args.port.is_some());
+    }
+    print!("{}", render_all(&all));
+    Ok(())
+}
+
+/// The human view of every port in `all`.
+fn render_all(all: &[Status]) -> String {
+    if all.is_empty() {
+        return "no port is attached in this network namespace\n".into();
+    }
+    all.iter().map(render).collect()
 }
 
 pub fn status(port: u16) -> anyhow::Result<Status> {
@@ -251,16 +294,17 @@ pub fn render(s: &Status) -> String {
             }
         );
     }
+    // The share's window: two 30 s buckets, the current one and the one before.
     let _ = writeln!(
         o,
-        "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>10}",
-        "SLOTS", "PID", "COMMAND", "ROLE", "SINCE", "STEERED", "MIGRATED", "SHARE(1m)"
+        "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>13}",
+        "SLOTS", "PID", "COMMAND", "ROLE", "SINCE", "STEERED", "MIGRATED", "SHARE(30-60s)"
     );
     for m in &s.members {
         let slots: Vec<String> = m.slots.iter().map(u32::to_string).collect();
         let _ = writeln!(
             o,
-            "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>9.1}%",
+            "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>12.1}%",
             slots.join(","),
             m.pid,
             m.command,

@@ -2,6 +2,49 @@
 //! attached port, keeping the pinned maps (roles, active set, rollback target, counters).
 use crate::{error::require_root, program, sockets, state::State};
 
+/// After installing a new zdt-ctl: swap its program in, keeping roles, sets and counters.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Every other command refuses a port whose pinned program another zdt-ctl \
+                  loaded (exit 7). upgrade loads this zdt-ctl's program against the port's \
+                  pinned maps and attaches it to each of the port's SO_REUSEPORT groups, \
+                  which the kernel swaps in one step: no connection is refused or reset, \
+                  and members, roles, the rollback target and counters stay. It refuses \
+                  (exit 7, nothing changed) when the pinned maps have another layout than \
+                  this zdt-ctl's; then detach with the old zdt-ctl and attach with the new \
+                  one. Running it again is harmless.\n\n\
+                  Example, in a package's postinst:\n  zdt-ctl upgrade"
+)]
+pub struct Args {
+    /// The port (default: every attached port of this network namespace).
+    #[arg(value_parser = super::parse_port_arg)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn execute(args: Args) -> anyhow::Result<()> {
+    let reports = upgrade(args.port)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    for r in &reports {
+        if r.upgraded {
+            println!(
+                "port {}: program upgraded (tag {} -> {}), attached through {} socket(s)",
+                r.port, r.from_tag, r.to_tag, r.sockets
+            );
+        } else {
+            println!(
+                "port {}: already runs this zdt-ctl's program (tag {})",
+                r.port, r.to_tag
+            );
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct UpgradeReport {
     pub port: u16,

@@ -1,0 +1,967 @@
+//! Who takes a port's new connections: the active set and the roles, decided as pure functions
+//! from what the state holds now (the live slots, the live set, the rollback target) and what a
+//! command asks for, to what the command must write (a [`Plan`]). The verbs read the state,
+//! call one of these, and hand the plan to `State::apply`; nothing here reads or writes a map.
+use std::fmt;
+
+use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, MAX_ACTIVE, MAX_SLOTS};
+
+use crate::error::{bad_input, err, Kind};
+
+/// What a slot's socket is to zdt, as recorded in its metadata (`SlotMeta::role`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// In the socket array, not (yet) promoted: a promote that has not switched, or one that
+    /// was interrupted before its switch.
+    Candidate,
+    /// Takes the port's new connections.
+    Active,
+    /// Took connections, takes none now; its socket still listens.
+    Draining,
+    /// Takes a share of new connections next to the active members.
+    Canary,
+    /// A placeholder of `zdt-ctl hold`: parks connections while no member can take them.
+    Hold,
+}
+
+impl Role {
+    /// The role a metadata entry records (the map's encoding, zdt_common's `ROLE_*`). An
+    /// unknown value reads as draining: a socket zdt cannot place must not take connections.
+    pub fn from_raw(raw: u32) -> Role {
+        match raw {
+            zdt_common::ROLE_CANDIDATE => Role::Candidate,
+            zdt_common::ROLE_ACTIVE => Role::Active,
+            zdt_common::ROLE_CANARY => Role::Canary,
+            zdt_common::ROLE_HOLD => Role::Hold,
+            _ => Role::Draining,
+        }
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            Role::Candidate => zdt_common::ROLE_CANDIDATE,
+            Role::Active => zdt_common::ROLE_ACTIVE,
+            Role::Draining => zdt_common::ROLE_DRAINING,
+            Role::Canary => zdt_common::ROLE_CANARY,
+            Role::Hold => zdt_common::ROLE_HOLD,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Candidate => "candidate",
+            Role::Active => "active",
+            Role::Draining => "draining",
+            Role::Canary => "canary",
+            Role::Hold => "hold",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // pad: status's table aligns the column with a width.
+        f.pad(self.as_str())
+    }
+}
+
+/// One slot of the socket array that holds a live socket zdt put there, with what zdt knows
+/// about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u32,
+    pub meta: SlotMeta,
+    /// New connections steered to this slot (all CPUs).
+    pub steered: u64,
+    /// Connections migrated to this slot.
+    pub migrated: u64,
+    /// New connections steered here in the last 30 to 60 seconds.
+    pub recent: u64,
+    /// In the live set's active lists.
+    pub active: bool,
+    /// In the live set's canary lists.
+    pub canary: bool,
+}
+
+impl Slot {
+    /// The role its metadata records.
+    pub fn recorded(&self) -> Role {
+        Role::from_raw(self.meta.role)
+    }
+
+    /// The role it plays now: the live set decides active and canary (a command killed after
+    /// its switch may not have recorded them yet), the metadata the rest.
+    pub fn role(&self) -> Role {
+        match self.recorded() {
+            _ if self.active => Role::Active,
+            _ if self.canary => Role::Canary,
+            r @ (Role::Hold | Role::Candidate) => r,
+            _ => Role::Draining,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.meta.pid as i32
+    }
+
+    /// The process recorded for it, told from a reused pid by its start time.
+    pub fn process(&self) -> Process {
+        Process {
+            pid: self.pid(),
+            start: self.meta.pid_start,
+        }
+    }
+}
+
+/// A process as zdt records it: its pid and its start time (clock ticks since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Process {
+    pub pid: i32,
+    pub start: u64,
+}
+
+/// What a command writes, in this order: the rollback target, the set (one switch), the roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// What `rollback` restores from now on; None leaves it as it is.
+    pub rollback: Option<ActiveSet>,
+    /// The set to make live.
+    pub set: ActiveSet,
+    /// The roles to record once the set is live: (slot, role), for the slots whose role changes.
+    pub roles: Vec<(u32, Role)>,
+    /// Processes that took connections and take none once the set is live.
+    pub drained: Vec<Process>,
+    /// Processes `promote --stop-old` stops: every member that takes no connection once the set
+    /// is live and once served (not a candidate), the promoted process and hold's placeholders
+    /// never.
+    pub to_stop: Vec<Process>,
+}
+
+impl Plan {
+    /// A plan that makes `set` live (hold's placeholders carried over from `live`) and records
+    /// the roles that follow from it.
+    fn switch(slots: &[Slot], live: &ActiveSet, set: ActiveSet) -> Plan {
+        let set = with_hold(set, live);
+        Plan {
+            rollback: None,
+            roles: roles_after(slots, &set),
+            set,
+            drained: Vec::new(),
+            to_stop: Vec::new(),
+        }
+    }
+
+    /// The pids of the slots the new set names, hold's placeholders left out: who serves.
+    pub fn serving(&self, slots: &[Slot]) -> Vec<i32> {
+        pids_where(slots, |s| {
+            self.set.names(s.index) && s.recorded() != Role::Hold && !self.set.is_hold(s.index)
+        })
+    }
+}
+
+/// The per-family lists of `indices` (slots of `slots`), as the program reads them.
+pub fn lists_of(slots: &[Slot], indices: &[u32]) -> anyhow::Result<[SlotList; 2]> {
+    let mut lists = [SlotList::EMPTY; 2];
+    for index in indices {
+        let slot = slots
+            .iter()
+            .find(|s| s.index == *index)
+            .ok_or_else(|| anyhow::anyhow!("switching to slot {index}, which holds no socket"))?;
+        let list = family_index(slot.meta.family)
+            .and_then(|i| lists.get_mut(i))
+            .ok_or_else(|| anyhow::anyhow!("slot {index} has an unknown address family"))?;
+        let n = list.len as usize;
+        if n >= MAX_ACTIVE {
+            anyhow::bail!("more than {MAX_ACTIVE} sockets of one family in the active set");
+        }
+        list.slots[n] = *index;
+        list.len += 1;
+    }
+    Ok(lists)
+}
+
+/// The slots of `lists`, in order.
+fn indices(lists: &[SlotList; 2]) -> impl Iterator<Item = u32> + '_ {
+    lists.iter().flat_map(|l| l.as_slice().iter().copied())
+}
+
+/// `set` with the live set's placeholders of `zdt-ctl hold`: they are registered by hold alone
+/// ([`hold`]) and ride along in every other set, also in a set restored from before they were
+/// registered (those of then may be gone).
+pub fn with_hold(mut set: ActiveSet, live: &ActiveSet) -> ActiveSet {
+    set.hold = live.hold;
+    set
+}
+
+/// `set` without the slots that no longer hold a live socket of zdt's (and without those
+/// `skip` selects): what can still be made live of an earlier set. No probe lists.
+pub fn live_only(
+    set: &ActiveSet,
+    slots: &[Slot],
+    skip: impl Fn(&Slot) -> bool,
+) -> anyhow::Result<ActiveSet> {
+    let keep = |lists: &[SlotList; 2]| -> anyhow::Result<[SlotList; 2]> {
+        let kept: Vec<u32> = indices(lists)
+            .filter(|i| slots.iter().any(|s| s.index == *i && !skip(s)))
+            .collect();
+        lists_of(slots, &kept)
+    };
+    let mut out = *set;
+    out.lists = keep(&set.lists)?;
+    out.canary = keep(&set.canary)?;
+    out.probe = [SlotList::EMPTY; 2];
+    Ok(out)
+}
+
+/// The pids of the slots that `keep` selects, each once, in order.
+pub fn pids_where(slots: &[Slot], keep: impl Fn(&Slot) -> bool) -> Vec<i32> {
+    let mut pids: Vec<i32> = slots.iter().filter(|s| keep(s)).map(Slot::pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// The processes of the slots that `keep` selects, each once, in slot order.
+fn processes_where(slots: &[Slot], keep: impl Fn(&Slot) -> bool) -> Vec<Process> {
+    let mut out: Vec<Process> = Vec::new();
+    for p in slots.iter().filter(|s| keep(s)).map(Slot::process) {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The roles once `set` is live: its active slots active, its canary slots canary, hold's
+/// placeholders hold, candidates it does not name (and that took no connection) candidates
+/// still, everything else draining. Only the slots whose role changes.
+pub fn roles_after(slots: &[Slot], set: &ActiveSet) -> Vec<(u32, Role)> {
+    slots
+        .iter()
+        .filter_map(|s| {
+            let role = match s.recorded() {
+                _ if set.contains(s.index) => Role::Active,
+                _ if set.is_canary(s.index) => Role::Canary,
+                Role::Hold => Role::Hold,
+                Role::Candidate if !s.active && !s.canary => Role::Candidate,
+                _ => Role::Draining,
+            };
+            (role != s.recorded()).then_some((s.index, role))
+        })
+        .collect()
+}
+
+/// The slot for a new socket: not taken by a live socket, empty in the array, and named by
+/// neither the live set nor the rollback target. The program must never send connections to
+/// a socket merely because it landed in a slot a dead member left in a set (now, or after a
+/// rollback to the previous set).
+pub fn free_slot(
+    taken: &[u32],
+    live: &ActiveSet,
+    previous: &ActiveSet,
+    is_empty: impl Fn(u32) -> bool,
+) -> anyhow::Result<u32> {
+    (0..MAX_SLOTS)
+        .find(|&i| !taken.contains(&i) && !live.names(i) && !previous.names(i) && is_empty(i))
+        .ok_or_else(|| {
+            anyhow::anyhow!("all {MAX_SLOTS} socket slots are in use; drain old members")
+        })
+}
+
+/// `promote PID`: PID's slots `new` take every new connection (with `weight`, that share of
+/// them as a canary beside the active members, which stay). Whoever served before and is not
+/// named now drains; the set live before becomes the rollback target.
+pub fn promote(
+    slots: &[Slot],
+    live: &ActiveSet,
+    pid: i32,
+    new: &[u32],
+    weight: Option<u32>,
+) -> anyhow::Result<Plan> {
+    let set = match weight {
+        Some(w) => ActiveSet {
+            lists: lists_of(
+                slots,
+                &indices(&live.lists)
+                    .filter(|i| !new.contains(i))
+                    .collect::<Vec<_>>(),
+            )?,
+            canary: lists_of(slots, new)?,
+            canary_weight: w,
+            ..ActiveSet::EMPTY
+        },
+        None => ActiveSet {
+            lists: lists_of(slots, new)?,
+            ..ActiveSet::EMPTY
+        },
+    };
+    let mut plan = Plan::switch(slots, live, set);
+    // Never PID itself, never hold's placeholders.
+    let others = |s: &Slot| s.pid() != pid && s.recorded() != Role::Hold;
+    plan.drained = processes_where(slots, |s| {
+        others(s) && (s.active || s.canary) && !plan.set.names(s.index)
+    });
+    // Also members an earlier promote demoted without stopping them (one killed after its
+    // switch, whose retry this is); not candidates, which never served.
+    plan.to_stop = processes_where(slots, |s| {
+        others(s) && !plan.set.names(s.index) && s.recorded() != Role::Candidate
+    });
+    plan.rollback = Some(without_probe(live));
+    Ok(plan)
+}
+
+/// `promote --probe`: the live set, with PID's slots `new` in the probe lists (zdt-ctl's own
+/// marked connections reach them and nothing else does).
+pub fn probe(slots: &[Slot], live: &ActiveSet, new: &[u32]) -> anyhow::Result<ActiveSet> {
+    let mut set = *live;
+    set.probe = lists_of(slots, new)?;
+    Ok(set)
+}
+
+fn without_probe(set: &ActiveSet) -> ActiveSet {
+    let mut set = *set;
+    set.probe = [SlotList::EMPTY; 2];
+    set
+}
+
+/// After a failed switch or probation: the set live before it (`before`), as far as its
+/// sockets still listen; None when none does (nothing to restore).
+pub fn restore(
+    slots: &[Slot],
+    live: &ActiveSet,
+    before: &ActiveSet,
+) -> anyhow::Result<Option<Plan>> {
+    let set = live_only(before, slots, |_| false)?;
+    if set.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Plan::switch(slots, live, set)))
+}
+
+/// `rollback`: the rollback target made live again, as far as its sockets still listen and
+/// never with a candidate (a socket that was never promoted); the set live now becomes the
+/// rollback target, so a second rollback goes forward again.
+pub fn rollback(
+    slots: &[Slot],
+    live: Option<&ActiveSet>,
+    previous: Option<&ActiveSet>,
+    port: u16,
+) -> anyhow::Result<Plan> {
+    let Some(previous) = previous else {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "port {port} has no previous active set to go back to (nothing was switched \
+                 since attach)"
+            ),
+        ));
+    };
+    // A slot of the rollback target is never given to another socket (free_slot), so a live
+    // slot still holds the socket it held then.
+    let back = live_only(previous, slots, |s| s.recorded() == Role::Candidate)?;
+    if back.is_empty() {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "the previous members of port {port} no longer listen (stopped or exited): there \
+                 is nothing to roll back to; nothing was changed"
+            ),
+        ));
+    }
+    let mut plan = Plan::switch(slots, live.unwrap_or(&ActiveSet::EMPTY), back);
+    plan.drained = processes_where(slots, |s| {
+        (s.active || s.canary) && !plan.set.names(s.index)
+    });
+    plan.rollback = live.map(without_probe);
+    Ok(plan)
+}
+
+/// `drain PID`: PID's slots leave the active set. Refused when it would leave the port with
+/// no active socket (unless `force`), and always when hold's placeholder would then take a
+/// family's new connections while PID still listens.
+pub fn drain(
+    slots: &[Slot],
+    live: &ActiveSet,
+    pid: i32,
+    force: bool,
+    port: u16,
+) -> anyhow::Result<Plan> {
+    let mine: Vec<u32> = slots
+        .iter()
+        .filter(|s| s.pid() == pid)
+        .map(|s| s.index)
+        .collect();
+    if mine.is_empty() {
+        return Err(bad_input(format!(
+            "pid {pid} is not a member of port {port} (see `zdt-ctl status {port}`)"
+        )));
+    }
+    let remaining: Vec<u32> = slots
+        .iter()
+        .filter(|s| s.active && !mine.contains(&s.index))
+        .map(|s| s.index)
+        .collect();
+    // A family that would keep no active socket while `zdt-ctl hold` has a placeholder in it:
+    // the program would park every new connection of that family on the placeholder (the hold
+    // list is its last choice before kernel hashing), to wait for a promote that may never come
+    // (up to hold's --max-wait), while PID still listens and could answer it. Without hold,
+    // kernel hashing would have handed it to PID. --force does not make that right.
+    let holders =
+        |family: u32| pids_where(slots, |h| live.is_hold(h.index) && h.meta.family == family);
+    let parked = slots.iter().find(|s| {
+        let family = s.meta.family;
+        s.active
+            && mine.contains(&s.index)
+            && !holders(family).is_empty()
+            && !slots
+                .iter()
+                .any(|r| remaining.contains(&r.index) && r.meta.family == family)
+    });
+    if let Some(s) = parked {
+        let family = if s.meta.family == AF_INET {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
+        let holds: Vec<String> = holders(s.meta.family).iter().map(i32::to_string).collect();
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "pid {pid} is the last active {family} member of port {port}, and `zdt-ctl hold` \
+                 (pid {}) runs: draining it would park every new {family} connection on hold's \
+                 placeholder to wait for the next promote (up to hold's --max-wait), while pid \
+                 {pid} still listens and could answer it. Promote another process first; to \
+                 restart without overlap, stop pid {pid} instead (what is queued on it moves to \
+                 the placeholder); nothing was changed",
+                holds.join(", pid ")
+            ),
+        ));
+    }
+    if remaining.is_empty() && !force {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "draining pid {pid} would leave port {port} with no active socket; promote another \
+                 process first, or pass --force (new connections then go to kernel hashing)"
+            ),
+        ));
+    }
+    let set = ActiveSet {
+        lists: lists_of(slots, &remaining)?,
+        ..ActiveSet::EMPTY
+    };
+    let mut plan = Plan::switch(slots, live, set);
+    plan.drained = processes_where(slots, |s| s.pid() == pid && (s.active || s.canary));
+    Ok(plan)
+}
+
+/// `attach` of a port whose listeners already serve: their slots `indices` become the
+/// active members, as if promoted.
+pub fn adopt(slots: &[Slot], live: &ActiveSet, indices: &[u32]) -> anyhow::Result<Plan> {
+    let set = ActiveSet {
+        lists: lists_of(slots, indices)?,
+        ..ActiveSet::EMPTY
+    };
+    Ok(Plan::switch(slots, live, set))
+}
+
+/// `hold` registers its placeholders `indices` (replacing earlier ones): role hold, and the
+/// hold lists of the live set; members and the rollback target stay as they are.
+pub fn hold(slots: &[Slot], live: &ActiveSet, indices: &[u32]) -> anyhow::Result<Plan> {
+    let mut set = *live;
+    set.hold = lists_of(slots, indices)?;
+    let roles = slots
+        .iter()
+        .filter(|s| indices.contains(&s.index) && s.recorded() != Role::Hold)
+        .map(|s| (s.index, Role::Hold))
+        .collect();
+    Ok(Plan {
+        rollback: None,
+        set,
+        roles,
+        drained: Vec::new(),
+        to_stop: Vec::new(),
+    })
+}
+
+/// What an interrupted command left in the live set, put right by the next command that takes
+/// the lock: live probe lists (a `promote --probe` killed while it waited: zdt-ctl's marked
+/// connections would keep reaching that process), and members still recorded as candidates (a
+/// promote killed between its switch and its roles: `--stop-old` stops only members whose role
+/// says they served). None when there is nothing to put right.
+pub fn repair(slots: &[Slot], live: &ActiveSet) -> Option<Plan> {
+    let set = without_probe(live);
+    let roles = roles_after(slots, &set);
+    let stale_candidates = slots
+        .iter()
+        .any(|s| (s.active || s.canary) && s.recorded() == Role::Candidate);
+    if set == *live && !stale_candidates {
+        return None;
+    }
+    Some(Plan {
+        rollback: None,
+        set,
+        roles,
+        drained: Vec::new(),
+        to_stop: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use zdt_common::AF_INET6;
+
+    use super::*;
+
+    /// A live slot: `index`, held by `pid` (started at pid * 10), of `family`, recording `role`,
+    /// and whether the live set lists it as active or canary.
+    fn slot(index: u32, pid: u32, family: u32, role: Role) -> Slot {
+        Slot {
+            index,
+            meta: SlotMeta {
+                cookie: 1000 + index as u64,
+                pid_start: pid as u64 * 10,
+                since_ms: 0,
+                pid,
+                role: role.raw(),
+                family,
+                uid: 0,
+            },
+            steered: 0,
+            migrated: 0,
+            recent: 0,
+            active: role == Role::Active,
+            canary: role == Role::Canary,
+        }
+    }
+
+    fn set_of(slots: &[Slot], active: &[u32]) -> ActiveSet {
+        ActiveSet {
+            lists: lists_of(slots, active).unwrap(),
+            ..ActiveSet::EMPTY
+        }
+    }
+
+    fn listed(lists: &[SlotList; 2]) -> [Vec<u32>; 2] {
+        [lists[0].as_slice().to_vec(), lists[1].as_slice().to_vec()]
+    }
+
+    fn proc_of(pid: i32) -> Process {
+        Process {
+            pid,
+            start: pid as u64 * 10,
+        }
+    }
+
+    /// v1 (pid 100) active on slots 0 (IPv4) and 1 (IPv6), v2 (pid 200) a candidate on 2 and 3.
+    fn deploy() -> (Vec<Slot>, ActiveSet) {
+        let slots = vec![
+            slot(0, 100, AF_INET, Role::Active),
+            slot(1, 100, AF_INET6, Role::Active),
+            slot(2, 200, AF_INET, Role::Candidate),
+            slot(3, 200, AF_INET6, Role::Candidate),
+        ];
+        let live = set_of(&slots, &[0, 1]);
+        (slots, live)
+    }
+
+    /// The slots as the state holds them once `plan` was applied.
+    fn after(slots: &[Slot], plan: &Plan) -> Vec<Slot> {
+        slots
+            .iter()
+            .map(|s| {
+                let mut s = *s;
+                s.active = plan.set.contains(s.index);
+                s.canary = plan.set.is_canary(s.index);
+                if let Some((_, r)) = plan.roles.iter().find(|(i, _)| *i == s.index) {
+                    s.meta.role = r.raw();
+                }
+                s
+            })
+            .collect()
+    }
+
+    fn code(e: &anyhow::Error) -> i32 {
+        crate::error::kind_of(e).exit_code()
+    }
+
+    #[test]
+    fn roles_read_and_write_the_maps_encoding() {
+        for r in [
+            Role::Candidate,
+            Role::Active,
+            Role::Draining,
+            Role::Canary,
+            Role::Hold,
+        ] {
+            assert_eq!(Role::from_raw(r.raw()), r);
+        }
+        // An entry zdt cannot read never counts as taking connections.
+        assert_eq!(Role::from_raw(0), Role::Draining);
+        assert_eq!(Role::from_raw(99), Role::Draining);
+        assert_eq!(Role::Canary.to_string(), "canary");
+        assert_eq!(format!("{:<8}|", Role::Hold), "hold    |");
+    }
+
+    #[test]
+    fn the_live_set_decides_active_and_canary_before_the_recorded_role() {
+        let mut s = slot(0, 100, AF_INET, Role::Candidate);
+        assert_eq!(s.role(), Role::Candidate);
+        // Switched, roles not yet recorded (a promote killed in between).
+        s.active = true;
+        assert_eq!(s.role(), Role::Active);
+        // Recorded active, no longer in the live set: it drains.
+        let mut s = slot(0, 100, AF_INET, Role::Active);
+        s.active = false;
+        assert_eq!(s.role(), Role::Draining);
+        assert_eq!(slot(0, 1, AF_INET, Role::Hold).role(), Role::Hold);
+    }
+
+    #[test]
+    fn lists_split_by_family_in_the_given_order() {
+        let (slots, _) = deploy();
+        let lists = lists_of(&slots, &[3, 0, 2, 1]).unwrap();
+        assert_eq!(listed(&lists), [vec![0, 2], vec![3, 1]]);
+        let e = lists_of(&slots, &[7]).unwrap_err().to_string();
+        assert!(e.contains("slot 7"), "{e}");
+    }
+
+    #[test]
+    fn a_promote_makes_the_new_slots_active_and_drains_the_old_member() {
+        let (slots, live) = deploy();
+        let p = promote(&slots, &live, 200, &[2, 3], None).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![2], vec![3]]);
+        assert_eq!(p.rollback, Some(live));
+        assert_eq!(
+            p.roles,
+            vec![
+                (0, Role::Draining),
+                (1, Role::Draining),
+                (2, Role::Active),
+                (3, Role::Active)
+            ]
+        );
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        assert_eq!(p.to_stop, vec![proc_of(100)]);
+        assert_eq!(p.serving(&slots), vec![200]);
+    }
+
+    #[test]
+    fn a_promote_stops_members_an_earlier_promote_demoted_but_never_candidates() {
+        let (mut slots, live) = deploy();
+        // pid 50 drained by a promote killed before --stop-old; pid 60 a candidate that never
+        // served (a promote that failed before its switch).
+        slots.push(slot(4, 50, AF_INET, Role::Draining));
+        slots.push(slot(5, 60, AF_INET, Role::Candidate));
+        let p = promote(&slots, &live, 200, &[2, 3], None).unwrap();
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        assert_eq!(p.to_stop, vec![proc_of(100), proc_of(50)]);
+        // The candidate stays one.
+        assert!(!p.roles.iter().any(|(i, _)| *i == 5));
+    }
+
+    #[test]
+    fn a_promote_of_the_active_member_again_drains_and_stops_no_one() {
+        let (slots, live) = deploy();
+        let p = promote(&slots, &live, 100, &[0, 1], None).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
+        assert!(p.drained.is_empty() && p.to_stop.is_empty());
+        assert!(p.roles.is_empty(), "{:?}", p.roles);
+    }
+
+    #[test]
+    fn a_canary_takes_its_share_beside_the_active_members() {
+        let (slots, live) = deploy();
+        let p = promote(&slots, &live, 200, &[2, 3], Some(10)).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
+        assert_eq!(listed(&p.set.canary), [vec![2], vec![3]]);
+        assert_eq!(p.set.canary_weight, 10);
+        assert!(p.drained.is_empty() && p.to_stop.is_empty());
+        assert_eq!(p.roles, vec![(2, Role::Canary), (3, Role::Canary)]);
+        assert_eq!(p.serving(&slots), vec![100, 200]);
+    }
+
+    #[test]
+    fn completing_a_canary_makes_it_active_and_drains_the_old_member() {
+        let (slots, live) = deploy();
+        let canary = promote(&slots, &live, 200, &[2, 3], Some(10)).unwrap();
+        let slots = after(&slots, &canary);
+        let p = promote(&slots, &canary.set, 200, &[2, 3], None).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![2], vec![3]]);
+        assert!(p.set.canary.iter().all(|l| l.len == 0));
+        assert_eq!(p.set.canary_weight, 0);
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        // Rollback then goes back to the canary.
+        assert_eq!(p.rollback, Some(canary.set));
+    }
+
+    #[test]
+    fn a_new_canary_replaces_the_previous_one() {
+        let (mut slots, live) = deploy();
+        slots[2].canary = true;
+        slots[2].meta.role = Role::Canary.raw();
+        slots.push(slot(4, 300, AF_INET, Role::Candidate));
+        let mut live = live;
+        live.canary = lists_of(&slots, &[2]).unwrap();
+        live.canary_weight = 5;
+        let p = promote(&slots, &live, 300, &[4], Some(20)).unwrap();
+        assert_eq!(listed(&p.set.canary), [vec![4], vec![]]);
+        assert_eq!(p.drained, vec![proc_of(200)]);
+        assert!(p.roles.contains(&(2, Role::Draining)));
+    }
+
+    #[test]
+    fn the_placeholders_ride_along_in_a_promote_and_are_never_drained_or_stopped() {
+        let (mut slots, mut live) = deploy();
+        slots.push(slot(8, 42, AF_INET, Role::Hold));
+        slots.push(slot(9, 42, AF_INET6, Role::Hold));
+        live.hold = lists_of(&slots, &[8, 9]).unwrap();
+        let p = promote(&slots, &live, 200, &[2, 3], None).unwrap();
+        assert_eq!(p.set.hold, live.hold);
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        assert_eq!(p.to_stop, vec![proc_of(100)]);
+        assert!(!p.roles.iter().any(|(i, _)| *i >= 8));
+        assert_eq!(p.serving(&slots), vec![200]);
+    }
+
+    #[test]
+    fn a_probe_adds_probe_lists_to_the_live_set_and_the_switch_clears_them() {
+        let (slots, live) = deploy();
+        let probing = probe(&slots, &live, &[2, 3]).unwrap();
+        assert_eq!(probing.lists, live.lists);
+        assert_eq!(listed(&probing.probe), [vec![2], vec![3]]);
+        let p = promote(&slots, &probing, 200, &[2, 3], None).unwrap();
+        assert!(p.set.probe.iter().all(|l| l.len == 0));
+        // The rollback target never carries probe lists either.
+        assert!(p.rollback.unwrap().probe.iter().all(|l| l.len == 0));
+    }
+
+    #[test]
+    fn many_sockets_of_both_families_fit_up_to_the_limit() {
+        // Two versions of a 512-worker app with a listener per worker per family.
+        let mut slots = Vec::new();
+        for i in 0..2048u32 {
+            let (pid, family) = (
+                100 + 100 * (i / 1024),
+                [AF_INET, AF_INET6][(i % 2) as usize],
+            );
+            slots.push(slot(
+                i,
+                pid,
+                family,
+                if pid == 100 {
+                    Role::Active
+                } else {
+                    Role::Candidate
+                },
+            ));
+        }
+        let old: Vec<u32> = (0..1024).collect();
+        let new: Vec<u32> = (1024..2048).collect();
+        let live = set_of(&slots, &old);
+        let p = promote(&slots, &live, 200, &new, None).unwrap();
+        assert_eq!(p.set.lists[0].len, 512);
+        assert_eq!(p.set.lists[1].len, 512);
+        assert_eq!(p.roles.len(), 2048);
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        // Both versions active at once (an attach adopting both) still fit: 1024 per family.
+        let both: Vec<u32> = (0..2048).collect();
+        assert_eq!(
+            adopt(&slots, &ActiveSet::EMPTY, &both).unwrap().set.lists[0].len,
+            1024
+        );
+        // One more of a family does not.
+        slots.push(slot(2048, 300, AF_INET, Role::Candidate));
+        let over: Vec<u32> = (0..2049).collect();
+        let e = adopt(&slots, &ActiveSet::EMPTY, &over)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1024"), "{e}");
+    }
+
+    #[test]
+    fn a_new_socket_never_takes_a_slot_a_set_still_names() {
+        let (slots, live) = deploy();
+        let previous = set_of(&slots, &[2]);
+        let taken: Vec<u32> = slots.iter().map(|s| s.index).collect();
+        // Slots 0-3 taken; 5 named by the live set's hold list, 6 by the rollback target
+        // although their sockets are gone.
+        let mut live = live;
+        live.hold[0].slots[0] = 5;
+        live.hold[0].len = 1;
+        let mut previous = previous;
+        previous.lists[0].slots[1] = 6;
+        previous.lists[0].len = 2;
+        assert_eq!(free_slot(&taken, &live, &previous, |_| true).unwrap(), 4);
+        assert_eq!(free_slot(&taken, &live, &previous, |i| i > 4).unwrap(), 7);
+        let e = free_slot(&taken, &live, &previous, |_| false).unwrap_err();
+        assert!(e.to_string().contains("socket slots are in use"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_switch_restores_what_still_listens_of_the_set_before() {
+        let (slots, before) = deploy();
+        let switched = promote(&slots, &before, 200, &[2, 3], None).unwrap();
+        let slots = after(&slots, &switched);
+        let p = restore(&slots, &switched.set, &before).unwrap().unwrap();
+        assert_eq!(p.set.lists, before.lists);
+        assert!(p.roles.contains(&(0, Role::Active)));
+        assert!(p.roles.contains(&(2, Role::Draining)));
+        assert_eq!(p.serving(&slots), vec![100]);
+        // v1's IPv6 socket closed meanwhile: only its IPv4 one comes back.
+        let without_v6: Vec<Slot> = slots.iter().copied().filter(|s| s.index != 1).collect();
+        let p = restore(&without_v6, &switched.set, &before)
+            .unwrap()
+            .unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![0], vec![]]);
+        // v1 gone entirely: nothing to restore.
+        let gone: Vec<Slot> = slots.iter().copied().filter(|s| s.pid() != 100).collect();
+        assert_eq!(restore(&gone, &switched.set, &before).unwrap(), None);
+    }
+
+    #[test]
+    fn a_rollback_restores_the_set_before_the_last_promote_and_can_go_forward_again() {
+        let (slots, live) = deploy();
+        let promoted = promote(&slots, &live, 200, &[2, 3], None).unwrap();
+        let slots = after(&slots, &promoted);
+        let back = rollback(&slots, Some(&promoted.set), promoted.rollback.as_ref(), 80).unwrap();
+        assert_eq!(back.set.lists, live.lists);
+        assert_eq!(back.rollback, Some(promoted.set));
+        assert_eq!(back.drained, vec![proc_of(200)]);
+        assert_eq!(back.serving(&slots), vec![100]);
+        assert!(
+            back.roles.contains(&(0, Role::Active)) && back.roles.contains(&(3, Role::Draining))
+        );
+    }
+
+    #[test]
+    fn a_rollback_never_makes_a_candidate_live_and_refuses_when_nothing_listens() {
+        let (slots, live) = deploy();
+        let e = rollback(&slots, Some(&live), None, 80).unwrap_err();
+        assert_eq!(code(&e), 7);
+        assert!(e.to_string().contains("no previous active set"), "{e}");
+        // The rollback target names only slot 2, a candidate now (its socket was reused by a
+        // promote that failed before its switch): nothing to go back to.
+        let previous = set_of(&slots, &[2]);
+        let e = rollback(&slots, Some(&live), Some(&previous), 80).unwrap_err();
+        assert_eq!(code(&e), 7);
+        assert!(e.to_string().contains("no longer listen"), "{e}");
+    }
+
+    #[test]
+    fn a_rollback_keeps_the_placeholders_registered_since_the_promote() {
+        let (mut slots, live) = deploy();
+        // v2 served before (the rollback target), v1 was promoted since.
+        slots[2].meta.role = Role::Draining.raw();
+        slots[3].meta.role = Role::Draining.raw();
+        let previous = set_of(&slots, &[2, 3]);
+        // hold registered (again) after the promote: its slots are the live set's.
+        slots.push(slot(8, 42, AF_INET, Role::Hold));
+        let mut live = live;
+        live.hold = lists_of(&slots, &[8]).unwrap();
+        let p = rollback(&slots, Some(&live), Some(&previous), 80).unwrap();
+        assert_eq!(p.set.hold, live.hold);
+        assert_eq!(p.serving(&slots), vec![200]);
+    }
+
+    #[test]
+    fn a_drain_leaves_the_other_members_active() {
+        let (mut slots, live) = deploy();
+        slots[2].active = true;
+        slots[2].meta.role = Role::Active.raw();
+        let live = ActiveSet {
+            lists: lists_of(&slots, &[0, 1, 2]).unwrap(),
+            ..live
+        };
+        let p = drain(&slots, &live, 100, false, 80).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![2], vec![]]);
+        assert_eq!(p.drained, vec![proc_of(100)]);
+        assert_eq!(p.roles, vec![(0, Role::Draining), (1, Role::Draining)]);
+        assert_eq!(p.rollback, None);
+    }
+
+    #[test]
+    fn a_drain_of_the_last_member_needs_force_and_of_a_stranger_is_bad_input() {
+        let (slots, live) = deploy();
+        let e = drain(&slots, &live, 100, false, 80).unwrap_err();
+        assert_eq!(code(&e), 7);
+        assert!(e.to_string().contains("--force"), "{e}");
+        let p = drain(&slots, &live, 100, true, 80).unwrap();
+        assert!(p.set.is_empty());
+        let e = drain(&slots, &live, 4242, false, 80).unwrap_err();
+        assert_eq!(code(&e), 2);
+        assert!(e.to_string().contains("not a member of port 80"), "{e}");
+    }
+
+    #[test]
+    fn a_drain_that_would_park_a_family_on_hold_is_refused_even_with_force() {
+        let (mut slots, mut live) = deploy();
+        slots.push(slot(8, 42, AF_INET6, Role::Hold));
+        live.hold = lists_of(&slots, &[8]).unwrap();
+        // v2 active for IPv4 only: draining v1 leaves IPv6 to hold's placeholder.
+        slots[2].active = true;
+        live.lists = lists_of(&slots, &[0, 1, 2]).unwrap();
+        for force in [false, true] {
+            let e = drain(&slots, &live, 100, force, 80).unwrap_err();
+            assert_eq!(code(&e), 7);
+            assert!(e.to_string().contains("last active IPv6 member"), "{e}");
+            assert!(e.to_string().contains("pid 42"), "{e}");
+        }
+        // With a v2 IPv6 socket active as well, the drain goes ahead and keeps the placeholder.
+        slots[3].active = true;
+        live.lists = lists_of(&slots, &[0, 1, 2, 3]).unwrap();
+        let p = drain(&slots, &live, 100, false, 80).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![2], vec![3]]);
+        assert_eq!(p.set.hold, live.hold);
+    }
+
+    #[test]
+    fn hold_registers_its_placeholders_without_touching_members_or_the_rollback_target() {
+        let (mut slots, live) = deploy();
+        slots.push(slot(8, 42, AF_INET, Role::Candidate));
+        slots.push(slot(9, 42, AF_INET6, Role::Candidate));
+        let p = hold(&slots, &live, &[8, 9]).unwrap();
+        assert_eq!(p.set.lists, live.lists);
+        assert_eq!(listed(&p.set.hold), [vec![8], vec![9]]);
+        assert_eq!(p.roles, vec![(8, Role::Hold), (9, Role::Hold)]);
+        assert_eq!(p.rollback, None);
+        assert!(p.drained.is_empty() && p.to_stop.is_empty());
+        // A re-registration replaces the earlier placeholders.
+        let mut slots2 = slots.clone();
+        slots2.push(slot(10, 43, AF_INET, Role::Candidate));
+        let again = hold(&slots2, &p.set, &[10]).unwrap();
+        assert_eq!(listed(&again.set.hold), [vec![10], vec![]]);
+    }
+
+    #[test]
+    fn adopting_listeners_at_attach_makes_them_active() {
+        let slots = vec![
+            slot(0, 100, AF_INET, Role::Candidate),
+            slot(1, 100, AF_INET6, Role::Candidate),
+        ];
+        let p = adopt(&slots, &ActiveSet::EMPTY, &[0, 1]).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
+        assert_eq!(p.roles, vec![(0, Role::Active), (1, Role::Active)]);
+        assert_eq!(p.rollback, None);
+    }
+
+    #[test]
+    fn repair_clears_probe_lists_and_records_roles_of_an_interrupted_switch() {
+        let (mut slots, live) = deploy();
+        assert_eq!(repair(&slots, &live), None);
+        // A promote --probe killed while it waited.
+        let probing = probe(&slots, &live, &[2, 3]).unwrap();
+        let p = repair(&slots, &probing).unwrap();
+        assert_eq!(p.set, live);
+        assert!(p.roles.is_empty());
+        // A promote killed between its switch and its roles.
+        let switched = set_of(&slots, &[2, 3]);
+        for s in &mut slots {
+            s.active = switched.contains(s.index);
+        }
+        let p = repair(&slots, &switched).unwrap();
+        assert_eq!(p.set, switched);
+        assert!(p.roles.contains(&(2, Role::Active)) && p.roles.contains(&(0, Role::Draining)));
+    }
+}
