@@ -192,6 +192,10 @@ pub struct Kernel {
     /// delayed ACK of the server's FIN arrives after its own FIN); never on the host so far.
     #[serde(default)]
     pub paws_rejected: u64,
+    /// Connections a process closed with data it had not read (TcpExt TCPAbortOnClose): each
+    /// sends a RST, which the peer feels if it still waits for an answer.
+    #[serde(default)]
+    pub abort_on_close: u64,
 }
 
 impl Kernel {
@@ -208,6 +212,7 @@ impl Kernel {
             // before.
             paws_rejected: ns.counter("TcpExt", "PAWSEstab")?
                 + ns.counter("TcpExt", "PAWSTimewait").unwrap_or(0),
+            abort_on_close: ns.counter("TcpExt", "TCPAbortOnClose")?,
         })
     }
 
@@ -220,6 +225,7 @@ impl Kernel {
         self.migrate_req_success += after.migrate_req_success - before.migrate_req_success;
         self.migrate_req_failure += after.migrate_req_failure - before.migrate_req_failure;
         self.paws_rejected += after.paws_rejected - before.paws_rejected;
+        self.abort_on_close += after.abort_on_close - before.abort_on_close;
     }
 }
 

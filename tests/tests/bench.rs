@@ -119,7 +119,7 @@ fn short_cold_restart_benchmark() -> anyhow::Result<()> {
                 assert!(t.count(Outcome::Http5xx) > 0, "{what}: {t:?}");
             }
             ColdArm::ActivationDeferred | ColdArm::Hold => {
-                assert_eq!(a.failures, 0, "{what}: {t:?}");
+                assert_eq!(a.failures, 0, "{what}: {t:?}, kernel: {:?}", a.kernel);
                 assert!(a.waited > 0, "{what}: nothing waited: {t:?}");
             }
         }

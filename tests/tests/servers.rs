@@ -191,7 +191,12 @@ fn control_then_zdt(
             "{:?}",
             r.tally
         );
-        assert!(r.wrk.requests > 500, "{:?}", r.wrk);
+        // wrk runs closed loop: its count falls with the machine's pace (the time scale).
+        assert!(
+            r.wrk.requests as f64 > 500.0 / load::time_scale(),
+            "{:?}",
+            r.wrk
+        );
     }
     // With zdt: not one failure, by either client, and not one RST sent in the namespace while
     // the old instances stopped. (Not over the whole run: while gunicorn's workers import the
