@@ -233,10 +233,17 @@ pub fn wait_until(
     mut progress: impl FnMut(Duration, &Answer),
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
+    // What the message reports: the last answer, unless the deadline cut that probe short and
+    // it timed out, which says nothing about the service (its answer may have been on its way);
+    // then the answer before it.
+    let mut reported: Option<Answer> = None;
     loop {
         check()?;
         let remaining = timeout.saturating_sub(start.elapsed());
         let last = probe(remaining);
+        if !(remaining < REQUEST_TIMEOUT && last == Answer::Timeout && reported.is_some()) {
+            reported = Some(last.clone());
+        }
         if last == Answer::Ready {
             // The 200 counts only if what answered it was still the process's own.
             check()?;
@@ -248,12 +255,54 @@ pub fn wait_until(
             return Err(err(
                 Kind::ReadinessTimeout,
                 format!(
-                    "{what} did not answer 200 within {} (last answer: {last}); nothing was changed. \
+                    "{what} did not answer 200 within {} (last answer: {}); nothing was changed. \
                      Raise --timeout if the service warms up slower.",
-                    humantime::format_duration(timeout)
+                    humantime::format_duration(timeout),
+                    reported.as_ref().unwrap_or(&last)
                 ),
             ));
         }
         std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service that answers garbage at once, probed until a deadline: the probes that the
+    /// deadline cuts short time out (as they would on a machine slow enough that the garbage
+    /// takes longer than what is left), and the message must still report the garbage.
+    #[test]
+    fn a_probe_cut_short_by_the_deadline_does_not_hide_the_last_real_answer() {
+        let e = wait_until(
+            "http://127.0.0.1:1/readyz",
+            Duration::from_millis(1500),
+            || Ok(()),
+            |limit| {
+                if limit < REQUEST_TIMEOUT {
+                    Answer::Timeout
+                } else {
+                    Answer::NotHttp
+                }
+            },
+            |_, _| {},
+        )
+        .expect_err("never 200");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("last answer: error: not an HTTP answer"),
+            "{text}"
+        );
+        // A service that never answers is still reported as such.
+        let e = wait_until(
+            "http://127.0.0.1:1/readyz",
+            Duration::from_millis(300),
+            || Ok(()),
+            |_| Answer::Timeout,
+            |_, _| {},
+        )
+        .expect_err("never 200");
+        assert!(format!("{e:#}").contains("last answer: no answer within 1s"));
     }
 }
