@@ -270,20 +270,10 @@ impl Report {
     /// The kernel counters of `/proc/net/snmp` and `/proc/net/netstat` as the section `name`
     /// holds them ("GROUP:NAME" -> value: each group is a line of names, then one of values).
     fn counters(&self, name: &str) -> BTreeMap<String, i64> {
-        let mut out = BTreeMap::new();
-        let lines: Vec<&str> = self.body(name).lines().collect();
-        for pair in lines.chunks(2) {
-            let [names, values] = pair else { continue };
-            let (Some((group, names)), Some((_, values))) =
-                (names.split_once(": "), values.split_once(": "))
-            else {
-                continue;
-            };
-            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-                out.insert(format!("{group}:{n}"), v.parse().unwrap_or(0));
-            }
-        }
-        out
+        zdt_ctl::sockets::netstat_entries(self.body(name))
+            .into_iter()
+            .map(|(group, n, v)| (format!("{group}:{n}"), v.parse().unwrap_or(0)))
+            .collect()
     }
 
     /// What the TCP counters that tell a failed request's cause did between two sections.

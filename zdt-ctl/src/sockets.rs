@@ -806,6 +806,28 @@ fn other_netns(pid: i32) -> bool {
     }
 }
 
+/// The counters in the text of /proc/net/netstat or /proc/net/snmp (or both, one after the
+/// other), as (group, name, value): each group is a line of names, then a line of values, both
+/// prefixed with `GROUP:`. A value stays text: a few are negative (Tcp MaxConn is -1).
+pub fn netstat_entries(text: &str) -> Vec<(&str, &str, &str)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else { continue };
+        let (Some((group, names)), Some((again, values))) =
+            (head.split_once(':'), vals.split_once(':'))
+        else {
+            continue;
+        };
+        if group != again {
+            continue;
+        }
+        let entries = names.split_whitespace().zip(values.split_whitespace());
+        out.extend(entries.map(|(n, v)| (group, n, v)));
+    }
+    out
+}
+
 /// Cookie of the caller's network namespace (SO_NETNS_COOKIE, kernel >= 5.14). Unlike the
 /// namespace's inode number, a cookie is never reused during a boot, so state pinned for a
 /// namespace that is gone can never be mistaken for the state of a new one.
@@ -827,19 +849,35 @@ pub fn netstat_counter(group: &str, name: &str) -> anyhow::Result<u64> {
         "/proc/thread-self/net/snmp",
     ] {
         let text = std::fs::read_to_string(file)?;
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [head, vals] = pair else { continue };
-            let prefix = format!("{group}:");
-            if !head.starts_with(&prefix) || !vals.starts_with(&prefix) {
-                continue;
-            }
-            let keys = head.split_whitespace().skip(1);
-            let values = vals.split_whitespace().skip(1);
-            if let Some((_, v)) = keys.zip(values).find(|(k, _)| *k == name) {
-                return Ok(v.parse()?);
-            }
+        if let Some((_, _, v)) = netstat_entries(&text)
+            .into_iter()
+            .find(|(g, n, _)| *g == group && *n == name)
+        {
+            return Ok(v.parse()?);
         }
     }
     anyhow::bail!("counter {group}:{name} not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::netstat_entries;
+
+    #[test]
+    fn netstat_entries_pair_each_group_names_with_its_values() {
+        let text = "Tcp: RtoAlgorithm MaxConn OutRsts\nTcp: 1 -1 7\n\
+                    TcpExt: SyncookiesSent PAWSEstab\nTcpExt: 0 3\n";
+        assert_eq!(
+            netstat_entries(text),
+            [
+                ("Tcp", "RtoAlgorithm", "1"),
+                ("Tcp", "MaxConn", "-1"),
+                ("Tcp", "OutRsts", "7"),
+                ("TcpExt", "SyncookiesSent", "0"),
+                ("TcpExt", "PAWSEstab", "3"),
+            ]
+        );
+        // Lines out of pairs (a values line of another group) give nothing.
+        assert!(netstat_entries("Tcp: OutRsts\nUdp: 1\n").is_empty());
+    }
 }
