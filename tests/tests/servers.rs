@@ -270,8 +270,17 @@ fn nginx_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
 fn nginx_with_64_workers_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
     // `worker_processes auto` on a 64-core machine: 64 listeners per instance, two instances at
     // once in the socket array during each handover. With 64 listeners closing, the control
-    // loses a few requests in every handover (7 to 13 over 4 in the runs so far).
-    control_then_zdt(Kind::Nginx(64), Duration::ZERO, 4, true)
+    // loses a few requests in every handover (7 to 13 over 4 in the runs so far). Under
+    // emulation (Debian 12's 6.1 in a TCG VM, ZDT_TEST_TIME_SCALE 10) it lost nothing (782
+    // requests, wrk 478): at the guest's pace each worker has drained its queue before it closes
+    // its listener. There the control is run, printed and checked against the kernel's RSTs,
+    // but not required to lose; zdt's arm is held to the same zero everywhere.
+    control_then_zdt(
+        Kind::Nginx(64),
+        Duration::ZERO,
+        4,
+        load::time_scale() == 1.0,
+    )
 }
 
 #[test]

@@ -146,6 +146,22 @@ const POLL: Duration = Duration::from_millis(10);
 /// How often the hold process checks that the port is still attached (a stat of the program pin).
 const DETACH_CHECK: Duration = Duration::from_millis(100);
 
+/// How long the program must have parked nothing on a placeholder, with a member ready, before
+/// hold stops the placeholder to move its queue; and the longest hold waits for that.
+///
+/// Kernel contract (net/ipv4/inet_connection_sock.c, inet_csk_reqsk_queue_add): a handshake
+/// whose final ACK is being processed while its listener stops finds the listener no longer
+/// listening when it queues the new connection, and the kernel resets it (inet_child_forget)
+/// instead of migrating it; only connections already queued, and handshakes whose ACK comes
+/// after the stop, migrate. The program parks connections on the placeholder until a promote's
+/// switch is seen by every CPU, so the last ones parked may still be completing their
+/// handshake when hold first sees a ready member. Waiting until the program's `held` count has
+/// not moved for SETTLE lets those complete (a loopback or LAN handshake takes far less); a
+/// client whose ACK takes longer than that still migrates unless it lands in the instant of
+/// the stop itself.
+const SETTLE: Duration = Duration::from_millis(20);
+const MAX_SETTLE: Duration = Duration::from_millis(200);
+
 /// Connections waiting in a listener's accept queue. Kernel contract: TCP_INFO on a LISTEN
 /// socket reports the accept-queue length in tcpi_unacked (sk_ack_backlog) and its limit in
 /// tcpi_sacked (net/ipv4/tcp.c, tcp_get_info). No scan of /proc/net/tcp, which grows with every
@@ -307,6 +323,9 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     // Per placeholder: since when its queue has not been empty.
     let mut since: Vec<Option<Instant>> = vec![None; fds.len()];
     let mut waiting_state: Option<State> = None;
+    // While a member is ready: the program's `held` count when it last moved, when that was
+    // seen, and since when hold has been settling.
+    let mut settle: Option<(u64, Instant, Instant)> = None;
     let mut last_check = Instant::now();
     loop {
         // After `zdt-ctl detach` the group has no program, and kernel hashing would give the
@@ -333,6 +352,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
         }
         if waiting.is_empty() {
             waiting_state = None;
+            settle = None;
             // Sleep until a connection arrives: a listener polls readable when its accept queue
             // is not empty. The timeout only paces the detach check.
             let mut pollfds: Vec<_> = fds
@@ -368,6 +388,23 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
             Some(state) => state.ready_families()?,
             None => Vec::new(),
         };
+        if let Some(state) = &waiting_state {
+            if waiting.iter().any(|(k, _)| ready.contains(&families[*k])) {
+                let held = state.global_counters()?.held;
+                let now = Instant::now();
+                let (last, moved_at, started) = *settle.get_or_insert((held, now, now));
+                let (moved_at, quiet) = if held == last {
+                    (moved_at, moved_at.elapsed() >= SETTLE)
+                } else {
+                    (now, false)
+                };
+                if !quiet && started.elapsed() < MAX_SETTLE {
+                    settle = Some((held, moved_at, started));
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            }
+        }
         let (mut moved, mut dropped) = (0, 0);
         let mut first_wait = Duration::ZERO;
         for (k, n) in waiting {
@@ -406,6 +443,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
             continue;
         }
         waiting_state = None;
+        settle = None;
         register(&spec, &fds)?;
         tracing::info!(port = spec.port, moved, dropped, ?first_wait, "queue moved");
         if moved > 0 {
