@@ -162,6 +162,37 @@ const DETACH_CHECK: Duration = Duration::from_millis(100);
 const SETTLE: Duration = Duration::from_millis(20);
 const MAX_SETTLE: Duration = Duration::from_millis(200);
 
+/// hold's wait for the program to stop parking connections, while a member is ready.
+struct Settle {
+    /// The program's `held` count as last read.
+    held: u64,
+    /// Since when that count has not moved.
+    unchanged_since: Instant,
+    /// Since when hold has been waiting (bounded by MAX_SETTLE).
+    started: Instant,
+}
+
+impl Settle {
+    fn new(held: u64) -> Self {
+        let now = Instant::now();
+        Settle {
+            held,
+            unchanged_since: now,
+            started: now,
+        }
+    }
+
+    /// Takes a new reading of `held`; true once the wait is over: the count has not moved for
+    /// SETTLE, or MAX_SETTLE has passed.
+    fn over(&mut self, held: u64) -> bool {
+        if held != self.held {
+            self.held = held;
+            self.unchanged_since = Instant::now();
+        }
+        self.unchanged_since.elapsed() >= SETTLE || self.started.elapsed() >= MAX_SETTLE
+    }
+}
+
 /// Connections waiting in a listener's accept queue. Kernel contract: TCP_INFO on a LISTEN
 /// socket reports the accept-queue length in tcpi_unacked (sk_ack_backlog) and its limit in
 /// tcpi_sacked (net/ipv4/tcp.c, tcp_get_info). No scan of /proc/net/tcp, which grows with every
@@ -323,9 +354,9 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     // Per placeholder: since when its queue has not been empty.
     let mut since: Vec<Option<Instant>> = vec![None; fds.len()];
     let mut waiting_state: Option<State> = None;
-    // While a member is ready: the program's `held` count when it last moved, when that was
-    // seen, and since when hold has been settling.
-    let mut settle: Option<(u64, Instant, Instant)> = None;
+    // While a member is ready and connections wait: hold's wait for the program to stop
+    // parking them.
+    let mut settle: Option<Settle> = None;
     let mut last_check = Instant::now();
     loop {
         // After `zdt-ctl detach` the group has no program, and kernel hashing would give the
@@ -391,15 +422,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
         if let Some(state) = &waiting_state {
             if waiting.iter().any(|(k, _)| ready.contains(&families[*k])) {
                 let held = state.global_counters()?.held;
-                let now = Instant::now();
-                let (last, moved_at, started) = *settle.get_or_insert((held, now, now));
-                let (moved_at, quiet) = if held == last {
-                    (moved_at, moved_at.elapsed() >= SETTLE)
-                } else {
-                    (now, false)
-                };
-                if !quiet && started.elapsed() < MAX_SETTLE {
-                    settle = Some((held, moved_at, started));
+                if !settle.get_or_insert_with(|| Settle::new(held)).over(held) {
                     std::thread::sleep(POLL);
                     continue;
                 }
