@@ -36,6 +36,12 @@ pub fn time_scale() -> f64 {
     })
 }
 
+/// Whether the tests run under software emulation ([`time_scale`] above 1): the few checks
+/// that hold only at the host's pace say so with this.
+pub fn emulated() -> bool {
+    time_scale() > 1.0
+}
+
 /// `d` stretched by [`time_scale`].
 pub fn scaled(d: Duration) -> Duration {
     d.mul_f64(time_scale())

@@ -46,15 +46,23 @@ fn short_benchmark() -> anyhow::Result<()> {
             // Under emulation (a VM run, ZDT_TEST_TIME_SCALE > 1) the keep-alive count is
             // reported, not held: there a retried request drew two RSTs more often (6.1: kernel
             // 36 against the client's 32, every request answered), and what decides it is not
-            // pinned down. The new-connection check stays exact there too.
-            let held = c.mode == Mode::NewConn || zdt_tests::load::time_scale() <= 1.0;
+            // pinned down. With a new connection per request, every reset the client saw is a
+            // RST the kernel sent there too; the other way is printed, not held: a late ACK that
+            // reaches a TIME_WAIT socket out of window draws a RST whether or not PAWS counts it
+            // (it counts only an ACK a millisecond older than the FIN before it), and emulation
+            // delivers late ACKs (docs/TESTING.md).
+            let emulated = zdt_tests::load::emulated();
+            let lower = client <= kernel + allowed;
+            let upper = kernel <= client + allowed + a.kernel.paws_rejected;
+            let held = match c.mode {
+                Mode::NewConn if emulated => lower,
+                Mode::NewConn => lower && upper,
+                Mode::KeepAlive => emulated || (lower && upper),
+            };
             assert!(
-                !held
-                    || (client <= kernel + allowed
-                        && kernel <= client + allowed + a.kernel.paws_rejected),
+                held,
                 "{what}: kernel {kernel} RSTs vs client {client}: {:?} {:?}",
-                a.tally,
-                a.kernel
+                a.tally, a.kernel
             );
             match a.arm {
                 Arm::Zdt => {

@@ -198,15 +198,12 @@ fn control_then_zdt(
             r.wrk
         );
     }
-    // With zdt: not one failure, by either client, and not one RST sent in the namespace while
-    // the old instances stopped. (Not over the whole run: while gunicorn's workers import the
-    // app, a readiness probe of zdt-ctl's can wait out its 1 s and be dropped, and the worker's
-    // late answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it. Nor
-    // the RSTs that segments delivered out of order draw, which no request feels:
-    // Kernel::paws_rejected. Nor the RST that answers each of zdt-ctl's own connections the
-    // program refuses, `probe_refused`: a probe of the public port while no candidate can take
-    // it, or status's check that the program runs; the kernel answers a SYN that the program
-    // drops with a RST.)
+    // With zdt: not one failure, by either client, and, by the kernel's count, not one
+    // connection in the namespace ended by a RST while the old instances stopped: no
+    // established connection reset (EstabResets, which counts the clients' sockets too), and no
+    // connect refused (AttemptFails) but zdt-ctl's own that the program refused
+    // (`probe_refused`: a probe of the public port while no candidate can take it, or status's
+    // check that the program runs; the kernel answers a SYN the program drops with a RST).
     assert_eq!(z.tally.failures(), 0, "{:?}", z.tally);
     assert_eq!(z.wrk.failures(), 0, "{:?}", z.wrk);
     let refused = z
@@ -214,8 +211,24 @@ fn control_then_zdt(
         .as_ref()
         .and_then(|p| p["probe_refused"].as_u64())
         .unwrap_or(0);
+    assert_eq!(z.stops.estab_resets, 0, "{:?}", z.stops);
     assert!(
-        z.stops.out_rsts <= z.stops.paws_rejected + refused,
+        z.stops.attempt_fails <= refused,
+        "{:?}, probes refused {refused}",
+        z.stops
+    );
+    // And at the host's pace, not one RST sent while they stopped beyond those refusals and
+    // Kernel::paws_rejected (not over the whole run: while gunicorn's workers import the app, a
+    // readiness probe of zdt-ctl's can wait out its 1 s and be dropped, and the worker's late
+    // answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it). Under
+    // emulation that count is printed, not held: a closed connection's late pure ACK reaches
+    // the peer's TIME_WAIT socket out of window, which answers it with an ACK that finds no
+    // socket and draws a RST (Kernel::paws_rejected), but PAWS counts it only when the ACK is a
+    // millisecond older than the FIN before it; in the same millisecond the same exchange is
+    // counted nowhere (tcp_timewait_state_process()). Seen on 6.1 with 64 nginx workers:
+    // OutRsts 3 against PAWS 1 and one refused probe, every request answered, EstabResets 0.
+    assert!(
+        load::emulated() || z.stops.out_rsts <= z.stops.paws_rejected + refused,
         "{:?}, probes refused {refused}",
         z.stops
     );
@@ -271,16 +284,11 @@ fn nginx_with_64_workers_handed_over_by_zdt_loses_no_request() -> anyhow::Result
     // `worker_processes auto` on a 64-core machine: 64 listeners per instance, two instances at
     // once in the socket array during each handover. With 64 listeners closing, the control
     // loses a few requests in every handover (7 to 13 over 4 in the runs so far). Under
-    // emulation (Debian 12's 6.1 in a TCG VM, ZDT_TEST_TIME_SCALE 10) it lost nothing (782
-    // requests, wrk 478): at the guest's pace each worker has drained its queue before it closes
-    // its listener. There the control is run, printed and checked against the kernel's RSTs,
+    // emulation (Debian 12's 6.1 in a TCG VM, ZDT_TEST_TIME_SCALE 10) it lost nothing once (782
+    // requests, wrk 478): at the guest's pace each worker may have drained its queue before it
+    // closes its listener (another run there: 17 reset of 1200). There the control is run, printed and checked against the kernel's RSTs,
     // but not required to lose; zdt's arm is held to the same zero everywhere.
-    control_then_zdt(
-        Kind::Nginx(64),
-        Duration::ZERO,
-        4,
-        load::time_scale() == 1.0,
-    )
+    control_then_zdt(Kind::Nginx(64), Duration::ZERO, 4, !load::emulated())
 }
 
 #[test]
