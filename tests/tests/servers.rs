@@ -286,8 +286,9 @@ fn nginx_with_64_workers_handed_over_by_zdt_loses_no_request() -> anyhow::Result
     // loses a few requests in every handover (7 to 13 over 4 in the runs so far). Under
     // emulation (Debian 12's 6.1 in a TCG VM, ZDT_TEST_TIME_SCALE 10) it lost nothing once (782
     // requests, wrk 478): at the guest's pace each worker may have drained its queue before it
-    // closes its listener (another run there: 17 reset of 1200). There the control is run, printed and checked against the kernel's RSTs,
-    // but not required to lose; zdt's arm is held to the same zero everywhere.
+    // closes its listener (another run there: 17 reset of 1200). There the control is run,
+    // printed and checked against the kernel's RSTs, but not required to lose; zdt's arm is held
+    // to the same zero failures everywhere.
     control_then_zdt(Kind::Nginx(64), Duration::ZERO, 4, !load::emulated())
 }
 
