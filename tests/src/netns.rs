@@ -75,6 +75,22 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Lets the namespace go without removing zdt's pinned state: once its last process has
+    /// exited, nothing holds it, as when a container stops.
+    pub fn abandon(self) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped nor used again; the fd is read out of it once, and
+        // closed here.
+        drop(unsafe { std::ptr::read(&me.fd) });
+    }
+
+    /// The namespace's cookie: the name of its directory of pinned state.
+    pub fn cookie(&self) -> anyhow::Result<u64> {
+        self.run(zdt_ctl::sockets::netns_cookie)?
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Remove zdt's pinned state of this namespace, so no pinned program outlives the test.

@@ -282,6 +282,39 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             2,
             "several ports are attached",
         ),
+        // A duration beyond what the clock holds (it panicked, exit 101), a URL without a
+        // host (read as the host "readyz": a DNS error), a negative backlog (taken for a flag).
+        (
+            vec![
+                "promote",
+                &wp,
+                "--readyz",
+                &ready,
+                "--timeout",
+                "300000000000years",
+                "--port",
+                "8080",
+            ],
+            2,
+            "\"300000000000years\"",
+        ),
+        (
+            vec![
+                "promote",
+                &wp,
+                "--readyz",
+                "http:///readyz",
+                "--port",
+                "8080",
+            ],
+            2,
+            "\"http:///readyz\": it has no host",
+        ),
+        (
+            vec!["hold", ":8080", "--backlog", "-5"],
+            2,
+            "invalid backlog \"-5\"",
+        ),
         (vec!["attach", "x:80"], 2, "\"x:80\""),
         (vec!["attach", ":0"], 2, "\":0\""),
         (

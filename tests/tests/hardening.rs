@@ -467,6 +467,43 @@ fn a_readiness_port_shared_by_two_instances_is_refused() -> anyhow::Result<()> {
 }
 
 #[test]
+fn an_unspecified_or_mapped_readiness_address_is_checked_as_loopback() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = with_admin(&ns, PORT, "v1", "127.0.0.1:9103", false, Duration::ZERO)?;
+    // Another ready process whose admin port is on ::1.
+    let other = with_admin(&ns, PORT + 10, "other", "[::1]:9105", false, Duration::ZERO)?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let v2 = with_admin(
+        &ns,
+        PORT,
+        "v2",
+        "127.0.0.1:9104",
+        false,
+        Duration::from_secs(60),
+    )?;
+    let before = fingerprint(&ns, PORT)?;
+    // A connect to 0.0.0.0 or :: reaches loopback, one to ::ffff:127.0.0.1 is an IPv4
+    // connection to 127.0.0.1: each of these URLs is another process's admin port. Compared
+    // literally they matched no listener, and v1's 200 promoted the warming v2 in 1 ms.
+    for (url, owner) in [
+        ("http://0.0.0.0:9103/readyz", v1.pid),
+        ("http://[::ffff:127.0.0.1]:9103/readyz", v1.pid),
+        ("http://[::]:9105/readyz", other.pid),
+    ] {
+        let r = promote_on(&ns, v2.pid, url, &["--timeout", "5s"]);
+        assert_eq!(r.code, 2, "{url}: {r:?}");
+        assert!(r.stderr.contains(&format!("pid {owner}")), "{url}: {r:?}");
+        assert_eq!(fingerprint(&ns, PORT)?, before, "{url}: state changed");
+    }
+    // v1 goes on serving the port.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = served_throughout(l);
+    assert_eq!(t.versions.get("v2"), None, "{t:?}");
+    Ok(())
+}
+
+#[test]
 fn a_localhost_readiness_url_is_checked_on_both_loopbacks() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;

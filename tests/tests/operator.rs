@@ -437,3 +437,37 @@ fn families_documented_as_emitted(text: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn attach_removes_the_pinned_state_of_a_namespace_that_is_gone() -> anyhow::Result<()> {
+    let pins = |ns: &Netns| -> anyhow::Result<std::path::PathBuf> {
+        Ok(std::path::Path::new("/sys/fs/bpf/zdt").join(ns.cookie()?.to_string()))
+    };
+    // A namespace (a container, a test) that used zdt, then ended.
+    let gone = Netns::new()?;
+    let mut app = App::start(&gone, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&gone, &["attach", ":8080"])?;
+    let gone_dir = pins(&gone)?;
+    assert!(gone_dir.join("8080").exists());
+    // One that lives on, attached, with no socket at all (its app stopped): kept.
+    let idle = Netns::new()?;
+    let mut idle_app = App::start(&idle, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&idle, &["attach", ":8080"])?;
+    idle_app.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(idle_app.wait_exit(Duration::from_secs(5)));
+    app.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(app.wait_exit(Duration::from_secs(5)));
+    gone.abandon();
+    // The next attach anywhere removes what the ended namespace left, and only that.
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let r = zdt_ok(&ns, &["attach", ":8080"])?;
+    assert!(!gone_dir.exists(), "{r:?}");
+    assert!(r.stdout.contains("removed the pinned state of"), "{r:?}");
+    assert!(pins(&idle)?.join("8080").exists());
+    assert!(pins(&ns)?.join("8080").exists());
+    // The idle namespace's port is still attached and works.
+    let st = status(&idle, PORT)?;
+    assert_eq!(st["port"], PORT, "{st}");
+    Ok(())
+}

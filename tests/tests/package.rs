@@ -99,6 +99,16 @@ fn the_package_passes_lintian_and_installs_into_a_fresh_debian_root() -> anyhow:
             "{unit}: {exec:?}"
         );
     }
+    // The test hooks are not in the packaged binary: its environment cannot stop it halfway
+    // through a promote, nor lie about the kernel. The test build has them (the check sees
+    // them when they are there).
+    let has = |bytes: &[u8], word: &str| bytes.windows(word.len()).any(|w| w == word.as_bytes());
+    let packaged = std::fs::read(root.join("usr/sbin/zdt-ctl"))?;
+    let test_build = std::fs::read(bin("zdt-ctl"))?;
+    for hook in ["ZDT_FAILPOINT", "ZDT_KERNEL_RELEASE"] {
+        assert!(!has(&packaged, hook), "the packaged zdt-ctl reads {hook}");
+        assert!(has(&test_build, hook), "the test build lacks {hook}");
+    }
     // The package takes away what it brought.
     run(&mut root.chroot(&["dpkg", "--purge", "zdt"]))?;
     ensure!(

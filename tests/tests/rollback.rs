@@ -21,6 +21,14 @@ fn active(ns: &Netns) -> Vec<i64> {
         .collect()
 }
 
+/// `zdt-ctl rollback`, which must say that `back` is active again and `from` draining.
+fn rolled_back(ns: &Netns, back: &App, from: &App) -> anyhow::Result<zdt_tests::harness::Ctl> {
+    let r = zdt_ok(ns, &["rollback"])?;
+    let said = format!("pid {} active again; pid {} draining", back.pid, from.pid);
+    anyhow::ensure!(r.stdout.contains(&said), "{r:?}");
+    Ok(r)
+}
+
 #[test]
 fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()> {
     let ns = Netns::new()?;
@@ -40,14 +48,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
 
     // v2 turns out bad: back to v1, drained but still running.
-    let r = zdt_ok(&ns, &["rollback"])?;
-    assert!(
-        r.stdout.contains(&format!(
-            "pid {} active again; pid {} draining",
-            v1.pid, v2.pid
-        )),
-        "{r:?}"
-    );
+    rolled_back(&ns, &v1, &v2)?;
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     std::thread::sleep(Duration::from_millis(400));
     // A rollback of the rollback goes forward again.
@@ -116,17 +117,30 @@ fn rollback_restores_the_set_before_the_last_promote_whatever_switched_since() -
     );
     assert_eq!(r.code, 4, "{r:?}");
     // Rollback goes back to the set before v2's promote: v1, and names no one else.
-    let r = zdt_ok(&ns, &["rollback"])?;
-    assert!(
-        r.stdout.contains(&format!(
-            "pid {} active again; pid {} draining",
-            v1.pid, v2.pid
-        )),
-        "{r:?}"
-    );
+    let r = rolled_back(&ns, &v1, &v2)?;
     assert!(!r.stdout.contains(&hold.child.id().to_string()), "{r:?}");
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     let t = load::requests(&ns, PORT, 100, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn a_retried_promote_keeps_the_rollback_target() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    // A retry of the promote (what a deploy script does after a promote it thinks failed), then
+    // a promote of the active pid again: neither switches anything, so neither may make the
+    // live set the rollback target.
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    zdt_ok(&ns, &["promote", &v2.pid.to_string(), "--no-readyz"])?;
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    rolled_back(&ns, &v1, &v2)?;
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    let t = load::requests(&ns, PORT, 50, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&50), "{t:?}");
     Ok(())
 }

@@ -133,3 +133,54 @@ fn a_small_canary_share_reaches_every_canary_socket() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An app with `n` split sockets per family.
+fn split_app(v: &str, n: usize) -> AppOpts {
+    AppOpts::new(PORT, v)
+        .arg("--split")
+        .arg("--sockets")
+        .arg(&n.to_string())
+}
+
+#[test]
+fn deploys_of_an_app_with_700_sockets_per_family_never_run_out_of_slots() -> anyhow::Result<()> {
+    // 1400 slots per version: the live set and a rollback target whose sockets are gone
+    // (--stop-old stopped them) must not keep 4096 slots from holding the next version. They
+    // did: the third deploy failed, exit 1, "drain old members", which could not help.
+    const N: usize = 700;
+    let ns = Netns::new()?;
+    let mut old = App::start(&ns, &split_app("v1", N))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    for v in ["v2", "v3", "v4"] {
+        let new = App::start(&ns, &split_app(v, N))?;
+        replace(&ns, &new, &mut old)?;
+        let st = status(&ns, PORT)?;
+        assert_eq!(
+            members(&st),
+            BTreeMap::from([(new.pid.to_string(), ("active".into(), 2 * N))]),
+            "{v}: {st}"
+        );
+        old = new;
+    }
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get("v4"), Some(&100), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn more_sockets_of_a_family_than_zdt_steers_are_refused_before_any_change() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &split_app("v1", 1))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &split_app("v2", 1025))?;
+    let before = zdt_tests::harness::fingerprint(&ns, PORT)?;
+    let r = zdt_tests::harness::zdt(&ns, &strs(&promote_args(&v2, &[])));
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("1025 IPv4 sockets"), "{r:?}");
+    assert_eq!(
+        zdt_tests::harness::fingerprint(&ns, PORT)?,
+        before,
+        "state changed"
+    );
+    Ok(())
+}

@@ -77,14 +77,16 @@ fn main() -> anyhow::Result<()> {
             args,
         } => {
             setup::run()?;
-            build()?;
-            // tests/tests/package.rs and systemd_vm.rs install the package that `dist` builds. A
-            // VM run leaves both out unless package is named (systemd_vm runs on the host only).
+            build_for_tests()?;
+            // tests/tests/package.rs and systemd_vm.rs install the package that `dist` builds
+            // from the release build (without test hooks). A VM run leaves both out unless
+            // package is named (systemd_vm runs on the host only).
             let vm = kernel.is_some();
             if ["package", "systemd_vm"]
                 .iter()
                 .any(|s| vm::runs_suite(s, &suites, vm))
             {
+                build()?;
                 dist()?;
             }
             match kernel {
@@ -230,22 +232,57 @@ fn build() -> anyhow::Result<()> {
     run(c)
 }
 
+/// Where the test build goes: zdt-ctl with its test hooks (`test-hooks`: failpoints and a
+/// stand-in kernel release), which the release build in target/release, and so the package,
+/// never has. A target directory of its own, so that neither build overwrites the other's
+/// binaries.
+const TEST_TARGET: &str = "target/test";
+
+/// The directory of the test build's binaries (ZDT_BIN_DIR of the tests).
+pub fn test_bin_dir() -> std::path::PathBuf {
+    root().join(TEST_TARGET).join("release")
+}
+
+/// `cargo SUBCOMMAND --release` for the test build: its target directory and features.
+pub fn test_cargo(subcommand: &str) -> Command {
+    let mut c = cargo();
+    c.env("CARGO_TARGET_DIR", root().join(TEST_TARGET)).args([
+        subcommand,
+        "--release",
+        "--features",
+        "zdt-ctl/test-hooks",
+    ]);
+    c
+}
+
+fn build_for_tests() -> anyhow::Result<()> {
+    let mut c = test_cargo("build");
+    c.args(["--workspace", "--bins"]);
+    run(c)
+}
+
 /// The lints are part of the test command: formatting, and clippy with every warning an error.
 fn lint() -> anyhow::Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt).context("cargo fmt --check: run `cargo fmt --all`")?;
-    let mut clippy = cargo();
-    clippy.args([
+    // In the test build's directory and with its features: the hooks are linted too, and
+    // the dependencies built once serve the tests.
+    let mut clippy = test_cargo("clippy");
+    clippy.args(["--all-targets", "--workspace", "--", "-D", "warnings"]);
+    run(clippy).context("cargo clippy found warnings")?;
+    // zdt-ctl as it is released, without the hooks.
+    let mut release = cargo();
+    release.args([
         "clippy",
         "--release",
-        "--all-targets",
-        "--workspace",
+        "-p",
+        "zdt-ctl",
         "--",
         "-D",
         "warnings",
     ]);
-    run(clippy).context("cargo clippy found warnings")
+    run(release).context("cargo clippy found warnings in the release build of zdt-ctl")
 }
 
 fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
@@ -253,17 +290,17 @@ fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
     lint()?;
-    let mut c = cargo();
     // One test at a time: the tests put real load on real sockets, and on a 2-core machine two
     // of them at once would measure each other. Every suite runs even after one failed, so a
     // run reports all failures at once.
-    c.args(["test", "--release", "--workspace", "--no-fail-fast"]);
+    let mut c = test_cargo("test");
+    c.args(["--workspace", "--no-fail-fast"]);
     for s in suites {
         c.args(["--test", s]);
     }
     c.args(["--", "--test-threads=1"])
         .args(args)
-        .env("ZDT_BIN_DIR", root().join("target/release"));
+        .env("ZDT_BIN_DIR", test_bin_dir());
     run(c)
 }
 

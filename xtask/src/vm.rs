@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::{cargo, root, setup};
+use crate::{root, setup, test_bin_dir, test_cargo};
 
 /// Two vCPUs, like the development machine and CI: the tests' timing assumptions were made there.
 const CPUS: &str = "2";
@@ -136,10 +136,8 @@ pub fn runs_suite(suite: &str, suites: &[String], in_vm: bool) -> bool {
 /// cargo's order: those of `suites` only, or all of the workspace's but those a VM run leaves
 /// out (LEFT_OUT, OWN_VM).
 fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
-    let mut c = cargo();
+    let mut c = test_cargo("test");
     c.args([
-        "test",
-        "--release",
         "--workspace",
         "--no-run",
         "--message-format=json-render-diagnostics",
@@ -191,7 +189,7 @@ fn quote(s: &str) -> String {
 /// test executable with the same environment as `cargo xtask test`; exit 1 if any failed.
 fn write_script(exes: &[TestExe], args: &[String]) -> anyhow::Result<PathBuf> {
     let root = root();
-    let bin_dir = root.join("target/release");
+    let bin_dir = test_bin_dir();
     let args: Vec<String> = std::iter::once("--test-threads=1".to_string())
         .chain(args.iter().map(|a| quote(a)))
         .collect();

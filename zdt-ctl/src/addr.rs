@@ -80,13 +80,30 @@ pub fn parse_port(s: &str) -> anyhow::Result<u16> {
     }
 }
 
-/// Parses a duration such as `30s`, `500ms` or `2m`.
+/// The longest duration an option takes: every wait is added to the clock, and a deadline
+/// beyond what the clock can hold would panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses a duration such as `30s`, `500ms` or `2m`, of at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(s).map_err(|e| {
+    let d = humantime::parse_duration(s).map_err(|e| {
         bad_input(format!(
             "invalid duration {s:?}: {e}; write it like 30s, 500ms or 2m"
         ))
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(bad_input(format!(
+            "invalid duration {s:?}: longer than {} (the longest zdt waits); write it like 30s, \
+             500ms or 2m",
+            fmt_duration(MAX_DURATION)
+        )));
+    }
+    Ok(d)
+}
+
+/// A duration for messages, to the millisecond (`1s 500ms`, not `1s 499ms 987us 12ns`).
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
 }
 
 /// Parses a pid argument: a positive integer that can be a process id.
@@ -150,6 +167,16 @@ mod tests {
         assert_eq!(
             parse_duration("1500ms").unwrap(),
             Duration::from_millis(1500)
+        );
+        for huge in ["300000000000years", "31days"] {
+            let e = parse_duration(huge).unwrap_err();
+            assert_eq!(crate::error::kind_of(&e), crate::error::Kind::BadInput);
+            assert!(e.to_string().contains(huge), "{e}");
+        }
+        assert_eq!(parse_duration("30days").unwrap(), MAX_DURATION);
+        assert_eq!(
+            fmt_duration(Duration::from_nanos(1_499_987_012)),
+            "1s 499ms"
         );
         assert!(parse_duration("soon")
             .unwrap_err()

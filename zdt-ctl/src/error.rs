@@ -90,16 +90,25 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.ok()?, parts.next()?.ok()?))
 }
 
+#[cfg(feature = "test-hooks")]
+fn stand_in_release() -> Option<String> {
+    std::env::var("ZDT_KERNEL_RELEASE").ok()
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn stand_in_release() -> Option<String> {
+    None
+}
+
 /// Refuses a kernel older than [`MIN_KERNEL`] with a message naming it, before anything is
-/// read or changed. `ZDT_KERNEL_RELEASE` stands in for the running kernel's release in tests
-/// (an old kernel cannot be booted for every test run).
+/// read or changed. With the `test-hooks` feature, `ZDT_KERNEL_RELEASE` stands in for the
+/// running kernel's release (an old kernel cannot be booted for every test run).
 pub fn require_kernel() -> anyhow::Result<()> {
-    let release = match std::env::var("ZDT_KERNEL_RELEASE") {
-        Ok(r) => r,
-        Err(_) => nix::sys::utsname::uname()
+    let release = stand_in_release().unwrap_or_else(|| {
+        nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
+            .unwrap_or_default()
+    });
     let too_old = |why: String| {
         err(
             Kind::Refused,

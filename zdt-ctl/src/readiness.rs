@@ -2,7 +2,10 @@
 //! watching it during probation after one.
 use std::time::{Duration, Instant};
 
-use crate::error::{bad_input, err, Kind};
+use crate::{
+    addr::fmt_duration,
+    error::{bad_input, err, Kind},
+};
 
 /// How often the URL is asked, and how long one answer may take.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -10,7 +13,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Checks a readiness URL before anything is waited for, so a typo fails at once.
 pub fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| {
+    // The URL standard reads `http:///readyz` as the host "readyz" (a special scheme skips
+    // extra slashes): a missing host would then fail as a name that does not resolve.
+    if url
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(['/', '?', '#']))
+    {
+        return Err(bad_input(format!(
+            "invalid readiness URL {url:?}: it has no host; write it like \
+             http://127.0.0.1:8081/readyz"
+        )));
+    }
+    let mut parsed = reqwest::Url::parse(url).map_err(|e| {
         bad_input(format!(
             "invalid readiness URL {url:?}: {e}; write it like http://127.0.0.1:8081/readyz"
         ))
@@ -21,7 +35,44 @@ pub fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
              an internal per-instance port)"
         )));
     }
+    // An address literal is probed, and owner-checked, as the address the kernel connects to.
+    if let Some(ip) = literal_ip(&parsed) {
+        let to = connected_ip(ip);
+        if to != ip {
+            parsed
+                .set_ip_host(to)
+                .map_err(|()| bad_input(format!("invalid readiness URL {url:?}")))?;
+        }
+    }
     Ok(parsed)
+}
+
+/// The URL's host if it is an address literal.
+fn literal_ip(url: &reqwest::Url) -> Option<std::net::IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(a) => Some(a.into()),
+        url::Host::Ipv6(a) => Some(a.into()),
+        url::Host::Domain(_) => None,
+    }
+}
+
+/// The address a TCP connect to `ip` reaches. Kernel contract: a v4-mapped IPv6 address is an
+/// IPv4 connection (tcp_v6_connect hands it to tcp_v4_connect), an unspecified destination is
+/// the loopback address of its family (ip_route_output_key_hash_rcu sets 0.0.0.0 to
+/// 127.0.0.1; tcp_v6_connect sets :: to ::1). The owner check must look at the listeners of
+/// that address: compared literally, `0.0.0.0` or `::ffff:127.0.0.1` matched no listener, and
+/// another process's admin port passed for the new one's.
+pub fn connected_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(a) if a.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    }
 }
 
 /// The addresses a readiness URL's host names, with the URL's port: what its probes connect to
@@ -38,8 +89,8 @@ pub fn addresses(url: &reqwest::Url) -> anyhow::Result<Vec<std::net::SocketAddr>
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
         ]);
     }
-    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
+    if let Some(ip) = literal_ip(url) {
+        return Ok(vec![SocketAddr::new(connected_ip(ip), port)]);
     }
     let mut addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
@@ -49,6 +100,7 @@ pub fn addresses(url: &reqwest::Url) -> anyhow::Result<Vec<std::net::SocketAddr>
                  http://127.0.0.1:8081/readyz"
             ))
         })?
+        .map(|a: SocketAddr| SocketAddr::new(connected_ip(a.ip()), a.port()))
         .collect();
     addrs.dedup();
     Ok(addrs)
@@ -90,23 +142,44 @@ impl Prober {
     }
 
     pub fn probe(&self, limit: Duration) -> Answer {
-        // send() registers its timeout with the runtime's timer: call it inside the runtime.
+        let limit = probe_limit(limit);
+        // One deadline for the whole exchange, the body included: a server that trickles its
+        // answer must not hold the command past its --timeout. The body is read (up to
+        // MAX_BODY) so that the connection never closes with unread data, which makes the
+        // kernel answer the app with a RST.
         let answer = self.rt.block_on(async {
-            tokio::time::timeout(
-                limit.min(REQUEST_TIMEOUT),
-                self.client.get(self.url.clone()).send(),
-            )
+            tokio::time::timeout(limit, async {
+                let mut resp = self.client.get(self.url.clone()).send().await?;
+                let status = resp.status();
+                let mut read = 0;
+                while let Some(chunk) = resp.chunk().await? {
+                    read += chunk.len();
+                    if read > MAX_BODY {
+                        break;
+                    }
+                }
+                Ok::<_, reqwest::Error>(status)
+            })
             .await
         });
         match answer {
-            Ok(Ok(resp)) if resp.status() == reqwest::StatusCode::OK => Answer::Ready,
-            Ok(Ok(resp)) => Answer::Status(resp.status().as_u16()),
+            Ok(Ok(reqwest::StatusCode::OK)) => Answer::Ready,
+            Ok(Ok(status)) => Answer::Status(status.as_u16()),
             Ok(Err(e)) if e.is_connect() => Answer::Refused,
-            Ok(Err(e)) if e.is_timeout() => Answer::Timeout,
+            Ok(Err(e)) if e.is_timeout() => Answer::Timeout(limit),
             Ok(Err(e)) => Answer::Error(e.to_string()),
-            Err(_) => Answer::Timeout,
+            Err(_) => Answer::Timeout(limit),
         }
     }
+}
+
+/// The most of a readiness answer's body that is read (and thrown away).
+const MAX_BODY: usize = 64 * 1024;
+
+/// How long one probe may take when `left` remains of the wait: at most [`REQUEST_TIMEOUT`],
+/// and at least 10 ms, so that a last probe can still be answered.
+fn probe_limit(left: Duration) -> Duration {
+    left.min(REQUEST_TIMEOUT).max(Duration::from_millis(10))
 }
 
 /// Asks `PATH` through the public port, from one of the source ports the program reserves for
@@ -145,19 +218,37 @@ impl PortProber {
 
     pub fn probe(&self, limit: Duration) -> Answer {
         use std::io::{Read, Write};
-        let limit = limit.min(REQUEST_TIMEOUT).max(Duration::from_millis(10));
+        let limit = probe_limit(limit);
+        let deadline = Instant::now() + limit;
+        // Each step gets what is left of one deadline: a server that trickles its answer a
+        // byte at a time must not hold the command (and the lock) past its --timeout.
+        let left = || {
+            let d = deadline.saturating_duration_since(Instant::now());
+            if d.is_zero() {
+                Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            } else {
+                Ok(d)
+            }
+        };
         let answer = (|| -> std::io::Result<Vec<u8>> {
             let s = probe_socket(self.target)?;
-            s.connect_timeout(&self.target.into(), limit)?;
+            s.connect_timeout(&self.target.into(), left()?)?;
             let mut s: std::net::TcpStream = s.into();
-            s.set_read_timeout(Some(limit))?;
+            s.set_write_timeout(Some(left()?))?;
             write!(
                 s,
                 "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
                 self.path, self.target
             )?;
             let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
+            let mut chunk = [0u8; 4096];
+            while buf.len() <= MAX_BODY {
+                s.set_read_timeout(Some(left()?))?;
+                match s.read(&mut chunk)? {
+                    0 => break,
+                    n => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
             Ok(buf)
         })();
         match answer {
@@ -176,7 +267,7 @@ impl PortProber {
                     std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
                 ) =>
             {
-                Answer::Timeout
+                Answer::Timeout(limit)
             }
             Err(e) => Answer::Error(e.to_string()),
         }
@@ -192,8 +283,8 @@ pub enum Answer {
     Status(u16),
     /// Nothing listens on the address.
     Refused,
-    /// No answer within the probe's time limit.
-    Timeout,
+    /// No whole answer within the probe's time limit (this long).
+    Timeout(Duration),
     /// Something answered, not with HTTP.
     NotHttp,
     /// Any other failure, as the system or the HTTP client said it.
@@ -206,7 +297,7 @@ impl std::fmt::Display for Answer {
             Answer::Ready => f.write_str("200"),
             Answer::Status(code) => write!(f, "{code}"),
             Answer::Refused => f.write_str("connection refused"),
-            Answer::Timeout => f.write_str("no answer within 1s"),
+            Answer::Timeout(limit) => write!(f, "no answer within {}", fmt_duration(*limit)),
             Answer::NotHttp => f.write_str("error: not an HTTP answer"),
             Answer::Error(e) => write!(f, "error: {e}"),
         }
@@ -241,7 +332,8 @@ pub fn wait_until(
         check()?;
         let remaining = timeout.saturating_sub(start.elapsed());
         let last = probe(remaining);
-        if !(remaining < REQUEST_TIMEOUT && last == Answer::Timeout && reported.is_some()) {
+        let cut_short = remaining < REQUEST_TIMEOUT && matches!(last, Answer::Timeout(_));
+        if !(cut_short && reported.is_some()) {
             reported = Some(last.clone());
         }
         if last == Answer::Ready {
@@ -257,7 +349,7 @@ pub fn wait_until(
                 format!(
                     "{what} did not answer 200 within {} (last answer: {}); nothing was changed. \
                      Raise --timeout if the service warms up slower.",
-                    humantime::format_duration(timeout),
+                    fmt_duration(timeout),
                     reported.as_ref().unwrap_or(&last)
                 ),
             ));
@@ -270,6 +362,42 @@ pub fn wait_until(
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_address_literal_is_checked_and_probed_as_the_address_connect_reaches() {
+        for (given, probed) in [
+            ("http://0.0.0.0:9001/readyz", "127.0.0.1:9001"),
+            ("http://[::]:9001/readyz", "[::1]:9001"),
+            ("http://[::ffff:127.0.0.1]:9001/readyz", "127.0.0.1:9001"),
+            ("http://[::ffff:0.0.0.0]:9001/readyz", "127.0.0.1:9001"),
+            ("http://127.0.0.2:9001/readyz", "127.0.0.2:9001"),
+            ("http://[::1]:9001/readyz", "[::1]:9001"),
+        ] {
+            let url = check_url(given).unwrap();
+            let addrs: Vec<String> = addresses(&url)
+                .unwrap()
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            assert_eq!(addrs, [probed], "{given}");
+            assert_eq!(url.path(), "/readyz", "{given}");
+        }
+    }
+
+    #[test]
+    fn a_url_without_a_host_is_bad_input_naming_it() {
+        for url in [
+            "http:///readyz",
+            "http://",
+            "http://?x",
+            "ftp://h/x",
+            "nonsense",
+        ] {
+            let e = check_url(url).unwrap_err();
+            assert_eq!(crate::error::kind_of(&e), Kind::BadInput, "{url}");
+            assert!(e.to_string().contains(&format!("{url:?}")), "{url}: {e}");
+        }
+    }
+
     /// A service that answers garbage at once, probed until a deadline: the probes that the
     /// deadline cuts short time out (as they would on a machine slow enough that the garbage
     /// takes longer than what is left), and the message must still report the garbage.
@@ -281,7 +409,7 @@ mod tests {
             || Ok(()),
             |limit| {
                 if limit < REQUEST_TIMEOUT {
-                    Answer::Timeout
+                    Answer::Timeout(limit)
                 } else {
                     Answer::NotHttp
                 }
@@ -299,10 +427,60 @@ mod tests {
             "http://127.0.0.1:1/readyz",
             Duration::from_millis(300),
             || Ok(()),
-            |_| Answer::Timeout,
+            |limit| Answer::Timeout(probe_limit(limit)),
             |_, _| {},
         )
         .expect_err("never 200");
-        assert!(format!("{e:#}").contains("last answer: no answer within 1s"));
+        let text = format!("{e:#}");
+        // The probe's own limit, to the millisecond: what was left of a 300 ms wait, not 1 s.
+        let limit = text
+            .split("last answer: no answer within ")
+            .nth(1)
+            .and_then(|t| t.split("ms)").next())
+            .and_then(|ms| ms.parse::<u64>().ok());
+        assert!(limit.is_some_and(|ms| ms <= 300), "{text}");
+        assert!(text.contains("within 300ms (last"), "{text}");
+    }
+
+    /// A server on loopback that answers a status line one byte every `gap`; returns its
+    /// address and how long the whole answer takes it.
+    fn trickler(gap: Duration) -> (std::net::SocketAddr, Duration) {
+        use std::io::{Read as _, Write as _};
+        const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let _ = c.read(&mut [0u8; 1024]);
+                for b in ANSWER {
+                    if c.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(gap);
+                }
+            }
+        });
+        (addr, gap * ANSWER.len() as u32)
+    }
+
+    #[test]
+    fn a_trickled_answer_ends_at_the_probes_deadline() {
+        let (addr, whole) = trickler(Duration::from_millis(100));
+        let limit = Duration::from_millis(300);
+        let t = Instant::now();
+        let a = PortProber::new(addr, "/readyz").probe(limit);
+        let port = t.elapsed();
+        assert_eq!(a, Answer::Timeout(limit));
+        let url = check_url(&format!("http://{addr}/readyz")).unwrap();
+        let t = Instant::now();
+        let a = Prober::new(&url).unwrap().probe(limit);
+        let http = t.elapsed();
+        assert_eq!(a, Answer::Timeout(limit));
+        // Ended by the deadline, not by the answer: well before the trickle would have ended.
+        assert!(
+            port < whole / 4 && http < whole / 4,
+            "{port:?} {http:?} {whole:?}"
+        );
     }
 }

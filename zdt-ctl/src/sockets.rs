@@ -841,6 +841,107 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     )
 }
 
+/// The cookies of every network namespace this host can see alive: those of every thread of
+/// every process (`/proc/PID/task/TID/ns/net`: setns is per thread), of every namespace file a
+/// process holds open (`/proc/PID/fd/N` -> `net:[...]`), and of every namespace file mounted
+/// in zdt-ctl's and init's mount namespaces (`ip netns add` bind-mounts one under /run/netns).
+/// Each distinct namespace is entered on a thread of its own, which reads its cookie
+/// (SO_NETNS_COOKIE on a socket made there) and exits. A namespace held only by a socket
+/// passed out of it is not seen: callers must not take a namespace missing here for dead on
+/// this alone.
+pub fn live_netns_cookies() -> anyhow::Result<BTreeSet<u64>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let proc_dirs = |dir: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for proc_dir in proc_dirs("/proc") {
+        for task in proc_dirs(&proc_dir.join("task").to_string_lossy()) {
+            files.push(task.join("ns/net"));
+        }
+        if let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) {
+            for fd in fds.flatten() {
+                if std::fs::read_link(fd.path())
+                    .is_ok_and(|t| t.to_string_lossy().starts_with("net:["))
+                {
+                    files.push(fd.path());
+                }
+            }
+        }
+    }
+    for mountinfo in ["/proc/self/mountinfo", "/proc/1/mountinfo"] {
+        let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
+        for line in text.lines() {
+            // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ..."
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fstype = fields
+                .iter()
+                .position(|f| *f == "-")
+                .and_then(|i| fields.get(i + 1));
+            if fstype == Some(&"nsfs") {
+                if let Some(mp) = fields.get(4) {
+                    files.push(unescape_mountinfo(mp).into());
+                }
+            }
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut cookies = BTreeSet::new();
+    for f in files {
+        // A process or fd may be gone by now: skip what cannot be opened.
+        let Ok(file) = std::fs::File::open(&f) else {
+            continue;
+        };
+        let Ok(m) = file.metadata() else { continue };
+        if !seen.insert((m.dev(), m.ino())) {
+            continue;
+        }
+        let cookie = std::thread::spawn(move || -> anyhow::Result<u64> {
+            // Fails with EINVAL for a namespace file of another type (a mounted mount or uts
+            // namespace): not a network namespace, skipped.
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            netns_cookie()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?;
+        if let Ok(c) = cookie {
+            cookies.insert(c);
+        }
+    }
+    Ok(cookies)
+}
+
+/// A mount point as /proc/PID/mountinfo writes it: space, tab, newline and backslash as octal
+/// escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A named counter from /proc/net/netstat or /proc/net/snmp (pairs of header/value lines) of the
 /// calling thread's namespace (thread-self: /proc/net is the thread-group leader's view).
 pub fn netstat_counter(group: &str, name: &str) -> anyhow::Result<u64> {

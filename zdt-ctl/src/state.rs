@@ -27,7 +27,7 @@ use zdt_common::{
 use crate::{
     addr::PortSpec,
     error::{err, Kind},
-    plan::sets::{free_slot, Plan, Role},
+    plan::sets::{free_slot, live_only, Plan, Role},
     program,
     sockets::{self, Listener},
 };
@@ -61,6 +61,81 @@ pub fn netns_dir() -> anyhow::Result<PathBuf> {
 /// The directory of one port's state.
 pub fn port_dir(port: u16) -> anyhow::Result<PathBuf> {
     Ok(netns_dir()?.join(port.to_string()))
+}
+
+/// Removes the pinned state of network namespaces that no longer exist, and returns their
+/// cookies. Pins outlive their namespace (bpffs is per boot, not per namespace): every
+/// container or test namespace that used zdt would otherwise leave its maps (about 0.7 MiB of
+/// kernel memory per port) until reboot. A namespace's state is taken for dead only when both
+/// say so: no thread, open namespace file or nsfs mount has its cookie
+/// ([`sockets::live_netns_cookies`]), and none of its ports' socket arrays holds a socket (a
+/// socket keeps its namespace alive, and the array holds only live ones). A port whose lock is
+/// held is left for the next sweep. The cookie counter never repeats within a boot, so a
+/// removed directory cannot belong to a namespace made later.
+pub fn sweep_dead_namespaces() -> anyhow::Result<Vec<u64>> {
+    let root = Path::new(BPFFS).join("zdt");
+    let Ok(dir) = fs::read_dir(&root) else {
+        return Ok(Vec::new());
+    };
+    let mine = sockets::netns_cookie()?;
+    let pinned: Vec<u64> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|c| *c != mine)
+        .collect();
+    if pinned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let live = sockets::live_netns_cookies()?;
+    let mut removed = Vec::new();
+    for cookie in pinned.into_iter().filter(|c| !live.contains(c)) {
+        if remove_dead_netns(&root.join(cookie.to_string()))? {
+            tracing::info!(
+                cookie,
+                "removed the pinned state of a network namespace that is gone"
+            );
+            removed.push(cookie);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes one dead namespace's directory: each port's pins (program first, as `remove`
+/// does) under its lock, taken without waiting. False if a port was left (locked, or its
+/// socket array still holds a socket).
+fn remove_dead_netns(dir: &Path) -> anyhow::Result<bool> {
+    let mut all = true;
+    for port in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = port.path();
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            all = false;
+            continue;
+        }
+        let holds_socket = match MapData::from_pin(path.join(names::SOCKETS)) {
+            Ok(map) => (0..MAX_SLOTS).any(|slot| {
+                let mut cookie: u64 = 0;
+                bpf_map_elem(BPF_MAP_LOOKUP_ELEM, &map, slot, &mut cookie).is_ok()
+            }),
+            Err(_) => false,
+        };
+        if holds_socket {
+            all = false;
+            continue;
+        }
+        let _ = fs::remove_file(path.join(names::PROGRAM));
+        let _ = fs::remove_file(path.join(STAGED_PROGRAM));
+        for name in ALL_MAPS {
+            let _ = fs::remove_file(path.join(name));
+        }
+        if fs::remove_dir(&path).is_err() {
+            all = false;
+        }
+    }
+    Ok(all && fs::remove_dir(dir).is_ok())
 }
 
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a minimal system or container).
@@ -668,7 +743,8 @@ impl State {
 
     /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
     /// slots. A socket already in the array keeps its slot; a new one takes a
-    /// [`free_slot`].
+    /// [`free_slot`]. Every slot is chosen before anything is written: when there are not
+    /// enough, the command fails having changed nothing.
     pub fn insert(
         &mut self,
         pid: i32,
@@ -676,16 +752,48 @@ impl State {
         listeners: &[Listener],
     ) -> anyhow::Result<Vec<u32>> {
         let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        let previous = self.previous_set()?.unwrap_or(ActiveSet::EMPTY);
+        let stored = self.previous_set()?;
         let live = self.slots()?;
+        // A slot of the rollback target whose socket has closed can never be restored (the
+        // socket is gone for good): it need not stay reserved. Without this, three generations
+        // of a large app held 3 x its sockets, and the third deploy found no free slot.
+        let previous = match &stored {
+            Some(p) => live_only(p, &live, |_| false)?,
+            None => ActiveSet::EMPTY,
+        };
         let mut taken: Vec<u32> = live.iter().map(|s| s.index).collect();
-        let mut out = Vec::new();
+        let mut plan = Vec::new();
         for l in listeners {
             if let Some(s) = live.iter().find(|s| s.meta.cookie == l.cookie) {
-                out.push(s.index);
+                plan.push((l, s.index, false));
                 continue;
             }
-            let slot = free_slot(&taken, &active, &previous, |i| self.is_empty_slot(i))?;
+            let slot =
+                free_slot(&taken, &active, &previous, |i| self.is_empty_slot(i)).map_err(|e| {
+                    err(
+                        Kind::Refused,
+                        format!(
+                            "{e}: pid {pid} has {} sockets to insert; nothing was changed",
+                            listeners.len()
+                        ),
+                    )
+                })?;
+            taken.push(slot);
+            plan.push((l, slot, true));
+        }
+        if plan
+            .iter()
+            .any(|&(_, slot, new)| new && stored.is_some_and(|s| s.names(slot)))
+        {
+            // Written before the slot is reused: a rollback must never name a new socket.
+            self.save_rollback(&previous)?;
+        }
+        let mut out = Vec::new();
+        for (l, slot, new) in plan {
+            out.push(slot);
+            if !new {
+                continue;
+            }
             let meta = SlotMeta {
                 cookie: l.cookie,
                 pid_start,
@@ -707,8 +815,6 @@ impl State {
             // a listener in a reuseport group; -EBUSY if it is already in a socket array.
             sockarray_set(&self.sockets, slot, l.fd.as_raw_fd())
                 .with_context(|| format!("putting the socket on {} into slot {slot}", l.local))?;
-            taken.push(slot);
-            out.push(slot);
         }
         Ok(out)
     }
@@ -837,7 +943,7 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
         err(
             Kind::Refused,
             format!(
-                "the pinned state in {} is not as zdt created it: {what}. Find out who changed it;                  to start over, remove that directory (rm -r) and run `zdt-ctl attach` again",
+                "the pinned state in {} is not as zdt created it: {what}. Find out who changed it; to start over, remove that directory (rm -r) and run `zdt-ctl attach` again",
                 dir.display()
             ),
         )

@@ -9,7 +9,9 @@ use crate::{
 /// Put a port under zdt's control (idempotent). Listeners already on the port keep serving.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80"
+    after_help = "Every attach also removes the pinned state that network namespaces which no \
+                  longer exist left behind (a container's, a test's).\n\n\
+                  Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80"
 )]
 pub struct Args {
     /// [ADDR]:PORT, e.g. :80, 127.0.0.1:8080, [::]:80
@@ -34,6 +36,12 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             super::pid_list(&r.adopted)
         );
     }
+    if !r.swept.is_empty() {
+        println!(
+            "removed the pinned state of {} network namespace(s) that no longer exist",
+            r.swept.len()
+        );
+    }
     Ok(())
 }
 
@@ -46,6 +54,8 @@ pub struct AttachReport {
     pub adopted: Vec<i32>,
     /// What the operator should know: listeners of the port that zdt does not manage.
     pub warnings: Vec<String>,
+    /// Cookies of the network namespaces, gone, whose pinned state this attach removed.
+    pub swept: Vec<u64>,
 }
 
 /// Existing listeners of `spec`, validated, each with the process that serves it (None: only
@@ -115,6 +125,14 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
             spec.port
         ));
     }
+    // Every attach removes what namespaces that are gone left pinned (a container, a test's
+    // namespace): nothing else would, and each port's maps stay in kernel memory until reboot.
+    let swept = crate::state::sweep_dead_namespaces().unwrap_or_else(|e| {
+        warnings.push(format!(
+            "could not look for the pinned state of namespaces that are gone: {e:#}"
+        ));
+        Vec::new()
+    });
     let (mut state, created) = State::create(spec)?;
     crate::failpoint("attach-locked");
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
@@ -145,5 +163,6 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         created,
         adopted,
         warnings,
+        swept,
     })
 }

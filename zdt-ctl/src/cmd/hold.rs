@@ -88,13 +88,13 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
     let dual_stack = match o.layout {
         Some(HoldLayout::DualStack) if !split.is_empty() => {
             return Err(bad_input(format!(
-                "--dual-stack: the port's listeners are split ({}): a dual-stack placeholder                  would be in a group of its own; leave --dual-stack out",
+                "--dual-stack: the port's listeners are split ({}): a dual-stack placeholder would be in a group of its own; leave --dual-stack out",
                 split.iter().map(|e| e.local.to_string()).collect::<Vec<_>>().join(", ")
             )))
         }
         Some(HoldLayout::Split) if !dual.is_empty() => {
             return Err(bad_input(format!(
-                "--split: the port's listener on {} is dual-stack (IPV6_V6ONLY=0): split                  placeholders would be in groups of their own, and the IPv4 one would take                  every IPv4 client; leave --split out",
+                "--split: the port's listener on {} is dual-stack (IPV6_V6ONLY=0): split placeholders would be in groups of their own, and the IPv4 one would take every IPv4 client; leave --split out",
                 dual[0].local
             )))
         }
@@ -107,7 +107,7 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
             .is_some_and(|a| !(a.is_ipv6() && a.is_unspecified()))
     {
         return Err(bad_input(format!(
-            "{spec}: the app listens dual-stack on [::]:{} (or --dual-stack asks for it); a              placeholder on {spec} would take its IPv4 clients. Hold :{} instead",
+            "{spec}: the app listens dual-stack on [::]:{} (or --dual-stack asks for it); a placeholder on {spec} would take its IPv4 clients. Hold :{} instead",
             spec.port, spec.port
         )));
     }
@@ -120,7 +120,7 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
             let uid = uid_of(user)?;
             if let Some(other) = found.iter().find(|u| **u != uid) {
                 return Err(bad_input(format!(
-                    "--user {user}: the port's listeners belong to uid {other}; the kernel lets                      only sockets of one uid share a port, so the placeholder must be theirs                      (leave --user out, or pass uid {other})"
+                    "--user {user}: the port's listeners belong to uid {other}; the kernel lets only sockets of one uid share a port, so the placeholder must be theirs (leave --user out, or pass uid {other})"
                 )));
             }
             uid
@@ -129,7 +129,7 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
         (None, [one]) => *one,
         (None, many) => {
             return Err(bad_input(format!(
-                "the port's listeners belong to several uids ({many:?}); pass --user with the                  app's"
+                "the port's listeners belong to several uids ({many:?}); pass --user with the app's"
             )))
         }
     };
@@ -287,11 +287,13 @@ pub struct Args {
     pub addr: PortSpec,
     /// Accept-queue limit of each placeholder: how many connections can wait at once
     /// (also capped by net.core.somaxconn).
-    #[arg(long, default_value_t = 4096)]
+    // allow_hyphen_values: `--backlog -5` reaches the parser, which names it, instead of
+    // being taken for an unknown flag.
+    #[arg(long, default_value_t = 4096, value_parser = parse_backlog, allow_hyphen_values = true)]
     pub backlog: i32,
     /// How long connections may wait for a ready process of their address family; after
     /// that they are reset (a family no process serves must not keep clients forever).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration_arg)]
     pub max_wait: Duration,
     /// Owner of the placeholder (user name or uid): the app's user, e.g. www-data. The
     /// kernel shares a port only between sockets of one uid. Default: the owner of the
@@ -480,8 +482,18 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
             eprintln!(
                 "zdt-ctl hold: no process of that address family became ready within {}; \
                  reset {dropped} connection(s) that waited",
-                humantime::format_duration(max_wait)
+                crate::addr::fmt_duration(max_wait)
             );
         }
+    }
+}
+
+/// `--backlog`: 1 to 65535 (listen() takes an int, the kernel caps it at net.core.somaxconn).
+fn parse_backlog(s: &str) -> Result<i32, String> {
+    match s.parse::<i64>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as i32),
+        _ => Err(format!(
+            "invalid backlog {s:?}: a number of connections from 1 to 65535, e.g. 4096"
+        )),
     }
 }

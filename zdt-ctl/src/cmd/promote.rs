@@ -585,9 +585,7 @@ fn wait_listening(
                 format!(
                     "{} after waiting {} for it (--timeout); nothing was changed",
                     sockets::not_listening(pid, &spec),
-                    humantime::format_duration(Duration::from_millis(
-                        start.elapsed().as_millis() as u64
-                    ))
+                    crate::addr::fmt_duration(start.elapsed())
                 ),
             ));
         }
@@ -609,6 +607,7 @@ fn wait_listening(
 /// placeholders) without a loss: the same owner uid, and the same layout of groups
 /// ([`plan::layout_conflict`]). Changes nothing.
 fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
+    sets::admit(pid, state.spec.port, listeners.iter().map(Listener::family))?;
     let slots = state.slots()?;
     // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
     // socket of another uid would never be selectable from this group.
@@ -688,6 +687,11 @@ fn probe_through_port(
     for state in states.iter_mut() {
         let listeners = sockets::fetch_listeners(target, &state.spec)?;
         family_v4.get_or_insert(listeners.first().is_none_or(|l| l.local.is_ipv4()));
+        sets::admit(
+            target.pid,
+            state.spec.port,
+            listeners.iter().map(Listener::family),
+        )?;
         for l in &listeners {
             state.attach_to_group(&l.fd)?;
         }

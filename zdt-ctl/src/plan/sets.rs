@@ -307,8 +307,39 @@ pub fn promote(
     plan.to_stop = processes_where(slots, |s| {
         others(s) && !plan.set.names(s.index) && s.recorded() != Role::Candidate
     });
-    plan.rollback = Some(without_probe(live));
+    // The set live now becomes the rollback target only when this promote changes it: a
+    // promote of the active member again, or the retry of a promote whose switch happened
+    // (a killed one), must keep the target, or `rollback` would restore the live set itself
+    // and the previous version, still listening, could never come back.
+    let now = without_probe(live);
+    plan.rollback = (plan.set != now).then_some(now);
     Ok(plan)
+}
+
+/// Whether a process with sockets of `families` (one entry per socket) fits in the lists the
+/// program reads: at most [`MAX_ACTIVE`] per family. Checked before anything is inserted, so a
+/// process that cannot fit is refused having changed nothing.
+pub fn admit(pid: i32, port: u16, families: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
+    let mut count = [0usize; 2];
+    for f in families {
+        if let Some(n) = family_index(f).and_then(|i| count.get_mut(i)) {
+            *n += 1;
+        }
+    }
+    for (i, n) in count.into_iter().enumerate() {
+        if n > MAX_ACTIVE {
+            let family = if i == 0 { "IPv4" } else { "IPv6" };
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "pid {pid} has {n} {family} sockets on port {port}; zdt steers at most \
+                     {MAX_ACTIVE} per family (fewer workers with `reuseport`, or workers sharing \
+                     their sockets); nothing was changed"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `promote --probe`: the live set, with PID's slots `new` in the probe lists (zdt-ctl's own
@@ -370,6 +401,17 @@ pub fn rollback(
         ));
     }
     let mut plan = Plan::switch(slots, live.unwrap_or(&ActiveSet::EMPTY), back);
+    // A target that is the live set (written by an older build, whose promote of the active
+    // member again overwrote it) restores nothing: say so rather than report a rollback.
+    if live.map(without_probe) == Some(plan.set) {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "the rollback target of port {port} is the set that is live now: there is \
+                 nothing to roll back to; nothing was changed"
+            ),
+        ));
+    }
     plan.drained = processes_where(slots, |s| {
         (s.active || s.canary) && !plan.set.names(s.index)
     });
@@ -447,8 +489,20 @@ pub fn drain(
             ),
         ));
     }
+    // A running canary stays, with its weight, unless it is PID's.
+    let canary: Vec<u32> = slots
+        .iter()
+        .filter(|s| s.canary && !mine.contains(&s.index))
+        .map(|s| s.index)
+        .collect();
     let set = ActiveSet {
         lists: lists_of(slots, &remaining)?,
+        canary: lists_of(slots, &canary)?,
+        canary_weight: if canary.is_empty() {
+            0
+        } else {
+            live.canary_weight
+        },
         ..ActiveSet::EMPTY
     };
     let mut plan = Plan::switch(slots, live, set);
@@ -668,6 +722,67 @@ mod tests {
         assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
         assert!(p.drained.is_empty() && p.to_stop.is_empty());
         assert!(p.roles.is_empty(), "{:?}", p.roles);
+        // Nothing switches, so the rollback target stays what it was.
+        assert_eq!(p.rollback, None);
+    }
+
+    #[test]
+    fn a_retried_promote_keeps_the_rollback_target() {
+        let (slots, live) = deploy();
+        let first = promote(&slots, &live, 200, &[2, 3], None).unwrap();
+        assert_eq!(first.rollback, Some(live));
+        // The retry sees its own switch live (the first was killed after it, or exited 0).
+        let slots = after(&slots, &first);
+        let retry = promote(&slots, &first.set, 200, &[2, 3], None).unwrap();
+        assert_eq!(retry.set, first.set);
+        assert_eq!(retry.rollback, None);
+        // So a rollback still goes back to pid 100.
+        let back = rollback(&slots, Some(&first.set), Some(&live), 80).unwrap();
+        assert_eq!(back.serving(&slots), vec![100]);
+    }
+
+    #[test]
+    fn more_sockets_of_a_family_than_the_lists_hold_are_refused() {
+        let v4 = |n| std::iter::repeat_n(AF_INET, n);
+        admit(
+            7,
+            80,
+            v4(MAX_ACTIVE).chain(std::iter::repeat_n(AF_INET6, MAX_ACTIVE)),
+        )
+        .unwrap();
+        let e = admit(7, 80, v4(MAX_ACTIVE + 1)).unwrap_err();
+        assert_eq!(code(&e), 7, "{e}");
+        assert!(e.to_string().contains("1025 IPv4 sockets"), "{e}");
+    }
+
+    #[test]
+    fn draining_one_active_member_keeps_the_canary() {
+        let (mut slots, live) = deploy();
+        slots.push(slot(4, 150, AF_INET, Role::Active));
+        let live = ActiveSet {
+            lists: lists_of(&slots, &[0, 1, 4]).unwrap(),
+            ..live
+        };
+        let canary = promote(&slots, &live, 200, &[2, 3], Some(10)).unwrap();
+        let slots = after(&slots, &canary);
+        let p = drain(&slots, &canary.set, 150, false, 80).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
+        assert_eq!(listed(&p.set.canary), [vec![2], vec![3]]);
+        assert_eq!(p.set.canary_weight, 10);
+        assert_eq!(p.drained, vec![proc_of(150)]);
+        // Draining the canary itself ends it.
+        let p = drain(&slots, &canary.set, 200, false, 80).unwrap();
+        assert!(p.set.canary.iter().all(|l| l.len == 0));
+        assert_eq!(p.set.canary_weight, 0);
+        assert_eq!(listed(&p.set.lists), [vec![0, 4], vec![1]]);
+    }
+
+    #[test]
+    fn a_rollback_to_the_live_set_is_refused() {
+        let (slots, live) = deploy();
+        let e = rollback(&slots, Some(&live), Some(&live), 80).unwrap_err();
+        assert_eq!(code(&e), 7, "{e}");
+        assert!(e.to_string().contains("nothing to roll back to"), "{e}");
     }
 
     #[test]
