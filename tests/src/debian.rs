@@ -8,8 +8,6 @@ use std::{
 
 use anyhow::{ensure, Context as _};
 
-use crate::harness::bin;
-
 /// Where the roots' tarballs are kept. Building one takes a minute or two and the Debian mirror,
 /// so each is made once and kept, shared by every clone like setup's virtme-ng venv; each test
 /// unpacks a fresh copy.
@@ -27,9 +25,13 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// target/dist/zdt_VERSION-REVISION_ARCH.deb, next to the binaries' target/release.
+/// target/dist/zdt_VERSION-REVISION_ARCH.deb ($ZDT_DIST_DIR when set).
 pub fn deb() -> anyhow::Result<PathBuf> {
-    let dist = bin("zdt-ctl").parent().unwrap().join("../dist");
+    // `cargo xtask dist` writes the package of the release build (target/release, without the
+    // test hooks) to target/dist; the tests' own binaries are another build (target/test).
+    let dist = std::env::var_os("ZDT_DIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dist"));
     let prefix = format!("zdt_{}-", env!("CARGO_PKG_VERSION"));
     let found: Vec<PathBuf> = std::fs::read_dir(&dist)
         .into_iter()
