@@ -4,6 +4,8 @@
 //! pass values in, and the unit tests below cover every rule without root.
 use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
+#[cfg(test)]
+mod model;
 pub mod sets;
 
 /// The kind of reuseport group a TCP listener of a port is in. Kernel contract

@@ -27,7 +27,7 @@ use zdt_common::{
 use crate::{
     addr::PortSpec,
     error::{err, Kind},
-    plan::sets::{free_slot, live_only, Plan, Role},
+    plan::sets::{self, free_slot, live_only, Plan, Role},
     program,
     sockets::{self, Listener},
 };
@@ -315,7 +315,7 @@ impl State {
             return Err(not_attached(port));
         }
         let mut state = Self::open_checked(dir, Some(lock), program)?;
-        state.repair()?;
+        state.settle()?;
         Ok(state)
     }
 
@@ -382,10 +382,11 @@ impl State {
             }
         };
         if dir.join(names::PROGRAM).exists() {
-            let state = Self::open_at(dir, Some(lock))?;
+            let mut state = Self::open_at(dir, Some(lock))?;
             if state.spec != spec {
                 return Err(attached_as(spec, state.spec));
             }
+            state.settle()?;
             return Ok((state, false));
         }
         // No program pin: nothing, or an interrupted creation. Start clean.
@@ -560,6 +561,13 @@ impl State {
         Ok(self.active.set(ROLLBACK_ENTRY, set, 0)?)
     }
 
+    /// What every command that takes the lock runs first: [`State::repair`], then
+    /// [`State::follow_kernel`].
+    fn settle(&mut self) -> anyhow::Result<()> {
+        self.repair()?;
+        self.follow_kernel()
+    }
+
     /// Puts right what a command killed halfway left behind; run by every command that takes
     /// the lock, so no other command is halfway through now:
     /// - live probe lists (a `promote --probe` killed while it waited): zdt-ctl's own marked
@@ -583,6 +591,139 @@ impl State {
         }
         if let Some(plan) = crate::plan::sets::repair(&self.slots()?, &live) {
             tracing::info!(probing, "putting right what an interrupted command left");
+            self.apply(&plan)?;
+        }
+        Ok(())
+    }
+
+    /// Where the slots and the kernel part (see [`sets::drift`]): the listeners of the spec's
+    /// groups in no slot, and the slots whose recorded process is gone, with the processes
+    /// that serve those sockets now. Reads sock_diag's listeners and each recorded process's
+    /// start time; only when one of the two differs does it scan /proc for the holders.
+    pub fn drift(&self, slots: &[Slot]) -> anyhow::Result<sets::Drift> {
+        use std::collections::{BTreeMap, BTreeSet};
+        let table = sockets::listen_entries()?;
+        let known: BTreeSet<u64> = slots.iter().map(|s| s.meta.cookie).collect();
+        let mut starts: BTreeMap<i32, Option<u64>> = BTreeMap::new();
+        for s in slots {
+            starts
+                .entry(s.pid())
+                .or_insert_with(|| sockets::start_time(s.pid()));
+        }
+        let alive = |p: &sets::Process| starts.get(&p.pid).copied().flatten() == Some(p.start);
+        let dead: BTreeSet<u64> = slots
+            .iter()
+            .filter(|s| s.recorded() != Role::Hold && !alive(&s.process()))
+            .map(|s| s.meta.cookie)
+            .collect();
+        let inodes: BTreeSet<u64> = table
+            .values()
+            .filter(|e| {
+                self.spec.matches(&e.local)
+                    && (!known.contains(&e.cookie) || dead.contains(&e.cookie))
+            })
+            .map(|e| e.inode)
+            .collect();
+        if inodes.is_empty() {
+            return Ok(sets::Drift::default());
+        }
+        let h = sockets::holders(&inodes);
+        let seen: Vec<sets::Seen> = inodes
+            .iter()
+            .filter_map(|i| table.get(i))
+            .map(|e| sets::Seen {
+                cookie: e.cookie,
+                member: crate::plan::member(&h.pids(e.inode), &h.procs).and_then(|pid| {
+                    Some(sets::Process {
+                        pid,
+                        start: sockets::start_time(pid)?,
+                    })
+                }),
+            })
+            .collect();
+        Ok(sets::drift(
+            slots,
+            &seen,
+            &self.closed_members(slots)?,
+            alive,
+        ))
+    }
+
+    /// [`sets::closed_members`] of the live set, from the slots' metadata.
+    fn closed_members(&self, slots: &[Slot]) -> anyhow::Result<Vec<(sets::Process, Role)>> {
+        let Some(live) = self.active_set()? else {
+            return Ok(Vec::new());
+        };
+        Ok(sets::closed_members(&live, slots, |i| self.recorded(i)))
+    }
+
+    /// The process `slot`'s metadata records (which outlives the slot's socket), None if it
+    /// cannot be read.
+    pub fn recorded(&self, slot: u32) -> Option<sets::Process> {
+        let m = self.meta.get(&slot, 0).ok()?;
+        Some(sets::Process {
+            pid: m.pid as i32,
+            start: m.pid_start,
+        })
+    }
+
+    /// Membership follows the kernel; run by every command that takes the lock, after
+    /// [`State::repair`]. A process with a role that holds a listener of the port no slot
+    /// holds (it re-created its listener) gets it adopted, in its role; a slot whose process
+    /// is gone is recorded as the process that serves its socket now (it inherited it); then
+    /// every live socket of an active (canary) process joins the active (canary) lists, in
+    /// one switch. Without this, a re-created listener left the set naming only closed
+    /// sockets: every connection fell to kernel hashing, which handed some to a version still
+    /// warming up. The rollback target is left as it is.
+    fn follow_kernel(&mut self) -> anyhow::Result<()> {
+        let Some(live) = self.active_set()? else {
+            return Ok(());
+        };
+        // Also with no live slot at all: the only member may have re-created its only listener.
+        let slots = self.slots()?;
+        let drift = self.drift(&slots)?;
+        for &(slot, heir) in &drift.rehome {
+            let mut meta = self.meta.get(&slot, 0)?;
+            tracing::warn!(
+                slot,
+                from = meta.pid,
+                to = heir.pid,
+                "a socket's process exited and another holds it (inherited): recorded as its"
+            );
+            meta.pid = heir.pid as u32;
+            meta.pid_start = heir.start;
+            self.set_meta(slot, meta)?;
+        }
+        if !drift.adopt.is_empty() {
+            // Duplicates of the listeners to adopt (the map update takes an fd of ours).
+            for found in sockets::matching_listeners(&self.spec)? {
+                let Some(&(_, p, role)) =
+                    drift.adopt.iter().find(|(c, ..)| *c == found.entry.cookie)
+                else {
+                    continue;
+                };
+                // A listener that cannot be used (no SO_REUSEPORT, a changed fd) is left out:
+                // the command the operator ran must not fail for it.
+                let Ok(l) = sockets::listener_from(p.pid, found.fd, &found.entry) else {
+                    continue;
+                };
+                self.attach_to_group(&l.fd)?;
+                self.insert(p.pid, p.start, std::slice::from_ref(&l))?;
+                tracing::warn!(
+                    pid = p.pid,
+                    local = %l.local,
+                    %role,
+                    "a member re-created its listener: adopted in its role"
+                );
+            }
+        }
+        let slots = if drift.is_empty() {
+            slots
+        } else {
+            self.slots()?
+        };
+        let closed = self.closed_members(&slots)?;
+        if let Some(plan) = sets::rejoin(&slots, &live, &closed)? {
             self.apply(&plan)?;
         }
         Ok(())

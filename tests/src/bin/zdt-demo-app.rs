@@ -115,6 +115,12 @@ struct Args {
     /// numbers has. Prints `swapped=FD`.
     #[arg(long)]
     swap_on_usr2: bool,
+    /// On SIGHUP, re-create the public listeners in process: bind new ones (SO_REUSEPORT, the
+    /// same addresses), accept on them, then close the old ones, as a Go server restarted in
+    /// process or nginx reloading changed `listen` lines does. Prints `relistened=ADDR` per
+    /// new listener.
+    #[arg(long)]
+    relisten_on_hup: bool,
 }
 
 struct App {
@@ -385,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
     if !args.no_accept {
         spawn_accepts(&open);
     }
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let warm = tokio::time::sleep(args.warmup);
     tokio::pin!(warm);
     let mut warming = true;
@@ -406,6 +413,26 @@ async fn main() -> anyhow::Result<()> {
                 }
                 app.ready.store(true, Ordering::SeqCst);
                 println!("ready");
+            }
+            _ = hup.recv(), if args.relisten_on_hup && !open.is_empty() => {
+                let new: Vec<Arc<TcpListener>> = addrs
+                    .iter()
+                    .map(|a| listener(*a, true, !args.dual_stack, args.backlog).map(Arc::new))
+                    .collect::<std::io::Result<_>>()?;
+                // The old accept tasks first out of the list, then the new ones in: the old
+                // listeners close once their tasks have ended and `open` lets go of them.
+                let old: Vec<_> = accepts.lock().expect("accept tasks").drain(..).collect();
+                if !args.no_accept {
+                    spawn_accepts(&new);
+                }
+                for t in old {
+                    t.abort();
+                    let _ = t.await;
+                }
+                for l in &new {
+                    println!("relistened={}", l.local_addr()?);
+                }
+                open = new;
             }
             _ = sigterm.recv() => break,
         }

@@ -295,8 +295,10 @@ struct Switched {
     state: State,
     port: u16,
     new: Vec<u32>,
-    /// The set that was live before: what a rollback restores.
+    /// The set that was live before: what a failed watch restores.
     before: ActiveSet,
+    /// The rollback target before the switch: put back by a failed watch's restore.
+    target: Option<ActiveSet>,
     drained: Vec<Process>,
     to_stop: Vec<Process>,
     switched_at_ms: u64,
@@ -424,7 +426,7 @@ pub fn promote(
             Err(e) => {
                 // A later port failed: the earlier ones go back, so the command changed nothing.
                 for s in done.iter_mut() {
-                    let _ = restore(&mut s.state, &s.before);
+                    let _ = restore(&mut s.state, &s.before, s.target.as_ref());
                 }
                 return Err(e);
             }
@@ -438,7 +440,7 @@ pub fn promote(
         tracing::warn!(pid = opts.pid, why, "rolling back");
         let mut restored = Vec::new();
         for s in done.iter_mut() {
-            restored.extend(restore(&mut s.state, &s.before)?);
+            restored.extend(restore(&mut s.state, &s.before, s.target.as_ref())?);
         }
         restored.sort_unstable();
         restored.dedup();
@@ -506,6 +508,7 @@ fn switch_port(
     failpoint("inserted");
     let slots = state.slots()?;
     let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+    let rollback_target = state.previous_set()?;
     let plan = sets::promote(&slots, &before, pid, &new, weight)?;
     // The rollback target (the set before this promote), the switch, then the roles.
     let switched_at_ms = state.apply_steps(&plan, failpoint)?;
@@ -523,6 +526,7 @@ fn switch_port(
         port,
         new,
         before,
+        target: rollback_target,
         drained: plan.drained,
         to_stop: plan.to_stop,
         switched_at_ms,
@@ -780,10 +784,14 @@ fn watch(
 
 /// Makes the set that was live before the switch live again on one port, as far as its sockets
 /// still listen; returns the pids restored.
-fn restore(state: &mut State, before: &ActiveSet) -> anyhow::Result<Vec<i32>> {
+fn restore(
+    state: &mut State,
+    before: &ActiveSet,
+    target: Option<&ActiveSet>,
+) -> anyhow::Result<Vec<i32>> {
     let slots = state.slots()?;
     let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let Some(plan) = sets::restore(&slots, &live, before)? else {
+    let Some(plan) = sets::restore(&slots, &live, before, target)? else {
         return Ok(Vec::new());
     };
     state.apply(&plan)?;

@@ -46,6 +46,7 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
         state.active_set()?.as_ref(),
         state.previous_set()?.as_ref(),
         port,
+        |i| state.recorded(i),
     )?;
     state.apply(&plan)?;
     let restored = plan.serving(&slots);

@@ -73,6 +73,37 @@ impl KernelCounters {
     }
 }
 
+/// A listener of a member's process that no slot holds: the process re-created its listener
+/// (a Go server restarted in process, nginx reloading changed `listen` lines). The program
+/// cannot select it until the next command that takes the port's lock adopts it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Unadopted {
+    pub pid: i32,
+    /// The role the listener takes when adopted: the process's.
+    pub role: crate::plan::sets::Role,
+    /// The socket's cookie (`ss -e` shows it as `cookie:`).
+    pub cookie: u64,
+}
+
+/// A slot whose recorded process is gone while another process holds its socket: it was
+/// inherited (a systemd socket unit, nginx's binary upgrade). The next command that takes the
+/// port's lock records the heir as the member.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Inherited {
+    pub slot: u32,
+    /// The pid the slot records, which has exited.
+    pub recorded_pid: i32,
+    /// The process that holds the socket now.
+    pub pid: i32,
+}
+
+/// Where the slots and the kernel's listeners part (empty lists when they agree).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Drift {
+    pub unadopted: Vec<Unadopted>,
+    pub inherited: Vec<Inherited>,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
     pub port: u16,
@@ -85,6 +116,7 @@ pub struct Status {
     pub program_id: Option<u32>,
     pub groups: Vec<Group>,
     pub members: Vec<Member>,
+    pub drift: Drift,
     pub counters: Counters,
     pub kernel: KernelCounters,
 }
@@ -143,6 +175,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             program_id: None,
             groups: Vec::new(),
             members: Vec::new(),
+            drift: Drift::default(),
             counters: Counters::default(),
             kernel: KernelCounters::read(),
         });
@@ -196,6 +229,30 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             m.recent as f64 / recent as f64
         };
     }
+    let d = state.drift(&slots)?;
+    let drift = Drift {
+        unadopted: d
+            .adopt
+            .iter()
+            .map(|&(cookie, p, role)| Unadopted {
+                pid: p.pid,
+                role,
+                cookie,
+            })
+            .collect(),
+        inherited: d
+            .rehome
+            .iter()
+            .map(|&(slot, p)| Inherited {
+                slot,
+                recorded_pid: slots
+                    .iter()
+                    .find(|s| s.index == slot)
+                    .map_or(0, |s| s.pid()),
+                pid: p.pid,
+            })
+            .collect(),
+    };
     let g = state.global_counters()?;
     Ok(Status {
         port,
@@ -205,6 +262,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         program_id: Some(state.program_id()?),
         groups,
         members,
+        drift,
         counters: Counters {
             steered: g.steered,
             migrated: g.migrated,
@@ -313,6 +371,22 @@ pub fn render(s: &Status) -> String {
             m.steered,
             m.migrated,
             m.share * 100.0
+        );
+    }
+    for u in &s.drift.unadopted {
+        let _ = writeln!(
+            o,
+            "  WARNING: pid {} ({}) listens on a socket no slot holds (cookie {}; it re-created its \
+             listener): the next zdt-ctl command that takes the port's lock adopts it",
+            u.pid, u.role, u.cookie
+        );
+    }
+    for i in &s.drift.inherited {
+        let _ = writeln!(
+            o,
+            "  WARNING: slot {}'s pid {} has exited and pid {} holds its socket (inherited): the \
+             next zdt-ctl command that takes the port's lock records pid {}",
+            i.slot, i.recorded_pid, i.pid, i.pid
         );
     }
     let k = &s.kernel;

@@ -9,7 +9,7 @@ use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, MAX_ACTIV
 use crate::error::{bad_input, err, Kind};
 
 /// What a slot's socket is to zdt, as recorded in its metadata (`SlotMeta::role`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// In the socket array, not (yet) promoted: a promote that has not switched, or one that
@@ -279,11 +279,14 @@ pub fn promote(
     new: &[u32],
     weight: Option<u32>,
 ) -> anyhow::Result<Plan> {
+    // What of the live set still listens: the set as written may name slots whose sockets
+    // have closed since (they are left out of every set written from now on).
+    let current = live_only(live, slots, |_| false)?;
     let set = match weight {
         Some(w) => ActiveSet {
             lists: lists_of(
                 slots,
-                &indices(&live.lists)
+                &indices(&current.lists)
                     .filter(|i| !new.contains(i))
                     .collect::<Vec<_>>(),
             )?,
@@ -307,13 +310,37 @@ pub fn promote(
     plan.to_stop = processes_where(slots, |s| {
         others(s) && !plan.set.names(s.index) && s.recorded() != Role::Candidate
     });
-    // The set live now becomes the rollback target only when this promote changes it: a
-    // promote of the active member again, or the retry of a promote whose switch happened
-    // (a killed one), must keep the target, or `rollback` would restore the live set itself
-    // and the previous version, still listening, could never come back.
-    let now = without_probe(live);
-    plan.rollback = (plan.set != now).then_some(now);
+    // The set live now becomes the rollback target only when this promote changes who takes
+    // connections: a promote of the active member again, or the retry of a promote whose
+    // switch happened (a killed one), must keep the target, or `rollback` would restore the
+    // live set itself and the previous version, still listening, could never come back. The
+    // comparison is with what still listens: a closed slot dropped from the set changes no one.
+    plan.rollback = (!same(&plan.set, &with_hold(current, live))).then(|| without_probe(live));
     Ok(plan)
+}
+
+/// Whether two sets send new connections to the same sockets in the same shares. The order of
+/// a list only decides which socket a given flow hash lands on, and lists are written in
+/// different orders (a promote lists PID's slots in socket order, a re-adopted listener is
+/// appended), so the lists are compared as sets.
+pub fn same(a: &ActiveSet, b: &ActiveSet) -> bool {
+    let sorted = |lists: &[SlotList; 2]| {
+        lists.map(|l| {
+            let mut v = l.as_slice().to_vec();
+            v.sort_unstable();
+            v
+        })
+    };
+    let weight = |s: &ActiveSet| {
+        if s.canary.iter().all(|l| l.len == 0) {
+            0
+        } else {
+            s.canary_weight
+        }
+    };
+    [a.lists, a.canary, a.probe, a.hold].map(|l| sorted(&l))
+        == [b.lists, b.canary, b.probe, b.hold].map(|l| sorted(&l))
+        && weight(a) == weight(b)
 }
 
 /// Whether a process with sockets of `families` (one entry per socket) fits in the lists the
@@ -357,27 +384,34 @@ fn without_probe(set: &ActiveSet) -> ActiveSet {
 }
 
 /// After a failed switch or probation: the set live before it (`before`), as far as its
-/// sockets still listen; None when none does (nothing to restore).
+/// sockets still listen, and the rollback target from before it (`target`, None for none):
+/// the switch saved `before` as the target, which would make a rollback restore the live set
+/// and lose the version before. None when no socket of `before` listens (nothing to restore).
 pub fn restore(
     slots: &[Slot],
     live: &ActiveSet,
     before: &ActiveSet,
+    target: Option<&ActiveSet>,
 ) -> anyhow::Result<Option<Plan>> {
     let set = live_only(before, slots, |_| false)?;
     if set.is_empty() {
         return Ok(None);
     }
-    Ok(Some(Plan::switch(slots, live, set)))
+    let mut plan = Plan::switch(slots, live, set);
+    plan.rollback = Some(target.copied().unwrap_or(ActiveSet::EMPTY));
+    Ok(Some(plan))
 }
 
 /// `rollback`: the rollback target made live again, as far as its sockets still listen and
 /// never with a candidate (a socket that was never promoted); the set live now becomes the
-/// rollback target, so a second rollback goes forward again.
+/// rollback target, so a second rollback goes forward again. `recorded` reads a slot's
+/// metadata as the process it records (for [`closed_members`]).
 pub fn rollback(
     slots: &[Slot],
     live: Option<&ActiveSet>,
     previous: Option<&ActiveSet>,
     port: u16,
+    recorded: impl Fn(u32) -> Option<Process>,
 ) -> anyhow::Result<Plan> {
     let Some(previous) = previous else {
         return Err(err(
@@ -390,7 +424,13 @@ pub fn rollback(
     };
     // A slot of the rollback target is never given to another socket (free_slot), so a live
     // slot still holds the socket it held then.
-    let back = live_only(previous, slots, |s| s.recorded() == Role::Candidate)?;
+    // Whole processes: a member of the target that re-created its listener since comes back
+    // with the listener it has now.
+    let back = whole(
+        slots,
+        &live_only(previous, slots, |s| s.recorded() == Role::Candidate)?,
+        &closed_members(previous, slots, &recorded),
+    )?;
     if back.is_empty() {
         return Err(err(
             Kind::Refused,
@@ -403,7 +443,16 @@ pub fn rollback(
     let mut plan = Plan::switch(slots, live.unwrap_or(&ActiveSet::EMPTY), back);
     // A target that is the live set (written by an older build, whose promote of the active
     // member again overwrote it) restores nothing: say so rather than report a rollback.
-    if live.map(without_probe) == Some(plan.set) {
+    let current = live
+        .map(|l| {
+            whole(
+                slots,
+                &live_only(l, slots, |_| false)?,
+                &closed_members(l, slots, &recorded),
+            )
+        })
+        .transpose()?;
+    if current.is_some_and(|c| same(&c, &plan.set)) {
         return Err(err(
             Kind::Refused,
             format!(
@@ -560,6 +609,180 @@ pub fn repair(slots: &[Slot], live: &ActiveSet) -> Option<Plan> {
         drained: Vec::new(),
         to_stop: Vec::new(),
     })
+}
+
+/// A listener of the port's groups as the kernel shows it (sock_diag), with the process that
+/// serves it ([`crate::plan::member`]; None when only processes that do not serve it hold it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub cookie: u64,
+    pub member: Option<Process>,
+}
+
+/// Where the kernel's view of the port's listeners and the slots' records part, and what
+/// membership must become: membership follows the processes that hold the group's sockets,
+/// not what was recorded when they were put in the array.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Live slots whose recorded process is gone while another process serves the socket (it
+    /// inherited it: a systemd socket unit, nginx's binary upgrade, tableflip): (slot, that
+    /// process), which takes the slot's role over.
+    pub rehome: Vec<(u32, Process)>,
+    /// Listeners in no slot served by a process that has a role (it re-created its listener:
+    /// a Go server restarted in process, nginx reloading changed `listen` lines, shutdown then
+    /// listen again): (cookie, that process, the role its listener takes: active, canary or
+    /// draining). A process with no role (a warming version, another app) is never adopted.
+    pub adopt: Vec<(u64, Process, Role)>,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.rehome.is_empty() && self.adopt.is_empty()
+    }
+}
+
+/// The processes the live set names through slots whose socket has closed, with the role the
+/// set gives them (active, canary): a member that re-created its only listener has no live slot
+/// left, and is still what the set made it. `recorded` reads a slot's metadata (which outlives
+/// its socket) as the process it records.
+pub fn closed_members(
+    live: &ActiveSet,
+    slots: &[Slot],
+    recorded: impl Fn(u32) -> Option<Process>,
+) -> Vec<(Process, Role)> {
+    let mut out: Vec<(Process, Role)> = Vec::new();
+    for (lists, role) in [(&live.lists, Role::Active), (&live.canary, Role::Canary)] {
+        for i in indices(lists) {
+            if slots.iter().any(|s| s.index == i) {
+                continue;
+            }
+            if let Some(p) = recorded(i).filter(|p| !out.iter().any(|(q, _)| q == p)) {
+                out.push((p, role));
+            }
+        }
+    }
+    out
+}
+
+/// The role a process plays on the port by its live slots, or by the live set's closed slots
+/// (`closed`, [`closed_members`]): active or canary if the live set names one of them,
+/// draining if one served before; None for candidates and placeholders.
+fn role_of(slots: &[Slot], closed: &[(Process, Role)], p: &Process) -> Option<Role> {
+    let mine = || slots.iter().filter(|s| s.process() == *p);
+    let was = |role| closed.contains(&(*p, role));
+    if mine().any(|s| s.active) || was(Role::Active) {
+        Some(Role::Active)
+    } else if mine().any(|s| s.canary) || was(Role::Canary) {
+        Some(Role::Canary)
+    } else if mine().any(|s| s.role() == Role::Draining) {
+        Some(Role::Draining)
+    } else {
+        None
+    }
+}
+
+/// Compares the slots with the listeners `seen` in the port's groups; `closed` is what
+/// [`closed_members`] finds; `alive` tells whether a recorded process still runs (pid and start
+/// time). Pure: the caller reads all three.
+pub fn drift(
+    slots: &[Slot],
+    seen: &[Seen],
+    closed: &[(Process, Role)],
+    alive: impl Fn(&Process) -> bool,
+) -> Drift {
+    let mut out = Drift::default();
+    let mut rehomed: Vec<Slot> = slots.to_vec();
+    for s in rehomed.iter_mut() {
+        if s.recorded() == Role::Hold || alive(&s.process()) {
+            continue;
+        }
+        let heir = seen
+            .iter()
+            .find(|l| l.cookie == s.meta.cookie)
+            .and_then(|l| l.member)
+            .filter(|m| *m != s.process());
+        if let Some(m) = heir {
+            out.rehome.push((s.index, m));
+            s.meta.pid = m.pid as u32;
+            s.meta.pid_start = m.start;
+        }
+    }
+    for l in seen {
+        if rehomed.iter().any(|s| s.meta.cookie == l.cookie) {
+            continue;
+        }
+        let Some(m) = l.member else { continue };
+        if let Some(role) = role_of(&rehomed, closed, &m) {
+            out.adopt.push((l.cookie, m, role));
+        }
+    }
+    out
+}
+
+/// `set` as whole processes: every live slot (hold's placeholders aside) of a process that
+/// `set` names as active (canary) joins its active (canary) lists; slots whose socket has
+/// closed are left out, and the processes they named (`closed`, [`closed_members`] of `set`)
+/// keep their role through their live slots. A set is written whole by every locked command
+/// ([`rejoin`]), so sets are compared whole: two sets that differ only by a re-created
+/// listener name the same members.
+pub fn whole(
+    slots: &[Slot],
+    set: &ActiveSet,
+    closed: &[(Process, Role)],
+) -> anyhow::Result<ActiveSet> {
+    let was = |role| closed.iter().filter(move |c| c.1 == role).map(|c| c.0);
+    let mut active: Vec<Process> = processes_where(slots, |s| set.contains(s.index));
+    active.extend(was(Role::Active));
+    let mut canary: Vec<Process> =
+        processes_where(slots, |s| set.is_canary(s.index) && !set.contains(s.index));
+    canary.extend(was(Role::Canary).filter(|p| !active.contains(p)));
+    let pick = |lists: &[SlotList; 2], of: &[Process]| -> Vec<u32> {
+        let mut out: Vec<u32> = indices(lists)
+            .filter(|i| slots.iter().any(|s| s.index == *i))
+            .collect();
+        for s in slots {
+            if of.contains(&s.process()) && s.recorded() != Role::Hold && !out.contains(&s.index) {
+                out.push(s.index);
+            }
+        }
+        out
+    };
+    let mut out = *set;
+    out.lists = lists_of(slots, &pick(&set.lists, &active))?;
+    out.canary = lists_of(slots, &pick(&set.canary, &canary))?;
+    Ok(out)
+}
+
+/// After adopted listeners were put into the array (as candidates): the live set with every
+/// live slot of an active process in the active lists and of a canary process in the canary
+/// lists, and the roles that follow; None when that is the live set already and no role
+/// changes. Slots of the live set whose socket has closed are left out; the processes they
+/// named (`closed`, [`closed_members`]) keep their role through their live slots.
+pub fn rejoin(
+    slots: &[Slot],
+    live: &ActiveSet,
+    closed: &[(Process, Role)],
+) -> anyhow::Result<Option<Plan>> {
+    let set = whole(slots, live, closed)?;
+    let mut plan = Plan::switch(slots, live, set);
+    // A draining process's adopted listener is recorded draining, so that `--stop-old` knows
+    // the process still serves something.
+    let draining = processes_where(slots, |s| s.role() == Role::Draining);
+    for s in slots {
+        if s.recorded() == Role::Candidate
+            && draining.contains(&s.process())
+            && !plan.set.names(s.index)
+        {
+            plan.roles.push((s.index, Role::Draining));
+        }
+    }
+    let joined = slots.iter().any(|s| {
+        !s.active && !s.canary && (plan.set.contains(s.index) || plan.set.is_canary(s.index))
+    });
+    if !joined && !plan.roles.iter().any(|(_, r)| *r == Role::Draining) {
+        return Ok(None);
+    }
+    Ok(Some(plan))
 }
 
 #[cfg(test)]
@@ -737,7 +960,7 @@ mod tests {
         assert_eq!(retry.set, first.set);
         assert_eq!(retry.rollback, None);
         // So a rollback still goes back to pid 100.
-        let back = rollback(&slots, Some(&first.set), Some(&live), 80).unwrap();
+        let back = rollback(&slots, Some(&first.set), Some(&live), 80, |_| None).unwrap();
         assert_eq!(back.serving(&slots), vec![100]);
     }
 
@@ -777,10 +1000,104 @@ mod tests {
         assert_eq!(listed(&p.set.lists), [vec![0, 4], vec![1]]);
     }
 
+    fn seen(cookie: u64, pid: i32) -> Seen {
+        Seen {
+            cookie,
+            member: Some(proc_of(pid)),
+        }
+    }
+
+    #[test]
+    fn a_relisten_of_the_active_member_is_adopted_and_joins_the_active_set() {
+        let (mut slots, live) = deploy();
+        // pid 100 re-created its IPv4 listener: slot 0's socket closed (gone from the live
+        // slots), a new socket (cookie 77) of pid 100 listens. pid 200 warms up beside it.
+        slots.remove(0);
+        let d = drift(&slots, &[seen(77, 100), seen(1002, 200)], &[], |_| true);
+        assert_eq!(d.adopt, vec![(77, proc_of(100), Role::Active)]);
+        assert!(d.rehome.is_empty());
+        // Inserted as a candidate in slot 5: it joins the active lists, slot 0 is left out.
+        slots.push(slot(5, 100, AF_INET, Role::Candidate));
+        let p = rejoin(&slots, &live, &[]).unwrap().expect("a switch");
+        assert_eq!(listed(&p.set.lists), [vec![5], vec![1]]);
+        assert!(p.roles.contains(&(5, Role::Active)));
+        assert_eq!(p.rollback, None);
+        // pid 200, never promoted, stays a candidate outside the set.
+        assert!(!p.set.names(2) && !p.set.names(3));
+        // Once applied there is nothing more to do.
+        let after = after(&slots, &p);
+        assert_eq!(rejoin(&after, &p.set, &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_member_that_recreated_its_only_listener_keeps_its_role() {
+        let (mut slots, live) = deploy();
+        // pid 100's IPv6 socket (slot 1) is in the set too: drop it from the set, so that slot 0
+        // was pid 100's only one; then it closes.
+        let live = ActiveSet {
+            lists: lists_of(&slots, &[0]).unwrap(),
+            ..live
+        };
+        slots.retain(|s| s.pid() != 100);
+        // No live slot of pid 100 is left: only the set's closed slot 0 says what it was.
+        assert_eq!(
+            drift(&slots, &[seen(77, 100)], &[], |_| true),
+            Drift::default()
+        );
+        let closed = closed_members(&live, &slots, |i| (i == 0).then(|| proc_of(100)));
+        assert_eq!(closed, vec![(proc_of(100), Role::Active)]);
+        let d = drift(&slots, &[seen(77, 100)], &closed, |_| true);
+        assert_eq!(d.adopt, vec![(77, proc_of(100), Role::Active)]);
+        slots.push(slot(5, 100, AF_INET, Role::Candidate));
+        let p = rejoin(&slots, &live, &closed).unwrap().expect("a switch");
+        assert_eq!(listed(&p.set.lists), [vec![5], vec![]]);
+        assert!(p.roles.contains(&(5, Role::Active)));
+    }
+
+    #[test]
+    fn an_inherited_socket_is_rehomed_to_the_process_that_serves_it() {
+        let (slots, _) = deploy();
+        // pid 100 handed its sockets to pid 300 (binary upgrade) and exited.
+        let d = drift(&slots, &[seen(1000, 300), seen(1001, 300)], &[], |p| {
+            p.pid != 100
+        });
+        assert_eq!(d.rehome, vec![(0, proc_of(300)), (1, proc_of(300))]);
+        assert!(d.adopt.is_empty());
+        // A dead member whose socket only a non-serving holder keeps is left as it is.
+        let lone = [Seen {
+            cookie: 1000,
+            member: None,
+        }];
+        assert!(drift(&slots, &lone, &[], |p| p.pid != 100).is_empty());
+    }
+
+    #[test]
+    fn a_draining_process_relisten_is_recorded_draining_and_a_stranger_never_adopted() {
+        let (mut slots, _) = deploy();
+        slots[0].meta.role = Role::Draining.raw();
+        slots[0].active = false;
+        let d = drift(&slots, &[seen(88, 100), seen(99, 999)], &[], |_| true);
+        // pid 100 is still active through slot 1: its new socket joins the active set.
+        assert_eq!(d.adopt, vec![(88, proc_of(100), Role::Active)]);
+        // A process that only drains.
+        let (mut slots, _) = deploy();
+        for s in slots.iter_mut().take(2) {
+            s.meta.role = Role::Draining.raw();
+            s.active = false;
+        }
+        let empty = ActiveSet::EMPTY;
+        let d = drift(&slots, &[seen(88, 100)], &[], |_| true);
+        assert_eq!(d.adopt, vec![(88, proc_of(100), Role::Draining)]);
+        slots.push(slot(6, 100, AF_INET, Role::Candidate));
+        let p = rejoin(&slots, &empty, &[]).unwrap().expect("a role");
+        assert_eq!(p.roles, vec![(6, Role::Draining)]);
+        assert!(!p.set.names(6));
+    }
+
     #[test]
     fn a_rollback_to_the_live_set_is_refused() {
         let (slots, live) = deploy();
-        let e = rollback(&slots, Some(&live), Some(&live), 80).unwrap_err();
+        let e = rollback(&slots, Some(&live), Some(&live), 80, |_| None).unwrap_err();
         assert_eq!(code(&e), 7, "{e}");
         assert!(e.to_string().contains("nothing to roll back to"), "{e}");
     }
@@ -919,20 +1236,22 @@ mod tests {
         let (slots, before) = deploy();
         let switched = promote(&slots, &before, 200, &[2, 3], None).unwrap();
         let slots = after(&slots, &switched);
-        let p = restore(&slots, &switched.set, &before).unwrap().unwrap();
+        let p = restore(&slots, &switched.set, &before, None)
+            .unwrap()
+            .unwrap();
         assert_eq!(p.set.lists, before.lists);
         assert!(p.roles.contains(&(0, Role::Active)));
         assert!(p.roles.contains(&(2, Role::Draining)));
         assert_eq!(p.serving(&slots), vec![100]);
         // v1's IPv6 socket closed meanwhile: only its IPv4 one comes back.
         let without_v6: Vec<Slot> = slots.iter().copied().filter(|s| s.index != 1).collect();
-        let p = restore(&without_v6, &switched.set, &before)
+        let p = restore(&without_v6, &switched.set, &before, None)
             .unwrap()
             .unwrap();
         assert_eq!(listed(&p.set.lists), [vec![0], vec![]]);
         // v1 gone entirely: nothing to restore.
         let gone: Vec<Slot> = slots.iter().copied().filter(|s| s.pid() != 100).collect();
-        assert_eq!(restore(&gone, &switched.set, &before).unwrap(), None);
+        assert_eq!(restore(&gone, &switched.set, &before, None).unwrap(), None);
     }
 
     #[test]
@@ -940,7 +1259,14 @@ mod tests {
         let (slots, live) = deploy();
         let promoted = promote(&slots, &live, 200, &[2, 3], None).unwrap();
         let slots = after(&slots, &promoted);
-        let back = rollback(&slots, Some(&promoted.set), promoted.rollback.as_ref(), 80).unwrap();
+        let back = rollback(
+            &slots,
+            Some(&promoted.set),
+            promoted.rollback.as_ref(),
+            80,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(back.set.lists, live.lists);
         assert_eq!(back.rollback, Some(promoted.set));
         assert_eq!(back.drained, vec![proc_of(200)]);
@@ -953,13 +1279,13 @@ mod tests {
     #[test]
     fn a_rollback_never_makes_a_candidate_live_and_refuses_when_nothing_listens() {
         let (slots, live) = deploy();
-        let e = rollback(&slots, Some(&live), None, 80).unwrap_err();
+        let e = rollback(&slots, Some(&live), None, 80, |_| None).unwrap_err();
         assert_eq!(code(&e), 7);
         assert!(e.to_string().contains("no previous active set"), "{e}");
         // The rollback target names only slot 2, a candidate now (its socket was reused by a
         // promote that failed before its switch): nothing to go back to.
         let previous = set_of(&slots, &[2]);
-        let e = rollback(&slots, Some(&live), Some(&previous), 80).unwrap_err();
+        let e = rollback(&slots, Some(&live), Some(&previous), 80, |_| None).unwrap_err();
         assert_eq!(code(&e), 7);
         assert!(e.to_string().contains("no longer listen"), "{e}");
     }
@@ -975,7 +1301,7 @@ mod tests {
         slots.push(slot(8, 42, AF_INET, Role::Hold));
         let mut live = live;
         live.hold = lists_of(&slots, &[8]).unwrap();
-        let p = rollback(&slots, Some(&live), Some(&previous), 80).unwrap();
+        let p = rollback(&slots, Some(&live), Some(&previous), 80, |_| None).unwrap();
         assert_eq!(p.set.hold, live.hold);
         assert_eq!(p.serving(&slots), vec![200]);
     }

@@ -1,0 +1,115 @@
+//! Membership follows the kernel: a member that re-creates its listener in process, and a
+//! process that inherits a member's socket, are what they serve as, not what the slots recorded
+//! when the sockets were put in.
+use std::{os::fd::AsRawFd, time::Duration};
+
+use nix::sys::signal::Signal;
+use zdt_tests::{
+    harness::{replace, status, zdt_ok, App, AppOpts},
+    load::{self, scaled},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+/// (pid, role) of every member in `status --json`.
+fn members(ns: &Netns) -> anyhow::Result<Vec<(i64, String)>> {
+    let st = status(ns, PORT)?;
+    let mut out: Vec<(i64, String)> = st["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let pid = m["pid"].as_i64().unwrap_or(0);
+            (pid, m["role"].as_str().unwrap_or("?").to_string())
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `attach` again (a command that takes the port's lock) puts right what `status` reported in
+/// its drift `list`, saying `says`; `app` (`version`) is then the one active member, and takes
+/// every request.
+fn put_right(ns: &Netns, says: &str, list: &str, app: &App, version: &str) -> anyhow::Result<()> {
+    let r = zdt_ok(ns, &["attach", ":8080"])?;
+    assert!(r.stderr.contains(says), "{r:?}");
+    assert_eq!(members(ns)?, [(i64::from(app.pid), "active".into())]);
+    assert!(drift(ns, list)?.is_empty());
+    let t = load::requests(ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get(version), Some(&100), "{t:?}");
+    Ok(())
+}
+
+fn drift(ns: &Netns, list: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let st = status(ns, PORT)?;
+    Ok(st["drift"][list].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn a_member_that_recreates_its_listener_is_adopted_and_keeps_its_role() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--relisten-on-hup"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // A version warming up beside it, already listening on the port: it must take nothing
+    // before it is promoted.
+    let _v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    assert_eq!(members(&ns)?, [(i64::from(v1.pid), "active".into())]);
+
+    // v1 opens a new listener and closes the one zdt steers to (a Go server restarted in
+    // process, nginx reloading changed `listen` lines).
+    v1.signal(Signal::SIGHUP);
+    v1.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
+    // status sees it at once.
+    let unadopted = drift(&ns, "unadopted")?;
+    assert_eq!(unadopted.len(), 1, "{unadopted:?}");
+    assert_eq!(unadopted[0]["pid"], v1.pid, "{unadopted:?}");
+    assert_eq!(unadopted[0]["role"], "active", "{unadopted:?}");
+
+    // The next command that takes the port's lock adopts it, in v1's role.
+    put_right(&ns, "re-created its listener", "unadopted", &v1, "v1")?;
+
+    // And a deploy's --stop-old stops it.
+    let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
+    replace(&ns, &v3, &mut v1)?;
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get("v3"), Some(&100), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn a_process_that_inherits_a_members_socket_becomes_the_member() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    // The socket a supervisor (this test, as systemd's socket unit would) hands to v1 and
+    // later to v1b, which takes over from v1 as nginx's new master does after USR2.
+    let socket = ns.run(|| -> std::io::Result<std::net::TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_port(true)?;
+        s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], PORT)).into())?;
+        s.listen(4096)?;
+        Ok(s.into())
+    })??;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").inherit(socket.as_raw_fd()))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    assert_eq!(members(&ns)?, [(i64::from(v1.pid), "active".into())]);
+    let mut v1b = App::start(&ns, &AppOpts::new(PORT, "v1b").inherit(socket.as_raw_fd()))?;
+    v1b.wait_ready()?;
+    drop(socket);
+    v1.signal(Signal::SIGKILL);
+    assert!(v1.wait_exit(scaled(Duration::from_secs(10))));
+
+    // status names the heir at once.
+    let inherited = drift(&ns, "inherited")?;
+    assert_eq!(inherited.len(), 1, "{inherited:?}");
+    assert_eq!(inherited[0]["recorded_pid"], v1.pid, "{inherited:?}");
+    assert_eq!(inherited[0]["pid"], v1b.pid, "{inherited:?}");
+
+    // The next command that takes the lock records it; a deploy then stops it.
+    put_right(&ns, "inherited", "inherited", &v1b, "v1b")?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    replace(&ns, &v2, &mut v1b)?;
+    Ok(())
+}
