@@ -241,13 +241,97 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
         for a in [remote_answer, local_answer] {
             assert_eq!(a.as_deref().ok(), Some("HTTP/1.1 200 OK v1"), "{answers:?}");
         }
-        // A loopback connection with zdt-ctl's mark is a probe: it reaches the candidate (503
-        // while it warms up), never v1.
+        // So is a loopback connection with zdt-ctl's MSS that zdt-ctl did not make (any local
+        // user can set an MSS): only a source zdt-ctl wrote into ZDT_PROBES is a probe. It
+        // reached the candidate before.
         assert_eq!(
             marked_answer.as_deref().ok(),
-            Some("HTTP/1.1 503 Service Unavailable v2"),
+            Some("HTTP/1.1 200 OK v1"),
             "{answers:?}"
         );
     }
+    Ok(())
+}
+
+/// With SYN cookies, the ACK that completes a handshake runs the program again, without the
+/// SYN's MSS option: a `--probe` connection must still be made on the candidate alone (and a
+/// connection counted once).
+#[test]
+fn a_probe_under_syn_cookies_reaches_only_the_candidate() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    // 2: a cookie for every SYN (per namespace).
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2"))??;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let steered = || -> anyhow::Result<u64> {
+        Ok(member(&status(&ns, PORT)?, v1.pid)["steered"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    let timeout = format!("{}ms", scaled(Duration::from_secs(2)).as_millis());
+    let pid2 = v2.pid.to_string();
+    let r = zdt(
+        &ns,
+        &[
+            "promote",
+            &pid2,
+            "--probe",
+            "/readyz",
+            "--timeout",
+            &timeout,
+        ],
+    );
+    assert_eq!(r.code, 4, "v2 is never ready: {r:?}");
+    assert!(r.stderr.contains("503"), "the probe reached v2: {r:?}");
+    let before = steered()?;
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
+    assert_eq!(steered()? - before, 100, "each connection counted once");
+    Ok(())
+}
+
+/// A zdt-ctl killed while a probe connection was open leaves its source in ZDT_PROBES: the
+/// next command that takes the port's lock removes it (an ordinary client may use that
+/// address and port later), and keeps a live zdt-ctl's.
+#[test]
+fn a_probe_mark_left_by_a_killed_zdt_ctl_is_removed() -> anyhow::Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use zdt_common::{names, ProbeKey, ProbeValue, PROBE_CANDIDATE};
+    fn probes() -> anyhow::Result<HashMap<MapData, ProbeKey, ProbeValue>> {
+        let path = zdt_ctl::state::port_dir(PORT)?.join(names::PROBES);
+        Ok(Map::HashMap(MapData::from_pin(path)?).try_into()?)
+    }
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut gone = std::process::Command::new("true").spawn()?;
+    gone.wait()?;
+    let writers = [(40000, gone.id()), (40001, std::process::id())];
+    ns.run(move || -> anyhow::Result<()> {
+        let mut map = probes()?;
+        for (port, pid) in writers {
+            let key = ProbeKey {
+                family: zdt_common::AF_INET as u16,
+                port,
+                addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            };
+            let kind = PROBE_CANDIDATE;
+            map.insert(key, ProbeValue { kind, pid }, 0)?;
+        }
+        Ok(())
+    })??;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let left: Vec<u16> = ns.run(|| -> anyhow::Result<Vec<u16>> {
+        Ok(probes()?
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.port)
+            .collect())
+    })??;
+    assert_eq!(left, [40001], "only the live writer's entry stays");
     Ok(())
 }

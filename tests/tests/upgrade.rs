@@ -88,9 +88,14 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     assert_eq!(role, "active");
     assert!(steered_before > 100, "{steered_before}");
 
-    // "Another zdt build" upgraded the port: its program steers with the same maps.
+    // "Another zdt build" upgraded the port: its program steers with the same maps, and it is
+    // a build from before ZDT_PROBES (its state has no such map).
     let variant = ns.run(|| programs::install_variant(PORT))??;
     let variant_id = pinned(&ns)?.id();
+    let probes = || -> anyhow::Result<std::path::PathBuf> {
+        ns.run(|| Ok(zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::PROBES)))?
+    };
+    std::fs::remove_file(probes()?)?;
     let r = zdt(&ns, &["status", "8080"]);
     assert_eq!(r.code, 7, "{r:?}");
     assert!(r.stderr.contains("zdt-ctl upgrade"), "{r:?}");
@@ -113,6 +118,12 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
 
     let r = zdt_ok(&ns, &["upgrade", "8080"])?;
     assert!(r.stdout.contains("program upgraded"), "{r:?}");
+    // The map the earlier build lacked is made, root's alone like the others.
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(probes()?)?.permissions().mode() & 0o7777,
+        0o600
+    );
     // From here on the kernel runs the pinned (new) program, never the variant.
     let (variant_after, ours_after) = (runs(variant_id)?, runs(pinned(&ns)?.id())?);
     std::thread::sleep(load::scaled(Duration::from_millis(500)));

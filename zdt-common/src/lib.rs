@@ -53,6 +53,7 @@ pub mod names {
     pub const SLOT_COUNTERS: &str = "ZDT_SLOT_COUNTERS";
     pub const GLOBAL_COUNTERS: &str = "ZDT_GLOBAL_COUNTERS";
     pub const SLOT_META: &str = "ZDT_SLOT_META";
+    pub const PROBES: &str = "ZDT_PROBES";
 }
 
 /// Value of the one-entry `ZDT_CONTROL` array.
@@ -99,14 +100,48 @@ pub struct ActiveSet {
 }
 
 /// The mark of zdt-ctl's own connections to the public port (readiness probes through it, and
-/// status's check that the program runs): the MSS option of their SYN, set with TCP_MAXSEG,
-/// always from a loopback address. An ordinary client's SYN carries the MSS of its route (65483
-/// on loopback, 1460 behind Ethernet): no client has this one by accident, whatever its source
-/// port (a reserved range of source ports was taken by ordinary clients on hosts with a widened
-/// net.ipv4.ip_local_port_range, and could be bound by any user). Kernel contract: a SYN
-/// advertises min(TCP_MAXSEG, the route's advmss) (tcp_connect_init, tcp_mss_clamp), and
-/// loopback's is far larger.
+/// status's check that the program runs), part one: the MSS option of their SYN, set with
+/// TCP_MAXSEG. An ordinary client's SYN carries the MSS of its route (65483 on loopback, 1460
+/// behind Ethernet), so the program looks up [`ProbeKey`] (part two, which proves it) only for
+/// the rare SYN that has this one. Kernel contract: a SYN advertises min(TCP_MAXSEG, the
+/// route's advmss) (tcp_connect_init, tcp_mss_clamp), and loopback's is far larger.
 pub const PROBE_MSS: u16 = 1237;
+
+/// Key of `ZDT_PROBES`: the loopback address and port a connection of zdt-ctl's comes from.
+/// zdt-ctl binds its socket (without SO_REUSEADDR, so no other socket can bind the same address
+/// and port meanwhile), writes this key, then connects, and deletes the key when it is done: a
+/// connection is zdt-ctl's only if its source is in the map. Any local user can set an MSS, and
+/// a SYN cookie's ACK carries none, so the MSS alone proves nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbeKey {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// The source port, host order.
+    pub port: u16,
+    /// The source address: an IPv4 address in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+
+/// Value of `ZDT_PROBES`: what the program does with such a connection, and who wrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeValue {
+    /// [`PROBE_CANDIDATE`] or [`PROBE_REFUSE`].
+    pub kind: u32,
+    /// The zdt-ctl that wrote it: an entry whose writer is gone (killed before it deleted it)
+    /// is removed by the next command that takes the lock.
+    pub pid: u32,
+}
+
+/// A readiness probe (`promote --probe`): the probe lists' socket, or refused.
+pub const PROBE_CANDIDATE: u32 = 1;
+/// `status`'s check that the program runs: always refused (counted in `probe_refused`), so it
+/// reaches no process.
+pub const PROBE_REFUSE: u32 = 2;
+
+/// Entries of `ZDT_PROBES`: zdt-ctl commands probing at once.
+pub const MAX_PROBES: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,4 +300,6 @@ mod user {
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
     unsafe impl aya::Pod for SlotMeta {}
+    unsafe impl aya::Pod for ProbeKey {}
+    unsafe impl aya::Pod for ProbeValue {}
 }

@@ -182,18 +182,60 @@ fn probe_limit(left: Duration) -> Duration {
     left.min(REQUEST_TIMEOUT).max(Duration::from_millis(10))
 }
 
-/// Asks `PATH` through the public port, from one of the source ports the program reserves for
-/// probes: the program sends such a connection to the candidate and to no other process. Plain
-/// HTTP/1.1 on a socket of [`probe_socket`] (an HTTP library would make its own socket).
+/// Asks `PATH` through the public port as one of zdt-ctl's own connections ([`probe_socket`]):
+/// the program sends it to the candidate (the probe lists) and to no other process. Plain
+/// HTTP/1.1 on that socket (an HTTP library would make its own socket).
 pub struct PortProber {
     target: std::net::SocketAddr,
     path: String,
+    /// The port's state directory, whose ZDT_PROBES the connection's source is written to;
+    /// None for an unmarked connection (tests without a state).
+    state: Option<std::path::PathBuf>,
 }
 
-/// A TCP socket for `target`'s family, bound to loopback (any port) and marked with
-/// [`zdt_common::PROBE_MSS`] (TCP_MAXSEG): the program recognizes zdt-ctl's own connections by
-/// both (see zdt-ebpf, is_zdt_probe).
-pub fn probe_socket(target: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+/// The source of one of zdt-ctl's own connections, in the port's ZDT_PROBES for as long as this
+/// lives (see [`zdt_common::ProbeKey`]); deleted on drop. An entry left by a killed zdt-ctl is
+/// removed by the next command that takes the lock (`State::settle`).
+pub struct ProbeMark {
+    map: aya::maps::HashMap<aya::maps::MapData, zdt_common::ProbeKey, zdt_common::ProbeValue>,
+    key: zdt_common::ProbeKey,
+}
+
+impl Drop for ProbeMark {
+    fn drop(&mut self) {
+        let _ = self.map.remove(&self.key);
+    }
+}
+
+/// The [`zdt_common::ProbeKey`] of a connection from `local`.
+pub fn probe_key(local: std::net::SocketAddr) -> zdt_common::ProbeKey {
+    let mut key = zdt_common::ProbeKey {
+        port: local.port(),
+        ..Default::default()
+    };
+    match local.ip() {
+        std::net::IpAddr::V4(ip) => {
+            key.family = zdt_common::AF_INET as u16;
+            key.addr[..4].copy_from_slice(&ip.octets());
+        }
+        std::net::IpAddr::V6(ip) => {
+            key.family = zdt_common::AF_INET6 as u16;
+            key.addr = ip.octets();
+        }
+    }
+    key
+}
+
+/// A TCP socket for `target`'s family, bound to loopback (any port), with the MSS
+/// [`zdt_common::PROBE_MSS`] (TCP_MAXSEG), and its source written to the ZDT_PROBES of the
+/// state in `state` with `kind` (`PROBE_CANDIDATE`, `PROBE_REFUSE`): the program knows it as
+/// zdt-ctl's by both (see zdt-ebpf, zdt_probe). Not SO_REUSEADDR: while it is bound, no other
+/// socket can take its address and port and pass for it.
+pub fn probe_socket(
+    target: std::net::SocketAddr,
+    state: Option<&std::path::Path>,
+    kind: u32,
+) -> std::io::Result<(socket2::Socket, Option<ProbeMark>)> {
     let ip: std::net::IpAddr = match target {
         std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
         std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
@@ -205,7 +247,27 @@ pub fn probe_socket(target: std::net::SocketAddr) -> std::io::Result<socket2::So
     )?;
     s.set_tcp_mss(u32::from(zdt_common::PROBE_MSS))?;
     s.bind(&std::net::SocketAddr::new(ip, 0).into())?;
-    Ok(s)
+    let Some(dir) = state else {
+        return Ok((s, None));
+    };
+    let local = s
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("a probe socket without an address"))?;
+    let key = probe_key(local);
+    let value = zdt_common::ProbeValue {
+        kind,
+        pid: std::process::id(),
+    };
+    let mark = (|| -> anyhow::Result<ProbeMark> {
+        let data = aya::maps::MapData::from_pin(dir.join(zdt_common::names::PROBES))?;
+        let mut map: aya::maps::HashMap<_, zdt_common::ProbeKey, zdt_common::ProbeValue> =
+            aya::maps::Map::HashMap(data).try_into()?;
+        map.insert(key, value, 0)?;
+        Ok(ProbeMark { map, key })
+    })()
+    .map_err(|e| std::io::Error::other(format!("marking a probe connection: {e:#}")))?;
+    Ok((s, Some(mark)))
 }
 
 impl PortProber {
@@ -213,7 +275,14 @@ impl PortProber {
         PortProber {
             target,
             path: path.to_string(),
+            state: None,
         }
+    }
+
+    /// Its connections marked in the ZDT_PROBES of the state in `dir`.
+    pub fn marked(mut self, dir: &std::path::Path) -> Self {
+        self.state = Some(dir.to_path_buf());
+        self
     }
 
     pub fn probe(&self, limit: Duration) -> Answer {
@@ -231,7 +300,11 @@ impl PortProber {
             }
         };
         let answer = (|| -> std::io::Result<Vec<u8>> {
-            let s = probe_socket(self.target)?;
+            let (s, _mark) = probe_socket(
+                self.target,
+                self.state.as_deref(),
+                zdt_common::PROBE_CANDIDATE,
+            )?;
             s.connect_timeout(&self.target.into(), left()?)?;
             let mut s: std::net::TcpStream = s.into();
             s.set_write_timeout(Some(left()?))?;

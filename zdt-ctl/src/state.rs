@@ -21,7 +21,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
-    names, ActiveSet, Control, GlobalCounters, SlotCounters, SlotMeta, LAYOUT_VERSION, MAX_SLOTS,
+    names, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotMeta,
+    LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS,
 };
 
 use crate::{
@@ -42,13 +43,14 @@ const STAGED_PROGRAM: &str = "zdt_select_next";
 const ROLLBACK_ENTRY: u32 = 2;
 /// Slot metadata entries read per BPF_MAP_LOOKUP_BATCH call (see `State::read_all_meta`).
 const META_BATCH: usize = 256;
-const ALL_MAPS: [&str; 6] = [
+const ALL_MAPS: [&str; 7] = [
     names::SOCKETS,
     names::CONTROL,
     names::ACTIVE,
     names::SLOT_COUNTERS,
     names::GLOBAL_COUNTERS,
     names::SLOT_META,
+    names::PROBES,
 ];
 
 /// `/sys/fs/bpf/zdt/<netns cookie>`: the state of every port of this network namespace.
@@ -272,8 +274,9 @@ impl State {
     /// the group's program runs on the SYN, before the handshake completes, so when connect()
     /// returns the count has moved, unless the group has no program or another one (an app can
     /// replace it with SO_ATTACH_REUSEPORT_EBPF, or remove it with SO_DETACH_REUSEPORT_BPF).
-    /// The program refuses that connection (it is marked as zdt-ctl's own and comes from
-    /// loopback: readiness::probe_socket), so the app never sees it; without the program, the app gets it and sees it close.
+    /// The program refuses that connection (its source is in ZDT_PROBES as one to refuse:
+    /// readiness::probe_socket), so the app never sees it, nor does a `--probe` candidate;
+    /// without the program, the app gets it and sees it close.
     pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
         let i = usize::from(!v4);
         let before = self.global_counters()?.runs[i];
@@ -283,10 +286,11 @@ impl State {
             None => std::net::Ipv6Addr::LOCALHOST.into(),
         };
         let target = std::net::SocketAddr::new(ip, self.spec.port);
-        // From loopback and marked as zdt-ctl's: the program refuses such a connection
-        // unless a probe is under way, so the app never sees it. A refused or timed-out probe
-        // still ran the program (if attached) on its SYN.
-        let s = crate::readiness::probe_socket(target).context("binding status's probe socket")?;
+        // Marked as one to refuse, so the app never sees it. A refused or timed-out
+        // connection still ran the program (if attached) on its SYN.
+        let (s, _mark) =
+            crate::readiness::probe_socket(target, Some(&self.dir), zdt_common::PROBE_REFUSE)
+                .context("binding status's probe socket")?;
         drop(s.connect_timeout(&target.into(), std::time::Duration::from_secs(1)));
         Ok(self.global_counters()?.runs[i] > before)
     }
@@ -470,7 +474,12 @@ impl State {
     /// the old pin stays, every command but `upgrade` keeps refusing, and `upgrade` redoes it.
     /// Returns the new program's tag.
     pub fn replace_program<S: AsFd>(&mut self, sockets: &[S]) -> anyhow::Result<u64> {
+        // A map this build has and the state has not (ZDT_PROBES, for a state of an earlier
+        // build) is created and pinned by the loader; it is root's alone like the others.
         let mut ebpf = program::load_against(&self.dir, &ALL_MAPS)?;
+        for name in ALL_MAPS {
+            fs::set_permissions(self.dir.join(name), fs::Permissions::from_mode(0o600))?;
+        }
         let new = program::load_program(&mut ebpf)?;
         let staged = self.dir.join(STAGED_PROGRAM);
         let _ = fs::remove_file(&staged);
@@ -565,7 +574,37 @@ impl State {
     /// [`State::follow_kernel`].
     fn settle(&mut self) -> anyhow::Result<()> {
         self.repair()?;
+        self.forget_stale_probes()?;
         self.follow_kernel()
+    }
+
+    /// Removes the ZDT_PROBES entries of zdt-ctl processes that are gone (killed before they
+    /// deleted them): such an entry names a loopback address and port that an ordinary client
+    /// may use later, whose SYN cookie's ACK would then be taken for zdt-ctl's.
+    fn forget_stale_probes(&mut self) -> anyhow::Result<()> {
+        // None yet in a state of an earlier build that `upgrade` is about to bring up to date.
+        if !self.dir.join(names::PROBES).exists() {
+            return Ok(());
+        }
+        let mut map: aya::maps::HashMap<MapData, ProbeKey, ProbeValue> =
+            Map::HashMap(open_map(&self.dir, names::PROBES)?).try_into()?;
+        let stale: Vec<ProbeKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| {
+                let pid = nix::unistd::Pid::from_raw(v.pid as i32);
+                nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            tracing::info!(
+                port = k.port,
+                "removing the probe mark of a zdt-ctl that is gone"
+            );
+            let _ = map.remove(&k);
+        }
+        Ok(())
     }
 
     /// Puts right what a command killed halfway left behind; run by every command that takes
@@ -1035,7 +1074,7 @@ impl State {
 
 /// What zdt created, to check a pinned state against before using it: (map, type, key size,
 /// value size, entries).
-fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 6] {
+fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 7] {
     use aya::maps::MapType as T;
     use std::mem::size_of;
     [
@@ -1062,6 +1101,13 @@ fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 6]
             4,
             size_of::<SlotMeta>(),
             MAX_SLOTS,
+        ),
+        (
+            names::PROBES,
+            T::Hash,
+            size_of::<ProbeKey>(),
+            size_of::<ProbeValue>(),
+            MAX_PROBES,
         ),
     ]
 }
@@ -1140,6 +1186,21 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
     check_mode(&dir.join(names::PROGRAM), 0o600)?;
     for (name, kind, key, value, entries) in expected_maps() {
         let path = dir.join(name);
+        // A state created by a build before ZDT_PROBES has none: `upgrade` creates it (the
+        // other commands refuse that state anyway, for its program).
+        if name == names::PROBES && !path.exists() {
+            if program == Program::Any {
+                continue;
+            }
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "the pinned state in {} was made by an earlier zdt-ctl (it has no map \
+                     {name}): run `zdt-ctl upgrade` to bring it to this build",
+                    dir.display()
+                ),
+            ));
+        }
         check_mode(&path, 0o600)?;
         let info = MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?

@@ -23,13 +23,14 @@ mod program {
             bpf_skb_load_bytes_relative,
         },
         macros::{map, sk_reuseport},
-        maps::{Array, PerCpuArray},
+        maps::{Array, HashMap, PerCpuArray},
         programs::SkReuseportContext,
         EbpfContext,
     };
     use zdt_common::{
-        family_index, ActiveSet, Control, GlobalCounters, SlotCounters, SlotList, SlotMeta,
-        MAX_SLOTS, PROBES, PROBE_MSS, RECENT_BUCKET_NS, WALK,
+        family_index, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters,
+        SlotList, SlotMeta, AF_INET, AF_INET6, MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE,
+        PROBE_MSS, RECENT_BUCKET_NS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -99,6 +100,22 @@ mod program {
     #[map]
     static ZDT_SLOT_META: Array<SlotMeta> = Array::with_max_entries(MAX_SLOTS, 0);
 
+    /// The sources of zdt-ctl's own connections (see [`ProbeKey`]), written by zdt-ctl before it
+    /// connects: what the program does with each ([`PROBE_CANDIDATE`], or refuse).
+    #[map]
+    static ZDT_PROBES: HashMap<ProbeKey, ProbeValue> = HashMap::with_max_entries(MAX_PROBES, 0);
+
+    /// Why the program runs: a SYN, the ACK of a SYN cookie (the kernel sent the SYN-ACK
+    /// without keeping a request, and looks the listener up again when the ACK comes), or a
+    /// closing listener's queue migrating. Only SYNs and migrations are counted: with
+    /// net.ipv4.tcp_syncookies the same connection runs the program at its SYN and at its ACK.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Run {
+        Syn,
+        CookieAck,
+        Migrate,
+    }
+
     /// Attach type BPF_SK_REUSEPORT_SELECT_OR_MIGRATE (section `sk_reuseport/migrate`): with it
     /// the kernel migrates the accept queue of a closing listener to the socket this program
     /// selects, whatever net.ipv4.tcp_migrate_req says (net/core/sock_reuseport.c,
@@ -123,6 +140,13 @@ mod program {
         // Kernel contract: migrating_sk is set only on the migration path (5.14+); `sk` is
         // always a socket of the group the program runs for (PTR_TO_SOCKET, never NULL).
         let migrating = ctx.migrating_sk().is_some();
+        let run = if migrating {
+            Run::Migrate
+        } else if is_syn(ctx) {
+            Run::Syn
+        } else {
+            Run::CookieAck
+        };
 
         // SAFETY: ctx.sk() is never NULL for sk_reuseport programs (see above).
         let family = unsafe { (*ctx.sk().sock).family };
@@ -143,18 +167,21 @@ mod program {
         // zdt-ctl's own connections: a readiness probe through the public port reaches the
         // candidate and nothing else; with no candidate (or one that cannot be selected), and
         // for status's check that the program runs, it is refused rather than answered by
-        // another process, parked on a placeholder, or handed to the app.
-        if !migrating && is_zdt_probe(ctx) {
-            if buf != 0 {
+        // another process, parked on a placeholder, or handed to the app. A SYN cookie's ACK
+        // is looked up too: it decides where the connection is made, and carries no MSS.
+        if let Some(kind) = zdt_probe(ctx, run) {
+            if kind == PROBE_CANDIDATE && buf != 0 {
                 if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
                     if let Some(probe) = set.probe.get(i) {
-                        if try_list(ctx, probe, false) {
+                        if try_list(ctx, probe, run) {
                             return SK_PASS;
                         }
                     }
                 }
             }
-            global(|g| g.probe_refused += 1);
+            if run == Run::Syn {
+                global(|g| g.probe_refused += 1);
+            }
             return SK_DROP;
         }
 
@@ -162,12 +189,14 @@ mod program {
             // Nothing promoted yet. SK_PASS without a selection makes the kernel hash over all
             // listeners of the group, exactly as if no program were attached, so attaching zdt
             // changes nothing by itself.
-            global(|g| g.passthrough += 1);
+            if run == Run::Syn {
+                global(|g| g.passthrough += 1);
+            }
             return SK_PASS;
         }
 
         if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
-            if !migrating {
+            if run != Run::Migrate {
                 // The canary's share, by flow hash: every SYN of one connection (retransmits
                 // included) has the same hash, so a connection never changes sides. The share
                 // is decided on the hash's upper half, the slot (try_list) on its value modulo
@@ -178,20 +207,20 @@ mod program {
                     if set.canary_weight > 0
                         && canary.len > 0
                         && (ctx.hash() >> 16) % 100 < set.canary_weight
-                        && try_list(ctx, canary, false)
+                        && try_list(ctx, canary, run)
                     {
                         return SK_PASS;
                     }
                 }
             }
             if let Some(list) = set.lists.get(i) {
-                if try_list(ctx, list, migrating) {
+                if try_list(ctx, list, run) {
                     return SK_PASS;
                 }
             }
             // No active socket could take it: the canary, which is ready too, can.
             if let Some(canary) = set.canary.get(i) {
-                if try_list(ctx, canary, migrating) {
+                if try_list(ctx, canary, run) {
                     return SK_PASS;
                 }
             }
@@ -201,8 +230,10 @@ mod program {
             // queue waits there for the next one. When the placeholder's own queue migrates,
             // its slot is already empty (-ENOENT, see try_list), so it never selects itself.
             if let Some(hold) = set.hold.get(i) {
-                if try_list(ctx, hold, migrating) {
-                    global(|g| g.held += 1);
+                if try_list(ctx, hold, run) {
+                    if run != Run::CookieAck {
+                        global(|g| g.held += 1);
+                    }
                     return SK_PASS;
                 }
             }
@@ -212,10 +243,10 @@ mod program {
         // to kernel hashing over every listener of the group (warming and draining ones included):
         // a connection that lands on a not-yet-ready process still beats a refused or reset one.
         // SK_DROP would refuse a new connection and reset a migrating one, so it is never used.
-        if migrating {
-            global(|g| g.migrate_no_target += 1);
-        } else {
-            global(|g| g.fallback += 1);
+        match run {
+            Run::Migrate => global(|g| g.migrate_no_target += 1),
+            Run::Syn => global(|g| g.fallback += 1),
+            Run::CookieAck => {}
         }
         SK_PASS
     }
@@ -228,7 +259,7 @@ mod program {
     /// sk_select_reuseport), so this naturally picks "an active socket other than the closing
     /// one". A list of at most WALK slots is tried whole.
     #[inline(always)]
-    fn try_list(ctx: &SkReuseportContext, list: &SlotList, migrating: bool) -> bool {
+    fn try_list(ctx: &SkReuseportContext, list: &SlotList, run: Run) -> bool {
         // Not clamped to MAX_ACTIVE on purpose: the bounds check in try_slot (`slots.get`) is
         // what the verifier needs to see, and the compiler would drop it as redundant if it
         // knew that every index is below n <= MAX_ACTIVE. A longer len (never written) only
@@ -246,23 +277,24 @@ mod program {
             if idx >= n {
                 idx -= n;
             }
-            if try_slot(ctx, list, idx, migrating) {
+            if try_slot(ctx, list, idx, run) {
                 return true;
             }
         }
         for _ in 0..PROBES {
             // SAFETY: a helper without arguments.
             let idx = unsafe { bpf_get_prandom_u32() } % n;
-            if try_slot(ctx, list, idx, migrating) {
+            if try_slot(ctx, list, idx, run) {
                 return true;
             }
         }
         false
     }
 
-    /// Selects the socket of `list.slots[idx]` and counts it; false if it cannot be selected.
+    /// Selects the socket of `list.slots[idx]` and counts it (see [`Run`]); false if it cannot
+    /// be selected.
     #[inline(always)]
-    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, migrating: bool) -> bool {
+    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, run: Run) -> bool {
         let Some(&slot) = list.slots.get(idx as usize) else {
             return false;
         };
@@ -270,6 +302,10 @@ mod program {
             global(|g| g.select_failed += 1);
             return false;
         }
+        if run == Run::CookieAck {
+            return true;
+        }
+        let migrating = run == Run::Migrate;
         if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
             // SAFETY: per-CPU value, no concurrent writer on this CPU (see `global`).
             let c = unsafe { &mut *c };
@@ -305,63 +341,83 @@ mod program {
         true
     }
 
-    /// Whether the connection is one of zdt-ctl's own: its SYN's MSS option is [`PROBE_MSS`]
-    /// *and* it comes from a loopback address. No ordinary client matches by accident (see
-    /// PROBE_MSS), whatever source port it has. Call only off the migration path.
-    ///
-    /// Kernel contracts: for an sk_reuseport program, data..data_end starts at the TCP header
-    /// (net/core/filter.c, bpf_run_sk_reuseport); Linux writes the MSS option first in a SYN's
-    /// options (tcp_options_write: only an MD5 or AO signature, which zdt-ctl never asks for,
-    /// comes before it); bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP header
-    /// (sk_reuseport_func_proto offers it), but the migration of an established connection runs
-    /// the program without an skb, so it is never called there. eth_protocol is skb->protocol,
-    /// big-endian.
+    /// Whether the packet is a SYN (not an ACK). Off the migration path the program runs for a
+    /// packet that found no connection: a SYN, or the ACK that completes a SYN cookie's
+    /// handshake (a stray ACK too, which the listener answers with a RST). Kernel contract: for
+    /// an sk_reuseport program, data..data_end starts at the TCP header
+    /// (net/core/filter.c, bpf_run_sk_reuseport); the migration of an established connection
+    /// runs the program without an skb, so it is never called there.
     #[inline(always)]
-    fn is_zdt_probe(ctx: &SkReuseportContext) -> bool {
+    fn is_syn(ctx: &SkReuseportContext) -> bool {
         let (data, end) = (ctx.data(), ctx.data_end());
-        // The fixed header (20 bytes) and one MSS option (kind 2, length 4, value).
-        if data + 24 > end {
+        if data + 14 > end {
             return false;
         }
-        // SAFETY: bounds checked just above, against data_end: bytes 12 and 20..24 are in.
-        let (doff, option) = unsafe {
+        // SAFETY: bounds checked just above: byte 13 (the flags) is in.
+        let flags = unsafe { *((data + 13) as *const u8) };
+        flags & 0x02 != 0 && flags & 0x10 == 0
+    }
+
+    /// What to do with one of zdt-ctl's own connections ([`ZDT_PROBES`]'s value for its
+    /// source), or None for any other. A SYN is looked up only if its MSS option is
+    /// [`PROBE_MSS`] (part one of the mark, a cheap filter: no lookup for ordinary clients);
+    /// a cookie's ACK, which carries no MSS, always (they are rare). Call only off the
+    /// migration path.
+    ///
+    /// Kernel contracts: Linux writes the MSS option first in a SYN's options
+    /// (tcp_options_write: only an MD5 or AO signature, which zdt-ctl never asks for, comes
+    /// before it); bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP header
+    /// (sk_reuseport_func_proto offers it); the packet's family is eth_protocol (skb->protocol,
+    /// big-endian), not the group's: an IPv4 client of a dual-stack listener meets an IPv6
+    /// group.
+    #[inline(always)]
+    fn zdt_probe(ctx: &SkReuseportContext, run: Run) -> Option<u32> {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        // The fixed header (20 bytes) and one MSS option (kind 2, length 4, value).
+        if run == Run::Migrate || data + 24 > end {
+            return None;
+        }
+        // SAFETY: bounds checked just above, against data_end: bytes 0..2, 12 and 20..24 are in.
+        let (port, doff, option) = unsafe {
             (
+                core::ptr::read_unaligned(data as *const [u8; 2]),
                 *((data + 12) as *const u8) >> 4,
                 core::ptr::read_unaligned((data + 20) as *const [u8; 4]),
             )
         };
-        let mss = u16::from_be_bytes([option[2], option[3]]);
-        if doff < 6 || option[0] != 2 || option[1] != 4 || mss != PROBE_MSS {
-            return false;
-        }
-        let load = |offset: u32, to: &mut [u8]| {
-            // SAFETY: `to` is a writable buffer of exactly the length passed.
-            unsafe {
-                bpf_skb_load_bytes_relative(
-                    ctx.as_ptr(),
-                    offset,
-                    to.as_mut_ptr() as *mut c_void,
-                    to.len() as u32,
-                    BPF_HDR_START_NET,
-                ) == 0
+        if run == Run::Syn {
+            let mss = u16::from_be_bytes([option[2], option[3]]);
+            if doff < 6 || option[0] != 2 || option[1] != 4 || mss != PROBE_MSS {
+                return None;
             }
+        }
+        let (family, offset, len) = match u16::from_be(ctx.eth_protocol() as u16) {
+            // IPv4: the source address at offset 12 of the IP header; IPv6: at offset 8.
+            0x0800 => (AF_INET, 12, 4),
+            0x86dd => (AF_INET6, 8, 16),
+            _ => return None,
         };
-        match u16::from_be(ctx.eth_protocol() as u16) {
-            // IPv4: source address at offset 12; loopback is 127.0.0.0/8.
-            0x0800 => {
-                let mut src = [0u8; 4];
-                load(12, &mut src) && src[0] == 127
-            }
-            // IPv6: source address at offset 8; loopback is ::1.
-            0x86dd => {
-                let mut src = [0u8; 16];
-                load(8, &mut src) && src == LOOPBACK6
-            }
-            _ => false,
+        let mut key = ProbeKey {
+            family: family as u16,
+            port: u16::from_be_bytes(port),
+            addr: [0; 16],
+        };
+        // SAFETY: `key.addr` is a writable buffer of 16 bytes and `len` is at most 16.
+        let loaded = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.as_ptr(),
+                offset,
+                key.addr.as_mut_ptr() as *mut c_void,
+                len,
+                BPF_HDR_START_NET,
+            ) == 0
+        };
+        if !loaded {
+            return None;
         }
+        // SAFETY: a plain read of a hash map value, valid under RCU for this run.
+        unsafe { ZDT_PROBES.get(&key) }.map(|v| v.kind)
     }
-
-    const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {

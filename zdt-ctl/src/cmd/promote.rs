@@ -713,7 +713,7 @@ fn probe_through_port(
         None => std::net::Ipv6Addr::LOCALHOST.into(),
     };
     let to = std::net::SocketAddr::new(ip, spec.port);
-    let prober = readiness::PortProber::new(to, path);
+    let prober = readiness::PortProber::new(to, path).marked(&states[0].dir);
     let what = format!("{path} on {to} (probed through the public port)");
     let waited = readiness::wait_until(
         &what,
