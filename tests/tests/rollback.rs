@@ -140,3 +140,35 @@ fn never_ready_probed(ns: &Netns) -> anyhow::Result<App> {
     assert_eq!(r.code, 4, "{r:?}");
     Ok(v3)
 }
+
+/// A rollback during a promote's `--probation --stop-old` neither waits for the probation (the
+/// promote holds no lock while it watches the app) nor loses to it: once the probation ends,
+/// the promote sees that its process no longer serves, says so (exit 7) and stops no one. The
+/// port keeps serving from the version the rollback restored.
+#[test]
+fn a_rollback_during_probation_is_not_undone_by_the_promote() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let probation = format!("{}ms", load::scaled(Duration::from_secs(3)).as_millis());
+    let args = promote_args(&v2, &["--probation", &probation, "--stop-old"]);
+    let mut promote = zdt_tests::harness::at_log_event(&ns, &args, "switched");
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    rolled_back(&ns, &v1, &v2)?;
+    assert!(
+        promote.child.try_wait()?.is_none(),
+        "the rollback waited for the promote's probation"
+    );
+    let r = promote.finish()?;
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("no longer active"), "{r:?}");
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(
+        t.versions.get("v1"),
+        Some(&100),
+        "v1 was not stopped: {t:?}"
+    );
+    Ok(())
+}

@@ -70,10 +70,14 @@ pub struct Args {
     #[arg(long, default_value = "60s", value_parser = super::parse_duration_arg)]
     pub timeout: Duration,
     /// After the switch, keep checking that the new process lives and answers 200 this long;
-    /// if it does not, restore the previous active set (exit code 8).
+    /// if it does not, restore the previous active set (exit code 8), unless a rollback or
+    /// another promote switched meanwhile (the port's lock is not held while it watches).
     #[arg(long, value_parser = super::parse_duration_arg)]
     pub probation: Option<Duration>,
     /// SIGTERM the previous members after the switch (and probation) and wait for them to exit.
+    /// Checked first under the lock: if PID no longer serves (a rollback or another promote
+    /// switched during the probation), nothing is stopped (exit code 7); a member that serves
+    /// again is never stopped.
     #[arg(long)]
     pub stop_old: bool,
     /// How long --stop-old waits for the previous members to exit.
@@ -292,8 +296,9 @@ fn ms(d: Duration) -> f64 {
 
 /// What the switch on one port did.
 struct Switched {
-    state: State,
     port: u16,
+    /// The set this promote made live: a failed watch restores only while it still is.
+    written: ActiveSet,
     new: Vec<u32>,
     /// The set that was live before: what a failed watch restores.
     before: ActiveSet,
@@ -420,18 +425,27 @@ pub fn promote(
     }
     still_valid()?;
     let mut done: Vec<Switched> = Vec::new();
+    let mut locked: Vec<State> = Vec::new();
     for state in states {
         match switch_port(state, opts.pid, &target, opts.weight) {
-            Ok(s) => done.push(s),
+            Ok((state, s)) => {
+                locked.push(state);
+                done.push(s);
+            }
             Err(e) => {
                 // A later port failed: the earlier ones go back, so the command changed nothing.
-                for s in done.iter_mut() {
-                    let _ = restore(&mut s.state, &s.before, s.target.as_ref());
+                for (state, s) in locked.iter_mut().zip(&done) {
+                    let _ = restore(state, &s.before, s.target.as_ref());
                 }
                 return Err(e);
             }
         }
     }
+
+    // The switch is made on every port: the locks go now. The probation and the stop wait on
+    // the app, and other commands (a rollback, another deploy) must not wait on them; what
+    // follows takes the locks again and decides from what is live then.
+    drop(locked);
 
     // The new process must still be there once our references are gone; then, with
     // --probation, stay alive and ready for that long.
@@ -439,21 +453,65 @@ pub fn promote(
     if let Err(why) = watch(&target, prober.as_ref(), opts.probation.unwrap_or_default()) {
         tracing::warn!(pid = opts.pid, why, "rolling back");
         let mut restored = Vec::new();
-        for s in done.iter_mut() {
-            restored.extend(restore(&mut s.state, &s.before, s.target.as_ref())?);
+        let mut moved_on = Vec::new();
+        for s in &done {
+            let mut state = State::open_locked(s.port)?;
+            // Only while the set this promote wrote is still what serves: a rollback or
+            // another promote since decided otherwise, and that stands.
+            let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+            if !sets::same_members(&state.slots()?, &live, &s.written) {
+                moved_on.push(s.port);
+                continue;
+            }
+            restored.extend(restore(&mut state, &s.before, s.target.as_ref())?);
         }
         restored.sort_unstable();
         restored.dedup();
-        return Err(rolled_back(&why, &restored));
+        return Err(rolled_back(&why, &restored, &moved_on));
     }
     let probation = t3.elapsed();
 
     let t4 = Instant::now();
     failpoint("stopping");
+    // Under the locks again: PID must still be what serves (a rollback or another promote may
+    // have switched during the probation), and only members that still serve no port are
+    // stopped. The signals go under the locks, the wait for the exits without them.
+    let mut states = Vec::new();
+    for s in &done {
+        states.push(State::open_locked(s.port)?);
+    }
+    let mut serving: Vec<Process> = Vec::new();
+    for (state, s) in states.iter().zip(&done) {
+        let slots = state.slots()?;
+        let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let named = |x: &sets::Slot| live.contains(x.index) || live.is_canary(x.index);
+        let me = Process {
+            pid: opts.pid,
+            start: target.start,
+        };
+        if !slots.iter().any(|x| named(x) && x.process() == me) {
+            let now = sets::pids_where(&slots, named);
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "pid {} is no longer {} on port {}: a rollback or another promote switched                      since (serving now: {}); nothing was stopped",
+                    opts.pid,
+                    if opts.weight.is_some() { "the canary" } else { "active" },
+                    s.port,
+                    if now.is_empty() {
+                        "none".to_string()
+                    } else {
+                        format!("pid {now:?}")
+                    }
+                ),
+            ));
+        }
+        serving.extend(slots.iter().filter(|x| named(x)).map(sets::Slot::process));
+    }
     let mut to_stop: Vec<Process> = Vec::new();
     for s in &done {
         for p in &s.to_stop {
-            if !to_stop.contains(p) {
+            if !to_stop.contains(p) && !serving.contains(p) {
                 to_stop.push(*p);
             }
         }
@@ -463,7 +521,9 @@ pub fn promote(
         .map(|s| (s.port, s.new, s.drained, s.switch, s.switched_at_ms))
         .collect();
     let stopped = if opts.stop_old {
-        stop_all(&to_stop, opts.drain_timeout)
+        let signalled = signal_all(&to_stop);
+        drop(states);
+        wait_all(signalled, opts.drain_timeout)
     } else {
         Vec::new()
     };
@@ -495,7 +555,7 @@ fn switch_port(
     pid: i32,
     target: &PidFd,
     weight: Option<u32>,
-) -> anyhow::Result<Switched> {
+) -> anyhow::Result<(State, Switched)> {
     let t = Instant::now();
     let port = state.spec.port;
     let listeners = sockets::fetch_listeners(target, &state.spec)?;
@@ -521,17 +581,20 @@ fn switch_port(
         let pids: Vec<i32> = plan.drained.iter().map(|d| d.pid).collect();
         tracing::info!(port, ?pids, "drained");
     }
-    Ok(Switched {
+    Ok((
         state,
-        port,
-        new,
-        before,
-        target: rollback_target,
-        drained: plan.drained,
-        to_stop: plan.to_stop,
-        switched_at_ms,
-        switch,
-    })
+        Switched {
+            port,
+            written: plan.set,
+            new,
+            before,
+            target: rollback_target,
+            drained: plan.drained,
+            to_stop: plan.to_stop,
+            switched_at_ms,
+            switch,
+        },
+    ))
 }
 
 /// Waits until PID listens on every spec of `specs` (see [`sockets::find_listeners`]) and
@@ -798,7 +861,21 @@ fn restore(
     Ok(plan.serving(&slots))
 }
 
-fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {
+fn rolled_back(why: &str, restored: &[i32], moved_on: &[u16]) -> anyhow::Error {
+    if !moved_on.is_empty() {
+        return err(
+            Kind::RolledBack,
+            format!(
+                "{why}; a rollback or another promote switched port(s) {moved_on:?} since, so \
+                 this promote restored nothing there{}; nothing was stopped",
+                if restored.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (elsewhere it restored pid {restored:?})")
+                }
+            ),
+        );
+    }
     if restored.is_empty() {
         return err(
             Kind::RolledBack,
@@ -818,10 +895,9 @@ fn rolled_back(why: &str, restored: &[i32]) -> anyhow::Error {
     )
 }
 
-/// SIGTERM to each previous member (only if it is still the process that was promoted then),
-/// then wait for all of them to exit, up to one shared deadline.
-fn stop_all(pids: &[Process], timeout: Duration) -> Vec<Stopped> {
-    let start = Instant::now();
+/// SIGTERM to each previous member (only if it is still the process that was promoted then):
+/// the processes to wait for, and the outcomes of the others.
+fn signal_all(pids: &[Process]) -> (Instant, Vec<PidFd>, Vec<Stopped>) {
     let mut waiting = Vec::new();
     let mut out = Vec::new();
     for &Process { pid, start } in pids {
@@ -843,6 +919,14 @@ fn stop_all(pids: &[Process], timeout: Duration) -> Vec<Stopped> {
             }),
         }
     }
+    (Instant::now(), waiting, out)
+}
+
+/// Waits for the signalled processes to exit, up to one shared deadline.
+fn wait_all(
+    (start, waiting, mut out): (Instant, Vec<PidFd>, Vec<Stopped>),
+    timeout: Duration,
+) -> Vec<Stopped> {
     for p in waiting {
         let left = timeout.saturating_sub(start.elapsed());
         let exited = p.wait_exit(left);

@@ -319,6 +319,29 @@ pub fn promote(
     Ok(plan)
 }
 
+/// Whether two sets make the same processes active and canary (by their live slots), with the
+/// same canary share: what a command that let go of the lock checks before it undoes its own
+/// switch (hold's placeholders, a re-adopted listener, a closed socket change nothing here).
+pub fn same_members(slots: &[Slot], a: &ActiveSet, b: &ActiveSet) -> bool {
+    let members = |set: &ActiveSet| {
+        let active = processes_where(slots, |s| set.contains(s.index));
+        let mut canary = processes_where(slots, |s| set.is_canary(s.index));
+        canary.retain(|p| !active.contains(p));
+        let (mut active, weight) = (
+            active,
+            if canary.is_empty() {
+                0
+            } else {
+                set.canary_weight
+            },
+        );
+        active.sort_unstable();
+        canary.sort_unstable();
+        (active, canary, weight)
+    };
+    members(a) == members(b)
+}
+
 /// Whether two sets send new connections to the same sockets in the same shares. The order of
 /// a list only decides which socket a given flow hash lands on, and lists are written in
 /// different orders (a promote lists PID's slots in socket order, a re-adopted listener is
