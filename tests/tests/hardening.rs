@@ -637,3 +637,50 @@ fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()
     assert_eq!(t.versions.get("v2"), None, "{t:?}");
     Ok(())
 }
+
+/// A candidate bound to a device (SO_BINDTODEVICE, as `ip vrf exec` does) is in a group of its
+/// own, which the kernel prefers for that device's connections: promoting it is refused as a
+/// layout change (exit 7), and nothing changes.
+#[test]
+fn a_device_bound_candidate_is_refused() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // A listener on 0.0.0.0:8080 bound to lo, with SO_REUSEPORT, that says when it listens.
+    let script = "import socket, sys, time\n\
+        s = socket.socket()\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
+        s.bind(('0.0.0.0', 8080))\n\
+        s.listen(16)\n\
+        print('listening', flush=True)\n\
+        time.sleep(3600)\n";
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null());
+    ns.command(&mut cmd);
+    let mut bound = KillOnDrop(cmd.spawn()?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(bound.0.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    anyhow::ensure!(line.trim() == "listening", "python said {line:?}");
+    let before = fingerprint(&ns, PORT)?;
+    let pid = bound.0.id().to_string();
+    let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("device lo"), "{r:?}");
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+    Ok(())
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

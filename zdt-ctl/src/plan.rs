@@ -2,7 +2,11 @@
 //! process's listeners can take over from the port's current ones, and which of the processes
 //! holding a listener is the one that serves it. No kernel, no /proc: the callers read those and
 //! pass values in, and the unit tests below cover every rule without root.
-use std::{collections::BTreeMap, fmt, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+};
 
 #[cfg(test)]
 mod model;
@@ -118,6 +122,46 @@ pub fn layout_conflict(current: &Layout, new: &Layout) -> Option<String> {
          socket in a SO_REUSEPORT group of its own (and gives IPv4 clients to an IPv4 socket \
          first), and neither zdt's program nor the kernel's migration can move a connection \
          from one group to another"
+    ))
+}
+
+/// Whether listeners bound to the devices `new` ((address, interface index), 0 for none) can
+/// take the port over from sockets bound to `current`; `Some(why)` if not. Kernel contract
+/// (sock_reuseport.c, reuseport_match; inet_lookup_listener's compute_score): sockets bound to
+/// different devices are in different SO_REUSEPORT groups, and a listener bound to the device a
+/// connection comes in on wins over an unbound one. A device-bound candidate beside unbound
+/// members would take that device's connections while it warms up, outside the program's
+/// reach, and the members' queues could never migrate to it. `name` gives an interface's name.
+pub fn device_conflict(
+    current: &BTreeSet<u32>,
+    new: &[(SocketAddr, u32)],
+    name: impl Fn(u32) -> String,
+) -> Option<String> {
+    let devices: BTreeSet<u32> = new.iter().map(|n| n.1).collect();
+    if current.is_empty() || new.is_empty() || devices == *current {
+        return None;
+    }
+    let on = |d: u32| {
+        if d == 0 {
+            "no device".to_string()
+        } else {
+            format!("device {}", name(d))
+        }
+    };
+    let (addr, dev) = new
+        .iter()
+        .find(|n| !current.contains(&n.1))
+        .or(new.first())
+        .copied()?;
+    let now: Vec<String> = current.iter().map(|&d| on(d)).collect();
+    Some(format!(
+        "its socket on {addr} is bound to {} (SO_BINDTODEVICE, `ip vrf exec`), the port's \
+         sockets to {}: the kernel keeps sockets bound to different devices in different \
+         SO_REUSEPORT groups and gives a device's connections to the one bound to it, so zdt \
+         could neither keep connections from it while it warms up nor move a queue to it. Bind \
+         the new version as the old one is bound",
+        on(dev),
+        now.join(", ")
     ))
 }
 
@@ -302,6 +346,23 @@ mod tests {
         let dual = l(&[Group::DualStack]);
         assert_eq!(layout_conflict(&Layout::default(), &dual), None);
         assert_eq!(layout_conflict(&dual, &Layout::default()), None);
+    }
+
+    #[test]
+    fn a_device_bound_candidate_beside_unbound_members_conflicts() {
+        let a: SocketAddr = "0.0.0.0:80".parse().unwrap();
+        let name = |d: u32| format!("if{d}");
+        let unbound = BTreeSet::from([0]);
+        assert_eq!(device_conflict(&unbound, &[(a, 0)], name), None);
+        let why = device_conflict(&unbound, &[(a, 0), (a, 1)], name).expect("a conflict");
+        assert!(why.contains("device if1"), "{why}");
+        assert!(why.contains("no device"), "{why}");
+        // Members bound to a device hand over to sockets bound to the same one.
+        let bound = BTreeSet::from([1]);
+        assert_eq!(device_conflict(&bound, &[(a, 1)], name), None);
+        assert!(device_conflict(&bound, &[(a, 0)], name).is_some());
+        // Nothing serves yet: nothing to conflict with.
+        assert_eq!(device_conflict(&BTreeSet::new(), &[(a, 1)], name), None);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ListenEntry {
     pub v6only: bool,
     /// The socket's cookie (SO_COOKIE), as the socket array reports it for a slot.
     pub cookie: u64,
+    /// The interface index it is bound to (SO_BINDTODEVICE, `ip vrf exec`), 0 for none.
+    pub device: u32,
 }
 
 impl ListenEntry {
@@ -139,6 +141,8 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                         uid: h.uid,
                         v6only: r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true))),
                         cookie: word(0) | word(4) << 32,
+                        // idiag_if: sk_bound_dev_if (inet_diag_msg_common_fill).
+                        device: h.socket_id.interface_id,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(out),
@@ -297,12 +301,28 @@ pub struct Listener {
     pub uid: u32,
     /// The kind of reuseport group it is in.
     pub group: plan::Group,
+    /// The interface index it is bound to, 0 for none.
+    pub device: u32,
 }
 
 impl Listener {
     pub fn family(&self) -> u32 {
         family_of(&self.local)
     }
+}
+
+/// The name of interface `index` (as `ip link` shows it), or its number if it has none now.
+pub fn interface_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return index.to_string();
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The address family of a socket address, as the kernel and [`zdt_common::SlotMeta`] name it.
@@ -696,6 +716,7 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
         cookie,
         uid: entry.uid,
         group: entry.group(),
+        device: entry.device,
     })
 }
 

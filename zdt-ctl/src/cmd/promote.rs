@@ -703,12 +703,23 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     if cookies.is_empty() {
         return Ok(());
     }
-    let current = plan::Layout::new(
-        sockets::listen_entries()?
-            .values()
-            .filter(|e| cookies.contains(&e.cookie))
-            .map(|e| e.group()),
-    );
+    let serving: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+        .into_values()
+        .filter(|e| cookies.contains(&e.cookie))
+        .collect();
+    let devices: Vec<(std::net::SocketAddr, u32)> =
+        listeners.iter().map(|l| (l.local, l.device)).collect();
+    let bound = serving.iter().map(|e| e.device).collect();
+    if let Some(why) = plan::device_conflict(&bound, &devices, sockets::interface_name) {
+        return Err(err(
+            Kind::Refused,
+            format!(
+                "pid {pid} cannot take port {} over: {why}; nothing was changed",
+                state.spec.port
+            ),
+        ));
+    }
+    let current = plan::Layout::new(serving.iter().map(|e| e.group()));
     let new = plan::Layout::new(listeners.iter().map(|l| l.group));
     if let Some(why) = plan::layout_conflict(&current, &new) {
         let holding = slots
