@@ -364,7 +364,13 @@ impl Hold {
                 let _ = tx.send(l);
             }
         });
-        let first = lines.recv_timeout(scaled(Duration::from_secs(10)))?;
+        // Warnings (another user's listener on the port) may come first.
+        let first = loop {
+            let l = lines.recv_timeout(scaled(Duration::from_secs(10)))?;
+            if !l.starts_with("zdt-ctl: warning:") {
+                break l;
+            }
+        };
         anyhow::ensure!(first.contains("registered"), "zdt-ctl hold said: {first}");
         Ok(Hold {
             child,

@@ -400,26 +400,41 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
         args.push("--json".into());
         zdt_command(&ns, &strs(&args))
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
     };
     let (a, b) = (spawn(&v2)?, spawn(&v3)?);
     let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
-    assert!(a.status.success() && b.status.success(), "{a:?} {b:?}");
-    let ra: serde_json::Value = serde_json::from_slice(&a.stdout)?;
-    let rb: serde_json::Value = serde_json::from_slice(&b.stdout)?;
-    // One of them ran first and drained v1; the other ran after it and drained the first one.
-    // Interleaved promotes would both have drained v1 (or neither).
-    let (first, second) = if ra["drained"] == serde_json::json!([v1.pid]) {
-        (&ra, &rb)
-    } else {
-        (&rb, &ra)
+    let report = |o: &std::process::Output| -> Option<serde_json::Value> {
+        serde_json::from_slice(&o.stdout).ok()
     };
-    assert_eq!(first["drained"], serde_json::json!([v1.pid]), "{ra} {rb}");
-    assert_eq!(
-        second["drained"],
-        serde_json::json!([first["pid"]]),
-        "{ra} {rb}"
-    );
+    // One of them switched first and drained v1; the other switched after it and drained the
+    // first one (interleaved promotes would both have drained v1, or neither). The first one
+    // either finished before the second switched (both exit 0), or saw its process no longer
+    // active when it finished, and said so (exit 7): never "active" for a process that is not.
+    let (first, second) = match (a.status.success(), b.status.success()) {
+        (true, true) => {
+            let (ra, rb) = (report(&a).expect("a report"), report(&b).expect("a report"));
+            if ra["drained"] == serde_json::json!([v1.pid]) {
+                (ra["pid"].clone(), rb)
+            } else {
+                (rb["pid"].clone(), ra)
+            }
+        }
+        (ok_a, ok_b) => {
+            assert!(ok_a != ok_b, "both failed: {a:?} {b:?}");
+            let (won, lost, lost_pid) = if ok_a {
+                (&a, &b, v3.pid)
+            } else {
+                (&b, &a, v2.pid)
+            };
+            let said = String::from_utf8_lossy(&lost.stderr);
+            assert_eq!(lost.status.code(), Some(7), "{said}");
+            assert!(said.contains("no longer active"), "{said}");
+            (serde_json::json!(lost_pid), report(won).expect("a report"))
+        }
+    };
+    assert_eq!(second["drained"], serde_json::json!([first]), "{second}");
     // Exactly one active member: the one promoted last.
     std::thread::sleep(Duration::from_millis(300));
     let st = status(&ns, PORT)?;

@@ -646,27 +646,15 @@ fn a_device_bound_candidate_is_refused() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    // A listener on 0.0.0.0:8080 bound to lo, with SO_REUSEPORT, that says when it listens.
-    let script = "import socket, sys, time\n\
-        s = socket.socket()\n\
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
-        s.bind(('0.0.0.0', 8080))\n\
-        s.listen(16)\n\
-        print('listening', flush=True)\n\
-        time.sleep(3600)\n";
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script])
-        .stdout(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null());
-    ns.command(&mut cmd);
-    let mut bound = KillOnDrop(cmd.spawn()?);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(bound.0.stdout.take().context("stdout")?),
-        &mut line,
+    // A listener on 0.0.0.0:8080 bound to lo, with SO_REUSEPORT.
+    let bound = python_listener(
+        &ns,
+        None,
+        "s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
+         s.bind(('0.0.0.0', 8080))\n",
     )?;
-    anyhow::ensure!(line.trim() == "listening", "python said {line:?}");
     let before = fingerprint(&ns, PORT)?;
     let pid = bound.0.id().to_string();
     let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
@@ -674,6 +662,103 @@ fn a_device_bound_candidate_is_refused() -> anyhow::Result<()> {
     assert!(r.stderr.contains("device lo"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
     Ok(())
+}
+
+/// Python 3 (Debian's) running `bind` (which makes a socket `s`), then listening on it until
+/// killed, as `uid` when given; returns once it listens.
+fn python_listener(ns: &Netns, uid: Option<u32>, bind: &str) -> anyhow::Result<KillOnDrop> {
+    let script = format!(
+        "import socket, time\n{bind}s.listen(16)\nprint('listening', flush=True)\ntime.sleep(3600)\n"
+    );
+    let mut cmd = match uid {
+        Some(u) => {
+            let mut c = std::process::Command::new("setpriv");
+            let id = u.to_string();
+            c.args([
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+                "/usr/bin/python3",
+            ]);
+            c
+        }
+        None => std::process::Command::new("/usr/bin/python3"),
+    };
+    cmd.args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null());
+    ns.command(&mut cmd);
+    let mut child = KillOnDrop(cmd.spawn()?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    anyhow::ensure!(line.trim() == "listening", "python said {line:?}");
+    Ok(child)
+}
+
+/// An unprivileged user listening on `[::]:PORT` (IPv6-only, with SO_REUSEPORT) beside a root
+/// app on `0.0.0.0:PORT`: attach asks which user is the app's instead of adopting both, and
+/// once it knows, the other user's socket is left alone by attach, upgrade, hold, status and
+/// a `--stop-old` deploy, none of which fails for it.
+#[test]
+fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let mut foreign = python_listener(
+        &ns,
+        Some(65534),
+        "s = socket.socket(socket.AF_INET6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('::', 8080))\n",
+    )?;
+    let r = zdt(&ns, &["attach", ":8080"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--user"), "{r:?}");
+    assert!(
+        !zdt_ctl_state_exists(&ns)?,
+        "a refused attach changed nothing"
+    );
+    let r = zdt_ok(&ns, &["attach", ":8080", "--user", "root"])?;
+    assert!(r.stderr.contains("another user"), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("active: pid {} ", v1.pid)),
+        "{r:?}"
+    );
+    let r = zdt_ok(&ns, &["upgrade", "8080"])?;
+    assert!(r.stderr.contains("another user"), "{r:?}");
+    let hold = zdt_tests::harness::Hold::start(&ns, &[":8080"])?;
+    let st = zdt_tests::harness::status(&ns, PORT)?;
+    assert_eq!(st["attached"], true, "{st}");
+    let v6 = st["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["family"] == "ipv6")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (v6["listeners"].as_u64(), v6["foreign"].as_u64()),
+        (Some(0), Some(1)),
+        "{st}"
+    );
+    let mut v1 = v1;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_tests::harness::replace(&ns, &v2, &mut v1)?;
+    assert!(
+        foreign.0.try_wait()?.is_none(),
+        "the other user's process was stopped"
+    );
+    drop(hold);
+    Ok(())
+}
+
+fn zdt_ctl_state_exists(ns: &Netns) -> anyhow::Result<bool> {
+    ns.run(|| zdt_ctl::state::State::exists(PORT))?
 }
 
 struct KillOnDrop(std::process::Child);

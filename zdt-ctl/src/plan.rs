@@ -165,6 +165,23 @@ pub fn device_conflict(
     ))
 }
 
+/// Whose listeners zdt manages on a port: the owner uid of its members (`members`, the uids zdt
+/// recorded; the kernel lets only one owner's sockets share a group), else the one owner of the
+/// listeners found (`found`). `Err(uids)` when the listeners have several owners and no member
+/// says which is the app's; `Ok(None)` when there is no listener. The other owners' listeners
+/// are foreign: in groups of their own, never adopted, steered or signalled by zdt.
+pub fn owner(members: &[u32], found: &[u32]) -> Result<Option<u32>, Vec<u32>> {
+    if let Some(&uid) = members.first() {
+        return Ok(Some(uid));
+    }
+    let uids: BTreeSet<u32> = found.iter().copied().collect();
+    match uids.len() {
+        0 => Ok(None),
+        1 => Ok(uids.first().copied()),
+        _ => Err(uids.into_iter().collect()),
+    }
+}
+
 /// What zdt knows of a process that may hold a listener.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcInfo {
@@ -363,6 +380,14 @@ mod tests {
         assert!(device_conflict(&bound, &[(a, 0)], name).is_some());
         // Nothing serves yet: nothing to conflict with.
         assert_eq!(device_conflict(&BTreeSet::new(), &[(a, 1)], name), None);
+    }
+
+    #[test]
+    fn the_owner_is_the_members_then_the_only_one() {
+        assert_eq!(owner(&[33], &[33, 65534]), Ok(Some(33)));
+        assert_eq!(owner(&[], &[33, 33]), Ok(Some(33)));
+        assert_eq!(owner(&[], &[]), Ok(None));
+        assert_eq!(owner(&[], &[65534, 0, 0]), Err(vec![0, 65534]));
     }
 
     #[test]

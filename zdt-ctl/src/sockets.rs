@@ -475,6 +475,13 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
     getsockopt_u64(fd, libc::SO_COOKIE, "getsockopt(SO_COOKIE)")
 }
 
+/// Whether a socket has SO_REUSEPORT (so it is in a reuseport group, if it listens).
+pub fn reuseport(fd: &OwnedFd) -> anyhow::Result<bool> {
+    SockRef::from(fd)
+        .reuse_port()
+        .context("getsockopt(SO_REUSEPORT)")
+}
+
 /// Checks that a duplicated socket can join zdt's group: a TCP listener with SO_REUSEPORT. The
 /// kernel only puts a socket into a reuseport group if SO_REUSEPORT was set before bind(), and
 /// the socket array accepts only sockets that are in a group (reuseport_array.c).
@@ -487,7 +494,7 @@ fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr) -> anyhow::Result<()> {
     if !sock.is_listener().context("getsockopt(SO_ACCEPTCONN)")? {
         return Err(bad_input(format!("{what} is not listening")));
     }
-    if !sock.reuse_port().context("getsockopt(SO_REUSEPORT)")? {
+    if !reuseport(fd)? {
         return Err(bad_input(format!(
             "{what} has no SO_REUSEPORT: the service must set SO_REUSEPORT before bind() \
              (nginx: `listen {} reuseport;`) so that old and new processes can share the port",
@@ -703,6 +710,32 @@ pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
         }
     }
     Ok(out)
+}
+
+/// `found` split by owner: the listeners of `owner` (all of them when None), and the others, each
+/// described for a warning as "ADDR (pid N, uid U)".
+pub fn by_owner(found: Vec<Found>, owner: Option<u32>) -> (Vec<Found>, Vec<String>) {
+    let (mine, foreign): (Vec<Found>, Vec<Found>) = found
+        .into_iter()
+        .partition(|f| owner.is_none_or(|u| f.entry.uid == u));
+    let foreign = foreign
+        .iter()
+        .map(|f| match f.member {
+            Some(p) => format!("{} (pid {p}, uid {})", f.entry.local, f.entry.uid),
+            None => format!("{} (uid {})", f.entry.local, f.entry.uid),
+        })
+        .collect();
+    (mine, foreign)
+}
+
+/// The warning for listeners of another owner on the port.
+pub fn foreign_warning(foreign: &[String], owner: u32) -> String {
+    format!(
+        "{} listen(s) on the port as another user than the app's (uid {owner}): the kernel keeps \
+         them in groups of their own, which zdt leaves alone (never adopted, steered or \
+         stopped); connections the kernel gives them are not zdt's",
+        foreign.join(", ")
+    )
 }
 
 /// Validates a socket found by inode (attach takes over existing listeners).

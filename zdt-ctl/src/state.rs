@@ -536,6 +536,15 @@ impl State {
 
     /// The cookies of the sockets that take connections: the live set's active and canary
     /// members (what the port is served with, as opposed to candidates and draining members).
+    /// The owner uids of the sockets zdt put in the array and that still listen (members,
+    /// candidates, placeholders): one uid, since each passed the check that it is the group's.
+    pub fn member_uids(&self) -> anyhow::Result<Vec<u32>> {
+        let mut uids: Vec<u32> = self.slots()?.iter().map(|s| s.meta.uid).collect();
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
+    }
+
     pub fn member_cookies(&self) -> anyhow::Result<Vec<u64>> {
         Ok(self.members()?.iter().map(|m| m.cookie).collect())
     }

@@ -17,10 +17,14 @@ pub struct Args {
     /// [ADDR]:PORT, e.g. :80, 127.0.0.1:8080, [::]:80
     #[arg(value_parser = super::parse_spec)]
     pub addr: PortSpec,
+    /// The app's user (a name or uid), when listeners of several users are on the port and
+    /// none is a member yet: the others' are left alone, with a warning.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
-    let r = attach(args.addr)?;
+    let r = attach_as(args.addr, args.user.as_deref())?;
     let verb = if r.created {
         "attached"
     } else {
@@ -58,17 +62,37 @@ pub struct AttachReport {
     pub swept: Vec<u64>,
 }
 
-/// Existing listeners of `spec`, validated, each with the process that serves it (None: only
-/// systemd or zdt-ctl hold it). Validation runs before anything is created, so a listener
-/// without SO_REUSEPORT fails the attach cleanly.
-fn existing_listeners(spec: &PortSpec) -> anyhow::Result<Vec<(Option<i32>, Listener)>> {
-    sockets::matching_listeners(spec)?
+/// Existing listeners of `spec` owned by the app's user, validated, each with the process that
+/// serves it (None: only systemd or zdt-ctl hold it), and the other users' listeners, described.
+/// Validation runs before anything is created, so a listener without SO_REUSEPORT fails the
+/// attach cleanly; another user's listener is not validated, only left out.
+type Existing = (Vec<(Option<i32>, Listener)>, Vec<String>, Option<u32>);
+
+fn existing_listeners(spec: &PortSpec, user: Option<&str>) -> anyhow::Result<Existing> {
+    let found = sockets::matching_listeners(spec)?;
+    let members = match State::open_read(spec.port)? {
+        Some(s) => s.member_uids()?,
+        None => Vec::new(),
+    };
+    let uids: Vec<u32> = found.iter().map(|f| f.entry.uid).collect();
+    let owner = match user {
+        Some(u) => Some(crate::cmd::hold::uid_of(u)?),
+        None => crate::plan::owner(&members, &uids).map_err(|many| {
+            bad_input(format!(
+                "{spec} has listeners of several users (uids {many:?}) and no member yet says \
+                 which is the app's: pass --user with the app's user; nothing was changed"
+            ))
+        })?,
+    };
+    let (mine, foreign) = sockets::by_owner(found, owner);
+    let mine = mine
         .into_iter()
         .map(|f| {
             let pid = f.member.unwrap_or(0);
             Ok((f.member, sockets::listener_from(pid, f.fd, &f.entry)?))
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((mine, foreign, owner))
 }
 
 /// The port's listeners that `spec` does not name (bound to a specific address while `spec` is
@@ -95,13 +119,18 @@ fn others_on_port(spec: &PortSpec) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
+    attach_as(spec, None)
+}
+
+/// `attach`, with the app's user named (`--user`).
+pub fn attach_as(spec: PortSpec, user: Option<&str>) -> anyhow::Result<AttachReport> {
     require_root()?;
     if let Some(attached) = State::open_read(spec.port)?.map(|s| s.spec) {
         if attached != spec {
             return Err(crate::state::attached_as(spec, attached));
         }
     }
-    let listeners = existing_listeners(&spec)?;
+    let (listeners, foreign, owner) = existing_listeners(&spec, user)?;
     let others = others_on_port(&spec)?;
     // Kernel contract: a listener bound to a specific address wins its address's connections
     // over a wildcard one, and is in a group of its own. Attaching a spec that names none of the
@@ -117,6 +146,9 @@ pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
         )));
     }
     let mut warnings = Vec::new();
+    if let (false, Some(owner)) = (foreign.is_empty(), owner) {
+        warnings.push(sockets::foreign_warning(&foreign, owner));
+    }
     if !others.is_empty() {
         warnings.push(format!(
             "{} also listen(s) on port {}, outside {spec}: connections to that address go there \

@@ -20,6 +20,8 @@ pub struct SocketPlan {
     pub dual_stack: bool,
     /// The owner uid of the sockets; None: zdt-ctl's own.
     pub uid: Option<u32>,
+    /// Families (IPv4, IPv6) to make no socket for: another user's listener has the address.
+    pub foreign: [bool; 2],
 }
 
 /// The addresses `spec` names: its address, or both wildcards for `:PORT` (only `[::]` for a
@@ -97,6 +99,9 @@ pub fn bound(specs: &[PortSpec], plan: SocketPlan) -> anyhow::Result<Vec<socket2
     let mut sockets = Vec::new();
     for spec in specs {
         for addr in addresses(spec, plan) {
+            if plan.foreign[usize::from(addr.is_ipv6())] {
+                continue;
+            }
             sockets.extend(bind(addr, plan)?);
         }
     }

@@ -47,7 +47,7 @@ pub struct HoldOptions {
 }
 
 /// A user name or a numeric uid, as a uid.
-fn uid_of(user: &str) -> anyhow::Result<u32> {
+pub fn uid_of(user: &str) -> anyhow::Result<u32> {
     if let Ok(uid) = user.parse::<u32>() {
         return Ok(uid);
     }
@@ -64,10 +64,11 @@ fn uid_of(user: &str) -> anyhow::Result<u32> {
 /// another layout into a group of its own, where it takes connections that nothing moves on.
 fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
     let spec = o.spec;
-    let mut on_port: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+    let all: Vec<sockets::ListenEntry> = sockets::listen_entries()?
         .into_values()
         .filter(|e| e.local.port() == spec.port)
         .collect();
+    let mut on_port = all.clone();
     // The app's sockets are the active members' when the port has some: a new version still
     // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
     let members = State::open_read(spec.port)?
@@ -133,9 +134,38 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
             )))
         }
     };
+    // Another user's listener on an address of the spec: the kernel would refuse a placeholder
+    // there (EADDRINUSE: only one owner's sockets share an address), and it is not the app's.
+    // Its family gets no placeholder, and hold says so.
+    let mut foreign = [false; 2];
+    for e in all
+        .iter()
+        .filter(|e| e.uid != uid && spec.matches(&e.local))
+    {
+        let families: &[usize] = match e.group() {
+            Group::V4 => &[0],
+            Group::V6Only => &[1],
+            Group::DualStack => &[0, 1],
+        };
+        for &f in families {
+            foreign[f] = true;
+        }
+        eprintln!(
+            "zdt-ctl: warning: {} (uid {}) is another user's listener on the port: no \
+             placeholder for its family; the kernel gives it that family's connections",
+            e.local, e.uid
+        );
+    }
+    if foreign == [true, true] || (spec.addr.is_some() && foreign.contains(&true)) {
+        return Err(bad_input(format!(
+            "{spec}: every address is taken by another user's listener (not uid {uid}'s): \
+             there is nothing a placeholder can hold"
+        )));
+    }
     Ok(SocketPlan {
         dual_stack,
         uid: Some(uid),
+        foreign,
     })
 }
 
@@ -334,7 +364,8 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     // Under zdt's control before the placeholder listens (idempotent): listeners already serving
     // become the active set, else new connections would park until the next promote; and a
     // placeholder listening at attach time would be adopted as an active member.
-    crate::cmd::attach::attach(attach_spec(spec)?)?;
+    let user = plan.uid.map(|u| u.to_string());
+    crate::cmd::attach::attach_as(attach_spec(spec)?, user.as_deref())?;
     let mut fds = Vec::new();
     for s in sockets {
         s.listen(backlog).context("listen() on the placeholder")?;

@@ -82,7 +82,8 @@ pub fn render(all: &[Status]) -> String {
         "1 if the program is attached to this group (proven by a probe connection).",
     );
     for s in all {
-        for g in &s.groups {
+        // A family with only another user's listeners has no group of the app's to steer.
+        for g in s.groups.iter().filter(|g| g.listeners > 0) {
             o.sample(
                 "zdt_group_steering",
                 &[port(s), ("family", g.family.into())],

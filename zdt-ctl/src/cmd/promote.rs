@@ -494,7 +494,7 @@ pub fn promote(
             return Err(err(
                 Kind::Refused,
                 format!(
-                    "pid {} is no longer {} on port {}: a rollback or another promote switched                      since (serving now: {}); nothing was stopped",
+                    "pid {} is no longer {} on port {}: a rollback or another promote switched since (serving now: {}); nothing was stopped",
                     opts.pid,
                     if opts.weight.is_some() { "the canary" } else { "active" },
                     s.port,

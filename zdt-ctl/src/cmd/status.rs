@@ -9,10 +9,13 @@ use crate::{sockets, state::State};
 pub struct Group {
     /// "ipv4" or "ipv6"
     pub family: &'static str,
+    /// The app's listeners (of the owner uid of the port's members).
     pub listeners: usize,
+    /// Listeners of other users on the same addresses: groups of their own, not zdt's.
+    pub foreign: usize,
     /// Whether zdt's program is attached to this group, proven by one probe connection (see
     /// State::probe_attached): false if the group was re-created without it, or if the app
-    /// replaced or removed it.
+    /// replaced or removed it. Not checked (false) for a family with only foreign listeners.
     pub steering: bool,
 }
 
@@ -183,18 +186,27 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
     let slots = state.slots()?;
     let table = sockets::listen_entries()?;
     let mut groups = Vec::new();
+    let on_spec: Vec<&sockets::ListenEntry> = table
+        .values()
+        .filter(|e| state.spec.matches(&e.local))
+        .collect();
+    let uids: Vec<u32> = on_spec.iter().map(|e| e.uid).collect();
+    let members: Vec<u32> = slots.iter().map(|s| s.meta.uid).collect();
+    let owner = crate::plan::owner(&members, &uids).ok().flatten();
     for (v4, family) in [(true, "ipv4"), (false, "ipv6")] {
-        let listeners = table
-            .values()
-            .filter(|e| state.spec.matches(&e.local) && e.local.is_ipv4() == v4)
-            .count();
-        if listeners == 0 {
+        let (mine, foreign): (Vec<&sockets::ListenEntry>, Vec<_>) = on_spec
+            .iter()
+            .filter(|e| e.local.is_ipv4() == v4)
+            .partition(|e| owner.is_none_or(|u| e.uid == u));
+        if mine.is_empty() && foreign.is_empty() {
             continue;
         }
         groups.push(Group {
             family,
-            listeners,
-            steering: state.probe_attached(v4)?,
+            listeners: mine.len(),
+            foreign: foreign.len(),
+            // Another user's group has another program, or none: not zdt's to check.
+            steering: !mine.is_empty() && state.probe_attached(v4)?,
         });
     }
     let mut members: Vec<Member> = Vec::new();
@@ -257,7 +269,10 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
     Ok(Status {
         port,
         spec: Some(state.spec.to_string()),
-        attached: groups.iter().all(|g| g.steering),
+        attached: groups
+            .iter()
+            .filter(|g| g.listeners > 0)
+            .all(|g| g.steering),
         promoted: state.active_set()?.is_some(),
         program_id: Some(state.program_id()?),
         groups,
@@ -340,9 +355,21 @@ pub fn render(s: &Status) -> String {
         .map_or(String::new(), |id| format!(" (program id {id})"));
     let _ = writeln!(o, "{spec}: {state}, {mode}{prog}");
     for g in &s.groups {
+        let foreign = if g.foreign > 0 {
+            format!(
+                "; {} listener(s) of another user, in a group of their own that zdt leaves alone",
+                g.foreign
+            )
+        } else {
+            String::new()
+        };
+        if g.listeners == 0 {
+            let _ = writeln!(o, "  group {}: no listener of the app's{foreign}", g.family);
+            continue;
+        }
         let _ = writeln!(
             o,
-            "  group {}: {} listener(s), program {}",
+            "  group {}: {} listener(s), program {}{foreign}",
             g.family,
             g.listeners,
             if g.steering {

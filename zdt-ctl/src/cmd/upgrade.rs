@@ -30,6 +30,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     for r in &reports {
+        for w in &r.warnings {
+            eprintln!("zdt-ctl: warning: port {}: {w}", r.port);
+        }
         if r.upgraded {
             println!(
                 "port {}: program upgraded (tag {} -> {}), attached through {} socket(s)",
@@ -56,6 +59,8 @@ pub struct UpgradeReport {
     pub sockets: usize,
     /// False when the port already ran this zdt-ctl's program (then it was only re-attached).
     pub upgraded: bool,
+    /// Listeners of the port left alone (another user's, or unusable), said on stderr.
+    pub warnings: Vec<String>,
 }
 
 /// Upgrades `port`, or every attached port of this network namespace.
@@ -79,8 +84,29 @@ fn upgrade_port(port: u16) -> anyhow::Result<UpgradeReport> {
     // shapes, wrong permissions) before anything is loaded or changed.
     let mut state = State::open_for_upgrade(port)?;
     let from = state.program_tag()?;
+    // Only the app's listeners: another user's (in groups of their own) is not zdt's to steer,
+    // and must not make the upgrade fail (every other command refuses until it succeeds).
     let found = sockets::matching_listeners(&state.spec)?;
-    let fds: Vec<_> = found.iter().map(|f| &f.fd).collect();
+    let uids: Vec<u32> = found.iter().map(|f| f.entry.uid).collect();
+    let owner = crate::plan::owner(&state.member_uids()?, &uids)
+        .ok()
+        .flatten();
+    let (mine, foreign) = sockets::by_owner(found, owner);
+    let mut warnings = Vec::new();
+    if let (false, Some(owner)) = (foreign.is_empty(), owner) {
+        warnings.push(sockets::foreign_warning(&foreign, owner));
+    }
+    // A listener without SO_REUSEPORT is in no group: there is nothing to attach to.
+    let (usable, unusable): (Vec<_>, Vec<_>) = mine
+        .into_iter()
+        .partition(|f| sockets::reuseport(&f.fd).unwrap_or(false));
+    for f in &unusable {
+        warnings.push(format!(
+            "{} (uid {}) has no SO_REUSEPORT: left alone",
+            f.entry.local, f.entry.uid
+        ));
+    }
+    let fds: Vec<_> = usable.iter().map(|f| &f.fd).collect();
     let upgraded = !program::is_ours(from)?;
     let to = if upgraded {
         state.replace_program(&fds)?
@@ -97,5 +123,6 @@ fn upgrade_port(port: u16) -> anyhow::Result<UpgradeReport> {
         to_tag: format!("{to:016x}"),
         sockets: fds.len(),
         upgraded,
+        warnings,
     })
 }
