@@ -172,3 +172,50 @@ fn a_rollback_during_probation_is_not_undone_by_the_promote() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// A `promote --probe` holds no lock while it asks through the public port: a rollback meanwhile
+/// runs at once, and the probe lists the promote claims survive it; when the candidate never
+/// gets ready, the promote takes them out of whatever is live then, and the rollback stands.
+#[test]
+fn a_rollback_during_a_probe_wait_runs_at_once() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    let v3 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
+    )?;
+    let timeout = format!("{}ms", load::scaled(Duration::from_secs(3)).as_millis());
+    let pid3 = v3.pid.to_string();
+    let mut promote = zdt_tests::harness::zdt_command(
+        &ns,
+        &[
+            "promote",
+            &pid3,
+            "--probe",
+            "/readyz",
+            "--timeout",
+            &timeout,
+        ],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()?;
+    zdt_tests::harness::wait_probing(&ns, PORT, Duration::from_secs(3))?;
+    rolled_back(&ns, &v1, &v2)?;
+    assert!(
+        promote.try_wait()?.is_none(),
+        "the rollback waited for the promote's probe"
+    );
+    assert!(
+        zdt_tests::harness::probe_list_len(&ns, PORT)? > 0,
+        "the rollback took the probe lists of a promote that still waits"
+    );
+    assert_eq!(promote.wait()?.code(), Some(4));
+    assert_eq!(zdt_tests::harness::probe_list_len(&ns, PORT)?, 0);
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    let t = load::requests(&ns, PORT, 100, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
+    Ok(())
+}

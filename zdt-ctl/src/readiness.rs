@@ -259,15 +259,24 @@ pub fn probe_socket(
         kind,
         pid: std::process::id(),
     };
-    let mark = (|| -> anyhow::Result<ProbeMark> {
+    let mark = ProbeMark::write(dir, key, value)
+        .map_err(|e| std::io::Error::other(format!("marking a probe connection: {e:#}")))?;
+    Ok((s, Some(mark)))
+}
+
+impl ProbeMark {
+    /// Writes `key` -> `value` into the ZDT_PROBES of the state in `dir`, until dropped.
+    pub fn write(
+        dir: &std::path::Path,
+        key: zdt_common::ProbeKey,
+        value: zdt_common::ProbeValue,
+    ) -> anyhow::Result<ProbeMark> {
         let data = aya::maps::MapData::from_pin(dir.join(zdt_common::names::PROBES))?;
         let mut map: aya::maps::HashMap<_, zdt_common::ProbeKey, zdt_common::ProbeValue> =
             aya::maps::Map::HashMap(data).try_into()?;
         map.insert(key, value, 0)?;
         Ok(ProbeMark { map, key })
-    })()
-    .map_err(|e| std::io::Error::other(format!("marking a probe connection: {e:#}")))?;
-    Ok((s, Some(mark)))
+    }
 }
 
 impl PortProber {

@@ -21,8 +21,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
-    names, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotMeta,
-    LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS,
+    names, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList,
+    SlotMeta, LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS,
 };
 
 use crate::{
@@ -63,6 +63,17 @@ pub fn netns_dir() -> anyhow::Result<PathBuf> {
 /// The directory of one port's state.
 pub fn port_dir(port: u16) -> anyhow::Result<PathBuf> {
     Ok(netns_dir()?.join(port.to_string()))
+}
+
+/// The ZDT_PROBES key of `pid`'s claim of the probe lists: family 0, which no packet has.
+fn claim_key(pid: u32) -> ProbeKey {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&pid.to_le_bytes());
+    ProbeKey {
+        family: 0,
+        port: 0,
+        addr,
+    }
 }
 
 /// Removes the pinned state of network namespaces that no longer exist, and returns their
@@ -582,9 +593,41 @@ impl State {
     /// What every command that takes the lock runs first: [`State::repair`], then
     /// [`State::follow_kernel`].
     fn settle(&mut self) -> anyhow::Result<()> {
-        self.repair()?;
+        // Claims of zdt-ctls that are gone first: the repair keeps probe lists a live one claims.
         self.forget_stale_probes()?;
+        self.repair()?;
         self.follow_kernel()
+    }
+
+    /// Claims the live probe lists for this zdt-ctl while its `promote --probe` waits without
+    /// the lock (see [`zdt_common::PROBE_CLAIM`]); the claim goes when the guard is dropped, or
+    /// with this process.
+    pub fn claim_probe(&self) -> anyhow::Result<crate::readiness::ProbeMark> {
+        let pid = std::process::id();
+        crate::readiness::ProbeMark::write(
+            &self.dir,
+            claim_key(pid),
+            ProbeValue {
+                kind: zdt_common::PROBE_CLAIM,
+                pid,
+            },
+        )
+    }
+
+    /// The pid of another zdt-ctl that claims the probe lists (a `promote --probe` waiting),
+    /// if one lives (run after [`Self::forget_stale_probes`], so every claim left is live).
+    pub fn probe_claimant(&self) -> anyhow::Result<Option<u32>> {
+        if !self.dir.join(names::PROBES).exists() {
+            return Ok(None);
+        }
+        let map: aya::maps::HashMap<MapData, ProbeKey, ProbeValue> =
+            Map::HashMap(open_map(&self.dir, names::PROBES)?).try_into()?;
+        let me = std::process::id();
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, v)| v.kind == zdt_common::PROBE_CLAIM && v.pid != me)
+            .map(|(_, v)| v.pid))
     }
 
     /// Removes the ZDT_PROBES entries of zdt-ctl processes that are gone (killed before they
@@ -628,7 +671,9 @@ impl State {
         };
         // Only the live set's few slots are read on the way of every command; the whole array
         // only when there is something to put right.
-        let probing = live.probe.iter().any(|l| l.len > 0);
+        // Probe lists a live `promote --probe` claims are its, while it waits without the lock.
+        let claimed = live.probe.iter().any(|l| l.len > 0) && self.probe_claimant()?.is_some();
+        let probing = live.probe.iter().any(|l| l.len > 0) && !claimed;
         if !probing
             && !self
                 .members()?
@@ -637,7 +682,7 @@ impl State {
         {
             return Ok(());
         }
-        if let Some(plan) = crate::plan::sets::repair(&self.slots()?, &live) {
+        if let Some(plan) = crate::plan::sets::repair(&self.slots()?, &live, claimed) {
             tracing::info!(probing, "putting right what an interrupted command left");
             self.apply(&plan)?;
         }
@@ -1050,10 +1095,22 @@ impl State {
         if let Some(target) = &plan.rollback {
             self.save_rollback(target)?;
         }
-        let at = if self.active_set()? == Some(plan.set) {
+        let live = self.active_set()?;
+        let mut set = plan.set;
+        // The probe lists of a `promote --probe` that waits without the lock (alive: it claims
+        // them) ride along in a switch another command makes meanwhile, as hold's placeholders
+        // do; only zdt-ctl's marked connections reach them.
+        if let Some(live) =
+            live.filter(|l| l.probe != set.probe && set.probe == [SlotList::EMPTY; 2])
+        {
+            if live.probe != [SlotList::EMPTY; 2] && self.probe_claimant()?.is_some() {
+                set.probe = live.probe;
+            }
+        }
+        let at = if live == Some(set) {
             now_ms()
         } else {
-            self.write_set(&plan.set)?
+            self.write_set(&set)?
         };
         step("switched");
         for &(slot, role) in &plan.roles {

@@ -390,17 +390,15 @@ pub fn promote(
     let mut readiness = t1.elapsed();
 
     // Serialize with other commands on these ports for the rest of the promote.
-    let mut states = Vec::new();
-    for &port in &ports {
-        states.push(State::open_locked(port)?);
-    }
+    let mut states = lock_all(&ports)?;
     failpoint("locked");
-    // --probe changes the state (the probe lists) while it waits: under the lock.
+    // --probe writes the probe lists under the lock, then waits without it.
     if let Some(path) = &opts.probe {
         let t2 = Instant::now();
         let left = deadline.saturating_duration_since(t2);
-        probe_through_port(
-            &mut states,
+        states = probe_through_port(
+            states,
+            &ports,
             &target,
             path,
             left,
@@ -746,19 +744,41 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     Ok(())
 }
 
-/// `--probe PATH`: put PID's sockets into the probe lists (zdt-ctl's own marked connections
-/// reach them, nothing else does), ask PATH through the public port until it
-/// answers 200, then take them out again; the switch proper follows. On failure the earlier
-/// set is live again and the error says what the probe saw.
+/// The states of `ports`, locked, in port order (so two multi-port promotes never wait on each
+/// other).
+fn lock_all(ports: &[u16]) -> anyhow::Result<Vec<State>> {
+    ports.iter().map(|&p| State::open_locked(p)).collect()
+}
+
+/// `--probe`: PID's sockets go in as candidates and into the probe lists under the locks
+/// (`states`); then the locks go while PATH is asked through the public port, so other commands
+/// (a rollback, hold, status) do not wait on the app. A claim in ZDT_PROBES tells them the probe
+/// lists are this zdt-ctl's while it lives (zdt-ctl's own marked connections reach them, nothing
+/// else does). Returns the states locked again, the probe lists
+/// still live on success (the switch replaces them), taken out on failure.
 fn probe_through_port(
-    states: &mut [State],
+    mut states: Vec<State>,
+    ports: &[u16],
     target: &PidFd,
     path: &str,
     timeout: Duration,
     check: &impl Fn() -> anyhow::Result<()>,
     progress: &mut impl FnMut(Duration, &readiness::Answer),
-) -> anyhow::Result<()> {
-    let mut befores = Vec::new();
+) -> anyhow::Result<Vec<State>> {
+    // One prober at a time: the probe lists are one per family.
+    for state in &states {
+        if let Some(pid) = state.probe_claimant()? {
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "zdt-ctl pid {pid} is probing a candidate through port {} (promote --probe); \
+                     wait for it to end; nothing was changed",
+                    state.spec.port
+                ),
+            ));
+        }
+    }
+    let mut written = Vec::new();
     // The probe goes to the first port; the family of its wildcard is that of PID's sockets
     // on that port.
     let mut family_v4 = None;
@@ -777,9 +797,14 @@ fn probe_through_port(
         drop(listeners);
         let slots = state.slots()?;
         let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        state.write_set(&sets::probe(&slots, &before, &new)?)?;
-        befores.push(before);
+        let probing = sets::probe(&slots, &before, &new)?;
+        state.write_set(&probing)?;
+        written.push(probing.probe);
     }
+    let claims = states
+        .iter()
+        .map(State::claim_probe)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let spec = states[0].spec;
     let ip: std::net::IpAddr = match spec.addr {
         Some(a) => a,
@@ -788,6 +813,7 @@ fn probe_through_port(
     };
     let to = std::net::SocketAddr::new(ip, spec.port);
     let prober = readiness::PortProber::new(to, path).marked(&states[0].dir);
+    drop(states);
     let what = format!("{path} on {to} (probed through the public port)");
     let waited = readiness::wait_until(
         &what,
@@ -796,12 +822,20 @@ fn probe_through_port(
         |limit| prober.probe(limit),
         |e, a| progress(e, a),
     );
+    let mut states = lock_all(ports)?;
     if waited.is_err() {
-        for (state, before) in states.iter_mut().zip(&befores) {
-            state.write_set(before)?;
+        // Out of whatever is live now (a switch meanwhile may have replaced them already).
+        for (state, probe) in states.iter_mut().zip(&written) {
+            if let Some(mut live) = state.active_set()? {
+                if live.probe == *probe {
+                    live.probe = [zdt_common::SlotList::EMPTY; 2];
+                    state.write_set(&live)?;
+                }
+            }
         }
     }
-    waited.map(drop)
+    drop(claims);
+    waited.map(|_| states)
 }
 
 /// Consecutive failed readiness answers that end a probation (one can be a blip).

@@ -462,7 +462,8 @@ impl Model {
         let Some(live) = self.live else {
             return Ok(());
         };
-        if let Some(plan) = sets::repair(&self.slots(), &live) {
+        // A killed prober's claim is gone with it: nothing claims the probe lists.
+        if let Some(plan) = sets::repair(&self.slots(), &live, false) {
             self.apply(&plan, Kill::Not, &[], &[]);
         }
         let slots = self.slots();

@@ -616,8 +616,13 @@ pub fn hold(slots: &[Slot], live: &ActiveSet, indices: &[u32]) -> anyhow::Result
 /// connections would keep reaching that process), and members still recorded as candidates (a
 /// promote killed between its switch and its roles: `--stop-old` stops only members whose role
 /// says they served). None when there is nothing to put right.
-pub fn repair(slots: &[Slot], live: &ActiveSet) -> Option<Plan> {
-    let set = without_probe(live);
+pub fn repair(slots: &[Slot], live: &ActiveSet, keep_probe: bool) -> Option<Plan> {
+    // `keep_probe`: a `promote --probe` that waits without the lock claims them (alive).
+    let set = if keep_probe {
+        *live
+    } else {
+        without_probe(live)
+    };
     let roles = roles_after(slots, &set);
     let stale_candidates = slots
         .iter()
@@ -1413,18 +1418,20 @@ mod tests {
     #[test]
     fn repair_clears_probe_lists_and_records_roles_of_an_interrupted_switch() {
         let (mut slots, live) = deploy();
-        assert_eq!(repair(&slots, &live), None);
+        assert_eq!(repair(&slots, &live, false), None);
         // A promote --probe killed while it waited.
         let probing = probe(&slots, &live, &[2, 3]).unwrap();
-        let p = repair(&slots, &probing).unwrap();
+        let p = repair(&slots, &probing, false).unwrap();
         assert_eq!(p.set, live);
         assert!(p.roles.is_empty());
+        // One that waits, alive (it claims them): its probe lists stay.
+        assert_eq!(repair(&slots, &probing, true), None);
         // A promote killed between its switch and its roles.
         let switched = set_of(&slots, &[2, 3]);
         for s in &mut slots {
             s.active = switched.contains(s.index);
         }
-        let p = repair(&slots, &switched).unwrap();
+        let p = repair(&slots, &switched, false).unwrap();
         assert_eq!(p.set, switched);
         assert!(p.roles.contains(&(2, Role::Active)) && p.roles.contains(&(0, Role::Draining)));
     }
