@@ -31,7 +31,8 @@ enum Task {
     Test {
         /// Run the tests in a VM booted from this kernel image instead of on the host's kernel
         /// (virtme-ng, qemu without KVM), e.g. /boot/vmlinuz-6.1.0-56-amd64; `debian-12`: the
-        /// kernel of Debian 12's linux-image-amd64 (6.1), which this task installs.
+        /// kernel of Debian 12's linux-image-amd64 (6.1), `debian-12-6.12`: that of its
+        /// linux-image-6.12-amd64 (Debian 13's series), which this task installs.
         #[arg(long, value_name = "VMLINUZ")]
         kernel: Option<PathBuf>,
         /// Only this suite (tests/tests/NAME.rs); may repeat. Default: every test executable.
@@ -94,6 +95,9 @@ fn main() -> anyhow::Result<()> {
                     setup::vm()?;
                     let k = if k.as_os_str() == "debian-12" {
                         kernel::debian_12_kernel()?
+                    } else if k.as_os_str() == "debian-12-6.12" {
+                        setup::kernel_6_12()?;
+                        kernel::debian_12_kernel_6_12()?
                     } else {
                         k
                     };

@@ -156,6 +156,13 @@ pub fn run() -> anyhow::Result<()> {
 
 /// What `cargo xtask test --kernel` needs besides [`run`]'s: virtme-ng. Only that task installs
 /// it.
+/// Debian 12's 6.12 kernel (from its security suite; Debian 13's series), for `cargo xtask
+/// test --kernel debian-12-6.12` alone: the metapackage, for the same reason as
+/// [`BOOT_PACKAGES`]' 6.1.
+pub fn kernel_6_12() -> anyhow::Result<()> {
+    apt_install(["linux-image-6.12-amd64"])
+}
+
 pub fn vm() -> anyhow::Result<()> {
     apt_install(VM_PACKAGES)?;
     if !vng().exists() {
