@@ -778,10 +778,17 @@ fn udp_on_port(fds: &BTreeMap<u64, i32>, port: u16) -> Option<SocketAddr> {
 /// SO_REUSEPORT, where the kernel picks the instance that answers). Addresses that nothing
 /// listens on are fine: the wait reports them. Run before the wait, at every probe and again
 /// at the switch, since another process can start listening at any time.
+/// The listeners a readiness URL's owner check last passed with (their inodes): a poll that
+/// finds the same listeners skips the scan. A socket that changes hands between processes keeps
+/// its inode, so the check at the switch, under the lock, is always made in full.
+#[derive(Debug, Default)]
+pub struct OwnerCache(std::cell::RefCell<Option<BTreeSet<u64>>>);
+
 pub fn check_url_owner(
     pidfd: &PidFd,
     url: &reqwest::Url,
     addrs: &[SocketAddr],
+    cache: Option<&OwnerCache>,
 ) -> anyhow::Result<()> {
     let pid = pidfd.pid;
     let table = listen_entries()?;
@@ -790,10 +797,21 @@ pub fn check_url_owner(
         .filter(|e| addrs.iter().any(|a| plan::serves(&e.local, e.v6only, a)))
         .map(|e| e.inode)
         .collect();
+    // The same listeners as at the last check that passed: the same verdict, without reading
+    // PID's fd table (a process with 19,000 fds made every 50 ms poll cost a third of a core).
+    if cache.is_some_and(|c| c.0.borrow().as_ref() == Some(&serving)) {
+        return Ok(());
+    }
+    let passed = |serving: BTreeSet<u64>| {
+        if let Some(c) = cache {
+            *c.0.borrow_mut() = Some(serving);
+        }
+        Ok(())
+    };
     let mine = socket_fds(pid)?;
     // The common case, without a scan of every process: PID holds every socket there.
     if serving.iter().all(|i| mine.contains_key(i)) {
-        return Ok(());
+        return passed(serving);
     }
     let h = holders(&serving);
     let mut ours = false;
@@ -817,7 +835,7 @@ pub fn check_url_owner(
         }
     }
     if others.is_empty() {
-        return Ok(());
+        return passed(serving);
     }
     let pids: Vec<String> = others.keys().map(i32::to_string).collect();
     let pids = pids.join(", pid ");

@@ -355,15 +355,19 @@ pub fn promote(
     drop(read);
     // Alive, and (with a readiness URL) the only process serving it: before the wait, at every
     // probe, and at the switch.
-    let still_valid = || -> anyhow::Result<()> {
+    // While polling, listeners seen at a passed check are not looked up again (OwnerCache); the
+    // check at the switch is made in full.
+    let owner_cache = sockets::OwnerCache::default();
+    let valid = |cache: Option<&sockets::OwnerCache>| -> anyhow::Result<()> {
         if !target.alive() {
             return Err(readiness::exited_while_waiting());
         }
         match &prober {
-            Some(p) => sockets::check_url_owner(&target, &p.url, &p.addrs),
+            Some(p) => sockets::check_url_owner(&target, &p.url, &p.addrs, cache),
             None => Ok(()),
         }
     };
+    let still_valid = || valid(Some(&owner_cache));
     still_valid()?;
     failpoint("validated");
     let validate = t0.elapsed();
@@ -421,7 +425,7 @@ pub fn promote(
             ),
         ));
     }
-    still_valid()?;
+    valid(None)?;
     let mut done: Vec<Switched> = Vec::new();
     let mut locked: Vec<State> = Vec::new();
     for state in states {
@@ -858,6 +862,7 @@ fn watch(
     }
     let start = Instant::now();
     let mut failures = 0;
+    let cache = sockets::OwnerCache::default();
     while start.elapsed() < probation {
         if target.wait_exit(readiness::POLL_INTERVAL) {
             return Err(format!(
@@ -867,7 +872,7 @@ fn watch(
             ));
         }
         if let Some(p) = prober {
-            let answer = match sockets::check_url_owner(target, &p.url, &p.addrs) {
+            let answer = match sockets::check_url_owner(target, &p.url, &p.addrs, Some(&cache)) {
                 Ok(()) => p.probe(probation.saturating_sub(start.elapsed())),
                 Err(e) => readiness::Answer::Error(e.to_string()),
             };
