@@ -280,6 +280,9 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         // `faults` suite 693 s vs 251 s). All vCPUs read qemu's one virtual clock, so the TSC is
         // in fact synchronized.
         .args(["--append", "tsc=reliable"])
+        // ZDT_VM_CONSOLE=1: the guest kernel's console too (an oops, a panic), for a guest that
+        // died.
+        .args(std::env::var_os("ZDT_VM_CONSOLE").map(|_| "--verbose"))
         .arg("--exec")
         .arg(format!("sh {}", quote(&script.to_string_lossy())))
         // Nothing to type into the guest; a VM reading the terminal would also stop a run in
