@@ -258,9 +258,24 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
 /// connection counted once).
 #[test]
 fn a_probe_under_syn_cookies_reaches_only_the_candidate() -> anyhow::Result<()> {
+    probe_under_syn_cookies(true)
+}
+
+/// The same without TCP timestamps: the cookie's ACK then carries no option at all (a bare
+/// 20-byte header).
+#[test]
+fn a_probe_under_syn_cookies_without_timestamps_reaches_only_the_candidate() -> anyhow::Result<()> {
+    probe_under_syn_cookies(false)
+}
+
+fn probe_under_syn_cookies(timestamps: bool) -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    // 2: a cookie for every SYN (per namespace).
-    ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2"))??;
+    // 2: a cookie for every SYN (per namespace), as is tcp_timestamps.
+    ns.run(move || -> std::io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2")?;
+        let ts = if timestamps { "1" } else { "0" };
+        std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", ts)
+    })??;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let steered = || -> anyhow::Result<u64> {

@@ -373,19 +373,25 @@ mod program {
     #[inline(always)]
     fn zdt_probe(ctx: &SkReuseportContext, run: Run) -> Option<u32> {
         let (data, end) = (ctx.data(), ctx.data_end());
-        // The fixed header (20 bytes) and one MSS option (kind 2, length 4, value).
-        if run == Run::Migrate || data + 24 > end {
+        // The fixed header (20 bytes): a cookie's ACK may have no option at all (no TCP
+        // timestamps), so only a SYN is required to carry more.
+        if run == Run::Migrate || data + 20 > end {
             return None;
         }
-        // SAFETY: bounds checked just above, against data_end: bytes 0..2, 12 and 20..24 are in.
-        let (port, doff, option) = unsafe {
-            (
-                core::ptr::read_unaligned(data as *const [u8; 2]),
-                *((data + 12) as *const u8) >> 4,
-                core::ptr::read_unaligned((data + 20) as *const [u8; 4]),
-            )
-        };
+        // SAFETY: bounds checked just above, against data_end: bytes 0..2 are in.
+        let port = unsafe { core::ptr::read_unaligned(data as *const [u8; 2]) };
         if run == Run::Syn {
+            // One MSS option (kind 2, length 4, value) after the fixed header.
+            if data + 24 > end {
+                return None;
+            }
+            // SAFETY: bounds checked just above: bytes 12 and 20..24 are in.
+            let (doff, option) = unsafe {
+                (
+                    *((data + 12) as *const u8) >> 4,
+                    core::ptr::read_unaligned((data + 20) as *const [u8; 4]),
+                )
+            };
             let mss = u16::from_be_bytes([option[2], option[3]]);
             if doff < 6 || option[0] != 2 || option[1] != 4 || mss != PROBE_MSS {
                 return None;
