@@ -197,7 +197,7 @@ pub struct PortProber {
 /// lives (see [`zdt_common::ProbeKey`]); deleted on drop. An entry left by a killed zdt-ctl is
 /// removed by the next command that takes the lock (`State::settle`).
 pub struct ProbeMark {
-    map: aya::maps::HashMap<aya::maps::MapData, zdt_common::ProbeKey, zdt_common::ProbeValue>,
+    map: ProbesMap,
     key: zdt_common::ProbeKey,
 }
 
@@ -264,6 +264,23 @@ pub fn probe_socket(
     Ok((s, Some(mark)))
 }
 
+/// The ZDT_PROBES map of a port's state.
+pub type ProbesMap =
+    aya::maps::HashMap<aya::maps::MapData, zdt_common::ProbeKey, zdt_common::ProbeValue>;
+
+/// The ZDT_PROBES of the state in `dir`; None for a state made by a build before it (which
+/// every command but `upgrade` refuses).
+pub fn probes_map(dir: &std::path::Path) -> anyhow::Result<Option<ProbesMap>> {
+    use anyhow::Context as _;
+    let path = dir.join(zdt_common::names::PROBES);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Some(aya::maps::Map::HashMap(data).try_into()?))
+}
+
 impl ProbeMark {
     /// Writes `key` -> `value` into the ZDT_PROBES of the state in `dir`, until dropped.
     pub fn write(
@@ -271,9 +288,8 @@ impl ProbeMark {
         key: zdt_common::ProbeKey,
         value: zdt_common::ProbeValue,
     ) -> anyhow::Result<ProbeMark> {
-        let data = aya::maps::MapData::from_pin(dir.join(zdt_common::names::PROBES))?;
-        let mut map: aya::maps::HashMap<_, zdt_common::ProbeKey, zdt_common::ProbeValue> =
-            aya::maps::Map::HashMap(data).try_into()?;
+        use anyhow::Context as _;
+        let mut map = probes_map(dir)?.context("the port's state has no ZDT_PROBES")?;
         map.insert(key, value, 0)?;
         Ok(ProbeMark { map, key })
     }

@@ -545,8 +545,6 @@ impl State {
         Ok(out)
     }
 
-    /// The cookies of the sockets that take connections: the live set's active and canary
-    /// members (what the port is served with, as opposed to candidates and draining members).
     /// The owner uids of the sockets zdt put in the array and that still listen (members,
     /// candidates, placeholders): one uid, since each passed the check that it is the group's.
     pub fn member_uids(&self) -> anyhow::Result<Vec<u32>> {
@@ -556,6 +554,8 @@ impl State {
         Ok(uids)
     }
 
+    /// The cookies of the sockets that take connections: the live set's active and canary
+    /// members (what the port is served with, as opposed to candidates and draining members).
     pub fn member_cookies(&self) -> anyhow::Result<Vec<u64>> {
         Ok(self.members()?.iter().map(|m| m.cookie).collect())
     }
@@ -590,8 +590,8 @@ impl State {
         Ok(self.active.set(ROLLBACK_ENTRY, set, 0)?)
     }
 
-    /// What every command that takes the lock runs first: [`State::repair`], then
-    /// [`State::follow_kernel`].
+    /// What every command that takes the lock runs first: [`State::forget_stale_probes`],
+    /// [`State::repair`], then [`State::follow_kernel`].
     fn settle(&mut self) -> anyhow::Result<()> {
         // Claims of zdt-ctls that are gone first: the repair keeps probe lists a live one claims.
         self.forget_stale_probes()?;
@@ -617,11 +617,9 @@ impl State {
     /// The pid of another zdt-ctl that claims the probe lists (a `promote --probe` waiting),
     /// if one lives (run after [`Self::forget_stale_probes`], so every claim left is live).
     pub fn probe_claimant(&self) -> anyhow::Result<Option<u32>> {
-        if !self.dir.join(names::PROBES).exists() {
+        let Some(map) = crate::readiness::probes_map(&self.dir)? else {
             return Ok(None);
-        }
-        let map: aya::maps::HashMap<MapData, ProbeKey, ProbeValue> =
-            Map::HashMap(open_map(&self.dir, names::PROBES)?).try_into()?;
+        };
         let me = std::process::id();
         Ok(map
             .iter()
@@ -635,11 +633,9 @@ impl State {
     /// may use later, whose SYN cookie's ACK would then be taken for zdt-ctl's.
     fn forget_stale_probes(&mut self) -> anyhow::Result<()> {
         // None yet in a state of an earlier build that `upgrade` is about to bring up to date.
-        if !self.dir.join(names::PROBES).exists() {
+        let Some(mut map) = crate::readiness::probes_map(&self.dir)? else {
             return Ok(());
-        }
-        let mut map: aya::maps::HashMap<MapData, ProbeKey, ProbeValue> =
-            Map::HashMap(open_map(&self.dir, names::PROBES)?).try_into()?;
+        };
         let stale: Vec<ProbeKey> = map
             .iter()
             .filter_map(Result::ok)
@@ -672,8 +668,9 @@ impl State {
         // Only the live set's few slots are read on the way of every command; the whole array
         // only when there is something to put right.
         // Probe lists a live `promote --probe` claims are its, while it waits without the lock.
-        let claimed = live.probe.iter().any(|l| l.len > 0) && self.probe_claimant()?.is_some();
-        let probing = live.probe.iter().any(|l| l.len > 0) && !claimed;
+        let has_probe = live.probe != [SlotList::EMPTY; 2];
+        let claimed = has_probe && self.probe_claimant()?.is_some();
+        let probing = has_probe && !claimed;
         if !probing
             && !self
                 .members()?
@@ -1100,10 +1097,9 @@ impl State {
         // The probe lists of a `promote --probe` that waits without the lock (alive: it claims
         // them) ride along in a switch another command makes meanwhile, as hold's placeholders
         // do; only zdt-ctl's marked connections reach them.
-        if let Some(live) =
-            live.filter(|l| l.probe != set.probe && set.probe == [SlotList::EMPTY; 2])
-        {
-            if live.probe != [SlotList::EMPTY; 2] && self.probe_claimant()?.is_some() {
+        let no_probe = [SlotList::EMPTY; 2];
+        if let Some(live) = live.filter(|l| set.probe == no_probe && l.probe != no_probe) {
+            if self.probe_claimant()?.is_some() {
                 set.probe = live.probe;
             }
         }

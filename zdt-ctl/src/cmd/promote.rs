@@ -478,10 +478,7 @@ pub fn promote(
     // Under the locks again: PID must still be what serves (a rollback or another promote may
     // have switched during the probation), and only members that still serve no port are
     // stopped. The signals go under the locks, the wait for the exits without them.
-    let mut states = Vec::new();
-    for s in &done {
-        states.push(State::open_locked(s.port)?);
-    }
+    let states = lock_all(&ports)?;
     let mut serving: Vec<Process> = Vec::new();
     for (state, s) in states.iter().zip(&done) {
         let slots = state.slots()?;
