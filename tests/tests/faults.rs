@@ -199,6 +199,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
         "locked",
         "readied",
         "inserted",
+        "staged",
         "flipped",
         "switched",
         "roles",

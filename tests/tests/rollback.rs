@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    harness::{at_failpoint, fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -122,6 +122,28 @@ fn a_retried_promote_keeps_the_rollback_target() -> anyhow::Result<()> {
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     let t = load::requests(&ns, PORT, 50, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&50), "{t:?}");
+    Ok(())
+}
+
+/// A rollback killed before its switch changed nothing a retry needs: the retry goes back, and
+/// a rollback after it goes forward again.
+#[test]
+fn a_rollback_killed_before_its_switch_keeps_its_target() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    let mut killed = at_failpoint(&ns, &["rollback".to_string()], "staged").child;
+    killed.kill()?;
+    killed.wait()?;
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    rolled_back(&ns, &v1, &v2)?;
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    rolled_back(&ns, &v2, &v1)?;
+    assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    let t = load::requests(&ns, PORT, 50, 1000.0);
+    assert_eq!(t.versions.get("v2"), Some(&50), "{t:?}");
     Ok(())
 }
 

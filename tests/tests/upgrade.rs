@@ -159,34 +159,86 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
 /// (exit 7, saying what to do) and changes nothing.
 #[test]
 fn upgrade_refuses_maps_of_another_layout() -> anyhow::Result<()> {
-    use aya::maps::{Array, Map, MapData};
-    use zdt_common::{names, Control};
     let ns = Netns::new()?;
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let set_layout = |delta: i32| {
-        ns.run(move || -> anyhow::Result<()> {
-            let path = zdt_ctl::state::port_dir(PORT)?.join(names::CONTROL);
-            let mut control: Array<MapData, Control> =
-                Map::Array(MapData::from_pin(path)?).try_into()?;
-            let mut c = control.get(&0, 0)?;
-            c.layout_version = c.layout_version.wrapping_add_signed(delta);
-            control.set(0, c, 0)?;
-            Ok(())
+        edit_control(&ns, move |c| {
+            c.layout_version = c.layout_version.wrapping_add_signed(delta)
         })
     };
     let _variant = ns.run(|| programs::install_variant(PORT))??;
     let tag = || pinned(&ns).map(|p| p.tag());
     let before = tag()?;
-    set_layout(1)??;
+    set_layout(1)?;
     let r = zdt(&ns, &["upgrade", "8080"]);
     assert_eq!(r.code, 7, "{r:?}");
     assert!(r.stderr.contains("layout"), "{r:?}");
     assert_eq!(tag()?, before, "the pinned program was not replaced");
     // With the layout back, the same command succeeds: the refusal was the layout's.
-    set_layout(-1)??;
+    set_layout(-1)?;
     zdt_ok(&ns, &["upgrade", "8080"])?;
     assert_ne!(tag()?, before);
     zdt_ok(&ns, &["status", "8080"])?;
+    Ok(())
+}
+
+/// Changes the port's control word in place; returns it as it was.
+fn edit_control(
+    ns: &Netns,
+    edit: impl FnOnce(&mut zdt_common::Control) + Send + 'static,
+) -> anyhow::Result<zdt_common::Control> {
+    use aya::maps::{Array, Map, MapData};
+    ns.run(move || -> anyhow::Result<zdt_common::Control> {
+        let path = zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::CONTROL);
+        let mut control: Array<MapData, zdt_common::Control> =
+            Map::Array(MapData::from_pin(path)?).try_into()?;
+        let was = control.get(&0, 0)?;
+        let mut c = was;
+        edit(&mut c);
+        control.set(0, c, 0)?;
+        Ok(was)
+    })?
+}
+
+/// A state of the layout before this one (the rollback target always in entry 2, no
+/// rollback_buf) is refused by every command but `upgrade`, which converts it in place: the
+/// rollback target is kept.
+#[test]
+fn upgrade_converts_the_layout_before_in_place() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    // As layout 2 kept it: the target (v1) in entry 2, live in entry 0 or 1.
+    ns.run(|| -> anyhow::Result<()> {
+        use aya::maps::{Array, Map, MapData};
+        let dir = zdt_ctl::state::port_dir(PORT)?;
+        let control: Array<MapData, zdt_common::Control> =
+            Map::Array(MapData::from_pin(dir.join(zdt_common::names::CONTROL))?).try_into()?;
+        let c = control.get(&0, 0)?;
+        anyhow::ensure!(c.active_buf < 3 && c.rollback_buf > 0, "{c:?}");
+        let mut active: Array<MapData, zdt_common::ActiveSet> =
+            Map::Array(MapData::from_pin(dir.join(zdt_common::names::ACTIVE))?).try_into()?;
+        let target = active.get(&(u32::from(c.rollback_buf) - 1), 0)?;
+        active.set(2, target, 0)?;
+        Ok(())
+    })??;
+    edit_control(&ns, |c| {
+        c.layout_version = zdt_common::UPGRADABLE_LAYOUT;
+        c.rollback_buf = 0;
+    })?;
+    let r = zdt(&ns, &["rollback"]);
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.stderr.contains("zdt-ctl upgrade"), "{r:?}");
+    zdt_ok(&ns, &["upgrade", "8080"])?;
+    let r = zdt_ok(&ns, &["rollback"])?;
+    assert!(
+        r.stdout.contains(&format!("pid {} active again", v1.pid)),
+        "{r:?}"
+    );
+    let t = load::requests(&ns, PORT, 50, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&50), "{t:?}");
     Ok(())
 }

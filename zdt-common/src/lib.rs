@@ -7,7 +7,12 @@
 #![no_std]
 
 /// Bumped whenever a map layout below changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// The layout `zdt-ctl upgrade` converts to [`LAYOUT_VERSION`] in place: layout 2 kept the
+/// rollback target in entry 2 of `ZDT_ACTIVE` and had no [`Control::rollback_buf`] (the upper
+/// half of its 32-bit port, zero, reads as entry 2 now).
+pub const UPGRADABLE_LAYOUT: u32 = 2;
 
 /// Number of slots in the socket array (one listening socket per slot): two versions of an app
 /// with 512 workers, each worker with its own socket per family (nginx's `reuseport`), fit at
@@ -58,11 +63,14 @@ pub mod names {
 
 /// Value of the one-entry `ZDT_CONTROL` array.
 ///
-/// `active_buf` selects which of the two `ZDT_ACTIVE` buffers the program reads:
+/// `active_buf` selects which of the three `ZDT_ACTIVE` entries the program reads:
 /// 0 = nothing promoted yet (the program returns SK_PASS and the kernel hashes as if no program
-/// were attached), 1 = buffer 0, 2 = buffer 1. Userspace only ever changes it 0->1, 1->2, 2->1 or
-/// back to 0; 1 <-> 2 differ in one byte, so even a byte-wise copy by the kernel cannot produce a
-/// third value.
+/// were attached), 1..=3 = entry 0..=2. Its values differ in the low byte only, so even a
+/// byte-wise copy by the kernel cannot produce a value no writer wrote.
+///
+/// `rollback_buf` names the entry that holds the rollback target the same way (1..=3; 0, as
+/// layout 2 left it, means entry 2); only zdt-ctl reads it. A command writes entries neither
+/// field names, then both fields in one write: see zdt-ctl's `plan::buffers`.
 ///
 /// The other fields are written once by `attach` and read only by `zdt-ctl`: the layout the
 /// state was created with, and the listeners it manages (`[ADDR]:PORT`).
@@ -71,7 +79,8 @@ pub mod names {
 pub struct Control {
     pub active_buf: u32,
     pub layout_version: u32,
-    pub port: u32,
+    pub port: u16,
+    pub rollback_buf: u16,
     /// 0 = wildcard (`:PORT`), 4 = IPv4 address, 6 = IPv6 address in `addr`.
     pub addr_kind: u32,
     pub addr: [u8; 16],

@@ -8,6 +8,7 @@ use std::{
     net::SocketAddr,
 };
 
+pub mod buffers;
 #[cfg(test)]
 mod model;
 pub mod sets;

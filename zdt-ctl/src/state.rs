@@ -22,13 +22,16 @@ use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
     names, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList,
-    SlotMeta, LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS,
+    SlotMeta, LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS, UPGRADABLE_LAYOUT,
 };
 
 use crate::{
     addr::PortSpec,
     error::{err, Kind},
-    plan::sets::{self, free_slot, live_only, Plan, Role},
+    plan::{
+        buffers::Buffers,
+        sets::{self, free_slot, live_only, Plan, Role},
+    },
     program,
     sockets::{self, Listener},
 };
@@ -39,8 +42,6 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// Where `upgrade` pins the new program before it is attached everywhere; renamed over
 /// [`names::PROGRAM`] as the last step (bpffs refuses names with a dot).
 const STAGED_PROGRAM: &str = "zdt_select_next";
-/// The entry of ZDT_ACTIVE that holds the rollback target (0 and 1 are the live double buffer).
-const ROLLBACK_ENTRY: u32 = 2;
 /// Slot metadata entries read per BPF_MAP_LOOKUP_BATCH call (see `State::read_all_meta`).
 const META_BATCH: usize = 256;
 const ALL_MAPS: [&str; 7] = [
@@ -350,9 +351,27 @@ impl State {
 
     fn open_checked(dir: PathBuf, lock: Option<Lock>, program: Program) -> anyhow::Result<Self> {
         verify(&dir, program)?;
-        let control: Array<MapData, Control> =
+        let mut control: Array<MapData, Control> =
             Map::Array(open_map(&dir, names::CONTROL)?).try_into()?;
-        let c = control.get(&0, 0)?;
+        let mut c = control.get(&0, 0)?;
+        if c.layout_version == UPGRADABLE_LAYOUT && program == Program::Any {
+            // What `upgrade` converts: the rollback target stays in entry 2, which layout 2's
+            // zero rollback_buf names; only the version changes (under the lock).
+            c.layout_version = LAYOUT_VERSION;
+            control.set(0, c, 0)?;
+        }
+        if c.layout_version == UPGRADABLE_LAYOUT {
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "the state in {} was written by the zdt version before this one (map layout \
+                     {UPGRADABLE_LAYOUT}, this zdt-ctl's {LAYOUT_VERSION}): run `zdt-ctl upgrade` \
+                     once, which converts it in place and keeps roles and counters; nothing was \
+                     changed",
+                    dir.display(),
+                ),
+            ));
+        }
         if c.layout_version != LAYOUT_VERSION {
             return Err(err(
                 Kind::Refused,
@@ -534,6 +553,23 @@ impl State {
         Ok(Some(self.active.get(&(c.active_buf - 1), 0)?))
     }
 
+    /// The three entries of ZDT_ACTIVE and which the control word names live and target.
+    fn buffers(&self) -> anyhow::Result<Buffers> {
+        let c = self.control()?;
+        let mut entries = [ActiveSet::EMPTY; 3];
+        for (i, e) in (0u32..).zip(entries.iter_mut()) {
+            *e = self.active.get(&i, 0)?;
+        }
+        Ok(Buffers {
+            entries,
+            live: (c.active_buf as usize).checked_sub(1),
+            target: match c.rollback_buf {
+                0 => 2,
+                n => usize::from(n) - 1,
+            },
+        })
+    }
+
     /// The address families (AF_INET, AF_INET6) in which an active or canary slot of the live
     /// set holds a listening socket of zdt's. A few map reads (the set, then each listed slot's
     /// cookie and metadata), unlike [`State::slots`], which reads all of them: `zdt-ctl hold`
@@ -577,17 +613,12 @@ impl State {
     /// What `rollback` restores: the set that was live before the last promote (or the last
     /// rollback, so that a second one goes forward again). None before the first promote.
     pub fn previous_set(&self) -> anyhow::Result<Option<ActiveSet>> {
-        let set = self.active.get(&ROLLBACK_ENTRY, 0)?;
-        Ok((!set.is_empty()).then_some(set))
+        Ok(self.buffers()?.target_set())
     }
 
-    /// Records `set` as what `rollback` restores. Written before the switch it precedes: a
-    /// command killed in between leaves the live set as the rollback target, which a rollback
-    /// then leaves as it is.
+    /// Records `set` as what `rollback` restores, the live set unchanged.
     pub fn save_rollback(&mut self, set: &ActiveSet) -> anyhow::Result<()> {
-        let mut set = *set;
-        set.probe = [zdt_common::SlotList::EMPTY; 2];
-        Ok(self.active.set(ROLLBACK_ENTRY, set, 0)?)
+        self.commit(None, Some(*set)).map(drop)
     }
 
     /// What every command that takes the lock runs first: [`State::forget_stale_probes`],
@@ -1054,34 +1085,59 @@ impl State {
         matches!(self.cookie_at(slot), Ok(None))
     }
 
-    /// Makes `set` live in one step, exactly as it is (hold lists included), and returns when
-    /// no running program can still be using the previous set.
-    ///
-    /// Protocol: write the buffer that is not live (no program reads it: see below), then flip
-    /// `ZDT_CONTROL.active_buf` between 1 and 2 (a one-byte change, so no reader can see a torn
-    /// value), then wait for an RCU grace period. Kernel contract: sk_reuseport programs run in
-    /// an RCU read-side critical section (softirq), and membarrier(MEMBARRIER_CMD_GLOBAL) returns
-    /// only after synchronize_rcu(); afterwards every program run started after the flip, so the
-    /// old buffer is unused: the next writer may overwrite it, and the caller knows that no new
-    /// connection can be steered by the old set any more. Returns the Unix time (ms) of the flip.
+    /// Makes `set` live in one step, exactly as it is (hold lists included), the rollback
+    /// target unchanged, and returns when no running program can still be using the previous
+    /// set: [`State::commit`]. Returns the Unix time (ms) of the flip (now if `set` was live).
     pub fn write_set(&mut self, set: &ActiveSet) -> anyhow::Result<u64> {
+        Ok(self.commit(Some(*set), None)?.unwrap_or_else(now_ms))
+    }
+
+    /// Makes `set` live (None: the live set stays) and `target` the rollback target (None: it
+    /// stays) in one write of the control word, and returns when no running program can still
+    /// be using the previous set. Returns the Unix time (ms) of the flip, None when the live
+    /// set did not change.
+    ///
+    /// Protocol ([`Buffers::commit`]): write only entries of ZDT_ACTIVE that the control word
+    /// does not name (no program reads them: see below), then name them in one write of
+    /// ZDT_CONTROL (the program reads `active_buf` alone, whose values differ in one byte, so no
+    /// reader can see a torn value), then wait for an RCU grace period. Kernel contract:
+    /// sk_reuseport programs run in an RCU read-side critical section (softirq), and
+    /// membarrier(MEMBARRIER_CMD_GLOBAL) returns only after synchronize_rcu(); afterwards every
+    /// program run started after the flip, so the entry that was live is unused: the next writer
+    /// may overwrite it, and the caller knows that no new connection can be steered by the old
+    /// set any more. Killed before the control word, the command changed nothing anyone reads.
+    fn commit(
+        &mut self,
+        set: Option<ActiveSet>,
+        target: Option<ActiveSet>,
+    ) -> anyhow::Result<Option<u64>> {
+        let now = self.buffers()?;
+        let commit = now.commit(set, target);
+        for (i, set) in &commit.writes {
+            self.active.set(*i as u32, *set, 0)?;
+        }
+        crate::failpoint("staged");
+        if !commit.switches(&now) {
+            return Ok(None);
+        }
         let mut control = self.control()?;
-        let target = if control.active_buf == 1 { 2 } else { 1 };
-        self.active.set(target - 1, *set, 0)?;
-        control.active_buf = target;
+        control.active_buf = commit.live.map_or(0, |i| i as u32 + 1);
+        control.rollback_buf = commit.target as u16 + 1;
         self.control.set(0, control, 0)?;
+        if commit.live == now.live {
+            return Ok(None);
+        }
         let flipped_at = now_ms();
         crate::failpoint("flipped");
         rcu_grace_period();
-        Ok(flipped_at)
+        Ok(Some(flipped_at))
     }
 
-    /// Writes what `plan` decided, in the order that keeps every step safe to be killed after:
-    /// the rollback target first (a command killed before its switch leaves the live set as
-    /// the target, which a rollback leaves as it is), then the set in one switch (skipped when
-    /// it is live already), then the roles (a command killed before them leaves members of the
-    /// live set recorded as candidates, which the next command records: `repair`). Returns the
-    /// Unix time (ms) of the switch, or now when the set was live already.
+    /// Writes what `plan` decided: the rollback target and the set in one switch
+    /// ([`State::commit`]; a command killed before it changed nothing), then the roles (a
+    /// command killed before them leaves members of the live set recorded as candidates, which
+    /// the next command records: `repair`). Returns the Unix time (ms) of the switch, or now
+    /// when the set was live already.
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<u64> {
         self.apply_steps(plan, |_| {})
     }
@@ -1089,9 +1145,6 @@ impl State {
     /// [`State::apply`], calling `step` after the switch ("switched") and after the roles
     /// ("roles"): promote's failpoints.
     pub fn apply_steps(&mut self, plan: &Plan, mut step: impl FnMut(&str)) -> anyhow::Result<u64> {
-        if let Some(target) = &plan.rollback {
-            self.save_rollback(target)?;
-        }
         let live = self.active_set()?;
         let mut set = plan.set;
         // The probe lists of a `promote --probe` that waits without the lock (alive: it claims
@@ -1103,11 +1156,9 @@ impl State {
                 set.probe = live.probe;
             }
         }
-        let at = if live == Some(set) {
-            now_ms()
-        } else {
-            self.write_set(&set)?
-        };
+        let at = self
+            .commit(Some(set), plan.rollback)?
+            .unwrap_or_else(now_ms);
         step("switched");
         for &(slot, role) in &plan.roles {
             let mut meta = self.meta.get(&slot, 0)?;
@@ -1304,7 +1355,7 @@ fn encode_control(spec: &PortSpec, active_buf: u32) -> Control {
     let mut c = Control {
         active_buf,
         layout_version: LAYOUT_VERSION,
-        port: u32::from(spec.port),
+        port: spec.port,
         ..Default::default()
     };
     match spec.addr {
@@ -1329,10 +1380,7 @@ fn decode_spec(c: &Control) -> PortSpec {
         6 => Some(std::net::IpAddr::V6(c.addr.into())),
         _ => None,
     };
-    PortSpec {
-        addr,
-        port: c.port as u16,
-    }
+    PortSpec { addr, port: c.port }
 }
 
 /// `union bpf_attr` as BPF_MAP_*_ELEM uses it.

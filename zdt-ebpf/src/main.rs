@@ -73,18 +73,15 @@ mod program {
         rc == 0
     }
 
-    /// One entry: which of the two ZDT_ACTIVE buffers is live (0 = none: pass through).
+    /// One entry: which ZDT_ACTIVE entry is live (0 = none: pass through).
     #[map]
     static ZDT_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
-    /// Two buffers of the active set. zdt-ctl writes the buffer that is *not* live, flips
-    /// ZDT_CONTROL, then waits for an RCU grace period before it may write again, so a running
-    /// program only ever reads a buffer that nobody is writing: it sees the old set or the new
-    /// one, never a mix.
-    ///
-    /// A third entry, never read by the program, keeps what `zdt-ctl rollback` restores: the set
-    /// that was live before the last promote. The idle buffer cannot serve for it: every switch
-    /// overwrites it, hold's registrations and a --probe's probe lists too.
+    /// Three entries of the active set: the live one, the rollback target (what `zdt-ctl
+    /// rollback` restores; only zdt-ctl reads it) and a free one. zdt-ctl writes only an entry
+    /// ZDT_CONTROL does not name, names it in one write, then waits for an RCU grace period
+    /// before it may write again, so a running program only ever reads an entry that nobody is
+    /// writing: it sees the old set or the new one, never a mix.
     #[map]
     static ZDT_ACTIVE: Array<ActiveSet> = Array::with_max_entries(3, 0);
 

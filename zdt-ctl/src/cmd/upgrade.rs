@@ -11,8 +11,9 @@ use crate::{error::require_root, program, sockets, state::State};
                   which the kernel swaps in one step: no connection is refused or reset, \
                   and members, roles, the rollback target and counters stay. It refuses \
                   (exit 7, nothing changed) when the pinned maps have another layout than \
-                  this zdt-ctl's; then detach with the old zdt-ctl and attach with the new \
-                  one. Running it again is harmless.\n\n\
+                  this zdt-ctl's, except the layout of the version before, which it converts \
+                  in place; then detach with the old zdt-ctl and attach with the new one. \
+                  Running it again is harmless.\n\n\
                   Example, in a package's postinst:\n  zdt-ctl upgrade"
 )]
 pub struct Args {

@@ -3,23 +3,24 @@
 //!
 //! The model: processes (pid, start time; apps, or `zdt-ctl hold` with its placeholders), each
 //! with listening sockets (family, cookie); the socket array (slot -> cookie, emptied when the
-//! socket closes); the slot metadata; the live set (the double buffer as one value, None
-//! before the first switch); the rollback target (ZDT_ACTIVE[2], read as none when empty).
+//! socket closes); the slot metadata; the three entries of ZDT_ACTIVE with the live one and the
+//! target's ([`Buffers`]: the live set, None before the first switch; the rollback target, read
+//! as none when empty, without probe lists).
 //! Commands run as `cmd/*.rs` and `State` run them: a locked command first runs `sets::repair`
 //! and `State::follow_kernel` (`sets::drift`, the adoption of a member's re-created listener,
 //! the heir of an inherited socket, `sets::rejoin`); a new socket gets the slot
-//! `State::insert` gives it; a plan is written as `State::apply_steps` writes it (rollback
-//! target, set, roles), and the command can be killed after each write. The ground truth
+//! `State::insert` gives it; a plan is written as `State::apply_steps` writes it (entries the
+//! control word does not name, the control word, roles: [`Buffers::commit`]), and the command
+//! can be killed after each write. The ground truth
 //! (which sockets a promote switched to, which placeholders hold registered, which socket a
 //! slot held when a set naming it was written) is the driver's alone.
 //!
 //! The invariants, checked after every step (each check names its number):
-//! 1. The rollback target has no probe lists. A promote that switched (not killed) saved the
-//!    set before it, and a rollback right after it is not refused while a member of that set
-//!    listens. A rollback never would restore the live set itself ([`Model::target_is_live`]),
-//!    but for the reasons in [`Why`]: ARCHITECTURE.md's "the rollback target is never the live
-//!    set" holds for what promote and rollback write, not for a kill between a promote's two
-//!    writes, nor after a drain.
+//! 1. A promote that switched (not killed) saved the set before it, and a rollback right after
+//!    it is not refused while a member of that set listens. A rollback never would restore the
+//!    live set itself ([`Model::target_is_live`]), but for the reasons in [`Why`]:
+//!    ARCHITECTURE.md's "the rollback target is never the live set" holds for what every
+//!    command writes, killed anywhere, but not after a drain or a close.
 //! 2. While the program can select a socket of a family (active, canary or hold list), a SYN
 //!    of it reaches only a socket a promote switched to (active, canary) or a registered
 //!    placeholder (hold), never a candidate. (With none selectable, the kernel hashes over
@@ -40,17 +41,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, AF_INET6};
 
-use super::sets::{self, Plan, Process, Role, Slot};
+use super::{
+    buffers::{without_probe, Buffers},
+    sets::{self, Plan, Process, Role, Slot},
+};
 
 const PORT: u16 = 80;
 
-/// Where a command is killed: not, after its insert (or its lock), after saving the rollback
-/// target, after the switch (before the roles).
+/// Where a command is killed: not, after its insert (or its lock), after writing the entries
+/// (before the control word), after the switch (before the roles).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kill {
     Not,
     Inserted,
-    Saved,
+    Staged,
     Switched,
 }
 
@@ -116,9 +120,6 @@ struct Proc {
 /// Why a rollback may restore the live set itself (invariant 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Why {
-    /// Design (`State::save_rollback`): a command killed between saving the target and its
-    /// switch leaves the live set as the target (until a retry switches).
-    KilledBeforeSwitch,
     /// Design: only promote and rollback write the target, so a drain can come back to it
     /// (draining a canary returns to the set before the canary). Nothing is lost.
     Drained,
@@ -133,15 +134,13 @@ struct Model {
     procs: Vec<Proc>,
     array: BTreeMap<u32, u64>,
     meta: BTreeMap<u32, SlotMeta>,
-    live: Option<ActiveSet>,
-    target: ActiveSet,
+    bufs: Buffers,
     /// Ground truth: sockets a promote switched to; placeholders hold made live.
     promoted: BTreeSet<u64>,
     registered: BTreeSet<u64>,
-    /// Ground truth: each slot the live set (any list) or the target (active, canary) names ->
-    /// the socket in it when that set was written.
-    live_seen: BTreeMap<u32, Option<u64>>,
-    target_seen: BTreeMap<u32, Option<u64>>,
+    /// Ground truth: per entry, each slot its set names (any list) -> the socket in it when
+    /// the entry was written.
+    seen: [BTreeMap<u32, Option<u64>>; 3],
     /// A command was killed between a switch and its roles, and no plan wrote all roles since.
     stale_roles: bool,
     last: Option<(Process, Option<u32>)>,
@@ -176,23 +175,20 @@ fn brief(set: &ActiveSet) -> String {
     )
 }
 
-fn without_probe(set: &ActiveSet) -> ActiveSet {
-    let probe = [SlotList::EMPTY; 2];
-    ActiveSet { probe, ..*set }
-}
-
 impl Model {
     fn new() -> Model {
         Model {
             procs: Vec::new(),
             array: BTreeMap::new(),
             meta: BTreeMap::new(),
-            live: None,
-            target: ActiveSet::EMPTY,
+            bufs: Buffers {
+                entries: [ActiveSet::EMPTY; 3],
+                live: None,
+                target: 2,
+            },
             promoted: BTreeSet::new(),
             registered: BTreeSet::new(),
-            live_seen: BTreeMap::new(),
-            target_seen: BTreeMap::new(),
+            seen: Default::default(),
             stale_roles: false,
             last: None,
             next: 1000,
@@ -202,12 +198,21 @@ impl Model {
     }
 
     fn set(&self) -> ActiveSet {
-        self.live.unwrap_or(ActiveSet::EMPTY)
+        self.live().unwrap_or(ActiveSet::EMPTY)
+    }
+
+    fn live(&self) -> Option<ActiveSet> {
+        self.bufs.live_set()
     }
 
     /// `State::previous_set`.
     fn previous(&self) -> Option<ActiveSet> {
-        (!self.target.is_empty()).then_some(self.target)
+        self.bufs.target_set()
+    }
+
+    /// The rollback target's entry, without probe lists.
+    fn target(&self) -> ActiveSet {
+        without_probe(&self.bufs.entries[self.bufs.target])
     }
 
     /// `State::slots`: the slots that hold the socket their metadata records.
@@ -306,7 +311,7 @@ impl Model {
 
     /// `State::follow_kernel`: membership follows the processes that hold the listeners.
     fn follow_kernel(&mut self) -> Step {
-        let Some(live) = self.live else {
+        let Some(live) = self.live() else {
             return Ok(());
         };
         let slots = self.slots();
@@ -354,36 +359,38 @@ impl Model {
         slots.map(|&i| (i, self.array.get(&i).copied())).collect()
     }
 
+    /// `State::commit`, killed after the entries' writes (before the control word) if `staged`;
+    /// whether it wrote everything.
+    fn commit(&mut self, set: Option<ActiveSet>, target: Option<ActiveSet>, staged: bool) -> bool {
+        let commit = self.bufs.commit(set, target);
+        // A set is decided over the sockets the slots hold now, also when its entry holds it
+        // already (it is not written again then).
+        let decided = commit.live.filter(|_| set.is_some());
+        let written = commit.writes.iter().map(|&(i, s)| (i, s));
+        for (i, set) in written.chain(decided.map(|i| (i, set.unwrap_or(ActiveSet::EMPTY)))) {
+            let lists = [set.lists, set.canary, set.probe, set.hold];
+            self.seen[i] = self.seen(lists.iter().flatten());
+        }
+        let upto = staged.then_some(commit.writes.len());
+        self.bufs = self.bufs.after(&commit, upto);
+        !staged
+    }
+
     /// `State::save_rollback`.
     fn save_rollback(&mut self, set: &ActiveSet) {
-        self.target = without_probe(set);
-        self.target_seen = self.seen(self.target.lists.iter().chain(&self.target.canary));
+        self.commit(None, Some(*set), false);
     }
 
     /// `State::write_set`.
     fn write_set(&mut self, set: ActiveSet) {
-        self.live = Some(set);
-        self.live_seen = self.seen(
-            [set.lists, set.canary, set.probe, set.hold]
-                .iter()
-                .flatten(),
-        );
+        self.commit(Some(set), None, false);
     }
 
     /// `State::apply_steps`, killed after the write `kill` names; whether it wrote everything.
     /// The switch makes `promoted` active or canary (a promote's), `registered` placeholders.
     fn apply(&mut self, plan: &Plan, kill: Kill, promoted: &[u64], registered: &[u64]) -> bool {
-        if let Some(target) = &plan.rollback {
-            self.save_rollback(target);
-            if kill == Kill::Saved {
-                self.why_now = Some(Why::KilledBeforeSwitch);
-            }
-        }
-        if kill == Kill::Saved {
+        if !self.commit(Some(plan.set), plan.rollback, kill == Kill::Staged) {
             return false;
-        }
-        if self.live != Some(plan.set) {
-            self.write_set(plan.set);
         }
         self.promoted.extend(promoted);
         self.registered.extend(registered);
@@ -427,9 +434,9 @@ impl Model {
             self.save_rollback(&previous);
         }
         for &(cookie, family, slot, _) in chosen.iter().filter(|c| c.3) {
-            let restorable = self.target.contains(slot) || self.target.is_canary(slot);
+            let restorable = self.target().contains(slot) || self.target().is_canary(slot);
             if self.set().names(slot) || restorable {
-                let (live, target) = (brief(&self.set()), brief(&self.target));
+                let (live, target) = (brief(&self.set()), brief(&self.target()));
                 let msg = format!("socket {cookie} into slot {slot}; live {live}; target {target}");
                 return violated("4 (a named slot is never given to a new socket)", msg);
             }
@@ -459,7 +466,7 @@ impl Model {
 
     /// What a locked command runs first: `State::repair`, then `State::follow_kernel`.
     fn lock(&mut self) -> Step {
-        let Some(live) = self.live else {
+        let Some(live) = self.live() else {
             return Ok(());
         };
         // A killed prober's claim is gone with it: nothing claims the probe lists.
@@ -480,7 +487,7 @@ impl Model {
     /// The sockets a SYN of `family` can reach, with the list that reaches each; None when the
     /// program selects none (the kernel hashes over every listener).
     fn syn_targets(&self, family: u32) -> Option<Vec<(u64, &'static str)>> {
-        let (set, i) = (self.live?, family_index(family)?);
+        let (set, i) = (self.live()?, family_index(family)?);
         let sel = |l: &SlotList, name| -> Vec<(u64, &'static str)> {
             let cookies = l.as_slice().iter().filter_map(|s| self.array.get(s));
             cookies.map(|&c| (c, name)).collect()
@@ -544,7 +551,7 @@ impl Model {
     /// members' sockets are all closed, though a member that re-created its listener may be
     /// re-adopted and bring it back to what it was).
     fn target_vs_live(&self) -> Option<bool> {
-        let (Some(previous), Some(live)) = (self.previous(), self.live) else {
+        let (Some(previous), Some(live)) = (self.previous(), self.live()) else {
             return Some(false);
         };
         let back = self.members(&previous, true);
@@ -554,9 +561,6 @@ impl Model {
     /// The invariants that hold after every step.
     fn check(&self) -> Step {
         let live = self.set();
-        if self.target.probe.iter().any(|l| l.len > 0) {
-            return violated("1 (rollback target)", "it has probe lists".into());
-        }
         if self.why_live.is_none() && self.target_is_live() {
             return violated("1 (rollback target)", "it is the live set".into());
         }
@@ -597,7 +601,16 @@ impl Model {
                 return violated("3 (roles match the set)", msg);
             }
         }
-        for (which, seen) in [("live set", &self.live_seen), ("target", &self.target_seen)] {
+        let target = self.target();
+        let restorable = |i: &u32| target.contains(*i) || target.is_canary(*i);
+        let live_seen = self
+            .bufs
+            .live
+            .map(|i| self.seen[i].clone())
+            .unwrap_or_default();
+        let mut target_seen = self.seen[self.bufs.target].clone();
+        target_seen.retain(|i, _| restorable(i));
+        for (which, seen) in [("live set", &live_seen), ("target", &target_seen)] {
             for (slot, then) in seen {
                 let now = self.array.get(slot).copied();
                 if now.is_some() && now != *then {
@@ -627,8 +640,8 @@ impl Model {
 
     /// Invariant 1, after a promote that switched and wrote everything.
     fn check_switched(&self, before: &ActiveSet) -> Step {
-        if self.target != without_probe(before) {
-            let msg = format!("a switch saved {}", brief(&self.target));
+        if self.target() != without_probe(before) {
+            let msg = format!("a switch saved {}", brief(&self.target()));
             return violated("1 (rollback target)", msg);
         }
         let slots = self.slots();
@@ -642,7 +655,7 @@ impl Model {
         }
         match sets::rollback(
             &slots,
-            self.live.as_ref(),
+            self.live().as_ref(),
             self.previous().as_ref(),
             PORT,
             |i| self.recorded(i),
@@ -738,7 +751,7 @@ impl Model {
         let plan = match drain {
             None => sets::rollback(
                 &slots,
-                self.live.as_ref(),
+                self.live().as_ref(),
                 self.previous().as_ref(),
                 PORT,
                 |i| self.recorded(i),
@@ -929,12 +942,12 @@ fn replay_here(ops: &[Op]) -> Result<(), String> {
         // that listens now (it may name the live set again once a re-listen is re-adopted).
         // An excuse covers the target it was given for, and what `insert` prunes of it (closed
         // slots); a failed promote's restore writes it back as it was.
-        let covered = m.why_live.filter(|(_, t)| within(&m.target, t));
+        let covered = m.why_live.filter(|(_, t)| within(&m.target(), t));
         m.why_live = match m.target_vs_live() {
             Some(false) => None,
             // None: the target names no one who listens now; a closure that brought it there
             // excuses what it may become (a re-adopted listener brings its process back).
-            _ => covered.or(m.why_now.map(|w| (w, m.target))),
+            _ => covered.or(m.why_now.map(|w| (w, m.target()))),
         };
         m.why_now = None;
         let (outcome, r) = match r {
@@ -947,8 +960,8 @@ fn replay_here(ops: &[Op]) -> Result<(), String> {
         if let Err(Stop::Violation(v)) = r {
             let slot = |s: &Slot| format!("{}: pid {} {}", s.index, s.pid(), s.recorded());
             let slots = m.slots().iter().map(slot).collect::<Vec<_>>().join(", ");
-            let live = m.live.map_or("none (pass-through)".into(), |l| brief(&l));
-            let (log, target) = (log.join("\n  "), brief(&m.target));
+            let live = m.live().map_or("none (pass-through)".into(), |l| brief(&l));
+            let (log, target) = (log.join("\n  "), brief(&m.target()));
             let state = format!("live:   {live}\ntarget: {target}\nslots:  {slots}");
             return Err(format!("invariant {v}\nsteps:\n  {log}\n{state}"));
         }
@@ -957,10 +970,10 @@ fn replay_here(ops: &[Op]) -> Result<(), String> {
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
-    use Kill::{Inserted, Not, Saved, Switched};
+    use Kill::{Inserted, Not, Staged, Switched};
     use {After::*, Probe::*};
     let kill =
-        || prop_oneof![8 => Just(Not), 1 => Just(Inserted), 1 => Just(Saved), 1 => Just(Switched)];
+        || prop_oneof![8 => Just(Not), 1 => Just(Inserted), 1 => Just(Staged), 1 => Just(Switched)];
     let probe =
         prop_oneof![6 => Just(Off), 1 => Just(Ready), 1 => Just(NeverReady), 1 => Just(Killed)];
     let after =
@@ -1053,5 +1066,15 @@ mod sequences {
             Promote(0, None, Off, Not, Fine),
         );
         check(&[Start(1, 0), Start(1, 0), a, canary, dies, again]);
+    }
+
+    /// 100, then 101 promoted; a rollback killed after it saved the target (101's set) and
+    /// before its switch left the live set as the target: the retried rollback was refused
+    /// while 100 still listened. Now a kill before the control word changes nothing.
+    #[test]
+    fn a_rollback_killed_before_its_switch_keeps_the_target() {
+        let [a, b] = [0, 1].map(|who| Promote(who, None, Off, Not, Fine));
+        let killed = Rollback(super::Kill::Staged);
+        check(&[Start(1, 0), a, Start(1, 0), b, killed, Rollback(Not)]);
     }
 }

@@ -400,11 +400,7 @@ pub fn probe(slots: &[Slot], live: &ActiveSet, new: &[u32]) -> anyhow::Result<Ac
     Ok(set)
 }
 
-fn without_probe(set: &ActiveSet) -> ActiveSet {
-    let mut set = *set;
-    set.probe = [SlotList::EMPTY; 2];
-    set
-}
+use super::buffers::without_probe;
 
 /// After a failed switch or probation: the set live before it (`before`), as far as its
 /// sockets still listen, and the rollback target from before it (`target`, None for none):
