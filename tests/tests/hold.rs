@@ -5,7 +5,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use zdt_tests::{
     harness::{
-        fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
+        at_failpoint, fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App,
+        AppOpts, Hold,
     },
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
@@ -276,6 +277,49 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
         "{t:?}"
     );
     assert_eq!(t.failures(), 0, "{t:?}");
+    Ok(())
+}
+
+/// A detach killed after it shut hold's placeholders down leaves the port attached: hold takes
+/// its placeholders back into the group, and a crash of the only member then waits on them
+/// instead of being refused.
+#[test]
+fn a_detach_killed_halfway_leaves_hold_protecting_the_port() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let mut hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
+    let args = ["detach".to_string(), "0.0.0.0:8080".to_string()];
+    let mut detach = at_failpoint(&ns, &args, "placeholders-shut").child;
+    detach.kill()?;
+    detach.wait()?;
+    // Registered again: the live set names hold's placeholder.
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(3));
+    let held = |st: &serde_json::Value| {
+        st["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["role"] == "hold" && m["pid"] == i64::from(hold.child.id()))
+        })
+    };
+    while !held(&status(&ns, PORT)?) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "hold's placeholder is not registered again: {}",
+            status(&ns, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(hold.child.try_wait()?.is_none(), "hold exited");
+    // The only member crashes; a connection made now waits for the next one.
+    v1.signal(Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(200));
+    let waiting = Background::start(&ns, LoadSpec::burst(addr(), 5, Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    let t = load::tally(&waiting.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert_eq!(t.versions.get("v2"), Some(&5), "{t:?}");
     Ok(())
 }
 

@@ -59,6 +59,7 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
             nix::sys::socket::shutdown(f.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                 .context("shutting a placeholder of zdt-ctl hold down")?;
         }
+        crate::failpoint("placeholders-shut");
     }
     // One member of each group is enough: the program belongs to the group. Detach first, then
     // remove the pins: if this is interrupted, the state still says "attached" and a second

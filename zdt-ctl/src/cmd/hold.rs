@@ -430,16 +430,40 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll() on the placeholders"),
             }
-            // A placeholder shut down by someone else (detach does, before it takes the program
-            // away) polls as hung up at once: look for the detach now, and do not spin.
-            let hung_up = pollfds
-                .iter()
-                .any(|p| p.revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)));
-            if hung_up {
-                last_check = Instant::now()
-                    .checked_sub(DETACH_CHECK)
-                    .unwrap_or(last_check);
-                std::thread::sleep(POLL);
+            // A placeholder shut down by someone else polls as hung up at once. detach does
+            // that under the port's lock, before it takes the program away: once the lock is
+            // free, either the state is gone (leave) or that detach was killed halfway, and the
+            // port, still attached, needs its placeholders back.
+            let hung_up: Vec<usize> = (pollfds.iter().enumerate())
+                .filter(|(_, p)| p.revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)))
+                .map(|(k, _)| k)
+                .collect();
+            if !hung_up.is_empty() {
+                if let Err(e) = State::open_locked(spec.port) {
+                    if crate::error::kind_of(&e) == crate::error::Kind::NotAttached {
+                        eprintln!(
+                            "zdt-ctl hold: port {} was detached; placeholder closed",
+                            spec.port
+                        );
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+                for k in hung_up {
+                    socket2::SockRef::from(&fds[k])
+                        .listen(backlog)
+                        .context("listening again on a placeholder shut down by another")?;
+                }
+                register(&spec, &fds)?;
+                tracing::info!(
+                    port = spec.port,
+                    "placeholders back after an unfinished detach"
+                );
+                eprintln!(
+                    "zdt-ctl hold: port {} is still attached after its placeholders were shut \
+                     down (a detach that did not finish); placeholders registered again",
+                    spec.port
+                );
             }
             continue;
         }
