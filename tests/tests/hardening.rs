@@ -850,3 +850,30 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// An app on an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:PORT`, an AF_INET6 socket that
+/// takes IPv4 connections): status's check and `--probe` connect to the IPv4 address it maps.
+/// Before, they connected from ::1 to the mapped address, which cannot work: status said NOT
+/// ATTACHED for a port that was steered, and `--probe` never got an answer.
+#[test]
+fn a_mapped_ipv6_address_is_checked_and_probed_through_ipv4() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mapped = |v: &str| {
+        let o = AppOpts::new(PORT, v).arg("--addr").arg("::ffff:127.0.0.1");
+        o.arg("--admin-addr").arg("127.0.0.1")
+    };
+    let _v1 = App::start(&ns, &mapped("v1"))?;
+    zdt_ok(&ns, &["attach", "[::ffff:127.0.0.1]:8080"])?;
+    let st = zdt_tests::harness::status(&ns, PORT)?;
+    assert_eq!(st["attached"], true, "{st}");
+    assert_eq!(st["groups"][0]["steering"], true, "{st}");
+    let v2 = App::start(&ns, &mapped("v2"))?;
+    let pid = v2.pid.to_string();
+    zdt_ok(
+        &ns,
+        &["promote", &pid, "--probe", "/readyz", "--timeout", "10s"],
+    )?;
+    let t = load::requests(&ns, PORT, 20, 1000.0);
+    assert_eq!(t.versions.get("v2"), Some(&20), "{t:?}");
+    Ok(())
+}

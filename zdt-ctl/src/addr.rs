@@ -65,6 +65,19 @@ impl PortSpec {
                 Some(a) => a == local.ip(),
             }
     }
+
+    /// Where zdt-ctl connects to reach the port from this host (status's check, `--probe`):
+    /// the attached address, or the loopback address of the family asked for. An IPv4-mapped
+    /// IPv6 address (`[::ffff:127.0.0.1]`) as the IPv4 address it maps: its packets are IPv4
+    /// anyway, and an IPv6 socket bound to ::1 cannot reach it.
+    pub fn reach(&self, v4: bool) -> std::net::SocketAddr {
+        let ip = match self.addr {
+            Some(a) => a.to_canonical(),
+            None if v4 => std::net::Ipv4Addr::LOCALHOST.into(),
+            None => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        std::net::SocketAddr::new(ip, self.port)
+    }
 }
 
 /// Parses a port given alone (`80`) or as `[ADDR]:PORT`; used by `status`.
@@ -156,6 +169,16 @@ mod tests {
         let lo: PortSpec = "127.0.0.1:80".parse().unwrap();
         assert!(lo.matches(&"127.0.0.1:80".parse().unwrap()));
         assert!(!lo.matches(&"0.0.0.0:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_port_is_reached_at_its_address_a_mapped_one_through_ipv4() {
+        let reach = |s: &str, v4| s.parse::<PortSpec>().unwrap().reach(v4).to_string();
+        assert_eq!(reach(":80", true), "127.0.0.1:80");
+        assert_eq!(reach(":80", false), "[::1]:80");
+        assert_eq!(reach("[::ffff:127.0.0.1]:80", false), "127.0.0.1:80");
+        assert_eq!(reach("[::1]:80", false), "[::1]:80");
+        assert_eq!(reach("10.0.0.1:80", true), "10.0.0.1:80");
     }
 
     #[test]

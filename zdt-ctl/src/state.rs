@@ -292,12 +292,7 @@ impl State {
     pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
         let i = usize::from(!v4);
         let before = self.global_counters()?.runs[i];
-        let ip: std::net::IpAddr = match self.spec.addr {
-            Some(a) => a,
-            None if v4 => std::net::Ipv4Addr::LOCALHOST.into(),
-            None => std::net::Ipv6Addr::LOCALHOST.into(),
-        };
-        let target = std::net::SocketAddr::new(ip, self.spec.port);
+        let target = self.spec.reach(v4);
         // Marked as one to refuse, so the app never sees it. A refused or timed-out
         // connection still ran the program (if attached) on its SYN.
         let (s, _mark) =

@@ -152,8 +152,9 @@ fn listener(
     if reuseport {
         s.set_reuse_port(true)?;
     }
-    if addr.is_ipv6() {
-        s.set_only_v6(v6only)?;
+    if let SocketAddr::V6(a) = addr {
+        // An IPv4-mapped address takes IPv4 only: the kernel refuses to bind it IPv6-only.
+        s.set_only_v6(v6only && a.ip().to_ipv4_mapped().is_none())?;
     }
     s.bind(&addr.into())?;
     s.listen(backlog)?;

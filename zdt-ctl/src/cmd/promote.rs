@@ -807,12 +807,7 @@ fn probe_through_port(
         .map(State::claim_probe)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let spec = states[0].spec;
-    let ip: std::net::IpAddr = match spec.addr {
-        Some(a) => a,
-        None if family_v4.unwrap_or(true) => std::net::Ipv4Addr::LOCALHOST.into(),
-        None => std::net::Ipv6Addr::LOCALHOST.into(),
-    };
-    let to = std::net::SocketAddr::new(ip, spec.port);
+    let to = spec.reach(family_v4.unwrap_or(true));
     let prober = readiness::PortProber::new(to, path).marked(&states[0].dir);
     drop(states);
     let what = format!("{path} on {to} (probed through the public port)");
