@@ -12,6 +12,7 @@ pub mod buffers;
 #[cfg(test)]
 mod model;
 pub mod sets;
+pub mod snapshot;
 
 /// The kind of reuseport group a TCP listener of a port is in. Kernel contract
 /// (net/ipv4/inet_hashtables.c, inet_reuseport_add_sock): sockets share a group only with the

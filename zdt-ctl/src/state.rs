@@ -30,7 +30,8 @@ use crate::{
     error::{err, Kind},
     plan::{
         buffers::Buffers,
-        sets::{self, free_slot, live_only, Plan, Role},
+        sets::{self, Plan, Role},
+        snapshot::Snapshot,
     },
     program,
     sockets::{self, Listener},
@@ -956,9 +957,36 @@ impl State {
         map.fd().as_fd().as_raw_fd()
     }
 
+    /// One read of the port's state, for a plan to decide from: [`Snapshot`].
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let b = self.buffers()?;
+        let recorded = (0..)
+            .zip(self.all_meta()?)
+            .filter(|(_, m)| m.cookie != 0)
+            .map(|(i, m)| {
+                let p = sets::Process {
+                    pid: m.pid as i32,
+                    start: m.pid_start,
+                };
+                (i, p)
+            })
+            .collect();
+        Ok(Snapshot {
+            port: self.spec.port,
+            slots: self.slots_of(&b.live_set().unwrap_or(ActiveSet::EMPTY))?,
+            live: b.live_set(),
+            target: b.target_set(),
+            recorded,
+        })
+    }
+
     /// Every slot that holds a live socket zdt put there (cookie matches its metadata).
     pub fn slots(&self) -> anyhow::Result<Vec<Slot>> {
-        let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        self.slots_of(&self.active_set()?.unwrap_or(ActiveSet::EMPTY))
+    }
+
+    /// [`State::slots`], with `active` as the live set.
+    fn slots_of(&self, active: &ActiveSet) -> anyhow::Result<Vec<Slot>> {
         let mut out = Vec::new();
         for (index, meta) in (0..MAX_SLOTS).zip(self.all_meta()?) {
             // A slot zdt never filled has no cookie in its metadata: no need to ask the array.
@@ -999,52 +1027,26 @@ impl State {
     }
 
     /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
-    /// slots. A socket already in the array keeps its slot; a new one takes a
-    /// [`free_slot`]. Every slot is chosen before anything is written: when there are not
-    /// enough, the command fails having changed nothing.
+    /// slots, as [`Snapshot::place`] decides. Every slot is chosen before anything is written:
+    /// when there are not enough, the command fails having changed nothing.
     pub fn insert(
         &mut self,
         pid: i32,
         pid_start: u64,
         listeners: &[Listener],
     ) -> anyhow::Result<Vec<u32>> {
-        let active = self.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        let stored = self.previous_set()?;
-        let live = self.slots()?;
-        // A slot of the rollback target whose socket has closed can never be restored (the
-        // socket is gone for good): it need not stay reserved. Without this, three generations
-        // of a large app held 3 x its sockets, and the third deploy found no free slot.
-        let previous = match &stored {
-            Some(p) => live_only(p, &live, |_| false)?,
-            None => ActiveSet::EMPTY,
-        };
-        let mut taken: Vec<u32> = live.iter().map(|s| s.index).collect();
-        let mut plan = Vec::new();
-        for l in listeners {
-            if let Some(s) = live.iter().find(|s| s.meta.cookie == l.cookie) {
-                plan.push((l, s.index, false));
-                continue;
-            }
-            let slot =
-                free_slot(&taken, &active, &previous, |i| self.is_empty_slot(i)).map_err(|e| {
-                    err(
-                        Kind::Refused,
-                        format!(
-                            "{e}: pid {pid} has {} sockets to insert; nothing was changed",
-                            listeners.len()
-                        ),
-                    )
-                })?;
-            taken.push(slot);
-            plan.push((l, slot, true));
-        }
-        if plan
-            .iter()
-            .any(|&(_, slot, new)| new && stored.is_some_and(|s| s.names(slot)))
-        {
+        let cookies: Vec<u64> = listeners.iter().map(|l| l.cookie).collect();
+        let placement = self
+            .snapshot()?
+            .place(pid, &cookies, |i| self.is_empty_slot(i))?;
+        if let Some(target) = &placement.target {
             // Written before the slot is reused: a rollback must never name a new socket.
-            self.save_rollback(&previous)?;
+            self.save_rollback(target)?;
         }
+        let plan = listeners
+            .iter()
+            .zip(placement.slots)
+            .map(|(l, (s, new))| (l, s, new));
         let mut out = Vec::new();
         for (l, slot, new) in plan {
             out.push(slot);

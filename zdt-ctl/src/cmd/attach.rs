@@ -186,8 +186,8 @@ pub fn attach_as(spec: PortSpec, user: Option<&str>) -> anyhow::Result<AttachRep
                 adopted.push(pid);
             }
         }
-        let live = state.active_set()?.unwrap_or(zdt_common::ActiveSet::EMPTY);
-        state.apply(&crate::plan::sets::adopt(&state.slots()?, &live, &slots)?)?;
+        let plan = state.snapshot()?.adopt(&slots)?;
+        state.apply(&plan)?;
     }
     tracing::info!(port = spec.port, created, ?adopted, "attached");
     Ok(AttachReport {

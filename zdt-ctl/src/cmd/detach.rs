@@ -39,22 +39,16 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
         )));
     }
     let found = sockets::matching_listeners(&spec)?;
-    // The placeholders of `zdt-ctl hold` go first, while the program still steers: without it,
-    // kernel hashing would give them, which never accept, a share of new connections, reset
-    // when hold exits. So: no new connection parks on them any more, then shutdown(SHUT_RD)
+    // The placeholders of `zdt-ctl hold` go first, while the program still steers
+    // (Snapshot::detach): no new connection parks on them any more, then shutdown(SHUT_RD)
     // stops them for every holder at once and migrates what waits in their queues through the
     // program to the active members. The hold process sees the state gone and exits.
-    let slots = state.slots()?;
-    let held: Vec<u64> = slots
-        .iter()
-        .filter(|s| s.recorded() == crate::plan::sets::Role::Hold)
-        .map(|s| s.meta.cookie)
-        .collect();
+    let plan = state.snapshot()?.detach();
+    let held = plan.placeholders;
+    if let Some(switch) = &plan.plan {
+        state.apply(switch)?;
+    }
     if !held.is_empty() {
-        if let Some(mut set) = state.active_set()? {
-            set.hold = [zdt_common::SlotList::EMPTY; 2];
-            state.write_set(&set)?;
-        }
         for f in found.iter().filter(|f| held.contains(&f.entry.cookie)) {
             nix::sys::socket::shutdown(f.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                 .context("shutting a placeholder of zdt-ctl hold down")?;

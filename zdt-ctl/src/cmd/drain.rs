@@ -1,7 +1,5 @@
 //! `zdt-ctl drain PID [--force]`: take a process's sockets out of the active set.
-use zdt_common::ActiveSet;
-
-use crate::{error::require_root, plan::sets, state::State};
+use crate::{error::require_root, state::State};
 
 /// Take PID's sockets out of the active set.
 #[derive(clap::Args, Debug)]
@@ -24,16 +22,15 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drains `pid` on `port` ([`sets::drain`] says when it is refused); returns its slots.
+/// Drains `pid` on `port` ([`crate::plan::sets::drain`] says when it is refused); returns its slots.
 pub fn drain(port: u16, pid: i32, force: bool) -> anyhow::Result<Vec<u32>> {
     require_root()?;
     let mut state = State::open_locked(port)?;
-    let slots = state.slots()?;
-    let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let plan = sets::drain(&slots, &live, pid, force, port)?;
-    state.apply(&plan)?;
+    let snap = state.snapshot()?;
+    state.apply(&snap.drain(pid, force)?)?;
     tracing::info!(port, pid, "drained");
-    Ok(slots
+    Ok(snap
+        .slots
         .iter()
         .filter(|s| s.pid() == pid)
         .map(|s| s.index)

@@ -272,8 +272,8 @@ fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     }
     let start = sockets::start_time(pid).unwrap_or(0);
     indices.extend(state.insert(pid, start, &missing)?);
-    let live = state.active_set()?.unwrap_or(zdt_common::ActiveSet::EMPTY);
-    state.apply(&crate::plan::sets::hold(&state.slots()?, &live, &indices)?)?;
+    let plan = state.snapshot()?.hold(&indices)?;
+    state.apply(&plan)?;
     Ok(())
 }
 

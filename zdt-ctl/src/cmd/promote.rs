@@ -13,6 +13,7 @@ use crate::{
     plan::{
         self,
         sets::{self, Process, Role},
+        snapshot::Snapshot,
     },
     readiness,
     sockets::{self, Listener, PidFd},
@@ -437,7 +438,9 @@ pub fn promote(
             Err(e) => {
                 // A later port failed: the earlier ones go back, so the command changed nothing.
                 for (state, s) in locked.iter_mut().zip(&done) {
-                    let _ = restore(state, &s.before, s.target.as_ref());
+                    if let Ok(snap) = state.snapshot() {
+                        let _ = restore(state, &snap, &s.before, s.target.as_ref());
+                    }
                 }
                 return Err(e);
             }
@@ -460,12 +463,12 @@ pub fn promote(
             let mut state = State::open_locked(s.port)?;
             // Only while the set this promote wrote is still what serves: a rollback or
             // another promote since decided otherwise, and that stands.
-            let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-            if !sets::same_members(&state.slots()?, &live, &s.written) {
+            let snap = state.snapshot()?;
+            if !sets::same_members(&snap.slots, &snap.live_set(), &s.written) {
                 moved_on.push(s.port);
                 continue;
             }
-            restored.extend(restore(&mut state, &s.before, s.target.as_ref())?);
+            restored.extend(restore(&mut state, &snap, &s.before, s.target.as_ref())?);
         }
         restored.sort_unstable();
         restored.dedup();
@@ -481,15 +484,15 @@ pub fn promote(
     let states = lock_all(&ports)?;
     let mut serving: Vec<Process> = Vec::new();
     for (state, s) in states.iter().zip(&done) {
-        let slots = state.slots()?;
-        let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
+        let snap = state.snapshot()?;
+        let (slots, live) = (&snap.slots, snap.live_set());
         let named = |x: &sets::Slot| live.contains(x.index) || live.is_canary(x.index);
         let me = Process {
             pid: opts.pid,
             start: target.start,
         };
         if !slots.iter().any(|x| named(x) && x.process() == me) {
-            let now = sets::pids_where(&slots, named);
+            let now = sets::pids_where(slots, named);
             return Err(err(
                 Kind::Refused,
                 format!(
@@ -565,10 +568,9 @@ fn switch_port(
     }
     let new = state.insert(pid, target.start, &listeners)?;
     failpoint("inserted");
-    let slots = state.slots()?;
-    let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let rollback_target = state.previous_set()?;
-    let plan = sets::promote(&slots, &before, pid, &new, weight)?;
+    let snap = state.snapshot()?;
+    let (before, rollback_target) = (snap.live_set(), snap.target);
+    let plan = snap.promote(pid, &new, weight)?;
     // The rollback target (the set before this promote), the switch, then the roles.
     let switched_at_ms = state.apply_steps(&plan, failpoint)?;
     // Close our duplicates before anything else: from here on only the processes hold them, so
@@ -796,9 +798,7 @@ fn probe_through_port(
         }
         let new = state.insert(target.pid, target.start, &listeners)?;
         drop(listeners);
-        let slots = state.slots()?;
-        let before = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-        let probing = sets::probe(&slots, &before, &new)?;
+        let probing = state.snapshot()?.probe(&new)?;
         state.write_set(&probing)?;
         written.push(probing.probe);
     }
@@ -887,20 +887,19 @@ fn watch(
     Ok(())
 }
 
-/// Makes the set that was live before the switch live again on one port, as far as its sockets
-/// still listen; returns the pids restored.
+/// Makes the set that was live before the switch live again on one port (read as `snap`), as
+/// far as its sockets still listen; returns the pids restored.
 fn restore(
     state: &mut State,
+    snap: &Snapshot,
     before: &ActiveSet,
     target: Option<&ActiveSet>,
 ) -> anyhow::Result<Vec<i32>> {
-    let slots = state.slots()?;
-    let live = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let Some(plan) = sets::restore(&slots, &live, before, target)? else {
+    let Some(plan) = snap.restore(before, target)? else {
         return Ok(Vec::new());
     };
     state.apply(&plan)?;
-    Ok(plan.serving(&slots))
+    Ok(plan.serving(&snap.slots))
 }
 
 fn rolled_back(why: &str, restored: &[i32], moved_on: &[u16]) -> anyhow::Error {

@@ -1,7 +1,7 @@
 //! `zdt-ctl rollback [PORT]`: make the active set that was live before the last switch live
 //! again, in one update. The fast path back from a deploy: the previous version, drained but not
 //! yet stopped, takes all new connections again at once.
-use crate::{error::require_root, plan::sets, state::State};
+use crate::{error::require_root, state::State};
 
 /// Make the active set from before the last switch active again (while its sockets listen).
 #[derive(clap::Args, Debug)]
@@ -40,16 +40,10 @@ pub struct RollbackReport {
 pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     require_root()?;
     let mut state = State::open_locked(port)?;
-    let slots = state.slots()?;
-    let plan = sets::rollback(
-        &slots,
-        state.active_set()?.as_ref(),
-        state.previous_set()?.as_ref(),
-        port,
-        |i| state.recorded(i),
-    )?;
+    let snap = state.snapshot()?;
+    let plan = snap.rollback()?;
     state.apply(&plan)?;
-    let restored = plan.serving(&slots);
+    let restored = plan.serving(&snap.slots);
     let mut demoted: Vec<i32> = plan.drained.iter().map(|p| p.pid).collect();
     demoted.sort_unstable();
     demoted.dedup();

@@ -44,6 +44,7 @@ use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, AF_INET6}
 use super::{
     buffers::{without_probe, Buffers},
     sets::{self, Plan, Process, Role, Slot},
+    snapshot::Snapshot,
 };
 
 const PORT: u16 = 80;
@@ -213,6 +214,21 @@ impl Model {
     /// The rollback target's entry, without probe lists.
     fn target(&self) -> ActiveSet {
         without_probe(&self.bufs.entries[self.bufs.target])
+    }
+
+    /// `State::snapshot`.
+    fn snapshot(&self) -> Snapshot {
+        let recorded = self
+            .meta
+            .keys()
+            .filter_map(|&i| Some((i, self.recorded(i)?)));
+        Snapshot {
+            port: PORT,
+            slots: self.slots(),
+            live: self.live(),
+            target: self.previous(),
+            recorded: recorded.collect(),
+        }
     }
 
     /// `State::slots`: the slots that hold the socket their metadata records.
@@ -409,30 +425,17 @@ impl Model {
     /// `State::insert`: `p`'s sockets into the array as candidates (one already there keeps
     /// its slot); their slots.
     fn insert(&mut self, p: Process, socks: &[(u64, u32)]) -> Step<Vec<u32>> {
-        let (active, stored, live) = (self.set(), self.previous(), self.slots());
-        let previous = match &stored {
-            Some(s) => sets::live_only(s, &live, |_| false).expect("live_only of live slots"),
-            None => ActiveSet::EMPTY,
-        };
-        let mut taken: Vec<u32> = live.iter().map(|s| s.index).collect();
-        let mut chosen = Vec::new();
-        for &(cookie, family) in socks {
-            if let Some(s) = live.iter().find(|s| s.meta.cookie == cookie) {
-                chosen.push((cookie, family, s.index, false));
-                continue;
-            }
-            let empty = |i| !self.array.contains_key(&i);
-            let slot = sets::free_slot(&taken, &active, &previous, empty)
-                .map_err(|e| Stop::Refused(e.to_string()))?;
-            taken.push(slot);
-            chosen.push((cookie, family, slot, true));
+        let cookies: Vec<u64> = socks.iter().map(|s| s.0).collect();
+        let empty = |i| !self.array.contains_key(&i);
+        let placement = (self.snapshot())
+            .place(p.pid, &cookies, empty)
+            .map_err(|e| Stop::Refused(e.to_string()))?;
+        if let Some(target) = &placement.target {
+            self.save_rollback(target);
         }
-        if chosen
-            .iter()
-            .any(|&(.., i, new)| new && stored.is_some_and(|s| s.names(i)))
-        {
-            self.save_rollback(&previous);
-        }
+        let chosen: Vec<(u64, u32, u32, bool)> = (socks.iter().zip(&placement.slots))
+            .map(|(&(cookie, family), &(slot, new))| (cookie, family, slot, new))
+            .collect();
         for &(cookie, family, slot, _) in chosen.iter().filter(|c| c.3) {
             let restorable = self.target().contains(slot) || self.target().is_canary(slot);
             if self.set().names(slot) || restorable {
@@ -466,11 +469,11 @@ impl Model {
 
     /// What a locked command runs first: `State::repair`, then `State::follow_kernel`.
     fn lock(&mut self) -> Step {
-        let Some(live) = self.live() else {
+        if self.live().is_none() {
             return Ok(());
-        };
+        }
         // A killed prober's claim is gone with it: nothing claims the probe lists.
-        if let Some(plan) = sets::repair(&self.slots(), &live, false) {
+        if let Some(plan) = self.snapshot().repair(false) {
             self.apply(&plan, Kill::Not, &[], &[]);
         }
         let slots = self.slots();
@@ -653,13 +656,7 @@ impl Model {
         if !served {
             return Ok(());
         }
-        match sets::rollback(
-            &slots,
-            self.live().as_ref(),
-            self.previous().as_ref(),
-            PORT,
-            |i| self.recorded(i),
-        ) {
+        match self.snapshot().rollback() {
             Err(e) => violated(
                 "1 (rollback target)",
                 format!("rollback after a promote: {e:#}"),
@@ -691,7 +688,7 @@ impl Model {
         if probe != Probe::Off {
             let new = self.insert(p, &socks)?;
             let (before, snap) = (self.set(), self.clone());
-            let set = self.decide(&snap, "probe", sets::probe(&self.slots(), &before, &new))?;
+            let set = self.decide(&snap, "probe", self.snapshot().probe(&new))?;
             self.write_set(set);
             match probe {
                 Probe::Killed => return Err(Stop::Killed),
@@ -706,9 +703,9 @@ impl Model {
         if kill == Kill::Inserted {
             return Err(Stop::Killed);
         }
-        let (slots, before, snap) = (self.slots(), self.set(), self.clone());
+        let (before, snap) = (self.set(), self.clone());
         let target = self.previous();
-        let plan = sets::promote(&slots, &before, p.pid, &new, weight);
+        let plan = self.snapshot().promote(p.pid, &new, weight);
         if let Err(e) = &plan {
             let e = format!("{e:#}");
             return violated("6 (a promote of a listening process is decided)", e);
@@ -733,8 +730,8 @@ impl Model {
             After::Dies => self.close(p, None),
             After::Unready => {}
         }
-        let (slots, live, snap) = (self.slots(), self.set(), self.clone());
-        let plan = sets::restore(&slots, &live, &before, target.as_ref());
+        let snap = self.clone();
+        let plan = self.snapshot().restore(&before, target.as_ref());
         if let Some(plan) = self.decide(&snap, "restore", plan)? {
             self.apply(&plan, Kill::Not, &[], &[]);
         }
@@ -747,16 +744,10 @@ impl Model {
         if kill == Kill::Inserted {
             return Err(Stop::Killed);
         }
-        let (slots, live, snap) = (self.slots(), self.set(), self.clone());
+        let (read, snap) = (self.snapshot(), self.clone());
         let plan = match drain {
-            None => sets::rollback(
-                &slots,
-                self.live().as_ref(),
-                self.previous().as_ref(),
-                PORT,
-                |i| self.recorded(i),
-            ),
-            Some((p, force)) => sets::drain(&slots, &live, p.pid, force, PORT),
+            None => read.rollback(),
+            Some((p, force)) => read.drain(p.pid, force),
         };
         let plan = self.decide(
             &snap,
@@ -795,10 +786,10 @@ impl Model {
             }
         }
         indices.extend(self.insert(h, &missing)?);
-        let (slots, set, snap) = (self.slots(), self.set(), self.clone());
+        let (read, snap) = (self.snapshot(), self.clone());
         let plan = match kill {
             Kill::Inserted => None,
-            _ => Some(self.decide(&snap, "hold", sets::hold(&slots, &set, &indices))?),
+            _ => Some(self.decide(&snap, "hold", read.hold(&indices))?),
         };
         let cookies: Vec<u64> = socks.iter().map(|s| s.0).collect();
         if !plan.is_some_and(|plan| self.apply(&plan, kill, &[], &cookies)) {
