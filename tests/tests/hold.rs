@@ -280,6 +280,40 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A port attached as `:PORT` and a placeholder on one address of it (`127.0.0.1:PORT`): the
+/// kernel puts that socket in a group of its own and prefers it for that address, so every
+/// connection to 127.0.0.1 went to the placeholder, which never accepts, while the app served.
+/// Refused (exit 2, naming what to hold instead); the wildcards of the attached spec are not.
+#[test]
+fn hold_on_one_address_of_a_wildcard_port_is_refused() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut hold = zdt_command(&ns, &["hold", "127.0.0.1:8080"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(5));
+    let code = loop {
+        if let Some(st) = hold.try_wait()? {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = hold.kill();
+            hold.wait()?;
+            let t = load::requests(&ns, PORT, 10, 1000.0);
+            anyhow::bail!("hold 127.0.0.1:8080 runs beside :8080; 10 requests then: {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut hold.stderr.take().expect("stderr"), &mut err)?;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("hold :8080"), "{err}");
+    let t = load::requests(&ns, PORT, 10, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&10), "{t:?}");
+    Ok(())
+}
+
 /// A detach killed after it shut hold's placeholders down leaves the port attached: hold takes
 /// its placeholders back into the group, and a crash of the only member then waits on them
 /// instead of being refused.

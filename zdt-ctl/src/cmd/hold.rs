@@ -286,14 +286,17 @@ fn family(fd: &OwnedFd) -> anyhow::Result<u32> {
     Ok(sockets::family_of(&addr))
 }
 
-/// The spec to attach with: the port's own if it is attached already and covers `spec` (`:PORT`
-/// covers every address of the port), else `spec`.
+/// The spec to attach with: the port's own if it is attached already and covers `spec`, else
+/// `spec`. `:PORT` covers its wildcards (0.0.0.0, [::]) and no other address: a placeholder on
+/// 127.0.0.1 would be a group of its own, which the kernel prefers for that address, so it
+/// would take every connection to it, and never accept one.
 fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
     let Some(state) = State::open_read(spec.port)? else {
         return Ok(spec);
     };
     let attached = state.spec;
-    if attached == spec || attached.addr.is_none() {
+    let wildcard = spec.addr.is_none_or(|a| a.is_unspecified());
+    if attached == spec || (attached.addr.is_none() && wildcard) {
         return Ok(attached);
     }
     Err(crate::error::bad_input(format!(

@@ -648,12 +648,15 @@ impl Model {
             return violated("1 (rollback target)", msg);
         }
         let slots = self.slots();
-        let named = |s: &&Slot| before.contains(s.index) || before.is_canary(s.index);
-        let served = slots
-            .iter()
-            .filter(named)
-            .any(|s| s.recorded() != Role::Candidate);
-        if !served {
+        let listening = |named: &dyn Fn(u32) -> bool| {
+            (slots.iter()).any(|s| named(s.index) && s.recorded() != Role::Candidate)
+        };
+        if !listening(&|i| before.contains(i) || before.is_canary(i)) {
+            return Ok(());
+        }
+        // With no active member left, the set before is its canary alone, taking every
+        // connection: when that is the process just promoted, there is nothing to go back to.
+        if !listening(&|i| before.contains(i)) {
             return Ok(());
         }
         match self.snapshot().rollback() {

@@ -445,11 +445,17 @@ pub fn rollback(
     // slot still holds the socket it held then.
     // Whole processes: a member of the target that re-created its listener since comes back
     // with the listener it has now.
-    let back = whole(
+    let mut back = whole(
         slots,
         &live_only(previous, slots, |s| s.recorded() == Role::Candidate)?,
         &closed_members(previous, slots, &recorded),
     )?;
+    // A canary whose active members are all gone is all that is left: it takes every
+    // connection (a canary of no one would be a share of nothing).
+    if back.lists.iter().all(|l| l.len == 0) {
+        (back.lists, back.canary) = (back.canary, [SlotList::EMPTY; 2]);
+        back.canary_weight = 0;
+    }
     if back.is_empty() {
         return Err(err(
             Kind::Refused,
@@ -1312,6 +1318,24 @@ mod tests {
         let e = rollback(&slots, Some(&live), Some(&previous), 80, |_| None).unwrap_err();
         assert_eq!(code(&e), 7);
         assert!(e.to_string().contains("no longer listen"), "{e}");
+    }
+
+    /// v1 active, v2 its canary, then v2 promoted without a weight (the target: v1 active and
+    /// v2 canary), then v1 exits: what is left of the target is v2 as a canary beside no active
+    /// member. Restoring it made v2 a canary of nothing and exited 0; it is the live set's
+    /// member alone, so there is nothing to roll back to.
+    #[test]
+    fn a_target_left_with_only_its_canary_is_nothing_to_roll_back_to() {
+        let (mut slots, _) = deploy();
+        for s in &mut slots[2..] {
+            (s.active, s.meta.role) = (true, Role::Active.raw());
+        }
+        let live = set_of(&slots, &[2, 3]);
+        let mut target = set_of(&slots, &[0, 1]);
+        (target.canary, target.canary_weight) = (lists_of(&slots, &[2, 3]).unwrap(), 30);
+        slots.drain(..2); // v1 exited: its slots are empty
+        let e = rollback(&slots, Some(&live), Some(&target), 80, |_| None).unwrap_err();
+        assert_eq!(code(&e), 7, "{e}");
     }
 
     #[test]
