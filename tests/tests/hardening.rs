@@ -877,3 +877,66 @@ fn a_mapped_ipv6_address_is_checked_and_probed_through_ipv4() -> anyhow::Result<
     assert_eq!(t.versions.get("v2"), Some(&20), "{t:?}");
     Ok(())
 }
+
+/// A write to stdout that fails (a full disk, a pipe its reader closed) after the command did
+/// its work: exit 1, saying the command completed, never a panic (101). Found by an exit-code
+/// audit: `status > /dev/full` and `promote --json > /dev/full` (after its switch) panicked.
+#[test]
+fn a_failed_write_to_stdout_is_an_error_not_a_panic() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let pid = v2.pid.to_string();
+    for args in [
+        vec!["status", "8080"],
+        vec!["metrics", "8080"],
+        vec!["promote", &pid, "--no-readyz", "--json"],
+    ] {
+        let out = zdt_tests::harness::zdt_command(&ns, &args)
+            .stdout(std::fs::File::options().write(true).open("/dev/full")?)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("the command itself completed"),
+            "{args:?}: {err}"
+        );
+    }
+    // The promote did switch.
+    let t = load::requests(&ns, PORT, 10, 1000.0);
+    assert_eq!(t.versions.get("v2"), Some(&10), "{t:?}");
+    let r = zdt(&ns, &["status", "--watch", "0s"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--watch 0s"), "{r:?}");
+    Ok(())
+}
+
+/// Bad input an exit-code audit found accepted or failing as internal: a `--probe` path that is
+/// not a path (sent as is, or after the whole timeout; a line break went into the request), and
+/// uid 4294967295 (exit 1). Each exit 2 at once, naming the input; nothing changed.
+#[test]
+fn a_bad_probe_path_or_uid_is_bad_input() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let pid = v2.pid.to_string();
+    let before = fingerprint(&ns, PORT)?;
+    for (args, says) in [
+        (vec!["promote", &pid, "--probe", "readyz"], "\"readyz\""),
+        (vec!["promote", &pid, "--probe", ""], "\"\""),
+        (vec!["promote", &pid, "--probe", "/a\r\nX: y"], "\\r"),
+        (vec!["hold", ":8080", "--user", "4294967295"], "4294967295"),
+    ] {
+        let r = zdt(&ns, &args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(says), "{args:?}: {r:?}");
+        assert_eq!(
+            fingerprint(&ns, PORT)?,
+            before,
+            "{args:?} changed the state"
+        );
+    }
+    Ok(())
+}

@@ -55,6 +55,15 @@ impl fmt::Display for ZdtError {
 
 impl std::error::Error for ZdtError {}
 
+/// The error of a write to stdout that failed (`out!`): internal (exit 1), saying that the
+/// command itself is done, so that a script does not retry it as if nothing happened.
+pub fn output_error(e: std::io::Error) -> anyhow::Error {
+    err(
+        Kind::Internal,
+        format!("writing the output to stdout: {e} (the command itself completed)"),
+    )
+}
+
 /// Builds an [`anyhow::Error`] of the given kind.
 pub fn err(kind: Kind, message: impl Into<String>) -> anyhow::Error {
     ZdtError {

@@ -27,6 +27,29 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// `print!` that returns an error from the enclosing function instead of panicking when stdout
+/// cannot be written (a full disk, a pipe closed by `head`): by then the command has done its
+/// work, and its exit code must say so rather than a panic's 101.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($t)*)
+            .and_then(|()| stdout.flush())
+            .map_err($crate::error::output_error)?
+    }};
+}
+
+/// [`out!`] with a newline, as `println!`.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        $crate::out!($($t)*);
+        $crate::out!("\n");
+    }};
+}
+
 /// Test hook: when `ZDT_FAILPOINT` is `NAME`, stop at that point until killed; when it is
 /// `NAME:DURATION`, pause there that long and go on. The fault tests SIGKILL zdt-ctl at every
 /// step of a command this way, or make something happen between two steps. Compiled only with

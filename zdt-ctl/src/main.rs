@@ -89,8 +89,11 @@ fn main() -> ExitCode {
 /// The man page or a shell's completions, made from the command line's own definition.
 fn generate(what: &str) -> anyhow::Result<()> {
     let mut c = Cli::command();
+    // Rendered whole, then written: a failed write is an error, not a panic.
+    let mut text = Vec::new();
     if what == "man" {
-        clap_mangen::Man::new(c).render(&mut std::io::stdout())?;
+        clap_mangen::Man::new(c).render(&mut text)?;
+        zdt_ctl::out!("{}", String::from_utf8_lossy(&text));
         return Ok(());
     }
     let shell: clap_complete::Shell = what.parse().map_err(|_| {
@@ -98,6 +101,7 @@ fn generate(what: &str) -> anyhow::Result<()> {
             "unknown shell {what:?}: bash, zsh, fish, elvish, powershell, or man"
         ))
     })?;
-    clap_complete::generate(shell, &mut c, "zdt-ctl", &mut std::io::stdout());
+    clap_complete::generate(shell, &mut c, "zdt-ctl", &mut text);
+    zdt_ctl::out!("{}", String::from_utf8_lossy(&text));
     Ok(())
 }

@@ -30,18 +30,18 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     } else {
         "already attached"
     };
-    println!("{}: {verb}", r.spec);
+    crate::outln!("{}: {verb}", r.spec);
     for w in &r.warnings {
         eprintln!("zdt-ctl: warning: {w}");
     }
     if !r.adopted.is_empty() {
-        println!(
+        crate::outln!(
             "active: pid {} (already listening)",
             super::pid_list(&r.adopted)
         );
     }
     if !r.swept.is_empty() {
-        println!(
+        crate::outln!(
             "removed the pinned state of {} network namespace(s) that no longer exist",
             r.swept.len()
         );

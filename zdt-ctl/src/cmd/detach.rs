@@ -21,7 +21,7 @@ pub struct Args {
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let groups = detach(args.addr)?;
-    println!(
+    crate::outln!(
         "{}: detached ({groups} group(s) back to kernel hashing)",
         args.addr
     );

@@ -18,7 +18,7 @@ pub struct Args {
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let port = super::resolve_port(args.port)?;
     let slots = drain(port, args.pid, args.force)?;
-    println!("port {port}: pid {} draining (slots {slots:?})", args.pid);
+    crate::outln!("port {port}: pid {} draining (slots {slots:?})", args.pid);
     Ok(())
 }
 

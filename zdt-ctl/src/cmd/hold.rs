@@ -49,6 +49,13 @@ pub struct HoldOptions {
 /// A user name or a numeric uid, as a uid.
 pub fn uid_of(user: &str) -> anyhow::Result<u32> {
     if let Ok(uid) = user.parse::<u32>() {
+        // (uid_t)-1 means "unchanged" to setfsuid and chown: no user has it.
+        if uid == u32::MAX {
+            return Err(bad_input(format!(
+                "--user {user}: not a uid any user can have (the largest is {})",
+                u32::MAX - 1
+            )));
+        }
         return Ok(uid);
     }
     match nix::unistd::User::from_name(user) {

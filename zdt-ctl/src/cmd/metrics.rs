@@ -21,7 +21,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     match args.listen {
         Some(addr) => serve(addr, args.port),
         None => {
-            print!("{}", render(&statuses(args.port)?));
+            crate::out!("{}", render(&statuses(args.port)?));
             Ok(())
         }
     }

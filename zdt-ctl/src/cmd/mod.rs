@@ -29,6 +29,22 @@ pub(crate) fn parse_pid_arg(s: &str) -> Result<i32, String> {
 pub(crate) fn parse_port_arg(s: &str) -> Result<u16, String> {
     parse_port(s).map_err(|e| e.to_string())
 }
+/// `--probe PATH`: an absolute path as it goes in the request line, with no space or control
+/// character (a line break would end the request line and add headers of its own).
+pub(crate) fn parse_probe_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!(
+            "{s:?} is not a path: give the path the probe asks for, starting with /, e.g. /readyz"
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{s:?} contains {c:?}: a path has no spaces or control characters (percent-encode them)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 pub(crate) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
@@ -39,7 +55,7 @@ pub(crate) fn print_json<T: serde::Serialize>(all: &[T], one: bool) -> anyhow::R
         [single] if one => serde_json::to_string_pretty(single)?,
         _ => serde_json::to_string_pretty(all)?,
     };
-    println!("{text}");
+    crate::outln!("{text}");
     Ok(())
 }
 
@@ -70,5 +86,27 @@ pub fn resolve_port(port: Option<u16>) -> anyhow::Result<u16> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_probe_path_is_absolute_with_nothing_that_breaks_the_request_line() {
+        assert_eq!(
+            super::parse_probe_path("/readyz?x=1").as_deref(),
+            Ok("/readyz?x=1")
+        );
+        for bad in [
+            "",
+            "readyz",
+            "http://x/y",
+            "/a b",
+            "/readyz\r\nX: y",
+            "/a\tb",
+        ] {
+            let e = super::parse_probe_path(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad:?}: {e}");
+        }
     }
 }

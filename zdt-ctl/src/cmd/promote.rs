@@ -58,7 +58,7 @@ pub struct Args {
     pub readyz: Option<String>,
     /// Check readiness at PATH through the public port itself, for apps without a separate
     /// readiness port: zdt's probes (marked connections from loopback) reach PID and no one else.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["readyz", "no_readyz"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["readyz", "no_readyz"], value_parser = super::parse_probe_path)]
     pub probe: Option<String>,
     /// Skip the readiness check (the process is taken as ready now).
     #[arg(long, conflicts_with = "readyz")]
@@ -121,7 +121,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     if args.json {
         return super::print_json(&reports, true);
     }
-    print!("{}", render(&reports, opts.weight));
+    crate::out!("{}", render(&reports, opts.weight));
     if reports
         .iter()
         .flat_map(|r| &r.stopped)

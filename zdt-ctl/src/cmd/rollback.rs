@@ -16,7 +16,7 @@ pub struct Args {
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let port = super::resolve_port(args.port)?;
     let r = rollback(port)?;
-    println!(
+    crate::outln!(
         "port {port}: pid {} active again; pid {} draining",
         super::pid_list(&r.restored),
         if r.demoted.is_empty() {

@@ -142,11 +142,21 @@ pub struct Args {
     pub watch: Option<std::time::Duration>,
 }
 
+/// The shortest `--watch` interval.
+const WATCH_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub fn execute(args: Args) -> anyhow::Result<()> {
     if let Some(every) = args.watch {
+        if every < WATCH_MIN {
+            return Err(crate::error::bad_input(format!(
+                "--watch {}: refresh at most every {} (a shorter interval only burns a core)",
+                crate::addr::fmt_duration(every),
+                crate::addr::fmt_duration(WATCH_MIN)
+            )));
+        }
         loop {
             let all = statuses(args.port)?;
-            print!("\x1b[2J\x1b[H{}", render_all(&all));
+            crate::out!("\x1b[2J\x1b[H{}", render_all(&all));
             std::thread::sleep(every);
         }
     }
@@ -155,7 +165,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         // One port asked for: one object; otherwise an array.
         return super::print_json(&all, args.port.is_some());
     }
-    print!("{}", render_all(&all));
+    crate::out!("{}", render_all(&all));
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub struct Args {
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let reports = upgrade(args.port)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
     for r in &reports {
@@ -35,14 +35,18 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             eprintln!("zdt-ctl: warning: port {}: {w}", r.port);
         }
         if r.upgraded {
-            println!(
+            crate::outln!(
                 "port {}: program upgraded (tag {} -> {}), attached through {} socket(s)",
-                r.port, r.from_tag, r.to_tag, r.sockets
+                r.port,
+                r.from_tag,
+                r.to_tag,
+                r.sockets
             );
         } else {
-            println!(
+            crate::outln!(
                 "port {}: already runs this zdt-ctl's program (tag {})",
-                r.port, r.to_tag
+                r.port,
+                r.to_tag
             );
         }
     }
