@@ -232,6 +232,19 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::rename(&tmp, &b)?;
     zdt_ok(&ns, &promote)?;
 
+    // A map removed: every command refuses (7, not an internal error), detach too, and says
+    // how to start over.
+    let meta = dir.join(zdt_common::names::SLOT_META);
+    std::fs::rename(&meta, dir.join("moved"))?;
+    for args in [&promote[..], &["status", "8080"], &["detach", ":8080"]] {
+        let r = zdt(&ns, args);
+        assert_eq!(r.code, 7, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("ZDT_SLOT_META is missing"), "{r:?}");
+        assert!(r.stderr.contains("rm -r"), "{r:?}");
+    }
+    std::fs::rename(dir.join("moved"), &meta)?;
+    zdt_ok(&ns, &promote)?;
+
     // Another program pinned under zdt's program name: refused by its tag.
     let prog = dir.join(zdt_common::names::PROGRAM);
     let saved = dir.join("saved");

@@ -325,6 +325,26 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
         let family = name.split('{').next().unwrap();
         assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
     }
+    // A port that is not attached is refused at start (exit 3), not served as errors.
+    let listen = METRICS.to_string();
+    let mut typo = zdt_command(&ns, &["metrics", "8099", "--listen", &listen]).spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(st) = typo.try_wait()? {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = typo.kill();
+            typo.wait()?;
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        code,
+        Some(3),
+        "metrics 8099 --listen kept running or failed otherwise"
+    );
     // Served over HTTP too.
     let mut server = zdt_command(&ns, &["metrics", "--listen", &METRICS.to_string()]).spawn()?;
     let body = ns.run(|| -> anyhow::Result<String> {

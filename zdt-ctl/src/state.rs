@@ -1246,7 +1246,12 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
         )
     };
     let check_mode = |path: &Path, mode: u32| -> anyhow::Result<()> {
-        let m = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let m = match fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(refuse(format!("{} is missing", path.display())));
+            }
+            m => m.with_context(|| format!("reading {}", path.display()))?,
+        };
         if m.uid() != 0 || m.mode() & 0o7777 != mode {
             return Err(refuse(format!(
                 "{} has owner uid {} and mode {:o}, not root and {mode:o}",

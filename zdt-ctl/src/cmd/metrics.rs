@@ -220,6 +220,13 @@ pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
     use hyper_util::rt::TokioIo;
 
     crate::error::require_root()?;
+    // A port asked for must be attached now (as `metrics PORT` says): a typo would otherwise
+    // serve errors to every scrape. It may be detached later; scrapes then say so.
+    if let Some(port) = port {
+        if !crate::state::State::exists(port)? {
+            return Err(crate::state::not_attached(port));
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
