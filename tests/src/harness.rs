@@ -522,6 +522,57 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
     })?
 }
 
+/// The invariants of docs/ARCHITECTURE.md ("The invariants, and the model that checks them")
+/// that can be read from the pinned state of a real port, asserted after a command that
+/// completed (the model asserts them after every step, kills included):
+/// 1. the rollback target, as far as its sockets listen, is not the live set;
+/// 3. every slot the live set names records the role the set gives it;
+/// 4. every slot the live set names holds a socket zdt put there (or none: closed).
+pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
+    use zdt_ctl::plan::sets::{live_only, same, Role};
+    let snap = ns.run(move || -> anyhow::Result<_> {
+        let state = zdt_ctl::state::State::open_read(port)?
+            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?;
+        state.snapshot()
+    })??;
+    let Some(live) = snap.live else {
+        return Ok(());
+    };
+    if let Some(target) = &snap.target {
+        let (t, l) = (
+            live_only(target, &snap.slots, |_| false)?,
+            live_only(&live, &snap.slots, |_| false)?,
+        );
+        anyhow::ensure!(
+            t.is_empty() || !same(&t, &l),
+            "invariant 1: the rollback target is the live set (active {:?}, canary {:?})",
+            l.lists.map(|x| x.as_slice().to_vec()),
+            l.canary.map(|x| x.as_slice().to_vec())
+        );
+    }
+    for s in &snap.slots {
+        let want = if live.contains(s.index) {
+            Some(Role::Active)
+        } else if live.is_canary(s.index) {
+            Some(Role::Canary)
+        } else if live.is_hold(s.index) {
+            Some(Role::Hold)
+        } else {
+            None
+        };
+        if let Some(want) = want {
+            anyhow::ensure!(
+                s.recorded() == want,
+                "invariant 3: slot {} (pid {}) records {}, the live set makes it {want}",
+                s.index,
+                s.pid(),
+                s.recorded()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Prints one load tally as a table row block: requests, ok, each failure kind, versions.
 pub fn print_tally(title: &str, t: &crate::load::Tally) {
     use crate::load::Outcome;

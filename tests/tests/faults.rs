@@ -236,6 +236,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
             BTreeSet::from([role(new.pid, "active")]),
             "after {point}"
         );
+        zdt_tests::harness::assert_invariants(&ns, PORT)?;
         current.wait_exit(scaled(Duration::from_secs(5)));
         current = new;
     }

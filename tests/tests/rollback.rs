@@ -26,6 +26,7 @@ fn rolled_back(ns: &Netns, back: &App, from: &App) -> anyhow::Result<zdt_tests::
     let r = zdt_ok(ns, &["rollback"])?;
     let said = format!("pid {} active again; pid {} draining", back.pid, from.pid);
     anyhow::ensure!(r.stdout.contains(&said), "{r:?}");
+    zdt_tests::harness::assert_invariants(ns, PORT)?;
     Ok(r)
 }
 
@@ -118,6 +119,7 @@ fn a_retried_promote_keeps_the_rollback_target() -> anyhow::Result<()> {
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     zdt_ok(&ns, &["promote", &v2.pid.to_string(), "--no-readyz"])?;
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
+    zdt_tests::harness::assert_invariants(&ns, PORT)?;
     rolled_back(&ns, &v1, &v2)?;
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     let t = load::requests(&ns, PORT, 50, 1000.0);
