@@ -35,6 +35,12 @@ pub fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
              an internal per-instance port)"
         )));
     }
+    if parsed.port() == Some(0) {
+        return Err(bad_input(format!(
+            "invalid readiness URL {url:?}: port 0 is no port a server listens on; give the \
+             instance's readiness port"
+        )));
+    }
     // An address literal is probed, and owner-checked, as the address the kernel connects to.
     if let Some(ip) = literal_ip(&parsed) {
         let to = connected_ip(ip);
@@ -489,6 +495,7 @@ mod tests {
             "http://?x",
             "ftp://h/x",
             "nonsense",
+            "http://127.0.0.1:0/readyz",
         ] {
             let e = check_url(url).unwrap_err();
             assert_eq!(crate::error::kind_of(&e), Kind::BadInput, "{url}");
