@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use zdt_ctl::{
-    cmd::{attach, detach, drain, exec, hold, metrics, promote, rollback, status, upgrade},
+    cmd::{attach, detach, drain, exec, hold, metrics, promote, rollback, status, upgrade, watch},
     error::{bad_input, kind_of, Kind},
 };
 
@@ -33,6 +33,7 @@ enum Command {
     Metrics(metrics::Args),
     Exec(exec::Args),
     Hold(hold::Args),
+    Watch(watch::Args),
     /// Shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
     Generate {
@@ -73,6 +74,7 @@ fn main() -> ExitCode {
         Command::Metrics(a) => metrics::execute(a),
         Command::Exec(a) => exec::execute(a),
         Command::Hold(a) => hold::execute(a),
+        Command::Watch(a) => watch::execute(a),
         Command::Generate { what } => generate(&what),
         Command::Upgrade(a) => upgrade::execute(a),
         Command::Detach(a) => detach::execute(a),

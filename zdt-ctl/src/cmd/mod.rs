@@ -11,6 +11,7 @@ pub mod promote;
 pub mod rollback;
 pub mod status;
 pub mod upgrade;
+pub mod watch;
 
 use std::time::Duration;
 

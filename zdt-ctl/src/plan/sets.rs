@@ -663,6 +663,9 @@ pub struct Drift {
     /// listen again): (cookie, that process, the role its listener takes: active, canary or
     /// draining). A process with no role (a warming version, another app) is never adopted.
     pub adopt: Vec<(u64, Process, Role)>,
+    /// Processes with no role that serve a listener in no slot: a new version started beside
+    /// the running one (what `zdt-ctl watch` promotes once ready), in pid order.
+    pub newcomers: Vec<Process>,
 }
 
 impl Drift {
@@ -742,10 +745,13 @@ pub fn drift(
             continue;
         }
         let Some(m) = l.member else { continue };
-        if let Some(role) = role_of(&rehomed, closed, &m) {
-            out.adopt.push((l.cookie, m, role));
+        match role_of(&rehomed, closed, &m) {
+            Some(role) => out.adopt.push((l.cookie, m, role)),
+            None if !out.newcomers.contains(&m) => out.newcomers.push(m),
+            None => {}
         }
     }
+    out.newcomers.sort_unstable_by_key(|p| p.pid);
     out
 }
 
@@ -1070,10 +1076,14 @@ mod tests {
         };
         slots.retain(|s| s.pid() != 100);
         // No live slot of pid 100 is left: only the set's closed slot 0 says what it was.
-        assert_eq!(
-            drift(&slots, &[seen(77, 100)], &[], |_| true),
-            Drift::default()
+        // Without it, pid 100 is a process with no role: a newcomer (what `watch` promotes),
+        // never adopted.
+        let unknown = drift(&slots, &[seen(77, 100)], &[], |_| true);
+        assert!(
+            unknown.adopt.is_empty() && unknown.rehome.is_empty(),
+            "{unknown:?}"
         );
+        assert_eq!(unknown.newcomers, [proc_of(100)]);
         let closed = closed_members(&live, &slots, |i| (i == 0).then(|| proc_of(100)));
         assert_eq!(closed, vec![(proc_of(100), Role::Active)]);
         let d = drift(&slots, &[seen(77, 100)], &closed, |_| true);

@@ -1,0 +1,94 @@
+//! `zdt-ctl watch`: new processes promoted once ready, with no deploy script, under load.
+use std::time::{Duration, Instant};
+
+use zdt_tests::{
+    harness::{assert_invariants, status, zdt_command, zdt_ok, App, AppOpts},
+    load::{self, scaled, Background, LoadSpec},
+    netns::Netns,
+};
+
+const PORT: u16 = 8080;
+
+/// The pid of the port's only active member.
+fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
+    let st = status(ns, PORT)?;
+    Ok(st["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "active")
+        .filter_map(|m| m["pid"].as_i64())
+        .collect())
+}
+
+/// Kills the watcher when the test ends, however it ends.
+struct Watcher(std::process::Child);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// v1 serves under load; the watcher runs; v2 starts (warming up 1 s) and nothing else is
+/// done: the watcher promotes v2 once ready and stops v1. v3 never gets ready: it is never
+/// promoted, and v2 keeps serving. Not one request fails.
+#[test]
+fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let args = [
+        "watch",
+        ":8080",
+        "--probe",
+        "/readyz",
+        "--stop-old",
+        "--timeout",
+        "3s",
+    ];
+    let _watcher = Watcher(zdt_command(&ns, &args).spawn()?);
+    const RATE: f64 = 300.0;
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let warmup = scaled(Duration::from_secs(1));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
+    let started = Instant::now();
+    let deadline = started + scaled(Duration::from_secs(15));
+    while active(&ns)? != [i64::from(v2.pid)] {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "v2 not promoted: {}",
+            status(&ns, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Not before it was ready.
+    assert!(
+        started.elapsed() >= warmup,
+        "promoted after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        v1.wait_exit(scaled(Duration::from_secs(10))),
+        "v1 was not stopped"
+    );
+    assert_invariants(&ns, PORT)?;
+
+    // A version that never gets ready: left a candidate, never served.
+    let _v3 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
+    )?;
+    std::thread::sleep(scaled(Duration::from_secs(5)));
+    assert_eq!(active(&ns)?, [i64::from(v2.pid)]);
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert_eq!(t.versions.get("v3"), None, "{t:?}");
+    assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
+    Ok(())
+}
