@@ -63,13 +63,27 @@ pub struct Args {
     /// Skip the readiness check (the process is taken as ready now).
     #[arg(long, conflicts_with = "readyz")]
     pub no_readyz: bool,
+    /// How long to wait for PID to listen on the port and then answer 200, in all.
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration_arg)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub rollout: Rollout,
+    /// The attached port (needed only when several are attached). May repeat: PID is
+    /// promoted on each, after one readiness wait, atomically per port.
+    #[arg(long = "port", value_parser = super::parse_port_arg)]
+    pub ports: Vec<u16>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a new process takes over, after it is ready: `promote`'s and `watch`'s options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Rollout {
     /// Canary: send N % (1-99) of new connections to PID, by flow hash; the rest stay with
     /// the active members. `promote PID` without --weight completes the rollout.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99), conflicts_with = "stop_old")]
     pub weight: Option<u32>,
-    /// How long to wait for PID to listen on the port and then answer 200, in all.
-    #[arg(long, default_value = "60s", value_parser = super::parse_duration_arg)]
-    pub timeout: Duration,
     /// After the switch, keep checking that the new process lives and answers 200 this long;
     /// if it does not, restore the previous active set (exit code 8), unless a rollback or
     /// another promote switched meanwhile (the port's lock is not held while it watches).
@@ -84,13 +98,6 @@ pub struct Args {
     /// How long --stop-old waits for the previous members to exit.
     #[arg(long, default_value = "30s", value_parser = super::parse_duration_arg)]
     pub drain_timeout: Duration,
-    /// The attached port (needed only when several are attached). May repeat: PID is
-    /// promoted on each, after one readiness wait, atomically per port.
-    #[arg(long = "port", value_parser = super::parse_port_arg)]
-    pub ports: Vec<u16>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -99,11 +106,11 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         ports: args.ports,
         readyz: args.readyz,
         probe: args.probe,
-        weight: args.weight,
+        weight: args.rollout.weight,
         timeout: args.timeout,
-        probation: args.probation,
-        stop_old: args.stop_old,
-        drain_timeout: args.drain_timeout,
+        probation: args.rollout.probation,
+        stop_old: args.rollout.stop_old,
+        drain_timeout: args.rollout.drain_timeout,
     };
     // Progress only on a terminal: one line, redrawn. In scripts and under systemd the log
     // lines (RUST_LOG=info) tell the story.

@@ -12,7 +12,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use crate::{
     addr::PortSpec,
-    cmd::promote::{promote, PromoteOptions},
+    cmd::promote::{promote, PromoteOptions, Rollout},
     error::{bad_input, require_root},
     plan::sets::Process,
     sockets,
@@ -44,18 +44,9 @@ pub struct Args {
     /// (it takes no connection) and not tried again.
     #[arg(long, default_value = "60s", value_parser = super::parse_duration_arg)]
     pub timeout: Duration,
-    /// Promote new processes as a canary with this share (1-99 %).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=99), conflicts_with = "stop_old")]
-    pub weight: Option<u32>,
-    /// As `promote --probation`.
-    #[arg(long, value_parser = super::parse_duration_arg)]
-    pub probation: Option<Duration>,
-    /// SIGTERM the previous members once a new process is promoted, as `promote --stop-old`.
-    #[arg(long)]
-    pub stop_old: bool,
-    /// How long --stop-old waits for the previous members to exit.
-    #[arg(long, default_value = "30s", value_parser = super::parse_duration_arg)]
-    pub drain_timeout: Duration,
+    /// As `promote`'s.
+    #[command(flatten)]
+    pub rollout: Rollout,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -75,11 +66,11 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         ports: vec![spec.port],
         readyz: None,
         probe: args.probe.clone(),
-        weight: args.weight,
+        weight: args.rollout.weight,
         timeout: args.timeout,
-        probation: args.probation,
-        stop_old: args.stop_old,
-        drain_timeout: args.drain_timeout,
+        probation: args.rollout.probation,
+        stop_old: args.rollout.stop_old,
+        drain_timeout: args.rollout.drain_timeout,
     };
     eprintln!("zdt-ctl watch: watching {spec}");
     // Processes already decided on (promoted, refused or never ready): not tried again.
