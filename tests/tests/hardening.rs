@@ -257,6 +257,18 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::remove_file(&prog)?;
     std::fs::rename(&saved, &prog)?;
     zdt_ok(&ns, &promote)?;
+
+    // The program pin removed while the program stays attached and the maps pinned: the port
+    // reads as not attached, and attach starts over (before: exit 1, EBUSY, the app's socket
+    // still in the old program's socket array).
+    std::fs::remove_file(&prog)?;
+    let r = zdt(&ns, &["status", "8080"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let st = zdt_tests::harness::status(&ns, PORT)?;
+    assert_eq!(st["attached"], true, "{st}");
+    let t = load::requests(&ns, PORT, 20, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&20), "{t:?}");
     Ok(())
 }
 

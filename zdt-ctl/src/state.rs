@@ -1497,12 +1497,35 @@ fn bpf_map_elem(
 
 /// Puts socket `fd` (of zdt-ctl's fd table) into `slot`. Kernel contract: the value of an update
 /// is an fd of the caller; 4 or 8 bytes are accepted for a socket array (reuseport_array.c).
+///
+/// Kernel contract (reuseport_array.c): EBUSY while the socket is in another socket array, which
+/// lets its sockets go only when it is freed, after the last program that uses it is gone (past
+/// an RCU grace period, from a workqueue). That is the state of a port whose pins were removed
+/// while its program stayed attached to the group: attach replaces that program first, and
+/// its array lets go of the sockets shortly after. So EBUSY is waited out for a while.
 fn sockarray_set(map: &MapData, slot: u32, fd: i32) -> anyhow::Result<()> {
-    let mut value = fd as u64;
-    Ok(bpf_map_elem(BPF_MAP_UPDATE_ELEM, map, slot, &mut value)?)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut value = fd as u64;
+        match bpf_map_elem(BPF_MAP_UPDATE_ELEM, map, slot, &mut value) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(err(
+                        Kind::Refused,
+                        "the socket is in another BPF socket array (another program's, or a \
+                         zdt state whose pins were removed while its program stayed attached \
+                         and still in use): detach that program from the port's group, or stop \
+                         what holds it, then run the command again",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return Ok(r?),
+        }
+    }
 }
 
-/// Waits for an RCU grace period (see [`State::switch`]). If membarrier is unavailable (a
+/// Waits for an RCU grace period (see [`State::commit`]). If membarrier is unavailable (a
 /// nohz_full kernel refuses MEMBARRIER_CMD_GLOBAL), a sleep far longer than any program run
 /// (a few hundred nanoseconds) stands in for it.
 fn rcu_grace_period() {
