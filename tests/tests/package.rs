@@ -64,7 +64,8 @@ fn the_package_passes_lintian_and_installs_into_a_fresh_debian_root() -> anyhow:
     assert_names_this_commit(&run(&mut root.chroot(&["zdt-ctl", "--version"]))?);
     let help = run(&mut root.chroot(&["zdt-ctl", "--help"]))?;
     for verb in [
-        "attach", "promote", "drain", "rollback", "status", "metrics", "exec", "hold", "detach",
+        "attach", "promote", "drain", "rollback", "status", "metrics", "exec", "hold", "watch",
+        "upgrade", "detach",
     ] {
         assert!(
             help.lines()
