@@ -39,6 +39,8 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
     let ns = Netns::new()?;
     let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
+    // Longer than v2's warm-up at any time scale (a VM stretches the warm-up, not a flag).
+    let timeout = format!("{}ms", scaled(Duration::from_secs(4)).as_millis());
     let args = [
         "watch",
         ":8080",
@@ -46,7 +48,7 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
         "/readyz",
         "--stop-old",
         "--timeout",
-        "3s",
+        &timeout,
     ];
     let _watcher = Watcher(zdt_command(&ns, &args).spawn()?);
     const RATE: f64 = 300.0;
