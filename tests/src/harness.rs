@@ -466,6 +466,16 @@ pub fn at_log_event(ns: &Netns, args: &[String], event: &str) -> Paused {
     paused
 }
 
+/// A child process killed (and reaped) when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs zdt-ctl and fails with its output if it did not succeed.
 pub fn zdt_ok(ns: &Netns, args: &[&str]) -> anyhow::Result<Ctl> {
     let r = zdt(ns, args);

@@ -5,7 +5,10 @@ use std::{os::unix::fs::PermissionsExt, time::Duration};
 use anyhow::Context as _;
 
 use zdt_tests::{
-    harness::{at_failpoint, at_log_event, fingerprint, promote_args, zdt, zdt_ok, App, AppOpts},
+    harness::{
+        at_failpoint, at_log_event, fingerprint, promote_args, zdt, zdt_ok, App, AppOpts,
+        KillOnDrop,
+    },
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -865,15 +868,6 @@ fn a_readiness_wait_costs_no_more_for_being_longer() -> anyhow::Result<()> {
 
 fn zdt_ctl_state_exists(ns: &Netns) -> anyhow::Result<bool> {
     ns.run(|| zdt_ctl::state::State::exists(PORT))?
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// An app on an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:PORT`, an AF_INET6 socket that

@@ -2,7 +2,7 @@
 use std::time::{Duration, Instant};
 
 use zdt_tests::{
-    harness::{assert_invariants, status, zdt_command, zdt_ok, App, AppOpts},
+    harness::{assert_invariants, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
 };
@@ -19,16 +19,6 @@ fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
         .filter(|m| m["role"] == "active")
         .filter_map(|m| m["pid"].as_i64())
         .collect())
-}
-
-/// Kills the watcher when the test ends, however it ends.
-struct Watcher(std::process::Child);
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// v1 serves under load; the watcher runs; v2 starts (warming up 1 s) and nothing else is
@@ -50,7 +40,7 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
         "--timeout",
         &timeout,
     ];
-    let _watcher = Watcher(zdt_command(&ns, &args).spawn()?);
+    let _watcher = KillOnDrop(zdt_command(&ns, &args).spawn()?);
     const RATE: f64 = 300.0;
     let l = Background::start(
         &ns,
