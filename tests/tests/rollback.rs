@@ -107,6 +107,28 @@ fn rollback_restores_the_set_before_the_last_promote_whatever_switched_since() -
 }
 
 #[test]
+fn a_rollback_says_which_restored_process_is_a_canary() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "10"])))?;
+    let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v3, &[])))?;
+    // The set restored is v1 active with v2 its canary: v2 is named as the canary, not as
+    // active.
+    let r = zdt_ok(&ns, &["rollback"])?;
+    let said = format!(
+        "pid {} active again (pid {} canary again); pid {} draining",
+        v1.pid, v2.pid, v3.pid
+    );
+    assert!(r.stdout.contains(&said), "{r:?}");
+    assert_eq!(active(&ns), [i64::from(v1.pid)]);
+    zdt_tests::harness::assert_invariants(&ns, PORT)?;
+    Ok(())
+}
+
+#[test]
 fn a_retried_promote_keeps_the_rollback_target() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;

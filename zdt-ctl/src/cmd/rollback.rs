@@ -1,7 +1,7 @@
 //! `zdt-ctl rollback [PORT]`: make the active set that was live before the last switch live
 //! again, in one update. The fast path back from a deploy: the previous version, drained but not
 //! yet stopped, takes all new connections again at once.
-use crate::{error::require_root, state::State};
+use crate::{error::require_root, plan::sets::pids_where, state::State};
 
 /// Make the active set from before the last switch active again (while its sockets listen).
 #[derive(clap::Args, Debug)]
@@ -16,8 +16,13 @@ pub struct Args {
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let port = super::resolve_port(args.port)?;
     let r = rollback(port)?;
+    let canary = if r.canary.is_empty() {
+        String::new()
+    } else {
+        format!(" (pid {} canary again)", super::pid_list(&r.canary))
+    };
     crate::outln!(
-        "port {port}: pid {} active again; pid {} draining",
+        "port {port}: pid {} active again{canary}; pid {} draining",
         super::pid_list(&r.restored),
         if r.demoted.is_empty() {
             "-".into()
@@ -33,6 +38,8 @@ pub struct RollbackReport {
     pub port: u16,
     /// Pids active again.
     pub restored: Vec<i32>,
+    /// Pids that are the restored set's canary again.
+    pub canary: Vec<i32>,
     /// Pids that were active and are draining now.
     pub demoted: Vec<i32>,
 }
@@ -43,7 +50,14 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     let snap = state.snapshot()?;
     let plan = snap.rollback()?;
     state.apply(&plan)?;
-    let restored = plan.serving(&snap.slots);
+    let serving = plan.serving(&snap.slots);
+    let restored = pids_where(&snap.slots, |s| {
+        plan.set.contains(s.index) && serving.contains(&s.pid())
+    });
+    let canary: Vec<i32> = serving
+        .into_iter()
+        .filter(|p| !restored.contains(p))
+        .collect();
     let mut demoted: Vec<i32> = plan.drained.iter().map(|p| p.pid).collect();
     demoted.sort_unstable();
     demoted.dedup();
@@ -51,6 +65,7 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     Ok(RollbackReport {
         port,
         restored,
+        canary,
         demoted,
     })
 }
