@@ -357,7 +357,7 @@ fn a_layout_change_is_refused_before_anything_changes() -> anyhow::Result<()> {
         } else {
             vec![
                 (vec!["hold", ":8080", "--split"], "is dual-stack"),
-                (vec!["hold", "0.0.0.0:8080"], "Hold :8080 instead"),
+                (vec!["hold", "0.0.0.0:8080"], "Use :8080 instead"),
             ]
         };
         for (args, says) in refused {

@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use zdt_tests::{
-    harness::{bin, connect_when_listening, status, zdt_command, zdt_ok, App, AppOpts},
+    harness::{bin, connect_when_listening, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -122,23 +122,32 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
-    let ns = Netns::new()?;
-    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
-    zdt_ok(&ns, &["attach", ":8080"])?;
-    // v2 binds nothing itself: zdt-ctl exec creates :8080 (IPv4 and IPv6) and passes the fds.
-    let mut cmd = zdt_command(&ns, &["exec", "--listen", ":8080", "--"]);
+/// `zdt-ctl exec EXEC_ARGS -- zdt-demo-app APP_ARGS` for `version`, once it has printed
+/// `sockets` bound addresses: (the process, the addresses, its readiness URL). Killed on drop.
+fn exec_app(
+    ns: &Netns,
+    exec_args: &[&str],
+    app_args: &[&str],
+    version: &str,
+    sockets: usize,
+) -> anyhow::Result<(KillOnDrop, Vec<String>, String)> {
+    let mut args = vec!["exec"];
+    args.extend(exec_args);
+    args.push("--");
+    let mut cmd = zdt_command(ns, &args);
     cmd.arg(bin("zdt-demo-app"))
-        .args(["--port", "1", "--version", "v2"])
+        .args(["--port", "1", "--version", version])
+        .args(app_args)
         .stdout(Stdio::piped());
-    let mut child = cmd.spawn()?;
-    let out = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(cmd.spawn()?);
+    let out = child.0.stdout.take().expect("piped");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
     let mut bound = Vec::new();
     let mut admin = String::new();
-    while bound.len() < 2 {
-        let l = lines.next().expect("v2 output")?;
+    while bound.len() < sockets {
+        let Some(l) = lines.next().transpose()? else {
+            anyhow::bail!("{version} ended after binding {bound:?}");
+        };
         if let Some(a) = l.strip_prefix("admin=") {
             admin = a.replace("0.0.0.0", "127.0.0.1");
         }
@@ -146,33 +155,121 @@ fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
             bound.push(b.to_string());
         }
     }
-    assert_eq!(bound, ["0.0.0.0:8080", "[::]:8080"]);
-    let pid = child.id().to_string();
-    zdt_ok(
-        &ns,
-        &[
-            "promote",
-            &pid,
-            "--readyz",
-            &format!("http://{admin}/readyz"),
-            "--stop-old",
-        ],
-    )?;
-    let mut spec = LoadSpec::open(
-        ([127, 0, 0, 1], PORT).into(),
-        500.0,
-        Duration::from_secs(10),
-    );
-    spec.max_requests = 100;
-    let t = ns.run(move || {
+    // The rest of its output is not read; keep the pipe open so that it never gets SIGPIPE.
+    std::mem::forget(lines);
+    Ok((child, bound, format!("http://{admin}/readyz")))
+}
+
+/// `count` requests to `addr` from inside `ns`: the tally.
+fn requests_to(ns: &Netns, addr: SocketAddr, count: u64) -> anyhow::Result<load::Tally> {
+    let mut spec = LoadSpec::open(addr, 200.0, Duration::from_secs(10));
+    spec.max_requests = count;
+    ns.run(move || {
         let mut v = Vec::new();
         load::run(&spec, &Default::default(), &mut |s| v.push(s));
         load::tally(&v)
-    })?;
+    })
+}
+
+#[test]
+fn exec_hands_listeners_over_the_systemd_way() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // v2 binds nothing itself: zdt-ctl exec creates :8080 in the layout v1 serves with (split:
+    // IPv4 and IPv6-only) and passes the fds.
+    let (v2, bound, readyz) = exec_app(&ns, &["--listen", ":8080"], &[], "v2", 2)?;
+    assert_eq!(bound, ["0.0.0.0:8080", "[::]:8080"]);
+    let pid = v2.0.id().to_string();
+    zdt_ok(&ns, &["promote", &pid, "--readyz", &readyz, "--stop-old"])?;
+    let t = requests_to(&ns, ([127, 0, 0, 1], PORT).into(), 100)?;
     assert_eq!(t.versions.get("v2"), Some(&100), "{t:?}");
     drop(v1);
-    let _ = child.kill();
-    let _ = child.wait();
+    Ok(())
+}
+
+#[test]
+fn exec_passes_one_dual_stack_socket_unless_told_to_split() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // Nothing listens yet: one [::] socket for both families, as systemd's ListenStream=8080.
+    let (v1, bound, readyz) = exec_app(&ns, &["--listen", ":8080"], &[], "v1", 1)?;
+    assert_eq!(bound, ["[::]:8080"]);
+    let pid = v1.0.id().to_string();
+    zdt_ok(&ns, &["promote", &pid, "--readyz", &readyz])?;
+    for addr in [
+        SocketAddr::from(([127, 0, 0, 1], PORT)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, PORT)),
+    ] {
+        let t = requests_to(&ns, addr, 20)?;
+        assert_eq!(t.versions.get("v1"), Some(&20), "{addr}: {t:?}");
+    }
+    // Bad input is refused before anything runs: a layout the port does not serve with, a
+    // name LISTEN_FDNAMES cannot carry, an address given twice, a backlog listen() refuses.
+    for (args, says) in [
+        (vec!["--listen", ":8080", "--split"], "is dual-stack"),
+        (vec!["--listen", ":8080", "--name", "a:b"], "without ':'"),
+        (
+            vec!["--listen", ":8080", "--listen", "0.0.0.0:8080"],
+            "name the same address",
+        ),
+        (
+            vec!["--listen", ":8080", "--backlog", "-5"],
+            "invalid backlog",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:8080", "--dual-stack"],
+            "use :8080 or [::]:8080",
+        ),
+    ] {
+        let mut all = vec!["exec"];
+        all.extend(&args);
+        all.extend(["--", "/bin/sh", "-c", "echo ran"]);
+        let r = zdt_tests::harness::zdt(&ns, &all);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(says), "{args:?}: {r:?}");
+        assert!(!r.stdout.contains("ran"), "{args:?}: {r:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn status_shows_a_taking_socket_nothing_accepts_from() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // --split gives two fds; an app that serves only the first (as `uvicorn --fd 3` does)
+    // never accepts from the IPv6 one, yet it is promoted with both.
+    let (v1, _, readyz) = exec_app(
+        &ns,
+        &["--listen", ":8080", "--split"],
+        &["--first-fds", "1"],
+        "v1",
+        1,
+    )?;
+    let pid = v1.0.id();
+    zdt_ok(&ns, &["promote", &pid.to_string(), "--readyz", &readyz])?;
+    let t = requests_to(&ns, ([127, 0, 0, 1], PORT).into(), 20)?;
+    assert_eq!(t.versions.get("v1"), Some(&20), "{t:?}");
+    let st = status(&ns, PORT)?;
+    assert_eq!(st["members"][0]["stalled"], serde_json::json!([]), "{st}");
+    // IPv6 clients: the handshake completes in the kernel, and they wait in the queue.
+    let waiting = ns.run(|| {
+        (0..3)
+            .map(|_| std::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, PORT)))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    let st = status(&ns, PORT)?;
+    let m = &st["members"][0];
+    assert_eq!(m["pid"], pid, "{st}");
+    assert_eq!(m["queued"], 3, "{st}");
+    assert_eq!(m["stalled"].as_array().map(Vec::len), Some(1), "{st}");
+    let text = zdt_ok(&ns, &["status"])?;
+    assert!(
+        text.stdout
+            .contains(&format!("WARNING: pid {pid} (active) takes connections")),
+        "{text:?}"
+    );
+    drop(waiting);
     Ok(())
 }
 

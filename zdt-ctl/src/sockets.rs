@@ -29,6 +29,10 @@ pub struct ListenEntry {
     pub cookie: u64,
     /// The interface index it is bound to (SO_BINDTODEVICE, `ip vrf exec`), 0 for none.
     pub device: u32,
+    /// Connections in its accept queue, not yet accepted.
+    pub queued: u32,
+    /// The accept queue's limit (listen()'s backlog, capped by net.core.somaxconn).
+    pub backlog: u32,
 }
 
 impl ListenEntry {
@@ -143,6 +147,10 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                         cookie: word(0) | word(4) << 32,
                         // idiag_if: sk_bound_dev_if (inet_diag_msg_common_fill).
                         device: h.socket_id.interface_id,
+                        // Kernel contract: for a listener, inet_diag (tcp_diag_get_info) reports
+                        // sk_ack_backlog as idiag_rqueue and sk_max_ack_backlog as idiag_wqueue.
+                        queued: h.recv_queue,
+                        backlog: h.send_queue,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(out),

@@ -121,6 +121,10 @@ struct Args {
     /// new listener.
     #[arg(long)]
     relisten_on_hup: bool,
+    /// Of the sockets passed the systemd way, serve only the first N and leave the others open
+    /// and never accepted from, as an app that takes one fd (`uvicorn --fd 3`) does.
+    #[arg(long)]
+    first_fds: Option<usize>,
 }
 
 struct App {
@@ -326,7 +330,15 @@ async fn main() -> anyhow::Result<()> {
         // Sockets handed over the systemd way (zdt-ctl exec, or socket activation) are used as
         // they are; otherwise bind our own.
         let listeners = match inherited()? {
-            Some(l) => l,
+            Some(mut l) => {
+                if let Some(n) = args.first_fds {
+                    // Kept open (leaked), never accepted: the kernel still queues on them.
+                    for rest in l.split_off(n.min(l.len())) {
+                        std::mem::forget(rest);
+                    }
+                }
+                l
+            }
             None => addrs
                 .iter()
                 .map(|a| listener(*a, !args.no_reuseport, !args.dual_stack, args.backlog))

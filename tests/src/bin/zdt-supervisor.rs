@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => bail!("usage: zdt-supervisor --listen [ADDR]:PORT -- CMD ARGS..."),
     };
-    let sockets = zdt_ctl::cmd::exec::listeners(&[spec.parse()?], 4096)?;
+    let sockets = zdt_ctl::cmd::exec::listeners(&[spec.parse()?], None, 4096)?;
     let Some(socket) = sockets.first() else {
         bail!("no listener for {spec}");
     };

@@ -10,7 +10,94 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{addr::PortSpec, error::bad_input};
+use crate::{addr::PortSpec, error::bad_input, plan::Group, sockets, state::State};
+
+/// How a `:PORT` (or `[::]:PORT`) is laid out in sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// An IPv4 socket and an IPv6-only one (for `:PORT`).
+    Split,
+    /// One `[::]` socket with IPV6_V6ONLY=0 (IPv4 clients arrive as ::ffff:a.b.c.d).
+    DualStack,
+}
+
+/// The layout chosen for new sockets of a port, and what it was chosen from.
+pub struct Chosen {
+    pub dual_stack: bool,
+    /// The port's listeners of that layout on the spec's addresses (the active members' when
+    /// the port has some): the sockets new ones must join.
+    pub listeners: Vec<sockets::ListenEntry>,
+    /// Every listener on the port.
+    pub all: Vec<sockets::ListenEntry>,
+}
+
+/// The layout in which new sockets for `spec` join the port's groups: `requested`, which must
+/// match the layout of the listeners the port serves with (a socket of another layout forms a
+/// group of its own, which the kernel prefers for its addresses); without a request that
+/// layout, or `nothing` when the port has no listener.
+pub fn layout(
+    spec: PortSpec,
+    requested: Option<Layout>,
+    nothing: Layout,
+) -> anyhow::Result<Chosen> {
+    let all: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+        .into_values()
+        .filter(|e| e.local.port() == spec.port)
+        .collect();
+    let mut on_port = all.clone();
+    // The app's sockets are the active members' when the port has some: a new version still
+    // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
+    let members = State::open_read(spec.port)?
+        .map(|s| s.member_cookies())
+        .transpose()?
+        .unwrap_or_default();
+    if on_port.iter().any(|e| members.contains(&e.cookie)) {
+        on_port.retain(|e| members.contains(&e.cookie));
+    }
+    let (dual, split): (Vec<sockets::ListenEntry>, Vec<sockets::ListenEntry>) = on_port
+        .into_iter()
+        .filter(|e| e.group() == Group::DualStack || spec.matches(&e.local))
+        .partition(|e| e.group() == Group::DualStack);
+    // A one-socket layout: only `:PORT` and `[::]:PORT` can be dual-stack.
+    let wildcard6 = spec.addr.is_none_or(|a| a.is_ipv6() && a.is_unspecified());
+    let dual_stack = match requested {
+        Some(Layout::DualStack) if !wildcard6 => {
+            return Err(bad_input(format!(
+                "--dual-stack makes one [::]:{port} socket for both families, which {spec} does \
+                 not name: use :{port} or [::]:{port}, or leave --dual-stack out",
+                port = spec.port
+            )))
+        }
+        Some(Layout::DualStack) if !split.is_empty() => {
+            return Err(bad_input(format!(
+                "--dual-stack: the port's listeners are split ({}): a dual-stack socket would be in a group of its own; leave --dual-stack out",
+                split.iter().map(|e| e.local.to_string()).collect::<Vec<_>>().join(", ")
+            )))
+        }
+        Some(Layout::Split) if !dual.is_empty() => {
+            return Err(bad_input(format!(
+                "--split: the port's listener on {} is dual-stack (IPV6_V6ONLY=0): split sockets would be in groups of their own, and the IPv4 one would take every IPv4 client; leave --split out",
+                dual[0].local
+            )))
+        }
+        Some(l) => l == Layout::DualStack,
+        None if !dual.is_empty() => true,
+        None if !split.is_empty() => false,
+        None => nothing == Layout::DualStack && wildcard6,
+    };
+    if dual_stack && !wildcard6 {
+        return Err(bad_input(format!(
+            "{spec}: the app listens dual-stack on [::]:{port}; a socket on {spec} would form a \
+             group of its own and take its clients. Use :{port} instead",
+            port = spec.port
+        )));
+    }
+    Ok(Chosen {
+        dual_stack,
+        listeners: if dual_stack { dual } else { split },
+        all,
+    })
+}
 
 /// How to make listeners: split (an IPv4 and an IPv6-only socket for `:PORT`) or one dual-stack
 /// socket, and whose they are.
@@ -108,41 +195,112 @@ pub fn bound(specs: &[PortSpec], plan: SocketPlan) -> anyhow::Result<Vec<socket2
     Ok(sockets)
 }
 
-/// SO_REUSEPORT listeners for every address of `specs`.
-pub fn listeners(specs: &[PortSpec], backlog: i32) -> anyhow::Result<Vec<socket2::Socket>> {
-    let sockets = bound(specs, SocketPlan::default())?;
+/// Two specs that would make sockets on one address (`:80` twice, or `:80` and `0.0.0.0:80`):
+/// the app would get each address's socket twice.
+fn overlapping(specs: &[PortSpec]) -> Option<(PortSpec, PortSpec)> {
+    let wide = |s: &PortSpec| s.addr.is_none_or(|a| a.is_unspecified());
+    specs.iter().enumerate().find_map(|(i, a)| {
+        specs[i + 1..]
+            .iter()
+            .find(|b| a.port == b.port && (a.addr == b.addr || wide(a) || wide(b)))
+            .map(|b| (*a, *b))
+    })
+}
+
+/// A name LISTEN_FDNAMES can carry: sd_listen_fds_with_names(3) splits the list at ':', and
+/// systemd takes at most 255 printable ASCII characters per name.
+fn check_fd_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 255
+        || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+    {
+        return Err(bad_input(format!(
+            "--name {name:?}: a socket name is 1 to 255 printable ASCII characters without ':' \
+             (LISTEN_FDNAMES separates names with ':'), e.g. --name http"
+        )));
+    }
+    Ok(())
+}
+
+/// Run CMD with SO_REUSEPORT listeners handed over the systemd way (LISTEN_FDS).
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Sockets, from fd 3 on, in the order of --listen: `:PORT` is one \
+                        dual-stack [::]:PORT socket (IPV6_V6ONLY=0), as systemd's \
+                        ListenStream=PORT, unless the port's listeners are split; --split \
+                        makes an IPv4 socket and an IPv6-only one (two fds). An app that takes \
+                        only the first fd (uvicorn --fd 3) must get one socket: with two, the \
+                        second's clients wait in a queue nothing accepts from (status warns).\n\n\
+                        Example:\n  zdt-ctl exec --listen :80 -- /usr/bin/myapp --socket-activation"
+)]
+pub struct Args {
+    /// [ADDR]:PORT to listen on; may repeat for other ports or addresses.
+    #[arg(long = "listen", required = true, value_parser = super::parse_spec)]
+    pub listen: Vec<PortSpec>,
+    /// Accept-queue limit of each socket (also capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096, value_parser = super::parse_backlog, allow_hyphen_values = true)]
+    pub backlog: i32,
+    /// The name passed in LISTEN_FDNAMES for every socket.
+    #[arg(long, default_value = "zdt")]
+    pub name: String,
+    /// One [::] socket with IPV6_V6ONLY=0 for `:PORT` (the default, unless the port's
+    /// listeners are split).
+    #[arg(long, conflicts_with = "split")]
+    pub dual_stack: bool,
+    /// An IPv4 socket and an IPv6-only one for `:PORT` (the default when the port's listeners
+    /// are split).
+    #[arg(long)]
+    pub split: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Listening SO_REUSEPORT sockets for `specs`, in their order, laid out as `layout` (see
+/// [`layout`]; without one, as the port serves, or dual-stack on a port with no listener).
+pub fn listeners(
+    specs: &[PortSpec],
+    layout: Option<Layout>,
+    backlog: i32,
+) -> anyhow::Result<Vec<socket2::Socket>> {
+    if let Some((a, b)) = overlapping(specs) {
+        return Err(bad_input(format!(
+            "--listen {a} and --listen {b} name the same address: give each address once"
+        )));
+    }
+    let mut sockets = Vec::new();
+    for spec in specs {
+        let plan = SocketPlan {
+            dual_stack: self::layout(*spec, layout, Layout::DualStack)?.dual_stack,
+            ..SocketPlan::default()
+        };
+        sockets.extend(bound(&[*spec], plan)?);
+    }
     for s in &sockets {
         s.listen(backlog).context("listen()")?;
     }
     Ok(sockets)
 }
 
-/// Run CMD with SO_REUSEPORT listeners handed over the systemd way (LISTEN_FDS).
-#[derive(clap::Args, Debug)]
-#[command(
-    after_help = "Example:\n  zdt-ctl exec --listen :80 -- /usr/bin/myapp --socket-activation"
-)]
-pub struct Args {
-    /// [ADDR]:PORT to listen on (`:80` = 0.0.0.0:80 and [::]:80); may repeat.
-    #[arg(long = "listen", required = true, value_parser = super::parse_spec)]
-    pub listen: Vec<PortSpec>,
-    #[arg(long, default_value_t = 4096)]
-    pub backlog: i32,
-    /// The name passed in LISTEN_FDNAMES.
-    #[arg(long, default_value = "zdt")]
-    pub name: String,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
-}
-
 /// Returns only on an error: otherwise the process becomes CMD.
 pub fn execute(args: Args) -> anyhow::Result<()> {
-    match exec(&args.listen, args.backlog, &args.name, &args.command)? {}
+    let layout = match (args.dual_stack, args.split) {
+        (true, _) => Some(Layout::DualStack),
+        (_, true) => Some(Layout::Split),
+        _ => None,
+    };
+    match exec(
+        &args.listen,
+        layout,
+        args.backlog,
+        &args.name,
+        &args.command,
+    )? {}
 }
 
 pub fn exec(
     specs: &[PortSpec],
+    layout: Option<Layout>,
     backlog: i32,
     name: &str,
     command: &[String],
@@ -152,7 +310,8 @@ pub fn exec(
             "no command given: zdt-ctl exec --listen :80 -- CMD ARGS...",
         ));
     };
-    let sockets = listeners(specs, backlog)?;
+    check_fd_name(name)?;
+    let sockets = listeners(specs, layout, backlog)?;
     // Move the sockets to fds 3, 4, ... without close-on-exec. First out of the way (above any
     // fd that the targets could collide with), then into place.
     let high: Vec<std::os::fd::OwnedFd> = sockets

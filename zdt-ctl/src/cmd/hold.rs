@@ -17,21 +17,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::{
     addr::PortSpec,
-    cmd::exec::{bound, SocketPlan},
+    cmd::exec::{bound, layout, Chosen, Layout, SocketPlan},
     error::{bad_input, require_root},
     plan::Group,
     sockets,
     state::State,
 };
-
-/// How the placeholders are laid out, when the port has no listener to take it from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HoldLayout {
-    /// An IPv4 socket and an IPv6-only one (for `:PORT`).
-    Split,
-    /// One `[::]` socket with IPV6_V6ONLY=0, for an app that listens that way.
-    DualStack,
-}
 
 /// What `zdt-ctl hold` is asked for.
 #[derive(Debug, Clone)]
@@ -43,7 +34,7 @@ pub struct HoldOptions {
     /// listeners, or root when there are none.
     pub user: Option<String>,
     /// None: the layout of the port's listeners, or split when there are none.
-    pub layout: Option<HoldLayout>,
+    pub layout: Option<Layout>,
 }
 
 /// A user name or a numeric uid, as a uid.
@@ -71,55 +62,11 @@ pub fn uid_of(user: &str) -> anyhow::Result<u32> {
 /// another layout into a group of its own, where it takes connections that nothing moves on.
 fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
     let spec = o.spec;
-    let all: Vec<sockets::ListenEntry> = sockets::listen_entries()?
-        .into_values()
-        .filter(|e| e.local.port() == spec.port)
-        .collect();
-    let mut on_port = all.clone();
-    // The app's sockets are the active members' when the port has some: a new version still
-    // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
-    let members = State::open_read(spec.port)?
-        .map(|s| s.member_cookies())
-        .transpose()?
-        .unwrap_or_default();
-    if on_port.iter().any(|e| members.contains(&e.cookie)) {
-        on_port.retain(|e| members.contains(&e.cookie));
-    }
-    let dual: Vec<&sockets::ListenEntry> = on_port
-        .iter()
-        .filter(|e| e.group() == Group::DualStack)
-        .collect();
-    let split: Vec<&sockets::ListenEntry> = on_port
-        .iter()
-        .filter(|e| spec.matches(&e.local) && e.group() != Group::DualStack)
-        .collect();
-    let dual_stack = match o.layout {
-        Some(HoldLayout::DualStack) if !split.is_empty() => {
-            return Err(bad_input(format!(
-                "--dual-stack: the port's listeners are split ({}): a dual-stack placeholder would be in a group of its own; leave --dual-stack out",
-                split.iter().map(|e| e.local.to_string()).collect::<Vec<_>>().join(", ")
-            )))
-        }
-        Some(HoldLayout::Split) if !dual.is_empty() => {
-            return Err(bad_input(format!(
-                "--split: the port's listener on {} is dual-stack (IPV6_V6ONLY=0): split placeholders would be in groups of their own, and the IPv4 one would take every IPv4 client; leave --split out",
-                dual[0].local
-            )))
-        }
-        Some(l) => l == HoldLayout::DualStack,
-        None => !dual.is_empty(),
-    };
-    if dual_stack
-        && spec
-            .addr
-            .is_some_and(|a| !(a.is_ipv6() && a.is_unspecified()))
-    {
-        return Err(bad_input(format!(
-            "{spec}: the app listens dual-stack on [::]:{} (or --dual-stack asks for it); a placeholder on {spec} would take its IPv4 clients. Hold :{} instead",
-            spec.port, spec.port
-        )));
-    }
-    let members: Vec<&sockets::ListenEntry> = if dual_stack { dual } else { split };
+    let Chosen {
+        dual_stack,
+        listeners: members,
+        all,
+    } = layout(spec, o.layout, Layout::Split)?;
     let mut uids: Vec<u32> = members.iter().map(|e| e.uid).collect();
     uids.sort_unstable();
     uids.dedup();
@@ -329,7 +276,7 @@ pub struct Args {
     /// (also capped by net.core.somaxconn).
     // allow_hyphen_values: `--backlog -5` reaches the parser, which names it, instead of
     // being taken for an unknown flag.
-    #[arg(long, default_value_t = 4096, value_parser = parse_backlog, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 4096, value_parser = super::parse_backlog, allow_hyphen_values = true)]
     pub backlog: i32,
     /// How long connections may wait for a ready process of their address family; after
     /// that they are reset (a family no process serves must not keep clients forever).
@@ -357,8 +304,8 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         max_wait: args.max_wait,
         user: args.user,
         layout: match (args.dual_stack, args.split) {
-            (true, _) => Some(HoldLayout::DualStack),
-            (_, true) => Some(HoldLayout::Split),
+            (true, _) => Some(Layout::DualStack),
+            (_, true) => Some(Layout::Split),
             _ => None,
         },
     })
@@ -550,15 +497,5 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
                 crate::addr::fmt_duration(max_wait)
             );
         }
-    }
-}
-
-/// `--backlog`: 1 to 65535 (listen() takes an int, the kernel caps it at net.core.somaxconn).
-fn parse_backlog(s: &str) -> Result<i32, String> {
-    match s.parse::<i64>() {
-        Ok(n) if (1..=65535).contains(&n) => Ok(n as i32),
-        _ => Err(format!(
-            "invalid backlog {s:?}: a number of connections from 1 to 65535, e.g. 4096"
-        )),
     }
 }

@@ -100,7 +100,7 @@ pub fn render(all: &[Status]) -> String {
         ]
     };
     type MemberValue = fn(&crate::cmd::status::Member) -> f64;
-    let per_member: [(&str, &str, &str, MemberValue); 3] = [
+    let per_member: [(&str, &str, &str, MemberValue); 5] = [
         (
             "zdt_member_steered_total",
             "counter",
@@ -118,6 +118,18 @@ pub fn render(all: &[Status]) -> String {
             "gauge",
             "This member's share of the new connections of the last 30 to 60 seconds.",
             |m| m.share,
+        ),
+        (
+            "zdt_member_queued",
+            "gauge",
+            "Connections waiting in this member's accept queues.",
+            |m| m.queued as f64,
+        ),
+        (
+            "zdt_member_stalled_sockets",
+            "gauge",
+            "This member's taking sockets whose accept queue did not shrink (nothing accepts from them).",
+            |m| m.stalled.len() as f64,
         ),
     ];
     for (name, kind, help, f) in per_member {

@@ -46,6 +46,16 @@ pub(crate) fn parse_probe_path(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `--backlog`: 1 to 65535 (listen() takes an int, the kernel caps it at net.core.somaxconn).
+pub(crate) fn parse_backlog(s: &str) -> Result<i32, String> {
+    match s.parse::<i64>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as i32),
+        _ => Err(format!(
+            "invalid backlog {s:?}: a number of connections from 1 to 65535, e.g. 4096"
+        )),
+    }
+}
+
 pub(crate) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }

@@ -33,7 +33,17 @@ pub struct Member {
     pub recent: u64,
     /// Its part of all recent connections (0 to 1).
     pub share: f64,
+    /// Connections waiting in its sockets' accept queues.
+    pub queued: u64,
+    /// Its slots whose socket takes connections (active, canary) and whose accept queue held
+    /// connections and did not shrink over [`STALL_WINDOW`]: the process does not accept from
+    /// that socket (an app that serves only some of the sockets it was given), or cannot keep up.
+    pub stalled: Vec<u32>,
 }
+
+/// How long status watches a taking socket's non-empty accept queue before it calls it stalled.
+/// Only read again when some such queue is non-empty, so a port at rest costs nothing more.
+const STALL_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Counters {
@@ -219,16 +229,52 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             steering: !mine.is_empty() && state.probe_attached(v4)?,
         });
     }
+    let queued = |table: &std::collections::BTreeMap<u64, sockets::ListenEntry>, cookie| {
+        table
+            .values()
+            .find(|e| e.cookie == cookie)
+            .map_or(0, |e| e.queued)
+    };
+    let taking = |s: &crate::plan::sets::Slot| {
+        matches!(
+            s.role(),
+            crate::plan::sets::Role::Active | crate::plan::sets::Role::Canary
+        )
+    };
+    let waiting: Vec<(u32, u32)> = slots
+        .iter()
+        .filter(|s| taking(s))
+        .map(|s| (s.index, queued(&table, s.meta.cookie)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    let mut stalled: Vec<u32> = Vec::new();
+    if !waiting.is_empty() {
+        std::thread::sleep(STALL_WINDOW);
+        let again = sockets::listen_entries()?;
+        for (index, before) in waiting {
+            let cookie = slots
+                .iter()
+                .find(|s| s.index == index)
+                .map(|s| s.meta.cookie);
+            if cookie.is_some_and(|c| queued(&again, c) >= before) {
+                stalled.push(index);
+            }
+        }
+    }
     let mut members: Vec<Member> = Vec::new();
     for s in &slots {
         let pid = s.meta.pid as i32;
         let role = s.role();
+        let q = u64::from(queued(&table, s.meta.cookie));
+        let stall: Vec<u32> = stalled.iter().copied().filter(|&i| i == s.index).collect();
         match members.iter_mut().find(|m| m.pid == pid && m.role == role) {
             Some(m) => {
                 m.slots.push(s.index);
                 m.steered += s.steered;
                 m.migrated += s.migrated;
                 m.recent += s.recent;
+                m.queued += q;
+                m.stalled.extend(stall);
             }
             None => members.push(Member {
                 pid,
@@ -240,6 +286,8 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
                 migrated: s.migrated,
                 recent: s.recent,
                 share: 0.0,
+                queued: q,
+                stalled: stall,
             }),
         }
     }
@@ -408,6 +456,19 @@ pub fn render(s: &Status) -> String {
             m.steered,
             m.migrated,
             m.share * 100.0
+        );
+    }
+    for m in s.members.iter().filter(|m| !m.stalled.is_empty()) {
+        let slots: Vec<String> = m.stalled.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            o,
+            "  WARNING: pid {} ({}) takes connections on slot(s) {} whose accept queue holds {} \
+             and did not shrink: it does not accept from that socket (does it serve every socket \
+             it was given? see `zdt-ctl exec --help`), or it cannot keep up",
+            m.pid,
+            m.role,
+            slots.join(","),
+            m.queued
         );
     }
     for u in &s.drift.unadopted {
