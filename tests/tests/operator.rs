@@ -2,7 +2,9 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use zdt_tests::{
-    harness::{bin, connect_when_listening, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
+    harness::{
+        bin, connect_when_listening, status, zdt, zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
+    },
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -502,6 +504,34 @@ fn metrics_listen_serves_every_scraper_and_times_out_idle_ones() -> anyhow::Resu
     assert!(server.try_wait()?.is_none(), "metrics --listen exited");
     let _ = server.kill();
     let _ = server.wait();
+    Ok(())
+}
+
+#[test]
+fn metrics_listen_takes_a_bare_port_for_every_address() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let r = zdt(&ns, &["metrics", "--listen", "9814"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("write ADDR:PORT or :PORT"), "{r:?}");
+    let server = KillOnDrop(zdt_command(&ns, &["metrics", "--listen", ":9814"]).spawn()?);
+    for ip in [
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ] {
+        let text = ns.run(move || -> anyhow::Result<String> {
+            let mut s = connect_when_listening(SocketAddr::new(ip, 9814), Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })??;
+        assert!(text.contains("zdt_steered_total"), "{ip}: {text}");
+    }
+    drop(server);
     Ok(())
 }
 

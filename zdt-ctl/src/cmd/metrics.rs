@@ -12,9 +12,27 @@ use crate::cmd::status::{statuses, Status};
 pub struct Args {
     #[arg(value_parser = super::parse_port_arg)]
     pub port: Option<u16>,
-    /// Serve GET /metrics on this address instead of printing once.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve GET /metrics on ADDR:PORT instead of printing once; `:PORT` is every address of
+    /// both families.
+    #[arg(long, value_name = "[ADDR]:PORT", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
+}
+
+/// `--listen`: ADDR:PORT, or `:PORT` for `[::]:PORT` (bound dual-stack by `serve`).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let parsed = match s.strip_prefix(':') {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|p| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), p)),
+        None => s.parse().ok(),
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "invalid address {s:?}: write ADDR:PORT or :PORT, e.g. 127.0.0.1:9814, [::1]:9814 or \
+             :9814 (every address)"
+        )
+    })
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -25,6 +43,23 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A listener on `addr`; `[::]` takes IPv4 clients too, whatever net.ipv6.bindv6only says.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(s.into())
 }
 
 /// Label values escaped as the exposition format wants (backslash, quote, newline).
@@ -243,8 +278,7 @@ pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = bind(addr)
             .map_err(|e| crate::error::bad_input(format!("cannot listen on {addr}: {e}")))?;
         tracing::info!(%addr, "serving metrics");
         loop {
