@@ -83,13 +83,18 @@ fn the_package_passes_lintian_and_installs_into_a_fresh_debian_root() -> anyhow:
         "/usr/share/fish/vendor_completions.d/zdt-ctl.fish",
         "/usr/lib/systemd/system/zdt-attach.service",
         "/usr/lib/systemd/system/zdt-hold.service",
+        "/usr/lib/systemd/system/zdt-watch@.service",
         "/usr/share/doc/zdt/copyright",
         "/usr/share/doc/zdt/changelog.Debian.gz",
     ] {
         assert!(files.lines().any(|l| l == path), "no {path} in:\n{files}");
     }
     // The units run the installed zdt-ctl, not the examples' /usr/local/bin one.
-    for unit in ["zdt-attach.service", "zdt-hold.service"] {
+    for unit in [
+        "zdt-attach.service",
+        "zdt-hold.service",
+        "zdt-watch@.service",
+    ] {
         let text = std::fs::read_to_string(root.join("usr/lib/systemd/system").join(unit))?;
         let exec: Vec<&str> = text
             .lines()

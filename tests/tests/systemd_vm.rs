@@ -3,8 +3,9 @@
 //! and zdt-attach.service, zdt-hold.service and app.service enabled, as an operator sets them up;
 //! it boots in qemu (TCG) on Debian 12's kernel. Its scenario (tests/fixtures/systemd-vm/
 //! scenario.sh) checks the boot, restarts app.service under load, then deploys app@.service's
-//! instances twice with deploy.sh under load, and reports on a serial port; the assertions are
-//! made here, on that report.
+//! instances twice with deploy.sh under load, then restarts app.service with no zdt-ctl in its
+//! unit, promoted by zdt-watch@80.service, under load; it reports on a serial port, and the
+//! assertions are made here, on that report.
 //!
 //! tests/tests/systemd.rs runs deploy.sh on the host with a stand-in for systemctl: in seconds,
 //! with a deploy that fails and one whose app binds late, and on every kernel of
@@ -430,5 +431,34 @@ fn the_packaged_units_attach_hold_promote_and_deploy_under_systemd() -> anyhow::
     let new = r.pid("pid-deploy");
     assert_ne!(new, r.pid("pid-first"), "app@8081 was not deployed anew");
     assert_eq!(r.active("status-deploy"), new, "{}", r.text);
+
+    // app.service with no zdt-ctl in its unit, behind hold, promoted by zdt-watch@80 at its
+    // start and across `systemctl restart app` under load.
+    assert_eq!(
+        r.active("status-watch-start"),
+        r.pid("pid-watch-start"),
+        "{}",
+        r.text
+    );
+    let watched = r.tally("load-watch");
+    let kernel = r.counters_between("counters-before-watch", "counters-watch");
+    eprintln!(
+        "restart of app.service under zdt-watch@80, under load: {watched:?}\nkernel: {kernel}"
+    );
+    assert!(watched.requests >= 50, "{watched:?}");
+    assert_eq!(
+        watched.failures(),
+        watched.count(Outcome::Slow),
+        "{watched:?}, kernel: {kernel}"
+    );
+    for unit in ["zdt-hold", "zdt-watch@80", "app"] {
+        assert_eq!(r.unit("units-watch", unit), "active", "{}", r.text);
+    }
+    assert_ne!(
+        r.pid("pid-watch"),
+        r.pid("pid-watch-start"),
+        "not restarted"
+    );
+    assert_eq!(r.active("status-watch"), r.pid("pid-watch"), "{}", r.text);
     Ok(())
 }

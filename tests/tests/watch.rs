@@ -84,3 +84,89 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
     assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
     Ok(())
 }
+
+/// Waits until `pid` is the port's only active member; Err after `within`.
+fn until_active(ns: &Netns, pid: i32, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while active(ns)? != [i64::from(pid)] {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pid {pid} not promoted: {}",
+            status(ns, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Two versions start one after the other; the older one warms up for 3 s, the newer one is
+/// ready at once. Run with `readiness` (`--probe /readyz` or `--readyz-path /readyz`): the
+/// newer one is promoted while the older still warms up (one newcomer's wait does not hold up
+/// the next), and the older one, ready later, is never promoted over it.
+fn newest_ready_serves(readiness: &[&str]) -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let timeout = format!("{}ms", scaled(Duration::from_secs(10)).as_millis());
+    let mut args = vec!["watch", ":8080", "--stop-old", "--timeout", &timeout];
+    args.extend(readiness);
+    let log = tempfile::NamedTempFile::new()?;
+    let watcher = KillOnDrop(zdt_command(&ns, &args).stderr(log.reopen()?).spawn()?);
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            300.0,
+            Duration::from_secs(60),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let warmup = scaled(Duration::from_secs(3));
+    let older = App::start(&ns, &AppOpts::new(PORT, "older").warmup(warmup))?;
+    let older_ready = Instant::now() + warmup;
+    std::thread::sleep(scaled(Duration::from_millis(300)));
+    let newer = App::start(&ns, &AppOpts::new(PORT, "newer"))?;
+    until_active(&ns, newer.pid, scaled(Duration::from_secs(10)))?;
+    assert!(
+        Instant::now() < older_ready,
+        "the newer version waited for the older one's warm-up"
+    );
+    assert!(
+        v1.wait_exit(scaled(Duration::from_secs(10))),
+        "v1 not stopped"
+    );
+    // Past the older one's warm-up, with time for the watcher to act on it.
+    std::thread::sleep(
+        older_ready.saturating_duration_since(Instant::now()) + scaled(Duration::from_secs(2)),
+    );
+    assert_eq!(
+        active(&ns)?,
+        [i64::from(newer.pid)],
+        "{}",
+        status(&ns, PORT)?
+    );
+    assert_invariants(&ns, PORT)?;
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert_eq!(t.versions.get("older"), None, "{t:?}");
+    assert!(t.versions.get("newer").copied().unwrap_or(0) > 0, "{t:?}");
+    drop(watcher);
+    let said = std::fs::read_to_string(log.path())?;
+    let given_up = format!(
+        "pid {} not promoted: a newer process listens on the port",
+        older.pid
+    );
+    assert!(said.contains(&given_up), "{said}");
+    Ok(())
+}
+
+#[test]
+fn the_newest_ready_process_serves_whatever_order_they_get_ready_in() -> anyhow::Result<()> {
+    newest_ready_serves(&["--probe", "/readyz"])
+}
+
+/// Each process's readiness URL is found per process: its own admin port.
+#[test]
+fn the_watcher_checks_each_process_on_its_own_admin_port() -> anyhow::Result<()> {
+    newest_ready_serves(&["--readyz-path", "/readyz"])
+}

@@ -20,7 +20,11 @@ const REVISION: &str = "1";
 const PACKAGED_CTL: &str = "/usr/sbin/zdt-ctl";
 const EXAMPLES_CTL: &str = "/usr/local/bin/zdt-ctl";
 /// Units of zdt itself, installed (not enabled) as system units.
-const UNITS: [&str; 2] = ["zdt-attach.service", "zdt-hold.service"];
+const UNITS: [&str; 3] = [
+    "zdt-attach.service",
+    "zdt-hold.service",
+    "zdt-watch@.service",
+];
 /// The app's side of the systemd example: a template for the user's own service, not a unit of
 /// zdt's, so it goes with the documentation.
 const DOC_EXAMPLES: [&str; 3] = ["app.service", "app@.service", "deploy.sh"];
@@ -33,8 +37,9 @@ const DESCRIPTION: [&str; 2] = [
      and, once the new process answers its readiness check, sends all new connections to it \
      in one map update. Connections queued on a listener that closes move to the new one.",
     "This package has zdt-ctl with its man page and shell completions, and systemd units \
-     that attach port 80 at boot (zdt-attach.service) and keep connections waiting across \
-     restarts (zdt-hold.service), neither enabled. zdt-ctl needs Linux 5.14 or later and root.",
+     that attach port 80 at boot (zdt-attach.service), keep connections waiting across \
+     restarts (zdt-hold.service) and promote what a restart starts (zdt-watch@PORT.service), \
+     none enabled. zdt-ctl needs Linux 5.14 or later and root.",
 ];
 
 /// Builds `dist/zdt_VERSION_ARCH.deb` from the release build and from what `dist` generated

@@ -206,6 +206,17 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
+/// The addresses of the TCP listeners `pid` holds on ports other than `port`: where its own
+/// admin (readiness) endpoint may be.
+pub fn other_listeners(pid: i32, port: u16) -> anyhow::Result<BTreeSet<SocketAddr>> {
+    let fds = socket_fds(pid)?;
+    Ok(listen_entries()?
+        .into_iter()
+        .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() != port)
+        .map(|(_, e)| e.local)
+        .collect())
+}
+
 fn no_such_pid(pid: i32) -> anyhow::Error {
     bad_input(format!(
         "pid {pid} does not exist (or has already exited); pass the pid of the running service process"

@@ -111,6 +111,8 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         probation: args.rollout.probation,
         stop_old: args.rollout.stop_old,
         drain_timeout: args.rollout.drain_timeout,
+        newest_wins: false,
+        superseded: None,
     };
     // Progress only on a terminal: one line, redrawn. In scripts and under systemd the log
     // lines (RUST_LOG=info) tell the story.
@@ -246,6 +248,13 @@ pub struct PromoteOptions {
     pub probation: Option<Duration>,
     pub stop_old: bool,
     pub drain_timeout: Duration,
+    /// Refuse the switch when a process that started after PID already takes new connections
+    /// (`watch`: of processes started one after the other, the newest ready one serves, never
+    /// an older one that got ready later).
+    pub newest_wins: bool,
+    /// Set by `watch` when a newer process listens: the readiness wait ends, PID stays a
+    /// candidate (before the switch only; a switched promote goes on to its end).
+    pub superseded: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What became of a previous member that `--stop-old` stopped.
@@ -370,6 +379,9 @@ pub fn promote(
         if !target.alive() {
             return Err(readiness::exited_while_waiting());
         }
+        if let Some(why) = superseded(opts) {
+            return Err(why);
+        }
         match &prober {
             Some(p) => sockets::check_url_owner(&target, &p.url, &p.addrs, cache),
             None => Ok(()),
@@ -434,6 +446,27 @@ pub fn promote(
         ));
     }
     valid(None)?;
+    if opts.newest_wins {
+        for i in 0..states.len() {
+            let Some(newer) = states[i].snapshot()?.newer_serving(target.start) else {
+                continue;
+            };
+            let port = states[i].spec.port;
+            // --probe's lists name PID's sockets (one prober at a time, and we hold the lock):
+            // PID stays a candidate that no connection reaches.
+            for state in &mut states {
+                drop_probe(state)?;
+            }
+            return Err(err(
+                Kind::Refused,
+                format!(
+                    "pid {} started after pid {} and already serves port {}: pid {} stays a \
+                     candidate (the newest ready process serves)",
+                    newer.pid, opts.pid, port, opts.pid
+                ),
+            ));
+        }
+    }
     let mut done: Vec<Switched> = Vec::new();
     let mut locked: Vec<State> = Vec::new();
     for state in states {
@@ -839,6 +872,35 @@ fn probe_through_port(
     }
     drop(claims);
     waited.map(|_| states)
+}
+
+/// Err when `watch` has seen a newer process since it started this promote.
+pub fn superseded(opts: &PromoteOptions) -> Option<anyhow::Error> {
+    let newer = opts
+        .superseded
+        .as_ref()
+        .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+    newer.then(|| {
+        err(
+            Kind::Refused,
+            format!(
+                "a newer process listens on the port: pid {} stays a candidate; nothing was \
+                 changed",
+                opts.pid
+            ),
+        )
+    })
+}
+
+/// Takes every slot out of the live set's probe lists.
+fn drop_probe(state: &mut State) -> anyhow::Result<()> {
+    if let Some(mut live) = state.active_set()? {
+        if live.probe.iter().any(|l| l.len > 0) {
+            live.probe = [zdt_common::SlotList::EMPTY; 2];
+            state.write_set(&live)?;
+        }
+    }
+    Ok(())
 }
 
 /// Consecutive failed readiness answers that end a probation (one can be a blip).

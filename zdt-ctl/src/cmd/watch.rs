@@ -8,12 +8,20 @@
 //! as `zdt-ctl promote` does (the same code, the same lock, the same checks: another uid, hold
 //! or zdt-ctl itself is refused there). It keeps no state of its own: killed and restarted, it
 //! finds the port as the pinned maps say.
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use crate::{
     addr::PortSpec,
-    cmd::promote::{promote, PromoteOptions, Rollout},
-    error::{bad_input, require_root},
+    cmd::promote::{promote, superseded, PromoteOptions, Rollout},
+    error::{bad_input, err, require_root, Kind},
     plan::sets::Process,
     sockets,
     state::State,
@@ -25,9 +33,15 @@ const POLL: Duration = Duration::from_millis(100);
 /// Promote each new process that listens on the port once it is ready (runs until stopped).
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example, a unit restarted by systemd (a new instance started beside the old \
+    after_help = "Each new process is taken on in its own thread: one that never gets ready does \
+                  not hold up the next. Of processes started one after the other, the newest \
+                  ready one serves: an older one that gets ready after a newer one was promoted \
+                  stays a candidate.\n\n\
+                  Example, a unit restarted by systemd (a new instance started beside the old \
                   one, or behind `zdt-ctl hold`), served without a deploy script:\n  \
-                  zdt-ctl watch :8080 --probe /readyz --stop-old"
+                  zdt-ctl watch :8080 --probe /readyz --stop-old\n\
+                  Each instance on an admin port of its own (a container's, a port chosen at \
+                  start):\n  zdt-ctl watch :8080 --readyz-path /readyz --stop-old"
 )]
 pub struct Args {
     /// The attached address of the port, [ADDR]:PORT.
@@ -35,10 +49,15 @@ pub struct Args {
     pub addr: PortSpec,
     /// Check each new process's readiness at PATH through the public port (as `promote
     /// --probe`): zdt's marked connections reach that process and no one else.
-    #[arg(long, value_name = "PATH", required_unless_present = "no_readyz", value_parser = super::parse_probe_path)]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["no_readyz", "readyz_path"], value_parser = super::parse_probe_path)]
     pub probe: Option<String>,
+    /// Check each new process's readiness at http://ADMIN PATH, where ADMIN is the one TCP
+    /// listener the process holds outside the watched port (its own admin port; a wildcard
+    /// address is reached through loopback). A process with several is not promoted.
+    #[arg(long, value_name = "PATH", conflicts_with = "probe", value_parser = super::parse_probe_path)]
+    pub readyz_path: Option<String>,
     /// Take a new process as ready as soon as it listens.
-    #[arg(long, conflicts_with = "probe")]
+    #[arg(long, conflicts_with_all = ["probe", "readyz_path"])]
     pub no_readyz: bool,
     /// How long a new process may take to be ready; one that is not is left a candidate
     /// (it takes no connection) and not tried again.
@@ -61,8 +80,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         )));
     }
     drop(state);
-    let opts = |pid| PromoteOptions {
-        pid,
+    let base = PromoteOptions {
+        superseded: None,
+        pid: 0,
         ports: vec![spec.port],
         readyz: None,
         probe: args.probe.clone(),
@@ -71,31 +91,113 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         probation: args.rollout.probation,
         stop_old: args.rollout.stop_old,
         drain_timeout: args.rollout.drain_timeout,
+        newest_wins: true,
     };
     eprintln!("zdt-ctl watch: watching {spec}");
-    // Processes already decided on (promoted, refused or never ready): not tried again.
+    // Processes already taken on (promoted, refused or never ready): not tried again.
     let mut tried: BTreeSet<Process> = BTreeSet::new();
     let mut last: Option<BTreeSet<u64>> = None;
+    // The newest process taken on: its flag, set when a newer one comes, and its thread.
+    let mut current: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) {
-            for p in newcomers(spec.port)? {
+            let mut found = newcomers(spec.port)?;
+            found.sort_unstable_by_key(|p| p.start);
+            for p in found {
                 if !tried.insert(p) {
                     continue;
                 }
                 eprintln!(
-                    "zdt-ctl watch: pid {} listens on {spec}: promoting it",
+                    "zdt-ctl watch: pid {} listens on {spec}: promoting it once ready",
                     p.pid
                 );
-                match promote(&opts(p.pid), |_| {}) {
-                    Ok(_) => eprintln!("zdt-ctl watch: pid {} active on {spec}", p.pid),
-                    Err(e) => eprintln!("zdt-ctl watch: pid {} not promoted: {e:#}", p.pid),
+                // The newest process wins: one still waiting to be ready is given up (it stays
+                // a candidate), and the new one's promote starts once that one's has ended, so
+                // one promote runs at a time (--probe's lists are one per family). The wait
+                // takes no lock: every verb goes on meanwhile.
+                let previous = current.take();
+                if let Some((flag, _)) = &previous {
+                    flag.store(true, Ordering::SeqCst);
                 }
+                let flag = Arc::new(AtomicBool::new(false));
+                let opts = PromoteOptions {
+                    pid: p.pid,
+                    superseded: Some(flag.clone()),
+                    ..base.clone()
+                };
+                let path = args.readyz_path.clone();
+                let thread = std::thread::spawn(move || {
+                    if let Some((_, t)) = previous {
+                        let _ = t.join();
+                    }
+                    match take_on(opts, path.as_deref()) {
+                        Ok(()) => eprintln!("zdt-ctl watch: pid {} active on {spec}", p.pid),
+                        Err(e) => eprintln!("zdt-ctl watch: pid {} not promoted: {e:#}", p.pid),
+                    }
+                });
+                current = Some((flag, thread));
             }
             // What the promotes and stops changed is looked at on the next round.
             last = Some(listener_cookies(&spec)?);
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Promotes one new process: with `readyz_path`, first finds its admin listener (within the
+/// same timeout).
+fn take_on(mut opts: PromoteOptions, readyz_path: Option<&str>) -> anyhow::Result<()> {
+    if let Some(path) = readyz_path {
+        let deadline = Instant::now() + opts.timeout;
+        opts.readyz = Some(admin_url(&opts, path, deadline)?);
+        opts.timeout = deadline.saturating_duration_since(Instant::now());
+    }
+    promote(&opts, |_| {}).map(drop)
+}
+
+/// `http://ADMIN PATH` for the one TCP listener `pid` holds outside `port`, waiting until
+/// `deadline` for it to listen (an app may open its admin port after its public one).
+fn admin_url(opts: &PromoteOptions, path: &str, deadline: Instant) -> anyhow::Result<String> {
+    let (pid, port) = (opts.pid, opts.ports[0]);
+    loop {
+        if let Some(why) = superseded(opts) {
+            return Err(why);
+        }
+        let admin = sockets::other_listeners(pid, port)?;
+        match admin.len() {
+            0 if Instant::now() < deadline => std::thread::sleep(POLL),
+            0 => {
+                return Err(err(
+                    Kind::ReadinessTimeout,
+                    format!(
+                        "pid {pid} listens on no port besides {port}: --readyz-path needs its \
+                         admin port; it stays a candidate"
+                    ),
+                ))
+            }
+            1 => {
+                let a = admin.into_iter().next().expect("one");
+                // A wildcard takes connections on loopback: reach it there.
+                let ip = match a.ip() {
+                    IpAddr::V4(ip) if ip.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+                    IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+                    ip => ip,
+                };
+                return Ok(format!("http://{}{path}", SocketAddr::new(ip, a.port())));
+            }
+            _ => {
+                return Err(bad_input(format!(
+                    "pid {pid} listens on {} besides port {port}: --readyz-path cannot tell its \
+                     admin port; use --probe PATH; it stays a candidate",
+                    admin
+                        .iter()
+                        .map(SocketAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        }
     }
 }
 

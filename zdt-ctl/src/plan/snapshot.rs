@@ -101,6 +101,17 @@ impl Snapshot {
         })
     }
 
+    /// The newest process that takes new connections (active or canary) and started after
+    /// `start` (clock ticks since boot, as /proc/PID/stat says).
+    pub fn newer_serving(&self, start: u64) -> Option<Process> {
+        self.slots
+            .iter()
+            .filter(|s| s.active || s.canary)
+            .map(Slot::process)
+            .filter(|p| p.start > start)
+            .max_by_key(|p| p.start)
+    }
+
     /// `promote`: [`sets::promote`].
     pub fn promote(&self, pid: i32, new: &[u32], weight: Option<u32>) -> anyhow::Result<Plan> {
         sets::promote(&self.slots, &self.live_set(), pid, new, weight)
@@ -224,6 +235,35 @@ mod tests {
         let p = s.place(200, &[10, 11, 12], |_| true).unwrap();
         assert_eq!(p.slots, [(0, false), (1, true), (2, true)]);
         assert_eq!(p.target, Some(ActiveSet::EMPTY), "{p:?}");
+    }
+
+    #[test]
+    fn only_a_serving_process_started_later_is_newer() {
+        let started = |mut s: Slot, start: u64, active: bool, canary: bool| {
+            s.meta.pid_start = start;
+            s.active = active;
+            s.canary = canary;
+            s
+        };
+        let s = snapshot(
+            vec![
+                started(slot(0, 10, Role::Active), 50, true, false),
+                started(slot(1, 11, Role::Canary), 70, false, true),
+                // Started later but serving nothing: a candidate, a placeholder, a drained one.
+                started(slot(2, 12, Role::Candidate), 90, false, false),
+                started(slot(3, 13, Role::Hold), 95, false, false),
+                started(slot(4, 14, Role::Draining), 99, false, false),
+            ],
+            &[0],
+            &[],
+        );
+        assert_eq!(
+            s.newer_serving(40).map(|p| (p.pid, p.start)),
+            Some((101, 70))
+        );
+        assert_eq!(s.newer_serving(60).map(|p| p.pid), Some(101));
+        assert_eq!(s.newer_serving(70), None, "the same start is not newer");
+        assert_eq!(s.newer_serving(80), None);
     }
 
     #[test]
