@@ -3,7 +3,8 @@ use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use zdt_tests::{
     harness::{
-        bin, connect_when_listening, status, zdt, zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
+        at_failpoint, bin, connect_when_listening, status, zdt, zdt_command, zdt_ok, App, AppOpts,
+        KillOnDrop,
     },
     load::{self, Background, LoadSpec},
     netns::Netns,
@@ -160,6 +161,33 @@ fn exec_app(
     // The rest of its output is not read; keep the pipe open so that it never gets SIGPIPE.
     std::mem::forget(lines);
     Ok((child, bound, format!("http://{admin}/readyz")))
+}
+
+/// A deploy script's `zdt-ctl exec --listen :8080 -- APP & zdt-ctl promote $!`: the promote
+/// starts while the pid is still zdt-ctl making the sockets, and waits for it to become the app
+/// (execve keeps the pid) instead of refusing it as zdt-ctl itself.
+#[test]
+fn promote_of_an_exec_that_has_not_run_its_app_yet_waits_for_it() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    // Held for a while with its sockets made, before it runs the app.
+    let args = ["exec", "--listen", ":8080", "--"]
+        .map(String::from)
+        .into_iter()
+        .chain([bin("zdt-demo-app").display().to_string()])
+        .chain(["--port", "1", "--version", "v2", "--admin-port", "9102"].map(String::from))
+        .collect::<Vec<_>>();
+    let v2 = KillOnDrop(at_failpoint(&ns, &args, "exec-listening:500ms").child);
+    let pid = v2.0.id().to_string();
+    let r = zdt(
+        &ns,
+        &["promote", &pid, "--readyz", "http://127.0.0.1:9102/readyz"],
+    );
+    assert!(r.ok(), "{r:?}");
+    let t = requests_to(&ns, ([127, 0, 0, 1], PORT).into(), 20)?;
+    assert_eq!(t.versions.get("v2"), Some(&20), "{t:?}");
+    Ok(())
 }
 
 /// `count` requests to `addr` from inside `ns`: the tally.

@@ -598,6 +598,9 @@ pub fn not_listening(pid: i32, spec: &PortSpec) -> String {
     why
 }
 
+/// How long a `zdt-ctl exec` given as PID may take to become its app.
+const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Refuses a pid that can never be a member, whatever it binds: init, zdt-ctl itself, a process
 /// of another network namespace.
 pub fn refuse_non_app(pidfd: &PidFd) -> anyhow::Result<()> {
@@ -609,9 +612,22 @@ pub fn refuse_non_app(pidfd: &PidFd) -> anyhow::Result<()> {
              --value UNIT`)",
         ));
     }
-    let comm = comm(pid).unwrap_or_default();
-    let exe = Process::new(pid).and_then(|p| p.exe()).ok();
-    if comm == "zdt-ctl" || (exe.is_some() && exe == own_exe()) {
+    let is_zdt = || {
+        let exe = Process::new(pid).and_then(|p| p.exe()).ok();
+        comm(pid).unwrap_or_default() == "zdt-ctl" || (exe.is_some() && exe == own_exe())
+    };
+    // `zdt-ctl exec -- APP & zdt-ctl promote $!`: for a moment the pid is still zdt-ctl, making
+    // the app's sockets; it becomes APP under the same pid (execve keeps it). Wait for that.
+    let execing = || {
+        Process::new(pid)
+            .and_then(|p| p.cmdline())
+            .is_ok_and(|c| c.get(1).is_some_and(|a| a == "exec"))
+    };
+    let deadline = std::time::Instant::now() + EXEC_WAIT;
+    while is_zdt() && execing() && pidfd.alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if is_zdt() {
         return Err(bad_input(format!(
             "pid {pid} is zdt-ctl itself (a `zdt-ctl hold` placeholder, say), not a service \
              process: pass the pid of the service"

@@ -334,6 +334,7 @@ pub fn exec(
     let n = high.len();
     drop(high);
     let names = vec![name; n].join(":");
+    crate::failpoint("exec-listening");
     let err = std::process::Command::new(program)
         .args(args)
         .env("LISTEN_FDS", n.to_string())
