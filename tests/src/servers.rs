@@ -1,6 +1,8 @@
-//! Real servers on one SO_REUSEPORT port, for tests/tests/servers.rs: nginx, HAProxy and
-//! gunicorn, each started the way its users start it (its own config, in the foreground, stopped
-//! with its own graceful signal), and wrk, a real load generator, with a parser for its report.
+//! Real servers on one SO_REUSEPORT port, for tests/tests/servers.rs: nginx, HAProxy, gunicorn
+//! and Caddy, each started the way its users start it (its own config, in the foreground, stopped
+//! with its own graceful signal); apps on Go's net/http, Node's http and uvicorn, which take their
+//! socket from `zdt-ctl exec` (LISTEN_FDS); and wrk, a real load generator, with a parser for its
+//! report.
 use std::{
     fs,
     net::SocketAddr,
@@ -17,7 +19,12 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{bench::Kernel, harness::wait_for_200, load::scaled, netns::Netns};
+use crate::{
+    bench::Kernel,
+    harness::{bin, wait_for_200},
+    load::scaled,
+    netns::Netns,
+};
 
 /// The public port every instance shares (each test has a namespace of its own).
 pub const PORT: u16 = 8080;
@@ -33,6 +40,19 @@ pub enum Kind {
     Nginx(u16),
     Haproxy,
     Gunicorn,
+    /// Caddy, which binds its own listeners with SO_REUSEPORT (2.6 cannot take one from
+    /// LISTEN_FDS). HTTP/3 is off: its UDP socket has no SO_REUSEPORT, so a second instance
+    /// could not bind it.
+    Caddy,
+    /// A Go net/http app (tests/fixtures/zdt_go, standard library only) taking its listener
+    /// from LISTEN_FDS.
+    Go,
+    /// A Node http app (tests/fixtures/zdt_node.js): `server.listen({fd: 3})`.
+    Node,
+    /// uvicorn `--fd 3` with an ASGI app (tests/fixtures/zdt_asgi.py), whose readiness zdt
+    /// asks through the public port (`promote --probe /readyz`), as for an app with no admin
+    /// port (the fixture's lifespan opens one, for the control).
+    Uvicorn,
 }
 
 impl Kind {
@@ -41,6 +61,10 @@ impl Kind {
             Kind::Nginx(_) => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Gunicorn => "gunicorn",
+            Kind::Caddy => "caddy",
+            Kind::Go => "go",
+            Kind::Node => "node",
+            Kind::Uvicorn => "uvicorn",
         }
     }
 
@@ -57,6 +81,11 @@ impl Kind {
             // gunicorn's SIGTERM is the graceful one: the workers finish their request, within
             // --graceful-timeout (SIGINT and SIGQUIT are its quick shutdown).
             Kind::Gunicorn => Signal::SIGTERM,
+            // The fixtures' own handlers (http.Server.Shutdown, server.close()), and uvicorn's:
+            // stop accepting, finish what was taken, close idle keep-alive connections.
+            Kind::Go | Kind::Node | Kind::Uvicorn => Signal::SIGTERM,
+            // Caddy's graceful exit (SIGQUIT is its immediate one).
+            Kind::Caddy => Signal::SIGTERM,
         }
     }
 
@@ -115,7 +144,29 @@ frontend admin
     monitor-uri /readyz
 "
             )),
-            Kind::Gunicorn => None,
+            // `protocols h1 h2`: no HTTP/3 listener. The admin API is off (its fixed port
+            // would be shared by both instances); a site on the instance's own port answers
+            // /readyz instead.
+            Kind::Caddy => Some(format!(
+                "{{
+    admin off
+    auto_https off
+    servers {{
+        protocols h1 h2
+    }}
+}}
+
+:{PORT} {{
+    header X-Zdt-Version v{n}
+    respond \"hello from caddy v{n}\" 200
+}}
+
+http://127.0.0.1:{admin} {{
+    respond /readyz \"ready\" 200
+}}
+"
+            )),
+            Kind::Gunicorn | Kind::Go | Kind::Node | Kind::Uvicorn => None,
         }
     }
 }
@@ -181,6 +232,38 @@ impl Server {
                     .env("PYTHONDONTWRITEBYTECODE", "1");
                 c
             }
+            Kind::Caddy => {
+                let mut c = Command::new("caddy");
+                c.args(["run", "--adapter", "caddyfile", "--config"])
+                    .arg(&conf)
+                    // Its storage and autosaved config go in the instance's directory.
+                    .env("XDG_DATA_HOME", &dir)
+                    .env("XDG_CONFIG_HOME", &dir)
+                    .env("HOME", &dir);
+                c
+            }
+            Kind::Go | Kind::Node | Kind::Uvicorn => {
+                // The socket the way socket activation passes it: `zdt-ctl exec` makes one
+                // dual-stack [::]:PORT listener and execs the app with it on fd 3, under the
+                // same pid.
+                let mut c = Command::new(bin("zdt-ctl"));
+                c.args(["exec", "--listen", &format!(":{PORT}"), "--"]);
+                match kind {
+                    Kind::Go => c.arg(go_app()?),
+                    Kind::Node => c.arg("node").arg(fixtures().join("zdt_node.js")),
+                    // --backlog: asyncio calls listen() again on the socket it is given, which
+                    // would set uvicorn's default limit (2048) over exec's 4096.
+                    _ => c
+                        .args([UVICORN, "--fd", "3", "--backlog", "4096", "--app-dir"])
+                        .arg(fixtures())
+                        .args(["--no-access-log", "--log-level", "warning", "zdt_asgi:app"]),
+                };
+                c.env("ZDT_VERSION", format!("v{n}"))
+                    .env("ZDT_WARMUP_MS", warmup.as_millis().to_string())
+                    .env("ZDT_ADMIN_PORT", admin.to_string())
+                    .env("PYTHONDONTWRITEBYTECODE", "1");
+                c
+            }
         };
         let log = fs::File::create(dir.join("out.log"))?;
         cmd.stdin(Stdio::null())
@@ -204,6 +287,16 @@ impl Server {
 
     pub fn readyz(&self) -> String {
         format!("http://{}/readyz", self.admin)
+    }
+
+    /// How `zdt-ctl promote` asks this instance whether it is ready: its own admin port, or,
+    /// for uvicorn, through the public port (`--probe`: only zdt-ctl's marked connections reach
+    /// the new instance).
+    pub fn readiness(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Uvicorn => vec!["--probe".into(), "/readyz".into()],
+            _ => vec!["--readyz".into(), self.readyz()],
+        }
     }
 
     /// What the server printed, and its error log: for failure messages.
@@ -288,6 +381,39 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Debian's uvicorn (package `uvicorn`, on Debian's python3 whatever python3 comes first on
+/// PATH).
+const UVICORN: &str = "/usr/bin/uvicorn";
+
+/// The Go fixture, built once per test process with Debian's golang-go (standard library
+/// only: no module download) into the temporary directory.
+fn go_app() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = std::env::temp_dir().join(format!("zdt-go-app-{}", std::process::id()));
+            let cache = std::env::temp_dir().join("zdt-go-cache");
+            let st = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg(".")
+                .current_dir(fixtures().join("zdt_go"))
+                .env("GOCACHE", &cache)
+                .env("GOFLAGS", "-mod=mod")
+                .env("GOPROXY", "off")
+                .status()
+                .map_err(|e| {
+                    format!("running go build (golang-go, from `cargo xtask setup`): {e}")
+                })?;
+            if !st.success() {
+                return Err(format!("go build of tests/fixtures/zdt_go: {st}"));
+            }
+            Ok(out)
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 /// Makes the child get SIGKILL when the thread that started it ends: a test process that is

@@ -34,11 +34,23 @@ const BOOT_PACKAGES: [&str; 3] = ["qemu-system-x86", "linux-image-amd64", "e2fsp
 /// [`BOOT_PACKAGES`]' kernel package does (`/boot/vmlinuz-6.1.0-N-amd64`,
 /// `/lib/modules/6.1.0-N-amd64`).
 const VM_PACKAGES: [&str; 2] = ["busybox-static", "python3-venv"];
-/// For tests/tests/servers.rs: the real servers it hands over (nginx, HAProxy, gunicorn) and wrk,
-/// the load generator it runs them under. The tests start every instance with a config of their
-/// own inside a network namespace of their own, so the packages' own services (nginx's default
-/// site on :80, haproxy.service), if the install starts them, share no port with the tests.
-const SERVER_PACKAGES: [&str; 4] = ["nginx", "haproxy", "gunicorn", "wrk"];
+/// For tests/tests/servers.rs: the real servers it hands over (nginx, HAProxy, gunicorn, Caddy),
+/// the runtimes its apps run on (Go's compiler for a standard-library app, Node, Debian's
+/// uvicorn) and wrk, the load generator it runs them under. The tests start every
+/// instance with a config of their own inside a network namespace of their own, so the
+/// packages' own services (nginx's default site on :80, haproxy.service, caddy.service), if the
+/// install starts them, share no port with the tests. `nodejs` is whichever the machine's apt
+/// sources have (Debian 12's is 18; a NodeSource repository gives 20).
+const SERVER_PACKAGES: [&str; 8] = [
+    "nginx",
+    "haproxy",
+    "gunicorn",
+    "caddy",
+    "golang-go",
+    "nodejs",
+    "uvicorn",
+    "wrk",
+];
 /// For `cargo xtask dist`, and tests/tests/package.rs and systemd_vm.rs, which check its
 /// package: dpkg-shlibdeps (and binutils' strip) to build the package, lintian to check it,
 /// mmdebstrap to make the Debian roots it is installed into.
