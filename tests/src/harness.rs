@@ -522,6 +522,17 @@ pub fn status(ns: &Netns, port: u16) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&r.stdout).context("status JSON")
 }
 
+/// The pids of `port`'s active members, as `zdt-ctl status --json` lists them.
+pub fn active_pids(ns: &Netns, port: u16) -> anyhow::Result<Vec<i64>> {
+    Ok(status(ns, port)?["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "active")
+        .filter_map(|m| m["pid"].as_i64())
+        .collect())
+}
+
 /// Every byte of zdt's pinned state for `port` except the traffic counters, read inside the
 /// namespace; equal fingerprints mean the state did not change.
 pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {

@@ -32,6 +32,16 @@ impl Netns {
         Ok(ns)
     }
 
+    /// The network namespace of process `pid` (a container's, a pod's), its loopback brought
+    /// up. zdt's pinned state of it is removed when this is dropped, as for a test's own.
+    pub fn of_process(pid: i32) -> anyhow::Result<Self> {
+        let f = File::open(format!("/proc/{pid}/ns/net"))
+            .with_context(|| format!("the network namespace of pid {pid}"))?;
+        let ns = Netns { fd: f.into() };
+        ns.run(loopback_up)??;
+        Ok(ns)
+    }
+
     /// Runs `f` on a thread inside the namespace: sockets it creates belong to the namespace.
     pub fn run<T: Send + 'static>(
         &self,

@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{at_failpoint, fingerprint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    harness::{
+        active_pids, at_failpoint, fingerprint, promote_args, strs, zdt, zdt_ok, App, AppOpts,
+    },
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -11,14 +13,7 @@ use zdt_tests::{
 const PORT: u16 = 8080;
 
 fn active(ns: &Netns) -> Vec<i64> {
-    let st = status(ns, PORT).expect("status");
-    st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "active")
-        .map(|m| m["pid"].as_i64().unwrap())
-        .collect()
+    active_pids(ns, PORT).expect("status")
 }
 
 /// `zdt-ctl rollback`, which must say that `back` is active again and `from` draining.

@@ -2,23 +2,17 @@
 use std::time::{Duration, Instant};
 
 use zdt_tests::{
-    harness::{assert_invariants, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
+    harness::{
+        active_pids, assert_invariants, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
+    },
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
 };
 
 const PORT: u16 = 8080;
 
-/// The pid of the port's only active member.
 fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
-    let st = status(ns, PORT)?;
-    Ok(st["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["role"] == "active")
-        .filter_map(|m| m["pid"].as_i64())
-        .collect())
+    active_pids(ns, PORT)
 }
 
 /// v1 serves under load; the watcher runs; v2 starts (warming up 1 s) and nothing else is

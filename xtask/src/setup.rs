@@ -51,6 +51,10 @@ const SERVER_PACKAGES: [&str; 8] = [
     "uvicorn",
     "wrk",
 ];
+/// For tests/tests/containers.rs: podman, runc (the runtime it uses here: crun fails on these
+/// machines), and catatonit, the init of a pod's infra container (a recommendation of podman's,
+/// which setup does not install by itself).
+const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "catatonit"];
 /// For `cargo xtask dist`, and tests/tests/package.rs and systemd_vm.rs, which check its
 /// package: dpkg-shlibdeps (and binutils' strip) to build the package, lintian to check it,
 /// mmdebstrap to make the Debian roots it is installed into.
@@ -123,6 +127,7 @@ pub fn run() -> anyhow::Result<()> {
         PACKAGES
             .into_iter()
             .chain(SERVER_PACKAGES)
+            .chain(CONTAINER_PACKAGES)
             .chain(PACKAGE_PACKAGES)
             .chain(BOOT_PACKAGES),
     )?;

@@ -1,0 +1,196 @@
+//! Containers for tests/tests/containers.rs: Debian's podman, with an image imported from a
+//! Debian root (no registry is reachable), running the demo service mounted from the build.
+//!
+//! Every podman command names runc and cgroupfs: podman's default runtime (crun) fails on these
+//! machines ("cgroups in hybrid mode not supported"); and sets the containers' open-files limit
+//! below the machine's hard limit (20000), which podman's default would exceed.
+use std::{
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _};
+
+use crate::{debian, harness::bin, netns::Netns};
+
+/// The image every container runs: a Debian root of the host's release (its libc is the one
+/// the demo service was linked against), imported once.
+const IMAGE: &str = "localhost/zdt-test-debian:latest";
+const GLOBAL: [&str; 4] = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"];
+
+/// podman's configuration for these tests: the containers' (and pods' infra containers')
+/// resource limits, within the machine's hard limits (podman's defaults exceed them, and its
+/// pods take no `--ulimit`).
+const CONTAINERS_CONF: &str = "[containers]
+default_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]
+";
+
+/// `podman GLOBAL ARGS`, inside `ns` when given (`--network host` is then that namespace).
+pub fn podman(ns: Option<&Netns>, args: &[&str]) -> Command {
+    static CONF: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let conf = CONF.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("zdt-containers-{}.conf", std::process::id()));
+        std::fs::write(&path, CONTAINERS_CONF).expect("writing podman's configuration");
+        path
+    });
+    let mut cmd = Command::new("podman");
+    cmd.args(GLOBAL)
+        .args(args)
+        .stdin(Stdio::null())
+        .env("CONTAINERS_CONF", conf);
+    if let Some(ns) = ns {
+        ns.command(&mut cmd);
+    }
+    cmd
+}
+
+/// Runs podman and returns its stdout, trimmed; Err with its stderr when it fails.
+fn output(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .context("running podman (from `cargo xtask setup`)")?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The image, imported from the cached Debian root when podman does not have it yet.
+pub fn image() -> anyhow::Result<&'static str> {
+    let exists = podman(None, &["image", "exists", IMAGE]).status()?;
+    if !exists.success() {
+        let tar = debian::root_tarball(&[])?;
+        output(podman(None, &["import", &tar.to_string_lossy(), IMAGE]))?;
+    }
+    Ok(IMAGE)
+}
+
+/// A name no other test's container or pod has.
+fn unique(what: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "zdt-{what}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A pod whose network namespace its containers share: `--network none` gives it one of its own
+/// with only loopback. Removed, with its containers, when dropped.
+pub struct Pod {
+    pub name: String,
+    /// The pod's network namespace (its infra container's), where zdt-ctl and the load run.
+    pub ns: Netns,
+}
+
+impl Pod {
+    pub fn create() -> anyhow::Result<Pod> {
+        let name = unique("pod");
+        output(podman(
+            None,
+            &["pod", "create", "--name", &name, "--network", "none"],
+        ))?;
+        let pod = PodGuard(name.clone());
+        // The infra container holds the namespace; it runs from the pod's start.
+        output(podman(None, &["pod", "start", &name]))?;
+        let infra = output(podman(
+            None,
+            &["pod", "inspect", "--format", "{{.InfraContainerID}}", &name],
+        ))?;
+        let pid: i32 = output(podman(
+            None,
+            &["inspect", "--format", "{{.State.Pid}}", &infra],
+        ))?
+        .parse()
+        .context("the infra container's pid")?;
+        let ns = Netns::of_process(pid)?;
+        std::mem::forget(pod);
+        Ok(Pod { name, ns })
+    }
+}
+
+struct PodGuard(String);
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        let _ = podman(None, &["pod", "rm", "--force", "--time", "0", &self.0]).output();
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        drop(PodGuard(self.name.clone()));
+    }
+}
+
+/// Where a container's network namespace comes from.
+pub enum Network<'a> {
+    /// `--network host` in the test's namespace: the container uses it as its own.
+    Host(&'a Netns),
+    /// `--pod NAME`: the pod's namespace.
+    Pod(&'a Pod),
+}
+
+/// A container running the demo service (`zdt-demo-app APP_ARGS`, mounted read-only at /app).
+/// Removed (killed if still running) when dropped.
+pub struct Container {
+    pub name: String,
+    /// The service's pid as the host sees it (the container's pid 1): what `promote` takes.
+    pub pid: i32,
+}
+
+impl Container {
+    pub fn run(net: Network<'_>, app_args: &[&str]) -> anyhow::Result<Container> {
+        let name = unique("app");
+        let app = format!("{}:/app:ro", bin("zdt-demo-app").display());
+        let mut args = vec!["run", "--detach", "--name", &name];
+        let ns = match &net {
+            Network::Host(ns) => {
+                args.extend(["--network", "host"]);
+                Some(*ns)
+            }
+            Network::Pod(pod) => {
+                args.extend(["--pod", &pod.name]);
+                None
+            }
+        };
+        args.extend(["--volume", &app, IMAGE, "/app"]);
+        args.extend(app_args);
+        output(podman(ns, &args))?;
+        // Removed on drop from here on, also when the pid cannot be read.
+        let mut c = Container { name, pid: 0 };
+        c.pid = output(podman(
+            None,
+            &["inspect", "--format", "{{.State.Pid}}", &c.name],
+        ))?
+        .parse()
+        .context("the container's pid")?;
+        Ok(c)
+    }
+
+    /// `podman stop --time SECS`: SIGTERM, then SIGKILL after SECS; Ok once it has stopped.
+    pub fn stop(&self, time: Duration) -> anyhow::Result<()> {
+        let secs = time.as_secs().max(1).to_string();
+        output(podman(None, &["stop", "--time", &secs, &self.name]))?;
+        Ok(())
+    }
+
+    /// The container's exit code, once it has stopped.
+    pub fn exit_code(&self) -> anyhow::Result<i32> {
+        Ok(output(podman(
+            None,
+            &["inspect", "--format", "{{.State.ExitCode}}", &self.name],
+        ))?
+        .parse()?)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = podman(None, &["rm", "--force", "--time", "0", &self.name]).output();
+    }
+}

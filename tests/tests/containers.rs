@@ -1,0 +1,167 @@
+//! Containers under zdt, with Debian's podman and an image imported from a Debian root: the app
+//! in a container with host networking (the test's namespace is the host's network here), and
+//! in a pod whose network namespace its containers share. A new container starts beside the old
+//! one and is promoted, by `zdt-ctl promote` with the container's pid or by the watcher; the old
+//! one is stopped with `podman stop`; under load, not one request fails.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use zdt_tests::{
+    harness::{
+        active_pids, assert_invariants, print_tally, status, wait_for_200, zdt_command, zdt_ok,
+        KillOnDrop,
+    },
+    load::{self, scaled, Background, LoadSpec},
+    netns::Netns,
+    podman::{self, Container, Network, Pod},
+};
+
+const PORT: u16 = 8080;
+const RATE: f64 = 300.0;
+/// The new version's warm-up: it must not be served before.
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// The demo service's arguments for `version` with its admin port.
+fn app(version: &str, admin: u16, warmup: Duration) -> Vec<String> {
+    [
+        "--port",
+        &PORT.to_string(),
+        "--version",
+        version,
+        "--admin-port",
+        &admin.to_string(),
+        "--warmup",
+        &format!("{}ms", warmup.as_millis()),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start(
+    net: Network<'_>,
+    version: &str,
+    admin: u16,
+    warmup: Duration,
+) -> anyhow::Result<Container> {
+    let args = app(version, admin, warmup);
+    Container::run(net, &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn admin(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+/// Waits until the service on `port` of `ns` answers 200 on /readyz.
+fn ready(ns: &Netns, port: u16) -> anyhow::Result<()> {
+    wait_for_200(
+        ns,
+        admin(port),
+        "/readyz",
+        scaled(Duration::from_secs(20)),
+        || true,
+    )
+    .map_err(|last| anyhow::anyhow!("no 200 on {}: {last}", admin(port)))
+}
+
+fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
+    active_pids(ns, PORT)
+}
+
+#[test]
+fn a_container_on_the_host_network_is_promoted_and_the_old_one_podman_stopped() -> anyhow::Result<()>
+{
+    podman::image()?;
+    let ns = Netns::new()?;
+    let v1 = start(Network::Host(&ns), "v1", 9001, Duration::ZERO)?;
+    ready(&ns, 9001)?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = start(Network::Host(&ns), "v2", 9002, scaled(WARMUP))?;
+    // The container's pid as the host sees it: the service itself (the container's pid 1).
+    let pid = v2.pid.to_string();
+    let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
+    zdt_ok(
+        &ns,
+        &[
+            "promote",
+            &pid,
+            "--readyz",
+            "http://127.0.0.1:9002/readyz",
+            "--timeout",
+            &timeout,
+        ],
+    )?;
+    assert_eq!(active(&ns)?, [i64::from(v2.pid)]);
+    v1.stop(Duration::from_secs(10))?;
+    assert_eq!(v1.exit_code()?, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    print_tally("== host network, promote, podman stop:", &t);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions.get("v1").copied().unwrap_or(0) > 0, "{t:?}");
+    assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
+    assert_invariants(&ns, PORT)?;
+    Ok(())
+}
+
+#[test]
+fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
+    podman::image()?;
+    let pod = Pod::create()?;
+    let ns = &pod.ns;
+    let v1 = start(Network::Pod(&pod), "v1", 9001, Duration::ZERO)?;
+    ready(ns, 9001)?;
+    zdt_ok(ns, &["attach", ":8080"])?;
+    // Each version's readiness on its own admin port, found per container.
+    let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
+    let _watcher = KillOnDrop(
+        zdt_command(
+            ns,
+            &[
+                "watch",
+                ":8080",
+                "--readyz-path",
+                "/readyz",
+                "--timeout",
+                &timeout,
+            ],
+        )
+        .spawn()?,
+    );
+    let l = Background::start(
+        ns,
+        LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let v2 = start(Network::Pod(&pod), "v2", 9002, scaled(WARMUP))?;
+    let deadline = started + scaled(Duration::from_secs(20));
+    while active(ns)? != [i64::from(v2.pid)] {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "v2 not promoted: {}",
+            status(ns, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        started.elapsed() >= scaled(WARMUP),
+        "promoted after {:?}",
+        started.elapsed()
+    );
+    v1.stop(Duration::from_secs(10))?;
+    assert_eq!(v1.exit_code()?, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = load::tally(&l.finish());
+    print_tally("== pod, watcher, podman stop:", &t);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
+    assert_invariants(ns, PORT)?;
+    Ok(())
+}
