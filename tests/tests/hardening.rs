@@ -728,6 +728,18 @@ fn python_listener(ns: &Netns, uid: Option<u32>, bind: &str) -> anyhow::Result<K
     Ok(child)
 }
 
+/// uid 65534 listening on `[::]:8080`, IPv6-only, with SO_REUSEPORT.
+fn another_users_v6_listener(ns: &Netns) -> anyhow::Result<KillOnDrop> {
+    python_listener(
+        ns,
+        Some(65534),
+        "s = socket.socket(socket.AF_INET6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('::', 8080))\n",
+    )
+}
+
 /// An unprivileged user listening on `[::]:PORT` (IPv6-only, with SO_REUSEPORT) beside a root
 /// app on `0.0.0.0:PORT`: attach asks which user is the app's instead of adopting both, and
 /// once it knows, the other user's socket is left alone by attach, upgrade, hold, status and
@@ -736,14 +748,7 @@ fn python_listener(ns: &Netns, uid: Option<u32>, bind: &str) -> anyhow::Result<K
 fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
-    let mut foreign = python_listener(
-        &ns,
-        Some(65534),
-        "s = socket.socket(socket.AF_INET6)\n\
-         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-         s.bind(('::', 8080))\n",
-    )?;
+    let mut foreign = another_users_v6_listener(&ns)?;
     let r = zdt(&ns, &["attach", ":8080"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("--user"), "{r:?}");
@@ -957,5 +962,60 @@ fn a_bad_probe_path_or_uid_is_bad_input() -> anyhow::Result<()> {
             "{args:?} changed the state"
         );
     }
+    Ok(())
+}
+
+/// Another user's listener (`[::]:PORT`, IPv6-only, SO_REUSEPORT, uid 65534) beside a root app
+/// on `0.0.0.0:PORT`: `promote` of its pid is refused, and the watcher never promotes it nor
+/// stops it with `--stop-old`, and still promotes the app's next version.
+#[test]
+fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let mut foreign = another_users_v6_listener(&ns)?;
+    zdt_ok(&ns, &["attach", ":8080", "--user", "root"])?;
+    // Promoted by hand: refused, nothing changed.
+    let before = fingerprint(&ns, PORT)?;
+    let pid = foreign.0.id().to_string();
+    let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("the app's user"), "{r:?}");
+    assert_eq!(fingerprint(&ns, PORT)?, before);
+    let _watcher = KillOnDrop(
+        zdt_tests::harness::zdt_command(&ns, &["watch", ":8080", "--no-readyz", "--stop-old"])
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    // The watcher has looked at the port (it does every 100 ms) with the other user's listener
+    // there from the start.
+    std::thread::sleep(load::scaled(Duration::from_secs(1)));
+    assert_eq!(
+        zdt_tests::harness::active_pids(&ns, PORT)?,
+        [i64::from(v1.pid)]
+    );
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let deadline = std::time::Instant::now() + load::scaled(Duration::from_secs(10));
+    while zdt_tests::harness::active_pids(&ns, PORT)? != [i64::from(v2.pid)] {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "v2 not promoted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        v1.wait_exit(load::scaled(Duration::from_secs(10))),
+        "v1 not stopped"
+    );
+    // Past the watcher's next looks: the other user's process still runs, in no role.
+    std::thread::sleep(load::scaled(Duration::from_secs(1)));
+    assert!(
+        foreign.0.try_wait()?.is_none(),
+        "the other user's process was stopped"
+    );
+    let st = zdt_tests::harness::status(&ns, PORT)?;
+    let pids: Vec<i64> = st["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["pid"].as_i64())
+        .collect();
+    assert!(!pids.contains(&i64::from(foreign.0.id())), "{st}");
     Ok(())
 }

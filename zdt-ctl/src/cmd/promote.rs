@@ -718,19 +718,21 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     sets::admit(pid, state.spec.port, listeners.iter().map(Listener::family))?;
     let slots = state.slots()?;
     // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
-    // socket of another uid would never be selectable from this group.
+    // socket of another uid would never be selectable from this group. And the port's members
+    // are the app's user's in every family: a process of another user that listens in a
+    // family the app does not serve (`[::]:PORT` beside an app on `0.0.0.0:PORT`) is someone
+    // else's, never the app's next version.
     if let Some((l, s)) = listeners.iter().find_map(|l| {
         slots
             .iter()
-            .find(|s| {
-                s.meta.pid as i32 != pid && s.meta.family == l.family() && s.meta.uid != l.uid
-            })
+            .find(|s| s.meta.pid as i32 != pid && s.meta.uid != l.uid)
             .map(|s| (l, s))
     }) {
         return Err(bad_input(format!(
-            "the socket of pid {pid} on {} belongs to uid {}, the port's group to uid {} (pid {}): \
-             the kernel keeps them in separate groups, so zdt cannot hand over between them",
-            l.local, l.uid, s.meta.uid, s.meta.pid
+            "the socket of pid {pid} on {} belongs to uid {}, the port's members to uid {} (pid \
+             {}): zdt hands over only between processes of the app's user (the kernel keeps \
+             sockets of different uids in separate groups); run the new version as uid {}",
+            l.local, l.uid, s.meta.uid, s.meta.pid, s.meta.uid
         )));
     }
     // The sockets that take connections now, or would park them: the live set's and the
