@@ -164,3 +164,55 @@ fn the_newest_ready_process_serves_whatever_order_they_get_ready_in() -> anyhow:
 fn the_watcher_checks_each_process_on_its_own_admin_port() -> anyhow::Result<()> {
     newest_ready_serves(&["--readyz-path", "/readyz"])
 }
+
+/// The watcher is killed (SIGKILL) while a new version warms up, and started again: the new one
+/// finds the port as the pinned maps say and promotes the waiting version once it is ready;
+/// nothing was lost meanwhile.
+#[test]
+fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let timeout = format!("{}ms", scaled(Duration::from_secs(10)).as_millis());
+    let args = [
+        "watch",
+        ":8080",
+        "--readyz-path",
+        "/readyz",
+        "--stop-old",
+        "--timeout",
+        &timeout,
+    ];
+    let first = KillOnDrop(zdt_command(&ns, &args).spawn()?);
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(
+            ([127, 0, 0, 1], PORT).into(),
+            300.0,
+            Duration::from_secs(60),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let warmup = scaled(Duration::from_secs(2));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
+    let ready_at = Instant::now() + warmup;
+    // The first watcher has taken v2 on (it looks every 100 ms) and waits for its readiness.
+    std::thread::sleep(scaled(Duration::from_millis(500)));
+    drop(first);
+    assert_eq!(active(&ns)?, [i64::from(v1.pid)], "promoted while warming");
+    let _second = KillOnDrop(zdt_command(&ns, &args).spawn()?);
+    until_active(&ns, v2.pid, scaled(Duration::from_secs(15)))?;
+    assert!(
+        Instant::now() >= ready_at,
+        "v2 promoted before it was ready"
+    );
+    assert!(
+        v1.wait_exit(scaled(Duration::from_secs(10))),
+        "v1 not stopped"
+    );
+    assert_invariants(&ns, PORT)?;
+    let t = load::tally(&l.finish());
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
+    Ok(())
+}
