@@ -138,8 +138,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                 });
                 current = Some((flag, thread));
             }
-            // What the promotes and stops changed is looked at on the next round.
-            last = Some(listener_cookies(&spec)?);
+            // The promotes run in their threads: what they and the stops change shows as a
+            // change from this table on a later round.
+            last = Some(now);
         }
         std::thread::sleep(POLL);
     }
