@@ -466,6 +466,23 @@ pub fn at_log_event(ns: &Netns, args: &[String], event: &str) -> Paused {
     paused
 }
 
+/// Waits up to `timeout` for `child` to exit: its status, or None if it still runs then.
+pub fn exit_within(
+    child: &mut Child,
+    timeout: Duration,
+) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed (and reaped) when the test ends, however it ends.
 pub struct KillOnDrop(pub std::process::Child);
 

@@ -2,11 +2,12 @@
 //! wait on a placeholder instead of being refused or reset, and move to the next promoted process.
 use std::time::Duration;
 
+use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use zdt_tests::{
     harness::{
-        at_failpoint, fingerprint, promote_args, status, strs, zdt, zdt_command, zdt_ok, App,
-        AppOpts, Hold,
+        at_failpoint, exit_within, fingerprint, promote_args, status, strs, zdt, zdt_command,
+        zdt_ok, App, AppOpts, Hold,
     },
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
@@ -88,17 +89,8 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     // Detach: the hold process leaves by itself (a placeholder in a group without the program
     // would get a share of new connections and never accept them).
     zdt_ok(&ns, &["detach", ":8080"])?;
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(2));
-    let status = loop {
-        if let Some(s) = hold.child.try_wait()? {
-            break s;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "hold still runs after detach"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut hold.child, scaled(Duration::from_secs(2)))?
+        .context("hold still runs after detach")?;
     assert!(status.success(), "{status:?}");
     Ok(())
 }
@@ -265,11 +257,10 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     // gave the placeholder, which never accepts, about half of the new connections until hold
     // noticed and exited, resetting them.
     zdt_ok(&ns, &["detach", "0.0.0.0:8080"])?;
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(2));
-    while hold.child.try_wait()?.is_none() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "hold still runs");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    anyhow::ensure!(
+        exit_within(&mut hold.child, scaled(Duration::from_secs(2)))?.is_some(),
+        "hold still runs"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let t = load::tally(&l.finish());
     assert!(
@@ -292,18 +283,12 @@ fn hold_on_one_address_of_a_wildcard_port_is_refused() -> anyhow::Result<()> {
     let mut hold = zdt_command(&ns, &["hold", "127.0.0.1:8080"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(5));
-    let code = loop {
-        if let Some(st) = hold.try_wait()? {
-            break st.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = hold.kill();
-            hold.wait()?;
-            let t = load::requests(&ns, PORT, 10, 1000.0);
-            anyhow::bail!("hold 127.0.0.1:8080 runs beside :8080; 10 requests then: {t:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(code) = exit_within(&mut hold, scaled(Duration::from_secs(5)))?.map(|st| st.code())
+    else {
+        let _ = hold.kill();
+        hold.wait()?;
+        let t = load::requests(&ns, PORT, 10, 1000.0);
+        anyhow::bail!("hold 127.0.0.1:8080 runs beside :8080; 10 requests then: {t:?}");
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut hold.stderr.take().expect("stderr"), &mut err)?;

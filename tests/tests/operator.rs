@@ -3,8 +3,8 @@ use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use zdt_tests::{
     harness::{
-        at_failpoint, bin, connect_when_listening, status, zdt, zdt_command, zdt_ok, App, AppOpts,
-        KillOnDrop,
+        at_failpoint, bin, connect_when_listening, exit_within, status, zdt, zdt_command, zdt_ok,
+        App, AppOpts, KillOnDrop,
     },
     load::{self, Background, LoadSpec},
     netns::Netns,
@@ -455,18 +455,9 @@ fn metrics_and_share_count_what_happened() -> anyhow::Result<()> {
     // A port that is not attached is refused at start (exit 3), not served as errors.
     let listen = METRICS.to_string();
     let mut typo = zdt_command(&ns, &["metrics", "8099", "--listen", &listen]).spawn()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let code = loop {
-        if let Some(st) = typo.try_wait()? {
-            break st.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = typo.kill();
-            typo.wait()?;
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = exit_within(&mut typo, Duration::from_secs(5))?.and_then(|st| st.code());
+    let _ = typo.kill();
+    let _ = typo.wait();
     assert_eq!(
         code,
         Some(3),
