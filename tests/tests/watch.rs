@@ -216,3 +216,49 @@ fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> any
     assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
     Ok(())
 }
+
+/// `watch --weight 30`: a new process becomes a canary with 30 % of new connections, beside the
+/// active version, as `promote --weight 30` makes it.
+#[test]
+fn the_watcher_makes_a_canary_with_weight() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let args = ["watch", ":8080", "--no-readyz", "--weight", "30"];
+    let _watcher = KillOnDrop(zdt_command(&ns, &args).spawn()?);
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    let role = |st: &serde_json::Value, pid: i32| -> Option<String> {
+        st["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["pid"] == pid)
+            .and_then(|m| m["role"].as_str())
+            .map(str::to_string)
+    };
+    loop {
+        let st = status(&ns, PORT)?;
+        if role(&st, v2.pid).as_deref() == Some("canary") {
+            assert_eq!(role(&st, v1.pid).as_deref(), Some("active"), "{st}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "v2 not a canary: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut spec = LoadSpec::open(
+        ([127, 0, 0, 1], PORT).into(),
+        500.0,
+        Duration::from_secs(20),
+    );
+    spec.max_requests = 1000;
+    let t = ns.run(move || {
+        let mut v = Vec::new();
+        load::run(&spec, &Default::default(), &mut |s| v.push(s));
+        load::tally(&v)
+    })?;
+    assert_eq!(t.failures(), 0, "{t:?}");
+    // 30 % of 1000 by flow hash: 300, with a standard deviation of about 14.5.
+    let canary = t.versions.get("v2").copied().unwrap_or(0);
+    assert!((240..=360).contains(&canary), "{t:?}");
+    Ok(())
+}

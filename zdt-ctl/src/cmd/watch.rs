@@ -131,8 +131,12 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                     if let Some((_, t)) = previous {
                         let _ = t.join();
                     }
+                    let role = match opts.weight {
+                        Some(w) => format!("a canary ({w} % of new connections)"),
+                        None => "active".to_string(),
+                    };
                     match take_on(opts, path.as_deref()) {
-                        Ok(()) => eprintln!("zdt-ctl watch: pid {} active on {spec}", p.pid),
+                        Ok(()) => eprintln!("zdt-ctl watch: pid {} is {role} on {spec}", p.pid),
                         Err(e) => eprintln!("zdt-ctl watch: pid {} not promoted: {e:#}", p.pid),
                     }
                 });
