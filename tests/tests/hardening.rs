@@ -967,7 +967,8 @@ fn a_bad_probe_path_or_uid_is_bad_input() -> anyhow::Result<()> {
 
 /// Another user's listener (`[::]:PORT`, IPv6-only, SO_REUSEPORT, uid 65534) beside a root app
 /// on `0.0.0.0:PORT`: `promote` of its pid is refused, and the watcher never promotes it nor
-/// stops it with `--stop-old`, and still promotes the app's next version.
+/// stops it with `--stop-old`, and still promotes the app's next version, also when another of
+/// that user's processes starts listening while the version warms up.
 #[test]
 fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
     let ns = Netns::new()?;
@@ -982,9 +983,12 @@ fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
     assert!(r.stderr.contains("the app's user"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
     let _watcher = KillOnDrop(
-        zdt_tests::harness::zdt_command(&ns, &["watch", ":8080", "--no-readyz", "--stop-old"])
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
+        zdt_tests::harness::zdt_command(
+            &ns,
+            &["watch", ":8080", "--readyz-path", "/readyz", "--stop-old"],
+        )
+        .stderr(std::process::Stdio::null())
+        .spawn()?,
     );
     // The watcher has looked at the port (it does every 100 ms) with the other user's listener
     // there from the start.
@@ -993,7 +997,12 @@ fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
         zdt_tests::harness::active_pids(&ns, PORT)?,
         [i64::from(v1.pid)]
     );
-    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    let warmup = load::scaled(Duration::from_secs(2));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
+    // While v2 warms up, the other user starts another listener: a newer process, but not the
+    // app's, so it must not make the watcher give v2 up.
+    std::thread::sleep(load::scaled(Duration::from_millis(500)));
+    let _foreign2 = another_users_v6_listener(&ns)?;
     let deadline = std::time::Instant::now() + load::scaled(Duration::from_secs(10));
     while zdt_tests::harness::active_pids(&ns, PORT)? != [i64::from(v2.pid)] {
         anyhow::ensure!(std::time::Instant::now() < deadline, "v2 not promoted");

@@ -206,6 +206,16 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
+/// The owner uids of the TCP listeners on `port` that `pid` holds.
+pub fn listener_uids(pid: i32, port: u16) -> anyhow::Result<BTreeSet<u32>> {
+    let fds = socket_fds(pid)?;
+    Ok(listen_entries()?
+        .into_iter()
+        .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() == port)
+        .map(|(_, e)| e.uid)
+        .collect())
+}
+
 /// The addresses of the TCP listeners `pid` holds on ports other than `port`: where its own
 /// admin (readiness) endpoint may be.
 pub fn other_listeners(pid: i32, port: u16) -> anyhow::Result<BTreeSet<SocketAddr>> {

@@ -102,10 +102,14 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) {
-            let mut found = newcomers(spec.port)?;
+            let (mut found, uids) = newcomers(spec.port)?;
             found.sort_unstable_by_key(|p| p.start);
             for p in found {
                 if !tried.insert(p) {
+                    continue;
+                }
+                if let Some(why) = foreign(&p, spec.port, &uids) {
+                    eprintln!("zdt-ctl watch: {why}");
                     continue;
                 }
                 eprintln!(
@@ -218,9 +222,30 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
 }
 
 /// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns the
-/// processes with no role that serve a listener in no slot.
-fn newcomers(port: u16) -> anyhow::Result<Vec<Process>> {
+/// processes with no role that serve a listener in no slot, with the uids of the port's
+/// members (empty when it has none).
+fn newcomers(port: u16) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
     let state = State::open_locked(port)?;
     let slots = state.slots()?;
-    Ok(state.drift(&slots)?.newcomers)
+    Ok((state.drift(&slots)?.newcomers, state.member_uids()?))
+}
+
+/// Why `p` is not the app's: its listeners on `port` belong to a uid that the port's members
+/// (`uids`) do not have. Such a process is another user's: promote would refuse it, and it must
+/// not give up the wait of a newcomer of the app's (any local user can start processes).
+fn foreign(p: &Process, port: u16, uids: &[u32]) -> Option<String> {
+    if uids.is_empty() {
+        return None;
+    }
+    let theirs = sockets::listener_uids(p.pid, port).ok()?;
+    let other = theirs.iter().find(|u| !uids.contains(u))?;
+    Some(format!(
+        "pid {} listens on port {port} as uid {other}, not as the app's user (uid {}): left \
+         alone",
+        p.pid,
+        uids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
