@@ -36,14 +36,17 @@ pub struct Member {
     /// Connections waiting in its sockets' accept queues.
     pub queued: u64,
     /// Its slots whose socket takes connections (active, canary) and whose accept queue held
-    /// connections and did not shrink over [`STALL_WINDOW`]: the process does not accept from
-    /// that socket (an app that serves only some of the sockets it was given), or cannot keep up.
+    /// connections and never went below that at any look over [`STALL_WINDOW`]: the process does
+    /// not accept from that socket (an app that serves only some of the sockets it was given),
+    /// or cannot keep up at all.
     pub stalled: Vec<u32>,
 }
 
 /// How long status watches a taking socket's non-empty accept queue before it calls it stalled.
 /// Only read again when some such queue is non-empty, so a port at rest costs nothing more.
 const STALL_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
+/// How many times status looks at such a queue within [`STALL_WINDOW`].
+const STALL_SAMPLES: u32 = 5;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Counters {
@@ -247,19 +250,23 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         .map(|s| (s.index, queued(&table, s.meta.cookie)))
         .filter(|&(_, n)| n > 0)
         .collect();
-    let mut stalled: Vec<u32> = Vec::new();
-    if !waiting.is_empty() {
-        std::thread::sleep(STALL_WINDOW);
+    // Stalled: the queue never went below what it held at first, at any of STALL_SAMPLES looks
+    // over STALL_WINDOW. A served queue, however busy, dips between arrivals; one that nothing
+    // accepts from only grows.
+    let mut stalled: Vec<u32> = waiting.iter().map(|&(index, _)| index).collect();
+    for _ in 0..STALL_SAMPLES {
+        if stalled.is_empty() {
+            break;
+        }
+        std::thread::sleep(STALL_WINDOW / STALL_SAMPLES);
         let again = sockets::listen_entries()?;
-        for (index, before) in waiting {
-            let cookie = slots
+        stalled.retain(|&index| {
+            let before = waiting.iter().find(|w| w.0 == index).map_or(0, |w| w.1);
+            slots
                 .iter()
                 .find(|s| s.index == index)
-                .map(|s| s.meta.cookie);
-            if cookie.is_some_and(|c| queued(&again, c) >= before) {
-                stalled.push(index);
-            }
-        }
+                .is_some_and(|s| queued(&again, s.meta.cookie) >= before)
+        });
     }
     let mut members: Vec<Member> = Vec::new();
     for s in &slots {
