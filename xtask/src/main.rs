@@ -38,6 +38,10 @@ enum Task {
         /// Only this suite (tests/tests/NAME.rs); may repeat. Default: every test executable.
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
+        /// With --kernel: leave this suite out of the VM's run (it still runs on the host);
+        /// may repeat.
+        #[arg(long = "except", value_name = "NAME", requires = "kernel")]
+        except: Vec<String>,
         /// With --kernel: kill the VM after this many minutes.
         #[arg(
             long,
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test {
             kernel,
             suites,
+            except,
             vm_timeout,
             args,
         } => {
@@ -101,7 +106,13 @@ fn main() -> anyhow::Result<()> {
                     } else {
                         k
                     };
-                    vm::test(&k, &suites, &args, Duration::from_secs(vm_timeout * 60))
+                    vm::test(
+                        &k,
+                        &suites,
+                        &except,
+                        &args,
+                        Duration::from_secs(vm_timeout * 60),
+                    )
                 }
                 None => test(&suites, &args),
             }

@@ -63,6 +63,7 @@ struct TestExe {
 pub fn test(
     kernel: &Path,
     suites: &[String],
+    except: &[String],
     args: &[String],
     limit: Duration,
 ) -> anyhow::Result<()> {
@@ -70,7 +71,7 @@ pub fn test(
     if let Some(s) = suites.iter().find(|s| OWN_VM.contains(&s.as_str())) {
         bail!("--suite {s} boots a VM of its own: run it on the host, without --kernel");
     }
-    let exes = test_executables(suites)?;
+    let exes = test_executables(suites, except)?;
     let script = write_script(&exes, args)?;
     boot(kernel, &script, limit)
 }
@@ -141,8 +142,8 @@ pub fn runs_suite(suite: &str, suites: &[String], in_vm: bool) -> bool {
 
 /// Builds the test executables on the host (the guest only runs them) and lists them in
 /// cargo's order: those of `suites` only, or all of the workspace's but those a VM run leaves
-/// out (LEFT_OUT, OWN_VM).
-fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
+/// out (LEFT_OUT, OWN_VM) and those of `except`.
+fn test_executables(suites: &[String], except: &[String]) -> anyhow::Result<Vec<TestExe>> {
     let mut c = test_cargo("test");
     c.args([
         "--workspace",
@@ -158,6 +159,7 @@ fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
         bail!("{c:?} failed: {}", out.status);
     }
     let mut exes = Vec::new();
+    let mut excepted = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -176,10 +178,21 @@ fn test_executables(suites: &[String]) -> anyhow::Result<Vec<TestExe>> {
             );
             continue;
         }
+        if except.iter().any(|e| e == name) {
+            eprintln!("vm: left out: {name}: --except");
+            excepted.push(name.to_string());
+            continue;
+        }
         exes.push(TestExe {
             name: name.to_string(),
             path: path.into(),
         });
+    }
+    if let Some(e) = except.iter().find(|e| !excepted.contains(e)) {
+        bail!(
+            "--except {e}: no such suite in this run; name one of tests/tests/*.rs (or a \
+             crate's unit tests), e.g. --except bench"
+        );
     }
     if exes.is_empty() {
         bail!("cargo built no test executable (suites {suites:?})");
@@ -260,8 +273,40 @@ fn open_file_limit() -> Option<u64> {
 }
 
 /// Boots `kernel` with virtme-ng to run `script`, streams the guest's output, and fails if the
-/// script fails or the VM outlives `limit` (then it is killed).
+/// script fails or the VM outlives `limit` (then it is killed). A guest that dies before its
+/// script starts has run no test: its console's last lines are shown and it is booted once more.
 fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
+    match boot_once(kernel, script, limit)? {
+        Boot::Ran => Ok(()),
+        Boot::DiedBeforeScript => {
+            eprintln!(
+                "vm: the guest died before its script started (no test ran; its console is \
+                 above): booting it once more"
+            );
+            match boot_once(kernel, script, limit)? {
+                Boot::Ran => Ok(()),
+                Boot::DiedBeforeScript => bail!(
+                    "the VM on {} died twice before its script started: qemu or the guest \
+                     kernel fails to boot here (its console is above)",
+                    kernel.display()
+                ),
+            }
+        }
+    }
+}
+
+/// How a boot ended, when it did not fail a test.
+enum Boot {
+    /// The script ran and every test passed.
+    Ran,
+    /// The guest died before its script's first line: no test ran.
+    DiedBeforeScript,
+}
+
+/// How many of the console's last lines a failed boot shows.
+const CONSOLE_TAIL: usize = 80;
+
+fn boot_once(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<Boot> {
     let vng = setup::vng();
     // vng runs virtme-run from PATH.
     let path = format!(
@@ -287,9 +332,10 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         // `faults` suite 693 s vs 251 s). All vCPUs read qemu's one virtual clock, so the TSC is
         // in fact synchronized.
         .args(["--append", "tsc=reliable"])
-        // ZDT_VM_CONSOLE=1: the guest kernel's console too (an oops, a panic), for a guest that
-        // died.
-        .args(std::env::var_os("ZDT_VM_CONSOLE").map(|_| "--verbose"))
+        // The guest kernel's console (an oops, a panic) and qemu's own errors come on stderr
+        // with --verbose, the script's output on stdout. The console is kept, and shown when
+        // the guest dies or a test fails; ZDT_VM_CONSOLE=1 shows it as it comes.
+        .arg("--verbose")
         .arg("--exec")
         .arg(format!("sh {}", quote(&script.to_string_lossy())))
         // Nothing to type into the guest; a VM reading the terminal would also stop a run in
@@ -313,20 +359,42 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
     })?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let errors = std::thread::spawn(move || {
+    let live = std::env::var_os("ZDT_VM_CONSOLE").is_some();
+    let console = std::thread::spawn(move || {
+        let mut tail = std::collections::VecDeque::with_capacity(CONSOLE_TAIL);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
+            if live {
+                eprintln!("{line}");
+            }
+            if tail.len() == CONSOLE_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
         }
+        tail
     });
     // Lines go through here so that the log says when the guest's script started (the boot).
     let reader = std::thread::spawn(move || {
+        let mut started = false;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if line.contains(&format!("{MARK} guest kernel")) {
+                started = true;
                 eprintln!("vm: booted in {:.1} s", start.elapsed().as_secs_f64());
             }
             println!("{line}");
         }
+        started
     });
+    let show_console = |console: std::thread::JoinHandle<std::collections::VecDeque<String>>| {
+        if live {
+            return;
+        }
+        let tail = console.join().unwrap_or_default();
+        eprintln!("vm: the console's last {} lines:", tail.len());
+        for line in tail {
+            eprintln!("  | {line}");
+        }
+    };
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -334,7 +402,8 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         if start.elapsed() > limit {
             kill_tree(child.id());
             let _ = child.wait();
-            let _ = (reader.join(), errors.join());
+            let _ = reader.join();
+            show_console(console);
             bail!(
                 "the VM ran longer than {} min and was killed: a test hangs on this kernel, or \
                  the run needs a higher --vm-timeout (or fewer suites/tests)",
@@ -343,18 +412,23 @@ fn boot(kernel: &Path, script: &Path, limit: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let _ = (reader.join(), errors.join());
+    let started = reader.join().unwrap_or(true);
     eprintln!(
         "vm: finished in {:.1} s: {status}",
         start.elapsed().as_secs_f64()
     );
-    if !status.success() {
-        bail!(
-            "tests failed in the VM on {} (vng {status}; exit status 255 means the guest died)",
-            kernel.display()
-        );
+    if status.success() {
+        let _ = console.join();
+        return Ok(Boot::Ran);
     }
-    Ok(())
+    show_console(console);
+    if !started {
+        return Ok(Boot::DiedBeforeScript);
+    }
+    bail!(
+        "tests failed in the VM on {} (vng {status}; exit status 255 means the guest died)",
+        kernel.display()
+    )
 }
 
 /// Kills `pid` and all its descendants: vng runs virtme-run, which forks qemu, and qemu must not
