@@ -666,6 +666,112 @@ fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()
     Ok(())
 }
 
+/// A process that closes an fd and reuses its number while promote waits for it to listen (Go's
+/// `net.FileListener` duplicates the passed socket, the app closes fd 3, and its next socket
+/// takes number 3) is read again: the promote goes on with the listener, which the map gets,
+/// not the socket now at that number. Seen in CI with the Go app of servers.rs: exit 1, "fd 3
+/// of pid N changed while zdt read it".
+#[test]
+fn an_fd_swapped_while_promote_waits_for_the_listener_is_read_again() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    let mut v2 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v2")
+            .arg("--swap-on-usr2")
+            .arg("--serve-moved"),
+    )?;
+    // The first read of v2's fds is the wait for it to listen; it pauses between /proc and
+    // pidfd_getfd, and v2 moves its listener to another number (and serves it there) and puts
+    // a listener of port 8081 under the number /proc gave.
+    let paused = at_failpoint(&ns, &promote_args(&v2, &[]), "fds-read:1500ms");
+    v2.signal(nix::sys::signal::Signal::SIGUSR2);
+    v2.wait_line("swapped=", Duration::from_secs(5))?;
+    let r = paused.finish()?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let status = zdt_tests::harness::status(&ns, PORT)?;
+    let active: Vec<i64> = status["members"]
+        .as_array()
+        .context("members")?
+        .iter()
+        .filter(|m| m["role"] == "active")
+        .filter_map(|m| m["pid"].as_i64())
+        .collect();
+    assert_eq!(active, [i64::from(v2.pid)], "{status}");
+    // New connections to 8080 reach v2 through the map: its 8080 listener is in it.
+    let t = served_throughout(l);
+    let after = load::requests(&ns, PORT, 20, RATE);
+    assert_eq!(after.versions.get("v2"), Some(&20), "{after:?} {t:?}");
+    Ok(())
+}
+
+/// The same with the fd closed rather than reused (the app moved its listener to another number
+/// and closed the first): pidfd_getfd finds no fd there while the process lives. Seen in CI with
+/// the Go app: exit 5, "pid N exited (or closed its socket) while zdt was reading it".
+#[test]
+fn an_fd_closed_while_promote_waits_for_the_listener_is_read_again() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let l = background_load(&ns);
+    // On SIGUSR2 it duplicates its listener, closes the first fd and serves the duplicate.
+    let (v2, mut out) = python(
+        &ns,
+        None,
+        "import os, signal, socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('0.0.0.0', 8080))\n\
+         s.listen(128)\n\
+         s.settimeout(0.05)\n\
+         usr2 = []\n\
+         signal.signal(signal.SIGUSR2, lambda *a: usr2.append(1))\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   if usr2 == [1]:\n\
+         \x20       usr2.append(2)\n\
+         \x20       moved = socket.socket(fileno=os.dup(s.fileno()))\n\
+         \x20       s.close()\n\
+         \x20       s = moved\n\
+         \x20       s.settimeout(0.05)\n\
+         \x20       print('moved', flush=True)\n\
+         \x20   try:\n\
+         \x20       c, _ = s.accept()\n\
+         \x20   except (TimeoutError, BlockingIOError, InterruptedError):\n\
+         \x20       continue\n\
+         \x20   try:\n\
+         \x20       c.settimeout(2)\n\
+         \x20       c.recv(4096)\n\
+         \x20       c.sendall(b'HTTP/1.1 200 OK\\r\\nx-zdt-version: v2\\r\\ncontent-length: 2\\r\\n\\
+         connection: close\\r\\n\\r\\nok')\n\
+         \x20   except OSError:\n\
+         \x20       pass\n\
+         \x20   c.close()\n",
+    )?;
+    let pid = v2.0.id().to_string();
+    // The first read of its fds is the wait for it to listen: it pauses between /proc and
+    // pidfd_getfd, and the app closes the fd /proc gave.
+    let paused = at_failpoint(
+        &ns,
+        &["promote", &pid, "--no-readyz"].map(String::from),
+        "fds-read:1500ms",
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(v2.0.id() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )?;
+    let line = out.next().transpose()?.unwrap_or_default();
+    assert_eq!(line, "moved", "the app did not move its listener");
+    let r = paused.finish()?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let t = served_throughout(l);
+    let after = load::requests(&ns, PORT, 20, RATE);
+    assert_eq!(after.versions.get("v2"), Some(&20), "{after:?} {t:?}");
+    Ok(())
+}
+
 /// A candidate bound to a device (SO_BINDTODEVICE, as `ip vrf exec` does) is in a group of its
 /// own, which the kernel prefers for that device's connections: promoting it is refused as a
 /// layout change (exit 7), and nothing changes.
@@ -698,6 +804,19 @@ fn python_listener(ns: &Netns, uid: Option<u32>, bind: &str) -> anyhow::Result<K
     let script = format!(
         "import socket, time\n{bind}s.listen(16)\nprint('listening', flush=True)\ntime.sleep(3600)\n"
     );
+    python(ns, uid, &script).map(|(child, _)| child)
+}
+
+/// Python 3 (Debian's) running `script`, as `uid` when given; returns once it printed
+/// `listening`, with the rest of its output.
+fn python(
+    ns: &Netns,
+    uid: Option<u32>,
+    script: &str,
+) -> anyhow::Result<(
+    KillOnDrop,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+)> {
     let mut cmd = match uid {
         Some(u) => {
             let mut c = std::process::Command::new("setpriv");
@@ -714,18 +833,17 @@ fn python_listener(ns: &Netns, uid: Option<u32>, bind: &str) -> anyhow::Result<K
         }
         None => std::process::Command::new("/usr/bin/python3"),
     };
-    cmd.args(["-c", &script])
+    cmd.args(["-c", script])
         .stdout(std::process::Stdio::piped())
         .stdin(std::process::Stdio::null());
     ns.command(&mut cmd);
     let mut child = KillOnDrop(cmd.spawn()?);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        child.0.stdout.take().context("stdout")?,
+    ));
+    let line = lines.next().transpose()?.unwrap_or_default();
     anyhow::ensure!(line.trim() == "listening", "python said {line:?}");
-    Ok(child)
+    Ok((child, lines))
 }
 
 /// uid 65534 listening on `[::]:8080`, IPv6-only, with SO_REUSEPORT.

@@ -693,21 +693,46 @@ pub fn listening_descendant(pid: i32, spec: &PortSpec) -> Option<(i32, String)> 
     Some((child, comm(child).unwrap_or_default()))
 }
 
+/// A process closed an fd and reused its number between zdt's read of /proc/PID/fd and the
+/// duplication of that fd (exit code 1, internal). A process that is still setting up does this
+/// (Go's `net.FileListener` duplicates a passed socket, then the app closes the passed fd and
+/// the next socket takes its number): the wait for a process to listen reads it again.
+#[derive(Debug)]
+pub struct FdChanged {
+    pub pid: i32,
+    pub fd: i32,
+    pub inode: u64,
+    pub found: u64,
+}
+
+impl std::fmt::Display for FdChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fd {} of pid {} changed while zdt read it (socket {} became {}); run the command \
+             again",
+            self.fd, self.pid, self.inode, self.found
+        )
+    }
+}
+
+impl std::error::Error for FdChanged {}
+
 /// Duplicates fd `fd` of a process and checks that it still is socket `inode`: between reading
-/// /proc/PID/fd and the duplication, the process may have closed that fd and reused its number.
+/// /proc/PID/fd and the duplication, the process may have closed that fd and reused its number
+/// ([`FdChanged`]).
 fn dup_checked(pidfd: &PidFd, fd: i32, inode: u64) -> anyhow::Result<OwnedFd> {
     use std::os::unix::fs::MetadataExt as _;
     let dup = dup_from(pidfd, fd)?;
     let found = std::fs::File::from(dup.try_clone()?).metadata()?.ino();
     if found != inode {
-        return Err(err(
-            Kind::Internal,
-            format!(
-                "fd {fd} of pid {} changed while zdt read it (socket {inode} became {found}); \
-                 run the command again",
-                pidfd.pid
-            ),
-        ));
+        return Err(FdChanged {
+            pid: pidfd.pid,
+            fd,
+            inode,
+            found,
+        }
+        .into());
     }
     Ok(dup)
 }

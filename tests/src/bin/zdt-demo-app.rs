@@ -115,6 +115,11 @@ struct Args {
     /// numbers has. Prints `swapped=FD`.
     #[arg(long)]
     swap_on_usr2: bool,
+    /// With --swap-on-usr2: keep serving the public listener at its new number, as Go's
+    /// `net.FileListener` does with a passed socket (it duplicates the fd, the app closes the
+    /// passed one, and the next socket takes that number).
+    #[arg(long, requires = "swap_on_usr2")]
+    serve_moved: bool,
     /// On SIGHUP, re-create the public listeners in process: bind new ones (SO_REUSEPORT, the
     /// same addresses), accept on them, then close the old ones, as a Go server restarted in
     /// process or nginx reloading changed `listen` lines does. Prints `relistened=ADDR` per
@@ -384,6 +389,7 @@ async fn main() -> anyhow::Result<()> {
         let fd = first.as_raw_fd();
         let other = SocketAddr::new(args.addr, args.port + 1);
         let mut usr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+        let (serve_moved, tx, mut stop) = (args.serve_moved, conn_tx.clone(), stop.clone());
         tokio::spawn(async move {
             while usr2.recv().await.is_some() {
                 let Ok(l) = listener(other, true, true, 128).and_then(|l| l.into_std()) else {
@@ -391,13 +397,34 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let new = l.into_raw_fd();
                 // SAFETY: plain fd calls on descriptors of this process. The public listener
-                // stays open under the dup (deliberately never closed), so it keeps listening.
-                unsafe {
-                    libc::dup(fd);
+                // stays open under the dup, so it keeps listening.
+                let moved = unsafe {
+                    let moved = libc::dup(fd);
                     libc::dup2(new, fd);
                     libc::close(new);
-                }
+                    moved
+                };
                 println!("swapped={fd}");
+                if !serve_moved {
+                    continue;
+                }
+                use std::os::fd::FromRawFd;
+                // SAFETY: `moved` is this process's own new descriptor of the listener.
+                let std_l = unsafe { std::net::TcpListener::from_raw_fd(moved) };
+                let Ok(l) = std_l
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(std_l))
+                else {
+                    continue;
+                };
+                loop {
+                    tokio::select! {
+                        r = l.accept() => if let Ok((s, _)) = r {
+                            let _ = tx.send(s).await;
+                        },
+                        _ = stop.changed() => break,
+                    }
+                }
             }
         });
     }

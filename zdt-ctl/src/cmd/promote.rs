@@ -659,6 +659,8 @@ fn wait_listening(
     loop {
         let mut found = Vec::new();
         let mut missing = None;
+        // A read that met an fd in flux: reported if the process is still at it at the deadline.
+        let mut changed: Option<anyhow::Error> = None;
         for spec in specs {
             match sockets::find_listeners(target, spec) {
                 Ok(Some(l)) => found.push(l),
@@ -667,6 +669,20 @@ fn wait_listening(
                     break;
                 }
                 Err(_) if !target.alive() => return Err(exited(spec)),
+                // The process is still setting its sockets up: it closed an fd while zdt read
+                // it, and reused the number (FdChanged) or not (pidfd_getfd finds no fd there:
+                // ProcessDied, though the process lives, as checked above). Go's
+                // net.FileListener duplicates a passed socket and the app closes the passed fd.
+                // Read again at the next poll.
+                Err(e)
+                    if e.downcast_ref::<sockets::FdChanged>().is_some()
+                        || crate::error::kind_of(&e) == Kind::ProcessDied =>
+                {
+                    tracing::info!(pid, error = %e, "an fd changed while zdt read it");
+                    changed = Some(e);
+                    missing = Some(*spec);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -688,6 +704,9 @@ fn wait_listening(
             }
         }
         if Instant::now() >= deadline {
+            if let Some(e) = changed {
+                return Err(e);
+            }
             return Err(err(
                 Kind::ReadinessTimeout,
                 format!(
