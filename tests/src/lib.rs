@@ -8,6 +8,7 @@ pub mod harness;
 pub mod kernel;
 pub mod load;
 pub mod netns;
+pub mod nspawn;
 pub mod podman;
 pub mod programs;
 pub mod scale;

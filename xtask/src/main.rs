@@ -95,6 +95,9 @@ fn main() -> anyhow::Result<()> {
                 build()?;
                 dist()?;
             }
+            if vm::runs_suite("fleet", &suites, vm) {
+                setup::fleet()?;
+            }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
@@ -315,7 +318,9 @@ fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
     }
     c.args(["--", "--test-threads=1"])
         .args(args)
-        .env("ZDT_BIN_DIR", test_bin_dir());
+        .env("ZDT_BIN_DIR", test_bin_dir())
+        // tests/tests/fleet.rs runs ansible-core and ansible-lint from the venv setup made.
+        .env("ZDT_ANSIBLE_VENV", setup::ansible_venv());
     run(c)
 }
 

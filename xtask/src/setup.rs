@@ -59,6 +59,21 @@ const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "catatonit"];
 /// package: dpkg-shlibdeps (and binutils' strip) to build the package, lintian to check it,
 /// mmdebstrap to make the Debian roots it is installed into.
 const PACKAGE_PACKAGES: [&str; 3] = ["dpkg-dev", "lintian", "mmdebstrap"];
+/// For tests/tests/fleet.rs alone ([`fleet`]): systemd-nspawn, which boots the fleet's hosts
+/// (Debian roots that mmdebstrap makes, with systemd and sshd), ssh to reach them, Debian's
+/// ansible-core (2.14) for the smoke play, and Debian's Python venv for the newest ansible-core
+/// that Debian 12's Python 3.11 runs, from PyPI.
+const FLEET_PACKAGES: [&str; 5] = [
+    "systemd-container",
+    "openssh-client",
+    "ansible-core",
+    "python3-venv",
+    "mmdebstrap",
+];
+/// ansible-core 2.19 is the last series whose controller runs on Python 3.11 (2.20 needs 3.12);
+/// ansible-lint checks the collection.
+const ANSIBLE_CORE_VERSION: &str = "2.19.14";
+const ANSIBLE_LINT_VERSION: &str = "26.10.1";
 /// virtme-ng from PyPI (Debian 12 has no package for it).
 const VIRTME_NG_VERSION: &str = "1.42";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -171,8 +186,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask test --kernel` needs besides [`run`]'s: virtme-ng. Only that task installs
-/// it.
 /// Debian 12's 6.12 kernel (from its security suite; Debian 13's series), for `cargo xtask
 /// test --kernel debian-12-6.12` alone: the metapackage, for the same reason as
 /// [`BOOT_PACKAGES`]' 6.1.
@@ -180,32 +193,71 @@ pub fn kernel_6_12() -> anyhow::Result<()> {
     apt_install(["linux-image-6.12-amd64"])
 }
 
+/// What `cargo xtask test --kernel` needs besides [`run`]'s: virtme-ng. Only that task installs
+/// it.
 pub fn vm() -> anyhow::Result<()> {
     apt_install(VM_PACKAGES)?;
-    if !vng().exists() {
-        let venv = virtme_ng_venv();
-        eprintln!(
-            "setup: installing virtme-ng {VIRTME_NG_VERSION} in {}",
-            venv.display()
-        );
-        // Debian's python3, not whatever `python3` is first on PATH: the venv must outlive a
-        // pyenv or a user's PATH.
-        run_checked({
-            let mut c = Command::new("/usr/bin/python3");
-            c.arg("-m").arg("venv").arg(&venv);
-            c
-        })?;
-        run_checked({
-            let mut c = Command::new(venv.join("bin/pip"));
-            c.args(["install", "-q", &format!("virtme-ng=={VIRTME_NG_VERSION}")]);
-            c
-        })
-        .context("pip install virtme-ng (needs PyPI)")?;
+    pip_venv(
+        &virtme_ng_venv(),
+        &[&format!("virtme-ng=={VIRTME_NG_VERSION}")],
+        &vng(),
+    )
+}
+
+/// The venv that holds ansible-core and ansible-lint from PyPI, named after their versions.
+pub fn ansible_venv() -> PathBuf {
+    PathBuf::from(format!(
+        "/opt/zdt/ansible-core-{ANSIBLE_CORE_VERSION}-lint-{ANSIBLE_LINT_VERSION}"
+    ))
+}
+
+/// What tests/tests/fleet.rs needs besides [`run`]'s; only a run of that suite installs it.
+pub fn fleet() -> anyhow::Result<()> {
+    apt_install(FLEET_PACKAGES)?;
+    let venv = ansible_venv();
+    pip_venv(
+        &venv,
+        &[
+            &format!("ansible-core=={ANSIBLE_CORE_VERSION}"),
+            &format!("ansible-lint=={ANSIBLE_LINT_VERSION}"),
+        ],
+        &venv.join("bin/ansible-lint"),
+    )
+}
+
+/// A venv at `venv` with `requirements` from PyPI, unless `last` (the last file pip installs)
+/// exists: a venv that pip did not finish is installed into again.
+fn pip_venv(
+    venv: &std::path::Path,
+    requirements: &[&str],
+    last: &std::path::Path,
+) -> anyhow::Result<()> {
+    if last.exists() {
+        return Ok(());
     }
+    eprintln!(
+        "setup: installing {} in {}",
+        requirements.join(" "),
+        venv.display()
+    );
+    // Debian's python3, not whatever `python3` is first on PATH: the venv must outlive a pyenv
+    // or a user's PATH.
+    run_checked({
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg("-m").arg("venv").arg(venv);
+        c
+    })?;
+    run_checked({
+        let mut c = Command::new(venv.join("bin/pip"));
+        c.args(["install", "-q"]).args(requirements);
+        c
+    })
+    .with_context(|| format!("pip install {} (needs PyPI)", requirements.join(" ")))?;
     anyhow::ensure!(
-        vng().exists(),
-        "setup installed virtme-ng but {} is missing",
-        vng().display()
+        last.exists(),
+        "setup installed {} but {} is missing",
+        requirements.join(" "),
+        last.display()
     );
     Ok(())
 }
