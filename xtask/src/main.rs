@@ -84,11 +84,11 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::run()?;
             build_for_tests()?;
-            // tests/tests/package.rs and systemd_vm.rs install the package that `dist` builds
-            // from the release build (without test hooks). A VM run leaves both out unless
-            // package is named (systemd_vm runs on the host only).
+            // tests/tests/package.rs, systemd_vm.rs and fleet.rs install the package that
+            // `dist` builds from the release build (without test hooks). A VM run leaves them
+            // out unless package or fleet is named (systemd_vm runs on the host only).
             let vm = kernel.is_some();
-            if ["package", "systemd_vm"]
+            if ["package", "systemd_vm", "fleet"]
                 .iter()
                 .any(|s| vm::runs_suite(s, &suites, vm))
             {
