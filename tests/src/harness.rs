@@ -616,6 +616,7 @@ pub fn print_tally(title: &str, t: &crate::load::Tally) {
     use crate::load::Outcome;
     println!("{title}");
     println!(
+        // spaces: the columns of a table.
         "  requests {:>7}   ok {:>7}   failed {:>4}",
         t.requests,
         t.count(Outcome::Ok),

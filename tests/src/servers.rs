@@ -590,6 +590,7 @@ mod tests {
 
     #[test]
     fn parses_wrk_reports_with_and_without_errors() {
+        // spaces: wrk's own report, as it prints it.
         let clean = "Running 20s test @ http://127.0.0.1:8080/
   1 threads and 4 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
@@ -604,6 +605,7 @@ Transfer/sec:      1.93MB
         assert_eq!(r.failures(), 0);
         assert_eq!(r.latency_max, Duration::from_micros(8430));
         let failing = format!(
+            // spaces: wrk's own report, as it prints it.
             "{}  Socket errors: connect 1, read 12, write 2, timeout 3\n  Non-2xx or 3xx responses: 7\n",
             clean.replace("8.43ms", "1.02s")
         );

@@ -720,6 +720,7 @@ fn an_fd_closed_while_promote_waits_for_the_listener_is_read_again() -> anyhow::
     let (v2, mut out) = python(
         &ns,
         None,
+        // spaces: Python's indentation.
         "import os, signal, socket\n\
          s = socket.socket()\n\
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
@@ -918,6 +919,7 @@ fn readiness_wait_cpu(fds: usize, timeout: Duration) -> anyhow::Result<Duration>
         &ns,
         None,
         &format!(
+            // spaces: Python's indentation.
             "import os, resource, threading, http.server\n\
              hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n\
              resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\

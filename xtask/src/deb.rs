@@ -134,6 +134,7 @@ pub fn build(dist: &Path) -> anyhow::Result<PathBuf> {
     )?;
     let (maintainer, date) = (maintainer()?, date()?);
     let changelog = format!(
+        // spaces: Debian's changelog format (deb-changelog(5)).
         "zdt ({version}) unstable; urgency=medium\n\n  \
          * Built by `cargo xtask dist` from commit {commit}.\n\n -- {maintainer}  {date}\n"
     );

@@ -3,6 +3,7 @@
 //! `setup` installs what a fresh machine lacks (idempotent, quick when all is present); every
 //! other task runs it first, so the README's two commands work on a new machine.
 mod deb;
+mod drift;
 // One piece of code with the test crate, which boots the same kernel (tests/src/kernel.rs).
 #[path = "../../tests/src/kernel.rs"]
 mod kernel;
@@ -284,6 +285,7 @@ fn lint() -> anyhow::Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt).context("cargo fmt --check: run `cargo fmt --all`")?;
+    drift::check()?;
     // In the test build's directory and with its features: the hooks are linted too, and
     // the dependencies built once serve the tests.
     let mut clippy = test_cargo("clippy");

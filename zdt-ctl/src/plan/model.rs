@@ -956,6 +956,7 @@ fn replay_here(ops: &[Op]) -> Result<(), String> {
             let slots = m.slots().iter().map(slot).collect::<Vec<_>>().join(", ");
             let live = m.live().map_or("none (pass-through)".into(), |l| brief(&l));
             let (log, target) = (log.join("\n  "), brief(&m.target()));
+            // spaces: the values aligned.
             let state = format!("live:   {live}\ntarget: {target}\nslots:  {slots}");
             return Err(format!("invariant {v}\nsteps:\n  {log}\n{state}"));
         }

@@ -914,6 +914,7 @@ mod tests {
         assert_eq!(Role::from_raw(0), Role::Draining);
         assert_eq!(Role::from_raw(99), Role::Draining);
         assert_eq!(Role::Canary.to_string(), "canary");
+        // spaces: padded to 8 columns.
         assert_eq!(format!("{:<8}|", Role::Hold), "hold    |");
     }
 
