@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the BPF toolchain and system packages (idempotent).
+    /// Install the BPF toolchain and what the test suite runs (idempotent; the other tasks
+    /// install what they need themselves: `demo` only the toolchain).
     Setup,
     /// Build the release binaries (target/release/zdt-ctl and the demo/test binaries).
     Build,
@@ -73,7 +74,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Build => {
-            setup::run()?;
+            setup::toolchain()?;
             build()
         }
         Task::Test {
@@ -122,17 +123,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Task::Demo => {
-            setup::run()?;
+            setup::toolchain()?;
             build()?;
             run(Command::new(root().join("target/release/zdt-demo")))
         }
         Task::Dist => {
-            setup::run()?;
+            setup::dist()?;
             build()?;
             dist()
         }
         Task::Bench { readme, args } => {
-            setup::run()?;
+            setup::toolchain()?;
             build()?;
             let out = root().join("bench-results");
             // Results of an earlier run must not pass for this one's in update_readme.

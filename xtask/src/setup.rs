@@ -1,4 +1,6 @@
-//! `cargo xtask setup`: everything a fresh Debian machine needs to build and run zdt.
+//! `cargo xtask setup`: everything a fresh Debian machine needs to build zdt and run its tests.
+//! Each task installs only what it needs: `build`, `demo` and `bench` the toolchain
+//! ([`toolchain`]), `dist` that and dpkg-dev, `test` everything the suites run ([`run`]).
 //!
 //! The BPF program is Rust compiled for bpfel-unknown-none. Debian ships a Rust toolchain with a
 //! prebuilt `core` for that target (rustc-web + libstd-rust-web-dev-bpf) and LLVM 22; bpf-linker
@@ -55,10 +57,11 @@ const SERVER_PACKAGES: [&str; 8] = [
 /// machines), and catatonit, the init of a pod's infra container (a recommendation of podman's,
 /// which setup does not install by itself).
 const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "catatonit"];
-/// For `cargo xtask dist`, and tests/tests/package.rs and systemd_vm.rs, which check its
-/// package: dpkg-shlibdeps (and binutils' strip) to build the package, lintian to check it,
+/// For `cargo xtask dist`: dpkg-shlibdeps (and binutils' strip) to build the package.
+const DIST_PACKAGES: [&str; 1] = ["dpkg-dev"];
+/// For tests/tests/package.rs and systemd_vm.rs, which check the package: lintian to check it,
 /// mmdebstrap to make the Debian roots it is installed into.
-const PACKAGE_PACKAGES: [&str; 3] = ["dpkg-dev", "lintian", "mmdebstrap"];
+const PACKAGE_PACKAGES: [&str; 2] = ["lintian", "mmdebstrap"];
 /// For tests/tests/fleet.rs alone ([`fleet`]): systemd-nspawn, which boots the fleet's hosts
 /// (Debian roots that mmdebstrap makes, with systemd and sshd), ssh to reach them, Debian's
 /// ansible-core (2.14) for the smoke play, and Debian's Python venv for the newest ansible-core
@@ -137,15 +140,31 @@ fn apt_install(packages: impl IntoIterator<Item = &'static str>) -> anyhow::Resu
     run_checked(install)
 }
 
+/// `cargo xtask setup` and `cargo xtask test`: the toolchain and what the test suite runs (the
+/// suites' own extras, [`vm`], [`kernel_6_12`] and [`fleet`], come with the runs that need
+/// them).
 pub fn run() -> anyhow::Result<()> {
     apt_install(
-        PACKAGES
+        SERVER_PACKAGES
             .into_iter()
-            .chain(SERVER_PACKAGES)
             .chain(CONTAINER_PACKAGES)
+            .chain(DIST_PACKAGES)
             .chain(PACKAGE_PACKAGES)
             .chain(BOOT_PACKAGES),
     )?;
+    toolchain()
+}
+
+/// `cargo xtask dist`: the toolchain and the Debian package's tools.
+pub fn dist() -> anyhow::Result<()> {
+    apt_install(DIST_PACKAGES)?;
+    toolchain()
+}
+
+/// What building zdt needs, and all that `build`, `demo` and `bench` need: the BPF toolchain,
+/// rustfmt and clippy.
+pub fn toolchain() -> anyhow::Result<()> {
+    apt_install(PACKAGES)?;
     if !has_bpf_linker() {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
         let mut c = Command::new("cargo");
