@@ -1,6 +1,7 @@
 //! Faults: the port keeps serving. Each test in its own network namespace, with real processes
 //! under real load; every one fails if the behaviour regresses.
 use std::{collections::BTreeSet, net::SocketAddr, process::Stdio, time::Duration};
+use zdt_ctl::Step;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
@@ -140,7 +141,12 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
 
     // Dies between readiness and the switch (zdt paused at `readied`): exit 5, nothing changed.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    let child = at_failpoint(&ns, &promote_args(&v3, &[]), "readied:1s").child;
+    let child = at_failpoint(
+        &ns,
+        &promote_args(&v3, &[]),
+        &Step::Readied.pausing(Duration::from_secs(1)),
+    )
+    .child;
     v3.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
     assert_eq!(out.status.code(), Some(5), "{out:?}");
@@ -148,7 +154,12 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
 
     // Dies right after the switch (zdt paused at `switched`): rolled back to v1, exit 8.
     let v4 = App::start(&ns, &AppOpts::new(PORT, "v4"))?;
-    let child = at_failpoint(&ns, &promote_args(&v4, &[]), "switched:1s").child;
+    let child = at_failpoint(
+        &ns,
+        &promote_args(&v4, &[]),
+        &Step::Switched.pausing(Duration::from_secs(1)),
+    )
+    .child;
     v4.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
     assert_eq!(out.status.code(), Some(8), "{out:?}");
@@ -194,18 +205,9 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
     let mut current = App::start(&ns, &AppOpts::new(PORT, "v0"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = load(&ns);
-    let points = [
-        "validated",
-        "locked",
-        "readied",
-        "inserted",
-        "staged",
-        "flipped",
-        "switched",
-        "roles",
-        "stopping",
-    ];
-    for (i, point) in points.iter().enumerate() {
+    // Every step of promote, from the one list its failpoints use.
+    for (i, step) in Step::PROMOTE.iter().enumerate() {
+        let point = step.name();
         let new = App::start(&ns, &AppOpts::new(PORT, &format!("v{}", i + 1)))?;
         let mut child = at_failpoint(&ns, &promote_args(&new, &["--stop-old"]), point).child;
         let killed = child.kill(); // SIGKILL
@@ -482,9 +484,17 @@ fn a_command_that_waited_on_a_detached_state_waits_for_the_new_one() -> anyhow::
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // A detach holds the lock; a promote starts waiting for it, and is paused right after the
     // lock is granted (when the detach has removed the directory).
-    let mut detach = at_failpoint(&ns, &args(&["detach", ":8080"]), "detach-locked:1s").child;
+    let mut detach = at_failpoint(
+        &ns,
+        &args(&["detach", ":8080"]),
+        &Step::DetachLocked.pausing(Duration::from_secs(1)),
+    )
+    .child;
     let waiter = zdt_command(&ns, &["promote", &v1.pid.to_string(), "--no-readyz"])
-        .env("ZDT_FAILPOINT", "lock-taken:1500ms")
+        .env(
+            "ZDT_FAILPOINT",
+            Step::LockTaken.pausing(Duration::from_millis(1500)),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -492,7 +502,12 @@ fn a_command_that_waited_on_a_detached_state_waits_for_the_new_one() -> anyhow::
     let waiter = waiter?;
     assert!(detached?.success());
     // An attach makes the state again and holds its lock for 2 s.
-    let attach = at_failpoint(&ns, &args(&["attach", ":8080"]), "attach-locked:2s").child;
+    let attach = at_failpoint(
+        &ns,
+        &args(&["attach", ":8080"]),
+        &Step::AttachLocked.pausing(Duration::from_secs(2)),
+    )
+    .child;
     let ended = |mut c: std::process::Child| {
         std::thread::spawn(move || c.wait().map(|s| (s, std::time::Instant::now())))
     };
@@ -547,7 +562,7 @@ fn what_a_killed_promote_left_is_put_right_by_the_next_command() -> anyhow::Resu
     // A promote killed between its flip and its roles leaves v3 serving but recorded as a
     // candidate; a later promote --stop-old must still stop it.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    let mut killed = at_failpoint(&ns, &promote_args(&v3, &[]), "flipped").child;
+    let mut killed = at_failpoint(&ns, &promote_args(&v3, &[]), Step::Flipped.name()).child;
     let _ = killed.kill();
     killed.wait()?;
     let v4 = App::start(&ns, &AppOpts::new(PORT, "v4"))?;

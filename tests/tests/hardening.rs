@@ -1,6 +1,7 @@
 //! Bad input gets a clear error and changes nothing; a pinned state zdt did not create as it is
 //! gets refused. (The argument-level cases are in core.rs.)
 use std::{os::unix::fs::PermissionsExt, time::Duration};
+use zdt_ctl::Step;
 
 use anyhow::Context as _;
 
@@ -619,7 +620,11 @@ fn a_readiness_url_taken_over_during_the_wait_is_refused() -> anyhow::Result<()>
         "http://127.0.0.1:9104/readyz",
     ]
     .map(String::from);
-    let paused = at_failpoint(&ns, &args, "readied:1500ms");
+    let paused = at_failpoint(
+        &ns,
+        &args,
+        &Step::Readied.pausing(Duration::from_millis(1500)),
+    );
     let other = with_admin(
         &ns,
         PORT + 11,
@@ -647,11 +652,15 @@ fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()
     // Each read of v2's fds pauses between /proc and pidfd_getfd: at the validation, then at
     // the switch, whose sockets go into the map. In the second pause, v2 puts a listener of
     // port 8081 (another group) under the fd number /proc gave for its listener on 8080.
-    let paused = at_failpoint(&ns, &promote_args(&v2, &[]), "fds-read:1500ms");
+    let paused = at_failpoint(
+        &ns,
+        &promote_args(&v2, &[]),
+        &Step::FdsRead.pausing(Duration::from_millis(1500)),
+    );
     let second = paused
         .stderr
         .iter()
-        .find(|l| l.contains("failpoint fds-read reached"));
+        .find(|l| l.contains(&format!("failpoint {} reached", Step::FdsRead.name())));
     assert!(second.is_some(), "the promote ended before its switch");
     v2.signal(nix::sys::signal::Signal::SIGUSR2);
     v2.wait_line("swapped=", Duration::from_secs(5))?;
@@ -686,7 +695,11 @@ fn an_fd_swapped_while_promote_waits_for_the_listener_is_read_again() -> anyhow:
     // The first read of v2's fds is the wait for it to listen; it pauses between /proc and
     // pidfd_getfd, and v2 moves its listener to another number (and serves it there) and puts
     // a listener of port 8081 under the number /proc gave.
-    let paused = at_failpoint(&ns, &promote_args(&v2, &[]), "fds-read:1500ms");
+    let paused = at_failpoint(
+        &ns,
+        &promote_args(&v2, &[]),
+        &Step::FdsRead.pausing(Duration::from_millis(1500)),
+    );
     v2.signal(nix::sys::signal::Signal::SIGUSR2);
     v2.wait_line("swapped=", Duration::from_secs(5))?;
     let r = paused.finish()?;
@@ -757,7 +770,7 @@ fn an_fd_closed_while_promote_waits_for_the_listener_is_read_again() -> anyhow::
     let paused = at_failpoint(
         &ns,
         &["promote", &pid, "--no-readyz"].map(String::from),
-        "fds-read:1500ms",
+        &Step::FdsRead.pausing(Duration::from_millis(1500)),
     );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(v2.0.id() as i32),

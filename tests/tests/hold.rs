@@ -1,6 +1,7 @@
 //! `zdt-ctl hold`: while no process is active (a stop-then-start restart, a crash), connections
 //! wait on a placeholder instead of being refused or reset, and move to the next promoted process.
 use std::time::Duration;
+use zdt_ctl::Step;
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
@@ -309,7 +310,7 @@ fn a_detach_killed_halfway_leaves_hold_protecting_the_port() -> anyhow::Result<(
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let mut hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
     let args = ["detach".to_string(), "0.0.0.0:8080".to_string()];
-    let mut detach = at_failpoint(&ns, &args, "placeholders-shut").child;
+    let mut detach = at_failpoint(&ns, &args, Step::PlaceholdersShut.name()).child;
     detach.kill()?;
     detach.wait()?;
     // Registered again: the live set names hold's placeholder.

@@ -1,5 +1,6 @@
 //! How zdt fits a real server: dual stack, several ports, socket activation, metrics.
 use std::{net::SocketAddr, process::Stdio, time::Duration};
+use zdt_ctl::Step;
 
 use zdt_tests::{
     harness::{
@@ -178,7 +179,14 @@ fn promote_of_an_exec_that_has_not_run_its_app_yet_waits_for_it() -> anyhow::Res
         .chain([bin("zdt-demo-app").display().to_string()])
         .chain(["--port", "1", "--version", "v2", "--admin-port", "9102"].map(String::from))
         .collect::<Vec<_>>();
-    let v2 = KillOnDrop(at_failpoint(&ns, &args, "exec-listening:500ms").child);
+    let v2 = KillOnDrop(
+        at_failpoint(
+            &ns,
+            &args,
+            &Step::ExecListening.pausing(Duration::from_millis(500)),
+        )
+        .child,
+    );
     let pid = v2.0.id().to_string();
     let r = zdt(
         &ns,

@@ -1,5 +1,6 @@
 //! `zdt-ctl rollback`: the previous active set back in one update, under load.
 use std::time::Duration;
+use zdt_ctl::Step;
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
@@ -153,7 +154,7 @@ fn a_rollback_killed_before_its_switch_keeps_its_target() -> anyhow::Result<()> 
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    let mut killed = at_failpoint(&ns, &["rollback".to_string()], "staged").child;
+    let mut killed = at_failpoint(&ns, &["rollback".to_string()], Step::Staged.name()).child;
     killed.kill()?;
     killed.wait()?;
     assert_eq!(active(&ns), [i64::from(v2.pid)]);

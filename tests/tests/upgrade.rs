@@ -26,6 +26,7 @@ fn tag_is_the_kernels() -> anyhow::Result<()> {
 }
 
 use std::time::Duration;
+use zdt_ctl::Step;
 
 use zdt_tests::{
     harness::{at_failpoint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
@@ -111,7 +112,11 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
 
     // Killed after attaching the new program, before its pin replaced the old one: the next
     // command still refuses (the pin says another build), and upgrade finishes the job.
-    let mut killed = at_failpoint(&ns, &["upgrade".into(), "8080".into()], "upgrade-attached");
+    let mut killed = at_failpoint(
+        &ns,
+        &["upgrade".into(), "8080".into()],
+        Step::UpgradeAttached.name(),
+    );
     killed.child.kill()?;
     killed.child.wait()?;
     assert_eq!(zdt(&ns, &["status", "8080"]).code, 7);

@@ -50,13 +50,108 @@ macro_rules! outln {
     }};
 }
 
-/// Test hook: when `ZDT_FAILPOINT` is `NAME`, stop at that point until killed; when it is
+/// The steps of zdt-ctl's commands that a test can stop or pause zdt-ctl at (`ZDT_FAILPOINT`):
+/// one list, which the code's [`failpoint`] calls and the tests both use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// promote: PID listens and its sockets passed every check.
+    Validated,
+    /// promote: the port's lock is taken after the readiness wait.
+    Locked,
+    /// promote: the readiness checks are done, under the lock.
+    Readied,
+    /// promote: PID's sockets are in the map as candidates.
+    Inserted,
+    /// The new active set is written to the standby buffer, not yet live.
+    Staged,
+    /// The control word names the new buffer: the new set is live.
+    Flipped,
+    /// promote: the switch is done (the rollback target recorded).
+    Switched,
+    /// promote: the members' roles are written.
+    Roles,
+    /// promote --stop-old: about to SIGTERM the previous members.
+    Stopping,
+    /// Any locked command: the port's lock is taken.
+    LockTaken,
+    /// upgrade: the new program is attached to the port's groups, its pin not yet replaced.
+    UpgradeAttached,
+    /// exec: the listeners are made, the app not yet exec'ed.
+    ExecListening,
+    /// detach: the lock is taken.
+    DetachLocked,
+    /// detach: hold's placeholders are shut.
+    PlaceholdersShut,
+    /// attach: the lock is taken.
+    AttachLocked,
+    /// Between the read of /proc/PID/fd and pidfd_getfd.
+    FdsRead,
+}
+
+impl Step {
+    /// promote's steps, in the order a promote --stop-old passes them.
+    pub const PROMOTE: [Step; 9] = [
+        Step::Validated,
+        Step::Locked,
+        Step::Readied,
+        Step::Inserted,
+        Step::Staged,
+        Step::Flipped,
+        Step::Switched,
+        Step::Roles,
+        Step::Stopping,
+    ];
+    /// The steps of the other commands, and those every locked command passes.
+    pub const OTHERS: [Step; 7] = [
+        Step::LockTaken,
+        Step::UpgradeAttached,
+        Step::ExecListening,
+        Step::DetachLocked,
+        Step::PlaceholdersShut,
+        Step::AttachLocked,
+        Step::FdsRead,
+    ];
+
+    /// Every step.
+    pub fn all() -> impl Iterator<Item = Step> {
+        Self::PROMOTE.into_iter().chain(Self::OTHERS)
+    }
+
+    /// The name `ZDT_FAILPOINT` gives.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Validated => "validated",
+            Step::Locked => "locked",
+            Step::Readied => "readied",
+            Step::Inserted => "inserted",
+            Step::Staged => "staged",
+            Step::Flipped => "flipped",
+            Step::Switched => "switched",
+            Step::Roles => "roles",
+            Step::Stopping => "stopping",
+            Step::LockTaken => "lock-taken",
+            Step::UpgradeAttached => "upgrade-attached",
+            Step::ExecListening => "exec-listening",
+            Step::DetachLocked => "detach-locked",
+            Step::PlaceholdersShut => "placeholders-shut",
+            Step::AttachLocked => "attach-locked",
+            Step::FdsRead => "fds-read",
+        }
+    }
+
+    /// `ZDT_FAILPOINT` for a pause of `pause` there (then zdt-ctl goes on).
+    pub fn pausing(self, pause: std::time::Duration) -> String {
+        format!("{}:{}ms", self.name(), pause.as_millis())
+    }
+}
+
+/// Test hook: when `ZDT_FAILPOINT` is the step's name, stop there until killed; when it is
 /// `NAME:DURATION`, pause there that long and go on. The fault tests SIGKILL zdt-ctl at every
 /// step of a command this way, or make something happen between two steps. Compiled only with
 /// the `test-hooks` feature: a production zdt-ctl cannot be told to stop halfway through a
 /// promote by its environment.
 #[cfg(feature = "test-hooks")]
-pub fn failpoint(name: &str) {
+pub fn failpoint(step: Step) {
     let Some(v) = std::env::var_os("ZDT_FAILPOINT") else {
         return;
     };
@@ -65,6 +160,7 @@ pub fn failpoint(name: &str) {
         Some((p, d)) => (p, humantime::parse_duration(d).ok()),
         None => (v.as_ref(), None),
     };
+    let name = step.name();
     if point != name {
         return;
     }
@@ -80,4 +176,37 @@ pub fn failpoint(name: &str) {
 /// Without the `test-hooks` feature a failpoint is nothing.
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
-pub fn failpoint(_name: &str) {}
+pub fn failpoint(_step: Step) {}
+
+#[cfg(test)]
+mod failpoint_tests {
+    use super::Step;
+
+    /// Every step is a failpoint of the code, and every failpoint is one step (by the source).
+    #[test]
+    fn every_step_is_reached_by_the_code() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let mut src = String::new();
+        let mut dirs = vec![std::path::PathBuf::from(dir)];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    src += &std::fs::read_to_string(p).unwrap();
+                }
+            }
+        }
+        for step in Step::all() {
+            let call = format!("Step::{step:?})");
+            assert_eq!(
+                src.matches(&call).count(),
+                1,
+                "failpoint({call} is called once"
+            );
+        }
+        let names: std::collections::BTreeSet<_> = Step::all().map(Step::name).collect();
+        assert_eq!(names.len(), Step::all().count(), "two steps with one name");
+    }
+}

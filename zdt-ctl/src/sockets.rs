@@ -566,7 +566,7 @@ pub fn find_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Option<V
     }
     // Between the read of /proc above and the duplication below, the process may close an fd
     // and reuse its number: the fault tests swap one here.
-    crate::failpoint("fds-read");
+    crate::failpoint(crate::Step::FdsRead);
     let mut out = Vec::new();
     for (entry, fd) in matching {
         out.push(listener_from(

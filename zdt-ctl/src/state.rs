@@ -213,7 +213,7 @@ impl Lock {
                 return Err(std::io::Error::last_os_error())
                     .with_context(|| format!("locking {}", dir.display()));
             }
-            crate::failpoint("lock-taken");
+            crate::failpoint(crate::Step::LockTaken);
             let locked = file.metadata()?.ino();
             match fs::metadata(dir) {
                 Ok(m) if m.ino() == locked => return Ok(Some(Lock { _dir: file })),
@@ -516,7 +516,7 @@ impl State {
             attach_program(new.fd()?, s)
                 .context("attaching the new program to the port's SO_REUSEPORT group")?;
         }
-        crate::failpoint("upgrade-attached");
+        crate::failpoint(crate::Step::UpgradeAttached);
         let path = self.dir.join(names::PROGRAM);
         fs::rename(&staged, &path)
             .with_context(|| format!("renaming {} to {}", staged.display(), path.display()))?;
@@ -1113,7 +1113,7 @@ impl State {
         for (i, set) in &commit.writes {
             self.active.set(*i as u32, *set, 0)?;
         }
-        crate::failpoint("staged");
+        crate::failpoint(crate::Step::Staged);
         if !commit.switches(&now) {
             return Ok(None);
         }
@@ -1125,7 +1125,7 @@ impl State {
             return Ok(None);
         }
         let flipped_at = now_ms();
-        crate::failpoint("flipped");
+        crate::failpoint(crate::Step::Flipped);
         rcu_grace_period();
         Ok(Some(flipped_at))
     }
@@ -1141,7 +1141,11 @@ impl State {
 
     /// [`State::apply`], calling `step` after the switch ("switched") and after the roles
     /// ("roles"): promote's failpoints.
-    pub fn apply_steps(&mut self, plan: &Plan, mut step: impl FnMut(&str)) -> anyhow::Result<u64> {
+    pub fn apply_steps(
+        &mut self,
+        plan: &Plan,
+        mut step: impl FnMut(crate::Step),
+    ) -> anyhow::Result<u64> {
         let live = self.active_set()?;
         let mut set = plan.set;
         // The probe lists of a `promote --probe` that waits without the lock (alive: it claims
@@ -1156,14 +1160,14 @@ impl State {
         let at = self
             .commit(Some(set), plan.rollback)?
             .unwrap_or_else(now_ms);
-        step("switched");
+        step(crate::Step::Switched);
         for &(slot, role) in &plan.roles {
             let mut meta = self.meta.get(&slot, 0)?;
             meta.role = role.raw();
             meta.since_ms = now_ms();
             self.set_meta(slot, meta)?;
         }
-        step("roles");
+        step(crate::Step::Roles);
         Ok(at)
     }
 

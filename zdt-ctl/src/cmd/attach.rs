@@ -166,7 +166,7 @@ pub fn attach_as(spec: PortSpec, user: Option<&str>) -> anyhow::Result<AttachRep
         Vec::new()
     });
     let (mut state, created) = State::create(spec)?;
-    crate::failpoint("attach-locked");
+    crate::failpoint(crate::Step::AttachLocked);
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
     // that was re-created without the program.
     for (_, l) in &listeners {

@@ -31,7 +31,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     require_root()?;
     let mut state = State::open_locked(spec.port)?;
-    crate::failpoint("detach-locked");
+    crate::failpoint(crate::Step::DetachLocked);
     if state.spec != spec {
         return Err(bad_input(format!(
             "port {} is attached as {}, not {spec}; run `zdt-ctl detach {}`",
@@ -53,7 +53,7 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
             nix::sys::socket::shutdown(f.fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                 .context("shutting a placeholder of zdt-ctl hold down")?;
         }
-        crate::failpoint("placeholders-shut");
+        crate::failpoint(crate::Step::PlaceholdersShut);
     }
     // One member of each group is enough: the program belongs to the group. Detach first, then
     // remove the pins: if this is interrupted, the state still says "attached" and a second

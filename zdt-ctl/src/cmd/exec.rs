@@ -334,7 +334,7 @@ pub fn exec(
     let n = high.len();
     drop(high);
     let names = vec![name; n].join(":");
-    crate::failpoint("exec-listening");
+    crate::failpoint(crate::Step::ExecListening);
     let err = std::process::Command::new(program)
         .args(args)
         .env("LISTEN_FDS", n.to_string())

@@ -389,7 +389,7 @@ pub fn promote(
     };
     let still_valid = || valid(Some(&owner_cache));
     still_valid()?;
-    failpoint("validated");
+    failpoint(crate::Step::Validated);
     let validate = t0.elapsed();
 
     // The readiness wait takes no lock: other commands (a `zdt-ctl hold` that starts, status)
@@ -415,7 +415,7 @@ pub fn promote(
 
     // Serialize with other commands on these ports for the rest of the promote.
     let mut states = lock_all(&ports)?;
-    failpoint("locked");
+    failpoint(crate::Step::Locked);
     // --probe writes the probe lists under the lock, then waits without it.
     if let Some(path) = &opts.probe {
         let t2 = Instant::now();
@@ -431,7 +431,7 @@ pub fn promote(
         )?;
         readiness += t2.elapsed();
     }
-    failpoint("readied");
+    failpoint(crate::Step::Readied);
 
     // The process that passed readiness must be the one whose sockets we take: the pidfd pins
     // the process, the start time rules out a reused pid number. And its readiness URL must
@@ -517,7 +517,7 @@ pub fn promote(
     let probation = t3.elapsed();
 
     let t4 = Instant::now();
-    failpoint("stopping");
+    failpoint(crate::Step::Stopping);
     // Under the locks again: PID must still be what serves (a rollback or another promote may
     // have switched during the probation), and only members that still serve no port are
     // stopped. The signals go under the locks, the wait for the exits without them.
@@ -607,7 +607,7 @@ fn switch_port(
         state.attach_to_group(&l.fd)?;
     }
     let new = state.insert(pid, target.start, &listeners)?;
-    failpoint("inserted");
+    failpoint(crate::Step::Inserted);
     let snap = state.snapshot()?;
     let (before, rollback_target) = (snap.live_set(), snap.target);
     let plan = snap.promote(pid, &new, weight)?;
