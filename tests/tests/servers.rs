@@ -261,21 +261,14 @@ fn control_then_zdt(
         "{:?}, probes refused {refused}",
         z.stops
     );
-    // And at the host's pace, not one RST sent while they stopped beyond those refusals and
-    // Kernel::paws_rejected (not over the whole run: while gunicorn's workers import the app, a
-    // readiness probe of zdt-ctl's can wait out its 1 s and be dropped, and the worker's late
-    // answer to it draws a RST, zdt-ctl's own, on the admin port: `whole` shows it). Under
-    // emulation that count is printed, not held: a closed connection's late pure ACK reaches
-    // the peer's TIME_WAIT socket out of window, which answers it with an ACK that finds no
-    // socket and draws a RST (Kernel::paws_rejected), but PAWS counts it only when the ACK is a
-    // millisecond older than the FIN before it; in the same millisecond the same exchange is
-    // counted nowhere (tcp_timewait_state_process()). Seen on 6.1 with 64 nginx workers:
-    // OutRsts 3 against PAWS 1 and one refused probe, every request answered, EstabResets 0.
-    assert!(
-        load::emulated() || z.stops.out_rsts <= z.stops.paws_rejected + refused + keepalive_rsts,
-        "{:?}, probes refused {refused}",
-        z.stops
-    );
+    // OutRsts itself is printed, not held: beyond the keep-alive RSTs and the refusals above,
+    // the kernel answers with a RST segments that reach a connection both sides have already
+    // closed (a late pure ACK or a retransmitted FIN meeting a TIME_WAIT or FIN_WAIT2 socket
+    // out of window: tcp_timewait_state_process()). Such a RST ends no live connection, so it
+    // fails no request; how many there are depends on the host's timing (counted as PAWS only
+    // when the ACK is a millisecond older than the FIN before it). Any RST that ends a live
+    // connection or a connect in the namespace, the clients' included, is in EstabResets or
+    // AttemptFails, which the two checks above bound.
     assert_eq!(z.whole.migrate_req_failure, 0, "{:?}", z.whole);
     // Every instance answered: the handovers did happen under the load.
     assert_eq!(
