@@ -29,6 +29,12 @@ fn main() -> anyhow::Result<()> {
         );
         std::process::exit(1);
     }
+    // aya-build prints every line of the nested cargo's stderr as a cargo warning, so its
+    // progress ("Compiling ...", "Finished ...") would show as some 30 warnings on every
+    // build. Quiet mode keeps only what matters there: the compiler's own diagnostics come
+    // through its JSON stream, and a failed build still prints cargo's error. The build script
+    // is single-threaded here, before aya-build spawns anything.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     let package = aya_build::Package {
         name: "zdt-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../zdt-ebpf"),
