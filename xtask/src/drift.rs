@@ -156,7 +156,7 @@ fn paths_named(
     docs: &[(PathBuf, String)],
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let tops = r"(?:\.ci|ansible|docs|examples|tests|xtask|zdt-ctl|zdt-ebpf|zdt-common)";
+    let tops = r"(?:\.ci|ansible|docs|examples|tests|xtask|zdt-ctl|zdt-ebpf|zdt-common|zdt-plan)";
     let path = Regex::new(&format!(r"`({tops}/[^`\s]*?)(?::\d+)?`"))?;
     let bare = Regex::new(r"`([A-Za-z0-9_-]+\.(?:rs|md|sh|py|js|go))`")?;
     let placeholder = Regex::new(r"\b[A-Z][A-Z_]{2,}\b")?;

@@ -56,6 +56,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The checks `test` runs before any test: formatting, that the docs name only tests,
+    /// files and items that exist (and no string literal hides a run of spaces), clippy.
+    Lint,
     /// The live demo: three deploys under load in a fresh network namespace.
     Demo,
     /// Shell completions, the man page of zdt-ctl and the Debian package, in target/dist/.
@@ -121,6 +124,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => test(&suites, &args),
             }
+        }
+        Task::Lint => {
+            setup::toolchain()?;
+            lint()
         }
         Task::Demo => {
             setup::toolchain()?;

@@ -4,7 +4,7 @@
 pub mod addr;
 pub mod cmd;
 pub mod error;
-pub mod plan;
+pub use zdt_plan as plan;
 pub mod program;
 pub mod readiness;
 pub mod sockets;

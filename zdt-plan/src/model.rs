@@ -305,7 +305,7 @@ impl Model {
         }
     }
 
-    /// The process that serves the open listener `cookie` ([`crate::plan::member`]: the lowest
+    /// The process that serves the open listener `cookie` ([`crate::member`]: the lowest
     /// pid among the apps that hold it; hold's placeholders serve nothing).
     fn member(&self, cookie: u64) -> Option<Process> {
         let holds = |x: &&Proc| !x.hold && x.socks.iter().any(|s| s.0 == cookie && s.2);

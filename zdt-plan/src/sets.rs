@@ -642,7 +642,7 @@ pub fn repair(slots: &[Slot], live: &ActiveSet, keep_probe: bool) -> Option<Plan
 }
 
 /// A listener of the port's groups as the kernel shows it (sock_diag), with the process that
-/// serves it ([`crate::plan::member`]; None when only processes that do not serve it hold it).
+/// serves it ([`crate::member`]; None when only processes that do not serve it hold it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub cookie: u64,
