@@ -26,7 +26,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Documented in the README ("Exit codes").
+    /// Documented in docs/OPERATING.md ("Exit codes") and in the README.
     pub fn exit_code(self) -> i32 {
         match self {
             Kind::Internal => 1,
