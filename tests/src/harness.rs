@@ -13,6 +13,11 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{load::scaled, netns::Netns};
+pub use zdt_ctl::{
+    cmd::status::{Member, Status},
+    error::Kind,
+    plan::sets::Role,
+};
 
 /// Directory of the workspace's binaries: $ZDT_BIN_DIR, else the directory of the running
 /// executable (a test runs from target/<profile>/deps, a binary from target/<profile>).
@@ -296,6 +301,17 @@ impl Ctl {
     pub fn ok(&self) -> bool {
         self.code == 0
     }
+
+    /// The error kind the exit code stands for: None when the run succeeded (or ended with a
+    /// code zdt-ctl never uses, which `{r:?}` in the assertion then shows).
+    pub fn kind(&self) -> Option<Kind> {
+        Kind::from_exit_code(self.code)
+    }
+}
+
+/// The error kind of a zdt-ctl run that ended with `status` (see [`Ctl::kind`]).
+pub fn kind_of(status: std::process::ExitStatus) -> Option<Kind> {
+    Kind::from_exit_code(status.code().unwrap_or(-1))
 }
 
 impl From<Output> for Ctl {
@@ -539,14 +555,19 @@ pub fn status(ns: &Netns, port: u16) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&r.stdout).context("status JSON")
 }
 
+/// `zdt-ctl status PORT --json` read into zdt-ctl's own report type: what the tests check the
+/// roles and counters on, by type rather than by JSON string.
+pub fn report(ns: &Netns, port: u16) -> anyhow::Result<Status> {
+    let r = zdt_ok(ns, &["status", &port.to_string(), "--json"])?;
+    serde_json::from_str(&r.stdout).with_context(|| format!("status JSON: {}", r.stdout))
+}
+
 /// The pids of `port`'s active members, as `zdt-ctl status --json` lists them.
 pub fn active_pids(ns: &Netns, port: u16) -> anyhow::Result<Vec<i64>> {
-    Ok(status(ns, port)?["members"]
-        .as_array()
+    Ok(report(ns, port)?
+        .pids(Role::Active)
         .into_iter()
-        .flatten()
-        .filter(|m| m["role"] == "active")
-        .filter_map(|m| m["pid"].as_i64())
+        .map(i64::from)
         .collect())
 }
 

@@ -8,6 +8,7 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
+use zdt_tests::harness::Kind;
 use zdt_tests::{
     harness::{
         at_log_event, bin, fingerprint, promote_args, replace, status, strs, zdt, zdt_ok, App,
@@ -88,10 +89,10 @@ fn promote_waits_for_a_process_that_binds_late() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `zdt-ctl ARGS` and checks that it failed with `code` saying `says`, without waiting out
+/// Runs `zdt-ctl ARGS` and checks that it failed with `kind` saying `says`, without waiting out
 /// its 60 s timeout, and without changing the state.
-fn fails_fast(ns: &Netns, args: &[&str], code: i32, says: &str) -> anyhow::Result<()> {
-    ends_fast(ns, &format!("{args:?}"), || Ok(zdt(ns, args)), code, says)
+fn fails_fast(ns: &Netns, args: &[&str], kind: Kind, says: &str) -> anyhow::Result<()> {
+    ends_fast(ns, &format!("{args:?}"), || Ok(zdt(ns, args)), kind, says)
 }
 
 /// Runs the zdt-ctl command that `run` runs (`what`) and checks what [`fails_fast`] does.
@@ -99,13 +100,13 @@ fn ends_fast(
     ns: &Netns,
     what: &str,
     run: impl FnOnce() -> anyhow::Result<Ctl>,
-    code: i32,
+    kind: Kind,
     says: &str,
 ) -> anyhow::Result<()> {
     let before = fingerprint(ns, PORT)?;
     let t = Instant::now();
     let r = run()?;
-    assert_eq!(r.code, code, "{what}: {r:?}");
+    assert_eq!(r.kind(), Some(kind), "{what}: {r:?}");
     assert!(r.stderr.contains(says), "{what}: {r:?}");
     assert!(
         t.elapsed() < Duration::from_secs(30),
@@ -127,7 +128,7 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
     fails_fast(
         &ns,
         &strs(&promote_args(&other, &[])),
-        2,
+        Kind::BadInput,
         "listens on 127.0.0.1:8080, not on :8080",
     )?;
     // It exits before it binds: killed once the promote has started waiting for it.
@@ -141,7 +142,7 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
             dies.signal(Signal::SIGKILL);
             waiting.finish()
         },
-        5,
+        Kind::ProcessDied,
         "exited before it listened on :8080",
     )?;
     // A start script that runs the app as its child instead of exec'ing it.
@@ -154,19 +155,29 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
     ns.command(&mut script);
     let mut script = script.spawn()?;
     let sh = script.id().to_string();
-    fails_fast(&ns, &["promote", &sh, "--no-readyz"], 2, "its child pid")?;
+    fails_fast(
+        &ns,
+        &["promote", &sh, "--no-readyz"],
+        Kind::BadInput,
+        "its child pid",
+    )?;
     let _ = Command::new("pkill").args(["-P", &sh]).status();
     let _ = script.kill();
     let _ = script.wait();
     // pid 1 is never a service process.
-    fails_fast(&ns, &["promote", "1", "--no-readyz"], 2, "init process")?;
+    fails_fast(
+        &ns,
+        &["promote", "1", "--no-readyz"],
+        Kind::BadInput,
+        "init process",
+    )?;
     // Never listening within --timeout: exit 4, the readiness timeout, after that long.
     let never = App::start(
         &ns,
         &AppOpts::new(PORT, "v2").bind_delay(Duration::from_secs(3600)),
     )?;
     let r = zdt(&ns, &strs(&promote_args(&never, &["--timeout", "1s"])));
-    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::ReadinessTimeout), "{r:?}");
     assert!(
         r.stderr.contains("has no listening TCP socket on :8080") && r.stderr.contains("--timeout"),
         "{r:?}"
@@ -180,7 +191,7 @@ fn promote_fails_at_once_for_what_waiting_cannot_fix() -> anyhow::Result<()> {
     fails_fast(
         &ns,
         &strs(&promote_args(&plain, &[])),
-        2,
+        Kind::BadInput,
         "has no SO_REUSEPORT",
     )?;
     Ok(())
@@ -265,7 +276,7 @@ fn a_non_root_app_beside_hold_restarts_cold_without_a_loss() -> anyhow::Result<(
     assert!(found.iter().all(|(_, uid, _)| *uid == NOBODY), "{found:?}");
     // A --user that is not the app's is refused: its placeholder would be in a group of its own.
     let r = zdt(&ns, &["hold", "0.0.0.0:8080", "--user", "0"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(r.stderr.contains("belong to uid 65534"), "{r:?}");
     Ok(())
 }
@@ -327,7 +338,7 @@ fn a_layout_change_is_refused_before_anything_changes() -> anyhow::Result<()> {
         fails_fast(
             &ns,
             &strs(&promote_args(&v2, &["--stop-old"])),
-            7,
+            Kind::Refused,
             "SO_REUSEPORT group of its own",
         )?;
         // v1 still serves IPv6. IPv4 too, unless v2 has an IPv4 socket beside v1's dual-stack
@@ -361,7 +372,7 @@ fn a_layout_change_is_refused_before_anything_changes() -> anyhow::Result<()> {
             ]
         };
         for (args, says) in refused {
-            fails_fast(&ns, &args, 2, says)?;
+            fails_fast(&ns, &args, Kind::BadInput, says)?;
         }
         let hold = Hold::start(&ns, &[":8080"])?;
         let layout = if from == "--split" {
@@ -377,7 +388,12 @@ fn a_layout_change_is_refused_before_anything_changes() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", ":8080"])?;
     let _hold = Hold::start(&ns, &[":8080"])?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--dual-stack"))?;
-    fails_fast(&ns, &strs(&promote_args(&v1, &[])), 7, "--dual-stack")?;
+    fails_fast(
+        &ns,
+        &strs(&promote_args(&v1, &[])),
+        Kind::Refused,
+        "--dual-stack",
+    )?;
     Ok(())
 }
 
@@ -427,7 +443,7 @@ fn a_supervisor_that_keeps_the_socket_is_never_a_member() -> anyhow::Result<()> 
     fails_fast(
         &ns,
         &["promote", &sup_pid, "--no-readyz"],
-        2,
+        Kind::BadInput,
         &format!("pass pid {v1}"),
     )?;
     let hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
@@ -435,7 +451,7 @@ fn a_supervisor_that_keeps_the_socket_is_never_a_member() -> anyhow::Result<()> 
     fails_fast(
         &ns,
         &["promote", &hold_pid, "--no-readyz"],
-        2,
+        Kind::BadInput,
         "zdt-ctl itself",
     )?;
 
@@ -474,7 +490,7 @@ fn attach_names_listeners_on_another_address_and_status_says_not_attached() -> a
         &AppOpts::new(PORT, "v1").arg("--addr").arg("127.0.0.1"),
     )?;
     let r = zdt(&ns, &["attach", ":8080"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(
         r.stderr
             .contains(&format!("127.0.0.1:8080 (pid {})", v1.pid))
@@ -488,7 +504,7 @@ fn attach_names_listeners_on_another_address_and_status_says_not_attached() -> a
     );
     // A port never attached: exit 3, as the exit-code table says.
     let r = zdt(&ns, &["status", "8080"]);
-    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::NotAttached), "{r:?}");
     let r = zdt_ok(&ns, &["attach", "127.0.0.1:8080"])?;
     assert!(
         r.stdout.contains(&format!("active: pid {}", v1.pid)),

@@ -1,21 +1,18 @@
 //! Canary weights and readiness probes through the public port.
 use std::time::Duration;
 
+use zdt_tests::harness::{report, Kind, Member, Role, Status};
 use zdt_tests::{
-    harness::{promote_args, status, strs, wait_probing, zdt, zdt_command, zdt_ok, App, AppOpts},
+    harness::{promote_args, strs, wait_probing, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, scaled, Background, LoadSpec, Outcome},
     netns::Netns,
 };
 
 const PORT: u16 = 8080;
 
-fn member(st: &serde_json::Value, pid: i32) -> &serde_json::Value {
-    st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["pid"] == pid)
-        .unwrap_or_else(|| panic!("no member {pid}: {st}"))
+fn member(st: &Status, pid: i32) -> &Member {
+    st.member(pid)
+        .unwrap_or_else(|| panic!("no member {pid}: {st:?}"))
 }
 
 #[test]
@@ -41,26 +38,26 @@ fn a_canary_gets_its_share_then_the_rollout_completes() -> anyhow::Result<()> {
         4.0 * sigma
     );
     // status measures the same share from the program's own counters.
-    let st = status(&ns, PORT)?;
-    assert_eq!(member(&st, v1.pid)["role"], "active", "{st}");
-    assert_eq!(member(&st, v2.pid)["role"], "canary", "{st}");
-    let measured = member(&st, v2.pid)["share"].as_f64().unwrap();
+    let st = report(&ns, PORT)?;
+    assert_eq!(member(&st, v1.pid).role, Role::Active, "{st:?}");
+    assert_eq!(member(&st, v2.pid).role, Role::Canary, "{st:?}");
+    let measured = member(&st, v2.pid).share;
     assert!(
         (measured - share).abs() < 0.01,
-        "status share {measured} vs client {share}: {st}"
+        "status share {measured} vs client {share}: {st:?}"
     );
 
     // promote without a weight completes the rollout.
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    let st = status(&ns, PORT)?;
-    assert_eq!(member(&st, v2.pid)["role"], "active", "{st}");
-    assert_eq!(member(&st, v1.pid)["role"], "draining", "{st}");
+    let st = report(&ns, PORT)?;
+    assert_eq!(member(&st, v2.pid).role, Role::Active, "{st:?}");
+    assert_eq!(member(&st, v1.pid).role, Role::Draining, "{st:?}");
     let t = load::requests(&ns, PORT, 300, 1500.0);
     assert_eq!(t.versions.get("v2"), Some(&300), "{t:?}");
     // A weight outside 1-99 is bad input.
     for bad in ["0", "100", "x"] {
         let r = zdt(&ns, &strs(&promote_args(&v2, &["--weight", bad])));
-        assert_eq!(r.code, 2, "{bad}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::BadInput), "{bad}: {r:?}");
     }
     Ok(())
 }
@@ -127,7 +124,7 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
             "1s",
         ],
     );
-    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::ReadinessTimeout), "{r:?}");
     assert!(r.stderr.contains("probed through the public port"), "{r:?}");
     assert!(r.stderr.contains("last answer: 503"), "{r:?}");
     let t = load::requests(&ns, PORT, 200, 1000.0);
@@ -180,15 +177,12 @@ fn only_zdt_ctl_own_connections_are_taken_for_probes() -> anyhow::Result<()> {
     let remote: std::net::IpAddr = [10, 77, 0, 1].into();
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let st = status(&ns, PORT)?;
-    let (steered, refused) = (
-        member(&st, v1.pid)["steered"].as_u64().unwrap(),
-        st["counters"]["probe_refused"].as_u64().unwrap(),
-    );
+    let st = report(&ns, PORT)?;
+    let (steered, refused) = (member(&st, v1.pid).steered, st.counters.probe_refused);
     // status checked the program with a connection of its own, which the program refused:
     // v1 never got it.
-    assert_eq!(steered, 0, "{st}");
-    assert!(refused >= 1, "{st}");
+    assert_eq!(steered, 0, "{st:?}");
+    assert!(refused >= 1, "{st:?}");
 
     // Busy servers widen the ephemeral port range; here every ordinary local client gets a
     // source port of 61000-61999, the range zdt-ctl once reserved for its probes (the program
@@ -279,9 +273,7 @@ fn probe_under_syn_cookies(timestamps: bool) -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let steered = || -> anyhow::Result<u64> {
-        Ok(member(&status(&ns, PORT)?, v1.pid)["steered"]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(report(&ns, PORT)?.member(v1.pid).map_or(0, |m| m.steered))
     };
     let v2 = App::start(
         &ns,
@@ -300,7 +292,11 @@ fn probe_under_syn_cookies(timestamps: bool) -> anyhow::Result<()> {
             &timeout,
         ],
     );
-    assert_eq!(r.code, 4, "v2 is never ready: {r:?}");
+    assert_eq!(
+        r.kind(),
+        Some(Kind::ReadinessTimeout),
+        "v2 is never ready: {r:?}"
+    );
     assert!(r.stderr.contains("503"), "the probe reached v2: {r:?}");
     let before = steered()?;
     let t = load::requests(&ns, PORT, 100, 1000.0);

@@ -6,10 +6,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
+use zdt_tests::harness::{kind_of, report, Kind, Role};
 use zdt_tests::{
-    harness::{
-        fingerprint, promote_args, replace, status, strs, zdt, zdt_command, zdt_ok, App, AppOpts,
-    },
+    harness::{fingerprint, promote_args, replace, strs, zdt, zdt_command, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec, Outcome, Sample, Tally},
     netns::Netns,
 };
@@ -18,13 +17,6 @@ const PORT: u16 = 8080;
 
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
-}
-
-fn member(status: &serde_json::Value, pid: i32) -> Option<&serde_json::Value> {
-    status["members"]
-        .as_array()?
-        .iter()
-        .find(|m| m["pid"] == pid)
 }
 
 #[test]
@@ -65,11 +57,11 @@ fn warming_process_gets_nothing_until_promoted() -> anyhow::Result<()> {
     assert_eq!(after.count(Outcome::Ok), 300, "{after:?}");
 
     // zdt's own counters agree: every one of those connections was steered to v2's slot.
-    let st = status(&ns, PORT)?;
-    assert_eq!(member(&st, v2.pid).expect("v2 member")["steered"], 300);
-    assert_eq!(member(&st, v2.pid).unwrap()["role"], "active");
-    assert_eq!(member(&st, v1.pid).expect("v1 member")["role"], "draining");
-    assert_eq!(st["counters"]["fallback"], 0);
+    let st = report(&ns, PORT)?;
+    assert_eq!(st.member(v2.pid).map(|m| m.steered), Some(300), "{st:?}");
+    assert_eq!(st.role_of(v2.pid), Some(Role::Active), "{st:?}");
+    assert_eq!(st.role_of(v1.pid), Some(Role::Draining), "{st:?}");
+    assert_eq!(st.counters.fallback, 0, "{st:?}");
     Ok(())
 }
 
@@ -120,7 +112,7 @@ fn queued_then_close(with_zdt: bool) -> anyhow::Result<(Tally, u64, u64)> {
     let samples: Vec<Sample> = load.finish();
     let migrated = ns.counter("TcpExt", "TCPMigrateReqSuccess")?;
     let zdt_migrated = if with_zdt {
-        member(&status(&ns, PORT)?, v2.pid).map_or(0, |m| m["migrated"].as_u64().unwrap_or(0))
+        report(&ns, PORT)?.member(v2.pid).map_or(0, |m| m.migrated)
     } else {
         0
     };
@@ -167,7 +159,11 @@ fn readiness_never_reached_changes_nothing() -> anyhow::Result<()> {
     let mut args = promote_args(&v2, &[]);
     args.extend(["--timeout".into(), "1s".into()]);
     let r = zdt(&ns, &strs(&args));
-    assert_eq!(r.code, 4, "readiness timeout has exit code 4: {r:?}");
+    assert_eq!(
+        r.kind(),
+        Some(Kind::ReadinessTimeout),
+        "readiness timeout has exit code 4: {r:?}"
+    );
     assert!(
         r.stderr.contains(&v2.readyz()),
         "message names the URL: {}",
@@ -210,15 +206,27 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     let nr = no_reuseport.pid.to_string();
     let p1 = v1.pid.to_string();
     // (arguments, exit code, text the message must contain)
-    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+    let cases: Vec<(Vec<&str>, Kind, &str)> = vec![
         (
             vec!["promote", "2147483647", "--readyz", &ready],
-            2,
+            Kind::BadInput,
             "pid 2147483647 does not exist",
         ),
-        (vec!["promote", "0", "--readyz", &ready], 2, "\"0\""),
-        (vec!["promote", "-5", "--readyz", &ready], 2, "\"-5\""),
-        (vec!["promote", "abc", "--readyz", &ready], 2, "\"abc\""),
+        (
+            vec!["promote", "0", "--readyz", &ready],
+            Kind::BadInput,
+            "\"0\"",
+        ),
+        (
+            vec!["promote", "-5", "--readyz", &ready],
+            Kind::BadInput,
+            "\"-5\"",
+        ),
+        (
+            vec!["promote", "abc", "--readyz", &ready],
+            Kind::BadInput,
+            "\"abc\"",
+        ),
         // A process that does not listen on the port (yet) is waited for, within --timeout:
         // exit 4, saying what it does listen on.
         (
@@ -232,7 +240,7 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 "--timeout",
                 "1s",
             ],
-            4,
+            Kind::ReadinessTimeout,
             "has no listening TCP socket on :8080",
         ),
         (
@@ -246,17 +254,17 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 "--timeout",
                 "1s",
             ],
-            4,
+            Kind::ReadinessTimeout,
             "listens on port 8085",
         ),
         (
             vec!["promote", &nr, "--readyz", &ready, "--port", "9090"],
-            2,
+            Kind::BadInput,
             "has no SO_REUSEPORT",
         ),
         (
             vec!["promote", &wp, "--readyz", &ready, "--port", "8085"],
-            3,
+            Kind::NotAttached,
             "port 8085 is not attached",
         ),
         (
@@ -268,18 +276,22 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 "--port",
                 "8080",
             ],
-            2,
+            Kind::BadInput,
             "ftp://x/readyz",
         ),
-        (vec!["promote", &wp, "--port", "8080"], 2, "--readyz"),
+        (
+            vec!["promote", &wp, "--port", "8080"],
+            Kind::BadInput,
+            "--readyz",
+        ),
         (
             vec!["promote", &wp, "--readyz", &ready, "--timeout", "soon"],
-            2,
+            Kind::BadInput,
             "\"soon\"",
         ),
         (
             vec!["promote", &wp, "--readyz", &ready],
-            2,
+            Kind::BadInput,
             "several ports are attached",
         ),
         // A duration beyond what the clock holds (it panicked, exit 101), a URL without a
@@ -295,7 +307,7 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 "--port",
                 "8080",
             ],
-            2,
+            Kind::BadInput,
             "\"300000000000years\"",
         ),
         (
@@ -307,37 +319,41 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
                 "--port",
                 "8080",
             ],
-            2,
+            Kind::BadInput,
             "\"http:///readyz\": it has no host",
         ),
         (
             vec!["hold", ":8080", "--backlog", "-5"],
-            2,
+            Kind::BadInput,
             "invalid backlog \"-5\"",
         ),
-        (vec!["attach", "x:80"], 2, "\"x:80\""),
-        (vec!["attach", ":0"], 2, "\":0\""),
+        (vec!["attach", "x:80"], Kind::BadInput, "\"x:80\""),
+        (vec!["attach", ":0"], Kind::BadInput, "\":0\""),
         (
             vec!["attach", "127.0.0.1:8080"],
-            2,
+            Kind::BadInput,
             "already attached as :8080",
         ),
         (
             vec!["drain", "2147483647", "--port", "8080"],
-            2,
+            Kind::BadInput,
             "pid 2147483647 is not a member",
         ),
         (
             vec!["drain", &p1, "--port", "8080"],
-            7,
+            Kind::Refused,
             "would leave port 8080 with no active socket",
         ),
-        (vec!["detach", ":8085"], 3, "port 8085 is not attached"),
-        (vec!["status", "nope"], 2, "\"nope\""),
+        (
+            vec!["detach", ":8085"],
+            Kind::NotAttached,
+            "port 8085 is not attached",
+        ),
+        (vec!["status", "nope"], Kind::BadInput, "\"nope\""),
     ];
     for (args, code, text) in &cases {
         let r = zdt(&ns, args);
-        assert_eq!(r.code, *code, "zdt-ctl {}: {r:?}", args.join(" "));
+        assert_eq!(r.kind(), Some(*code), "zdt-ctl {}: {r:?}", args.join(" "));
         assert!(
             r.stderr.contains(text),
             "zdt-ctl {}: message {:?} lacks {text:?}",
@@ -365,7 +381,7 @@ fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         });
     }
     let r: zdt_tests::harness::Ctl = cmd.output()?.into();
-    assert_eq!(r.code, 6, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::PermissionDenied), "{r:?}");
     assert!(r.stderr.contains("must run as root"), "{r:?}");
 
     assert_eq!(
@@ -405,7 +421,7 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
     };
     let (a, b) = (spawn(&v2)?, spawn(&v3)?);
     let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
-    let report = |o: &std::process::Output| -> Option<serde_json::Value> {
+    let promoted = |o: &std::process::Output| -> Option<serde_json::Value> {
         serde_json::from_slice(&o.stdout).ok()
     };
     // One of them switched first and drained v1; the other switched after it and drained the
@@ -414,7 +430,10 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
     // active when it finished, and said so (exit 7): never "active" for a process that is not.
     let (first, second) = match (a.status.success(), b.status.success()) {
         (true, true) => {
-            let (ra, rb) = (report(&a).expect("a report"), report(&b).expect("a report"));
+            let (ra, rb) = (
+                promoted(&a).expect("a report"),
+                promoted(&b).expect("a report"),
+            );
             if ra["drained"] == serde_json::json!([v1.pid]) {
                 (ra["pid"].clone(), rb)
             } else {
@@ -429,23 +448,21 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
                 (&b, &a, v2.pid)
             };
             let said = String::from_utf8_lossy(&lost.stderr);
-            assert_eq!(lost.status.code(), Some(7), "{said}");
+            assert_eq!(kind_of(lost.status), Some(Kind::Refused), "{said}");
             assert!(said.contains("no longer active"), "{said}");
-            (serde_json::json!(lost_pid), report(won).expect("a report"))
+            (
+                serde_json::json!(lost_pid),
+                promoted(won).expect("a report"),
+            )
         }
     };
     assert_eq!(second["drained"], serde_json::json!([first]), "{second}");
     // Exactly one active member: the one promoted last.
     std::thread::sleep(Duration::from_millis(300));
-    let st = status(&ns, PORT)?;
-    let active: Vec<_> = st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "active")
-        .collect();
-    assert_eq!(active.len(), 1, "{st}");
-    assert_eq!(active[0]["pid"], second["pid"]);
+    let st = report(&ns, PORT)?;
+    let active = st.pids(Role::Active);
+    assert_eq!(active.len(), 1, "{st:?}");
+    assert_eq!(second["pid"], active[0], "{st:?}");
     let t = load::tally(&load.finish());
     assert_eq!(t.failures(), 0, "{t:?}");
     Ok(())
@@ -489,7 +506,7 @@ fn detach_restores_kernel_hashing_and_attach_is_idempotent() -> anyhow::Result<(
     assert_eq!(fingerprint(&ns, PORT)?, None);
     // A port that is not attached (any more) is exit 3, for status as for every command.
     let st = zdt(&ns, &["status", "8080", "--json"]);
-    assert_eq!(st.code, 3, "{st:?}");
+    assert_eq!(st.kind(), Some(Kind::NotAttached), "{st:?}");
     assert!(st.stderr.contains("zdt-ctl attach :8080"), "{st:?}");
     drop(v1);
     Ok(())

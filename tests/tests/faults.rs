@@ -4,6 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, process::Stdio, time::Duration
 use zdt_ctl::Step;
 
 use nix::sys::signal::Signal;
+use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
         at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs,
@@ -79,7 +80,7 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     v2.signal(Signal::SIGKILL);
     let r = promote.finish()?;
     let stderr = &r.stderr;
-    assert_eq!(r.code, 8, "{stderr}");
+    assert_eq!(r.kind(), Some(Kind::RolledBack), "{stderr}");
     assert!(stderr.contains("into its probation"), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -107,7 +108,7 @@ fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
     v2.signal(Signal::SIGUSR1); // its /readyz turns 503
     let r = promote.finish()?;
     let stderr = &r.stderr;
-    assert_eq!(r.code, 8, "{stderr}");
+    assert_eq!(r.kind(), Some(Kind::RolledBack), "{stderr}");
     assert!(stderr.contains("stopped being ready"), "{stderr}");
     assert!(stderr.contains("503"), "{stderr}");
     assert_eq!(
@@ -135,7 +136,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     let waiting = at_log_event(&ns, &promote_args(&v2, &[]), "waiting for readiness");
     v2.signal(Signal::SIGKILL);
     let r = waiting.finish()?;
-    assert_eq!(r.code, 5, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::ProcessDied), "{r:?}");
     assert!(r.stderr.contains("nothing was changed"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
 
@@ -149,7 +150,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     .child;
     v3.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
-    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(kind_of(out.status), Some(Kind::ProcessDied), "{out:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
 
     // Dies right after the switch (zdt paused at `switched`): rolled back to v1, exit 8.
@@ -162,7 +163,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     .child;
     v4.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
-    assert_eq!(out.status.code(), Some(8), "{out:?}");
+    assert_eq!(kind_of(out.status), Some(Kind::RolledBack), "{out:?}");
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, "active")]));
 
     std::thread::sleep(Duration::from_millis(300));

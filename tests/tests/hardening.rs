@@ -5,6 +5,7 @@ use zdt_ctl::Step;
 
 use anyhow::Context as _;
 
+use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
         at_failpoint, at_log_event, fingerprint, promote_args, zdt, zdt_ok, App, AppOpts,
@@ -47,29 +48,41 @@ fn bad_pids_and_sockets_are_refused_and_change_nothing() -> anyhow::Result<()> {
 
     let before = fingerprint(&ns, PORT)?;
     let ready = v1.readyz();
-    let cases: Vec<(String, i32, String)> = vec![
-        (kthread.to_string(), 2, "is a kernel thread".into()),
-        (zombie.id().to_string(), 2, "is a zombie".into()),
+    let cases: Vec<(String, Kind, String)> = vec![
+        (
+            kthread.to_string(),
+            Kind::BadInput,
+            "is a kernel thread".into(),
+        ),
+        (
+            zombie.id().to_string(),
+            Kind::BadInput,
+            "is a zombie".into(),
+        ),
         (
             foreign.pid.to_string(),
-            2,
+            Kind::BadInput,
             "another network namespace".into(),
         ),
         (
             other_addr.pid.to_string(),
-            2,
+            Kind::BadInput,
             "listens on 127.0.0.2:8080, not on :8080".into(),
         ),
         // A UDP socket only: the process may still bind its TCP listener, so promote waits for
         // it, up to --timeout (exit 4), and then says what it saw.
-        (udp.pid.to_string(), 4, "UDP socket on 0.0.0.0:8080".into()),
+        (
+            udp.pid.to_string(),
+            Kind::ReadinessTimeout,
+            "UDP socket on 0.0.0.0:8080".into(),
+        ),
     ];
     for (pid, code, text) in &cases {
         let r = zdt(
             &ns,
             &["promote", pid, "--readyz", &ready, "--timeout", "1s"],
         );
-        assert_eq!(r.code, *code, "pid {pid}: {r:?}");
+        assert_eq!(r.kind(), Some(*code), "pid {pid}: {r:?}");
         assert!(
             r.stderr.contains(text.as_str()),
             "pid {pid}: {:?} lacks {text:?}",
@@ -84,7 +97,7 @@ fn bad_pids_and_sockets_are_refused_and_change_nothing() -> anyhow::Result<()> {
     // (a pid that was reused by another process is caught the same way).
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     let r = zdt(&ns, &["promote", &v2.pid.to_string(), "--readyz", &ready]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(
         r.stderr.contains(&format!(
             "is served by pid {}, not by pid {}",
@@ -127,7 +140,7 @@ fn readiness_urls_that_never_say_200_change_nothing() -> anyhow::Result<()> {
                 "2500ms",
             ],
         );
-        assert_eq!(r.code, 4, "{mode}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::ReadinessTimeout), "{mode}: {r:?}");
         assert!(
             r.stderr.contains(&url),
             "{mode}: message names the URL: {r:?}"
@@ -152,7 +165,7 @@ fn readiness_urls_that_never_say_200_change_nothing() -> anyhow::Result<()> {
             "1s",
         ],
     );
-    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::ReadinessTimeout), "{r:?}");
     assert!(
         r.stderr.contains("last answer: connection refused"),
         "{r:?}"
@@ -181,7 +194,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     for args in [&promote[..], &["status", "8080"]] {
         let r = zdt(&ns, args);
-        assert_eq!(r.code, 7, "{args:?}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::Refused), "{args:?}: {r:?}");
         assert!(r.stderr.contains("mode 755, not root and 700"), "{r:?}");
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -195,7 +208,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::set_permissions(&netns_dir, std::fs::Permissions::from_mode(0o777))
         .context("chmod 777")?;
     let r = zdt(&ns, &promote);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(
         r.stderr.contains(&format!(
             "{} is owned by uid 0 with mode 777",
@@ -213,7 +226,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::rename(&netns_dir, &real).context("rename")?;
     std::os::unix::fs::symlink(&real, &netns_dir).context("symlink")?;
     let r = zdt(&ns, &promote);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("is a symlink"), "{r:?}");
     std::fs::remove_file(&netns_dir).context("unlink")?;
     std::fs::rename(&real, &netns_dir).context("rename back")?;
@@ -229,7 +242,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::rename(&b, &a)?;
     std::fs::rename(&tmp, &b)?;
     let r = zdt(&ns, &promote);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("map ZDT_CONTROL is"), "{r:?}");
     std::fs::rename(&a, &tmp)?;
     std::fs::rename(&b, &a)?;
@@ -242,7 +255,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     std::fs::rename(&meta, dir.join("moved"))?;
     for args in [&promote[..], &["status", "8080"], &["detach", ":8080"]] {
         let r = zdt(&ns, args);
-        assert_eq!(r.code, 7, "{args:?}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::Refused), "{args:?}: {r:?}");
         assert!(r.stderr.contains("ZDT_SLOT_META is missing"), "{r:?}");
         assert!(r.stderr.contains("rm -r"), "{r:?}");
     }
@@ -256,7 +269,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     zdt_tests::programs::pin_pass_program(&prog)?;
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o600))?;
     let r = zdt(&ns, &promote);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("is not this zdt-ctl's"), "{r:?}");
     std::fs::remove_file(&prog)?;
     std::fs::rename(&saved, &prog)?;
@@ -267,7 +280,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     // still in the old program's socket array).
     std::fs::remove_file(&prog)?;
     let r = zdt(&ns, &["status", "8080"]);
-    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::NotAttached), "{r:?}");
     zdt_ok(&ns, &["attach", ":8080"])?;
     let st = zdt_tests::harness::status(&ns, PORT)?;
     assert_eq!(st["attached"], true, "{st}");
@@ -295,7 +308,7 @@ fn a_kernel_older_than_5_14_is_refused_before_anything_changes() -> anyhow::Resu
             .env("ZDT_KERNEL_RELEASE", "5.10.0-28-amd64")
             .output()?
             .into();
-        assert_eq!(out.code, 7, "{args:?}: {out:?}");
+        assert_eq!(out.kind(), Some(Kind::Refused), "{args:?}: {out:?}");
         assert!(
             out.stderr.contains("5.10.0-28-amd64") && out.stderr.contains(">= 5.14"),
             "{args:?}: {out:?}"
@@ -312,7 +325,7 @@ fn a_kernel_older_than_5_14_is_refused_before_anything_changes() -> anyhow::Resu
             .env("ZDT_KERNEL_RELEASE", "5.13.19")
             .output()?
             .into();
-    assert_eq!(out.code, 7, "{out:?}");
+    assert_eq!(out.kind(), Some(Kind::Refused), "{out:?}");
     Ok(())
 }
 
@@ -382,7 +395,7 @@ fn a_kernel_without_pidfd_getfd_is_refused_before_anything_changes() -> anyhow::
     let pid = v1.pid.to_string();
     // Not attached yet: attach creates nothing.
     let out = zdt_without_pidfd_getfd(&ns, &["attach", ":8080"])?;
-    assert_eq!(out.code, 7, "{out:?}");
+    assert_eq!(out.kind(), Some(Kind::Refused), "{out:?}");
     assert!(out.stderr.contains("pidfd_getfd"), "{out:?}");
     assert_eq!(fingerprint(&ns, PORT)?, None, "attach created a state");
     // Attached: no command changes anything.
@@ -394,7 +407,7 @@ fn a_kernel_without_pidfd_getfd_is_refused_before_anything_changes() -> anyhow::
         vec!["upgrade"],
     ] {
         let out = zdt_without_pidfd_getfd(&ns, &args)?;
-        assert_eq!(out.code, 7, "{args:?}: {out:?}");
+        assert_eq!(out.kind(), Some(Kind::Refused), "{args:?}: {out:?}");
         assert!(out.stderr.contains("pidfd_getfd"), "{args:?}: {out:?}");
         assert_eq!(
             fingerprint(&ns, PORT)?,
@@ -461,7 +474,7 @@ fn served_throughout(l: Background) -> load::Tally {
 /// The refusal of a promote of `pid` whose readiness URL is served by `other` too: exit 2, and
 /// a message that says so and names both pids.
 fn assert_refused_for(r: &zdt_tests::harness::Ctl, pid: i32, other: i32) {
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(
         r.stderr.contains(&format!("pid {other}")) && r.stderr.contains(&format!("pid {pid}")),
         "the message names both pids: {r:?}"
@@ -521,7 +534,7 @@ fn an_unspecified_or_mapped_readiness_address_is_checked_as_loopback() -> anyhow
         ("http://[::]:9105/readyz", other.pid),
     ] {
         let r = promote_on(&ns, v2.pid, url, &["--timeout", "5s"]);
-        assert_eq!(r.code, 2, "{url}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::BadInput), "{url}: {r:?}");
         assert!(r.stderr.contains(&format!("pid {owner}")), "{url}: {r:?}");
         assert_eq!(fingerprint(&ns, PORT)?, before, "{url}: state changed");
     }
@@ -667,7 +680,7 @@ fn an_fd_swapped_while_zdt_reads_it_never_reaches_the_map() -> anyhow::Result<()
     let r = paused.finish()?;
     // The duplicate is not the socket /proc named: refused (before the check, 8081's listener
     // went into the map as v2's, and the promote succeeded).
-    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Internal), "{r:?}");
     assert!(r.stderr.contains("changed while zdt read it"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
     let t = served_throughout(l);
@@ -703,7 +716,7 @@ fn an_fd_swapped_while_promote_waits_for_the_listener_is_read_again() -> anyhow:
     v2.signal(nix::sys::signal::Signal::SIGUSR2);
     v2.wait_line("swapped=", Duration::from_secs(5))?;
     let r = paused.finish()?;
-    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.ok(), "{r:?}");
     let status = zdt_tests::harness::status(&ns, PORT)?;
     let active: Vec<i64> = status["members"]
         .as_array()
@@ -779,7 +792,7 @@ fn an_fd_closed_while_promote_waits_for_the_listener_is_read_again() -> anyhow::
     let line = out.next().transpose()?.unwrap_or_default();
     assert_eq!(line, "moved", "the app did not move its listener");
     let r = paused.finish()?;
-    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.ok(), "{r:?}");
     let t = served_throughout(l);
     let after = load::requests(&ns, PORT, 20, RATE);
     assert_eq!(after.versions.get("v2"), Some(&20), "{after:?} {t:?}");
@@ -806,7 +819,7 @@ fn a_device_bound_candidate_is_refused() -> anyhow::Result<()> {
     let before = fingerprint(&ns, PORT)?;
     let pid = bound.0.id().to_string();
     let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("device lo"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
     Ok(())
@@ -882,7 +895,7 @@ fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     let mut foreign = another_users_v6_listener(&ns)?;
     let r = zdt(&ns, &["attach", ":8080"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(r.stderr.contains("--user"), "{r:?}");
     assert!(
         !zdt_ctl_state_exists(&ns)?,
@@ -1054,7 +1067,7 @@ fn a_failed_write_to_stdout_is_an_error_not_a_panic() -> anyhow::Result<()> {
             .stdout(std::fs::File::options().write(true).open("/dev/full")?)
             .output()?;
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(kind_of(out.status), Some(Kind::Internal), "{args:?}: {err}");
         assert!(
             err.contains("the command itself completed"),
             "{args:?}: {err}"
@@ -1064,7 +1077,7 @@ fn a_failed_write_to_stdout_is_an_error_not_a_panic() -> anyhow::Result<()> {
     let t = load::requests(&ns, PORT, 10, 1000.0);
     assert_eq!(t.versions.get("v2"), Some(&10), "{t:?}");
     let r = zdt(&ns, &["status", "--watch", "0s"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(r.stderr.contains("--watch 0s"), "{r:?}");
     Ok(())
 }
@@ -1087,7 +1100,7 @@ fn a_bad_probe_path_or_uid_is_bad_input() -> anyhow::Result<()> {
         (vec!["hold", ":8080", "--user", "4294967295"], "4294967295"),
     ] {
         let r = zdt(&ns, &args);
-        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::BadInput), "{args:?}: {r:?}");
         assert!(r.stderr.contains(says), "{args:?}: {r:?}");
         assert_eq!(
             fingerprint(&ns, PORT)?,
@@ -1112,7 +1125,7 @@ fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
     let before = fingerprint(&ns, PORT)?;
     let pid = foreign.0.id().to_string();
     let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(r.stderr.contains("the app's user"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
     let _watcher = KillOnDrop(

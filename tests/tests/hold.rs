@@ -5,6 +5,7 @@ use zdt_ctl::Step;
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
+use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
         at_failpoint, exit_within, fingerprint, promote_args, status, strs, zdt, zdt_command,
@@ -156,7 +157,7 @@ fn hold_refuses_a_bad_address_and_changes_nothing() -> anyhow::Result<()> {
         ("0.0.0.0:99999", "invalid address"),
     ] {
         let out = zdt(&ns, &["hold", spec]);
-        assert_eq!(out.code, 2, "{spec}: {out:?}");
+        assert_eq!(out.kind(), Some(Kind::BadInput), "{spec}: {out:?}");
         assert!(out.stderr.contains(says), "{spec}: {out:?}");
         assert_eq!(fingerprint(&ns, PORT)?, before, "{spec} changed the state");
     }
@@ -284,8 +285,7 @@ fn hold_on_one_address_of_a_wildcard_port_is_refused() -> anyhow::Result<()> {
     let mut hold = zdt_command(&ns, &["hold", "127.0.0.1:8080"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let Some(code) = exit_within(&mut hold, scaled(Duration::from_secs(5)))?.map(|st| st.code())
-    else {
+    let Some(kind) = exit_within(&mut hold, scaled(Duration::from_secs(5)))?.map(kind_of) else {
         let _ = hold.kill();
         hold.wait()?;
         let t = load::requests(&ns, PORT, 10, 1000.0);
@@ -293,7 +293,7 @@ fn hold_on_one_address_of_a_wildcard_port_is_refused() -> anyhow::Result<()> {
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut hold.stderr.take().expect("stderr"), &mut err)?;
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(kind, Some(Kind::BadInput), "{err}");
     assert!(err.contains("hold :8080"), "{err}");
     let t = load::requests(&ns, PORT, 10, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&10), "{t:?}");
@@ -387,7 +387,7 @@ fn drain_force_of_the_last_member_beside_hold_is_refused() -> anyhow::Result<()>
     let (r, t, changed) = drain_last_member(true)?;
     assert_eq!(t.failures(), 0, "{t:?} {r:?}");
     assert!(t.requests > enough, "{t:?}");
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(
         r.stderr.contains("zdt-ctl hold") && r.stderr.contains("still listens"),
         "{r:?}"

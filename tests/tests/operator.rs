@@ -2,6 +2,7 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 use zdt_ctl::Step;
 
+use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
         at_failpoint, bin, connect_when_listening, exit_within, status, zdt, zdt_command, zdt_ok,
@@ -118,7 +119,7 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
     }
     // Without --port, a promote refuses to guess between two attached ports.
     let r = zdt_tests::harness::zdt(&ns, &["promote", &v2.pid.to_string(), "--no-readyz"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(
         r.stderr.contains("several ports are attached (8080, 8443)"),
         "{r:?}"
@@ -264,7 +265,7 @@ fn exec_passes_one_dual_stack_socket_unless_told_to_split() -> anyhow::Result<()
         all.extend(&args);
         all.extend(["--", "/bin/sh", "-c", "echo ran"]);
         let r = zdt_tests::harness::zdt(&ns, &all);
-        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert_eq!(r.kind(), Some(Kind::BadInput), "{args:?}: {r:?}");
         assert!(r.stderr.contains(says), "{args:?}: {r:?}");
         assert!(!r.stdout.contains("ran"), "{args:?}: {r:?}");
     }
@@ -396,7 +397,7 @@ fn completions_and_man_page_come_from_the_cli_definition() -> anyhow::Result<()>
     let bad = std::process::Command::new(bin("zdt-ctl"))
         .args(["generate", "tcsh"])
         .output()?;
-    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(kind_of(bad.status), Some(Kind::BadInput));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"tcsh\""));
     Ok(())
 }
@@ -541,7 +542,7 @@ fn metrics_listen_takes_a_bare_port_for_every_address() -> anyhow::Result<()> {
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let r = zdt(&ns, &["metrics", "--listen", "9814"]);
-    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
     assert!(r.stderr.contains("write ADDR:PORT or :PORT"), "{r:?}");
     let server = KillOnDrop(zdt_command(&ns, &["metrics", "--listen", ":9814"]).spawn()?);
     for ip in [

@@ -3,6 +3,7 @@ use std::time::Duration;
 use zdt_ctl::Step;
 
 use nix::sys::signal::Signal;
+use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
         active_pids, at_failpoint, fingerprint, promote_args, strs, zdt, zdt_ok, App, AppOpts,
@@ -33,7 +34,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     zdt_ok(&ns, &["attach", ":8080"])?;
     // Nothing was switched yet: nothing to go back to.
     let r = zdt(&ns, &["rollback"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     const RATE: f64 = 400.0;
     let l = Background::start(
         &ns,
@@ -66,7 +67,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     std::thread::sleep(Duration::from_millis(200));
     let before = fingerprint(&ns, PORT)?;
     let r = zdt(&ns, &["rollback"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("no longer listen"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
     // v1's slots are free again (a closed socket never comes back), and a new socket may take
@@ -74,7 +75,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     // `--probe` promote put in (v3, never ready) must never be what a rollback restores.
     let _v3 = never_ready_probed(&ns)?;
     let r = zdt(&ns, &["rollback"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
     let t = load::requests(&ns, PORT, 100, 1000.0);
     assert_eq!(t.versions.get("v2"), Some(&100), "{t:?}");
@@ -179,7 +180,7 @@ fn never_ready_probed(ns: &Netns) -> anyhow::Result<App> {
         ns,
         &["promote", &pid3, "--probe", "/readyz", "--timeout", "1s"],
     );
-    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::ReadinessTimeout), "{r:?}");
     Ok(v3)
 }
 
@@ -203,7 +204,7 @@ fn a_rollback_during_probation_is_not_undone_by_the_promote() -> anyhow::Result<
         "the rollback waited for the promote's probation"
     );
     let r = promote.finish()?;
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("no longer active"), "{r:?}");
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     let t = load::requests(&ns, PORT, 100, 1000.0);
@@ -254,7 +255,7 @@ fn a_rollback_during_a_probe_wait_runs_at_once() -> anyhow::Result<()> {
         zdt_tests::harness::probe_list_len(&ns, PORT)? > 0,
         "the rollback took the probe lists of a promote that still waits"
     );
-    assert_eq!(promote.wait()?.code(), Some(4));
+    assert_eq!(kind_of(promote.wait()?), Some(Kind::ReadinessTimeout));
     assert_eq!(zdt_tests::harness::probe_list_len(&ns, PORT)?, 0);
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     let t = load::requests(&ns, PORT, 100, 1000.0);

@@ -28,6 +28,7 @@ fn tag_is_the_kernels() -> anyhow::Result<()> {
 use std::time::Duration;
 use zdt_ctl::Step;
 
+use zdt_tests::harness::Kind;
 use zdt_tests::{
     harness::{at_failpoint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
@@ -98,11 +99,15 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     };
     std::fs::remove_file(probes()?)?;
     let r = zdt(&ns, &["status", "8080"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("zdt-ctl upgrade"), "{r:?}");
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     let r = zdt(&ns, &strs(&promote_args(&v2, &[])));
-    assert_eq!(r.code, 7, "a promote under another build's program: {r:?}");
+    assert_eq!(
+        r.kind(),
+        Some(Kind::Refused),
+        "a promote under another build's program: {r:?}"
+    );
     let variant_runs = runs(variant_id)?;
     std::thread::sleep(load::scaled(Duration::from_millis(500)));
     assert!(
@@ -119,7 +124,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     );
     killed.child.kill()?;
     killed.child.wait()?;
-    assert_eq!(zdt(&ns, &["status", "8080"]).code, 7);
+    assert_eq!(zdt(&ns, &["status", "8080"]).kind(), Some(Kind::Refused));
 
     let r = zdt_ok(&ns, &["upgrade", "8080"])?;
     assert!(r.stdout.contains("program upgraded"), "{r:?}");
@@ -177,7 +182,7 @@ fn upgrade_refuses_maps_of_another_layout() -> anyhow::Result<()> {
     let before = tag()?;
     set_layout(1)?;
     let r = zdt(&ns, &["upgrade", "8080"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("layout"), "{r:?}");
     assert_eq!(tag()?, before, "the pinned program was not replaced");
     // With the layout back, the same command succeeds: the refusal was the layout's.
@@ -235,7 +240,7 @@ fn upgrade_converts_the_layout_before_in_place() -> anyhow::Result<()> {
         c.rollback_buf = 0;
     })?;
     let r = zdt(&ns, &["rollback"]);
-    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("zdt-ctl upgrade"), "{r:?}");
     zdt_ok(&ns, &["upgrade", "8080"])?;
     let r = zdt_ok(&ns, &["rollback"])?;

@@ -26,6 +26,24 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in exit-code order.
+    pub const ALL: [Kind; 8] = [
+        Kind::Internal,
+        Kind::BadInput,
+        Kind::NotAttached,
+        Kind::ReadinessTimeout,
+        Kind::ProcessDied,
+        Kind::PermissionDenied,
+        Kind::Refused,
+        Kind::RolledBack,
+    ];
+
+    /// The kind a zdt-ctl exit code stands for (None for 0, success, and for codes zdt-ctl
+    /// never exits with): what a script or a test that ran zdt-ctl reads back.
+    pub fn from_exit_code(code: i32) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.exit_code() == code)
+    }
+
     /// Documented in docs/OPERATING.md ("Exit codes") and in the README.
     pub fn exit_code(self) -> i32 {
         match self {
@@ -84,4 +102,21 @@ pub fn kind_of(error: &anyhow::Error) -> Kind {
         .chain()
         .find_map(|e| e.downcast_ref::<ZdtError>())
         .map_or(Kind::Internal, |e| e.kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_its_own_exit_code_and_reads_back() {
+        let mut codes: Vec<i32> = Kind::ALL.iter().map(|k| k.exit_code()).collect();
+        codes.dedup();
+        assert_eq!(codes, (1..=8).collect::<Vec<_>>());
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_exit_code(k.exit_code()), Some(k));
+        }
+        assert_eq!(Kind::from_exit_code(0), None);
+        assert_eq!(Kind::from_exit_code(101), None);
+    }
 }

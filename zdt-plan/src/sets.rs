@@ -9,7 +9,9 @@ use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, MAX_ACTIV
 use crate::error::{bad_input, err, Kind};
 
 /// What a slot's socket is to zdt, as recorded in its metadata (`SlotMeta::role`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// In the socket array, not (yet) promoted: a promote that has not switched, or one that

@@ -121,7 +121,7 @@ pub fn render(all: &[Status]) -> String {
         for g in s.groups.iter().filter(|g| g.listeners > 0) {
             o.sample(
                 "zdt_group_steering",
-                &[port(s), ("family", g.family.into())],
+                &[port(s), ("family", g.family.clone())],
                 u8::from(g.steering),
             );
         }

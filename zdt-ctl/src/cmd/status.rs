@@ -1,14 +1,15 @@
 //! `zdt-ctl status [PORT] [--json] [--watch]`: what the program is doing for a port.
 //!
-//! The JSON form (`--json`) is an interface: its schema is docs/status.schema.json.
+//! The JSON form (`--json`) is an interface: its schema is docs/status.schema.json. The types
+//! below read it back too (the tests do, with serde_json).
 use std::collections::BTreeSet;
 
 use crate::{sockets, state::State};
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Group {
     /// "ipv4" or "ipv6"
-    pub family: &'static str,
+    pub family: String,
     /// The app's listeners (of the owner uid of the port's members).
     pub listeners: usize,
     /// Listeners of other users on the same addresses: groups of their own, not zdt's.
@@ -19,7 +20,7 @@ pub struct Group {
     pub steering: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     pub pid: i32,
     pub command: String,
@@ -48,7 +49,7 @@ const STALL_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
 /// How many times status looks at such a queue within [`STALL_WINDOW`].
 const STALL_SAMPLES: u32 = 5;
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// All new connections steered by the active set, over every member that ever was.
     pub steered: u64,
@@ -69,7 +70,7 @@ pub struct Counters {
 /// Kernel counters of this network namespace that concern zdt (/proc/net/netstat TcpExt):
 /// a migration that failed (e.g. the target's accept queue was full) is reset by the kernel,
 /// and shows here, not in zdt's own counters.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct KernelCounters {
     pub migrate_req_success: u64,
     pub migrate_req_failure: u64,
@@ -92,7 +93,7 @@ impl KernelCounters {
 /// A listener of a member's process that no slot holds: the process re-created its listener
 /// (a Go server restarted in process, nginx reloading changed `listen` lines). The program
 /// cannot select it until the next command that takes the port's lock adopts it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Unadopted {
     pub pid: i32,
     /// The role the listener takes when adopted: the process's.
@@ -104,7 +105,7 @@ pub struct Unadopted {
 /// A slot whose recorded process is gone while another process holds its socket: it was
 /// inherited (a systemd socket unit, nginx's binary upgrade). The next command that takes the
 /// port's lock records the heir as the member.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Inherited {
     pub slot: u32,
     /// The pid the slot records, which has exited.
@@ -114,13 +115,13 @@ pub struct Inherited {
 }
 
 /// Where the slots and the kernel's listeners part (empty lists when they agree).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Drift {
     pub unadopted: Vec<Unadopted>,
     pub inherited: Vec<Inherited>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub port: u16,
     pub spec: Option<String>,
@@ -135,6 +136,27 @@ pub struct Status {
     pub drift: Drift,
     pub counters: Counters,
     pub kernel: KernelCounters,
+}
+
+impl Status {
+    /// The member `pid`, if it is one.
+    pub fn member(&self, pid: i32) -> Option<&Member> {
+        self.members.iter().find(|m| m.pid == pid)
+    }
+
+    /// The role of `pid`, if it is a member.
+    pub fn role_of(&self, pid: i32) -> Option<crate::plan::sets::Role> {
+        self.member(pid).map(|m| m.role)
+    }
+
+    /// The pids of the members in `role`, in the report's order.
+    pub fn pids(&self, role: crate::plan::sets::Role) -> Vec<i32> {
+        self.members
+            .iter()
+            .filter(|m| m.role == role)
+            .map(|m| m.pid)
+            .collect()
+    }
 }
 
 /// Show members, roles and counters.
@@ -225,7 +247,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             continue;
         }
         groups.push(Group {
-            family,
+            family: family.into(),
             listeners: mine.len(),
             foreign: foreign.len(),
             // Another user's group has another program, or none: not zdt's to check.
