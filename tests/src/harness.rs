@@ -562,6 +562,15 @@ pub fn report(ns: &Netns, port: u16) -> anyhow::Result<Status> {
     serde_json::from_str(&r.stdout).with_context(|| format!("status JSON: {}", r.stdout))
 }
 
+/// Each member of `port` with its role, as `zdt-ctl status --json` lists them.
+pub fn roles(ns: &Netns, port: u16) -> anyhow::Result<std::collections::BTreeSet<(i32, Role)>> {
+    Ok(report(ns, port)?
+        .members
+        .iter()
+        .map(|m| (m.pid, m.role))
+        .collect())
+}
+
 /// The pids of `port`'s active members, as `zdt-ctl status --json` lists them.
 pub fn active_pids(ns: &Netns, port: u16) -> anyhow::Result<Vec<i64>> {
     Ok(report(ns, port)?

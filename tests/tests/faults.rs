@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, process::Stdio, time::Duration
 use zdt_ctl::Step;
 
 use nix::sys::signal::Signal;
-use zdt_tests::harness::{kind_of, Kind};
+use zdt_tests::harness::{kind_of, report, Kind, Role};
 use zdt_tests::{
     harness::{
         at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs,
@@ -29,19 +29,8 @@ fn load(ns: &Netns) -> Background {
 
 /// The port's members and their roles, as a set: pids wrap around (pid_max), so the order in
 /// which processes started says nothing of their pids' order.
-fn roles(ns: &Netns) -> BTreeSet<(i64, String)> {
-    let st = status(ns, PORT).expect("status");
-    st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["pid"].as_i64().unwrap(),
-                m["role"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+fn roles(ns: &Netns) -> BTreeSet<(i32, Role)> {
+    zdt_tests::harness::roles(ns, PORT).expect("status")
 }
 
 /// What a SIGKILL of the process that is serving may cost, and nothing more. A request it had
@@ -55,8 +44,8 @@ fn only_in_flight_losses(t: &load::Tally) {
     assert!(t.count(Outcome::Slow) <= 5, "{t:?}");
 }
 
-fn role(pid: i32, r: &str) -> (i64, String) {
-    (i64::from(pid), r.to_string())
+fn role(pid: i32, r: Role) -> (i32, Role) {
+    (pid, r)
 }
 
 /// `promote NEW --probation ... EXTRA...` running in the background, once it is in its probation
@@ -90,7 +79,7 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
         "{stderr}"
     );
     // The old process was not stopped: it is active again and serves everything.
-    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, "active")]));
+    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
     only_in_flight_losses(&t);
@@ -113,7 +102,7 @@ fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
     assert!(stderr.contains("503"), "{stderr}");
     assert_eq!(
         roles(&ns),
-        BTreeSet::from([role(v1.pid, "active"), role(v2.pid, "draining")])
+        BTreeSet::from([role(v1.pid, Role::Active), role(v2.pid, Role::Draining)])
     );
     let t = load::tally(&l.finish());
     assert_eq!(t.failures(), 0, "{t:?}");
@@ -164,7 +153,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     v4.signal(Signal::SIGKILL);
     let out = child.wait_with_output()?;
     assert_eq!(kind_of(out.status), Some(Kind::RolledBack), "{out:?}");
-    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, "active")]));
+    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
 
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
@@ -215,18 +204,12 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
         child.wait()?;
         killed?;
         // The lock died with it: status answers at once, and shows a state that makes sense.
-        let st = status(&ns, PORT)?;
-        let active: Vec<i64> = st["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["role"] == "active")
-            .map(|m| m["pid"].as_i64().unwrap())
-            .collect();
-        assert_eq!(active.len(), 1, "after a kill at {point}: {st}");
+        let st = report(&ns, PORT)?;
+        let active = st.pids(Role::Active);
+        assert_eq!(active.len(), 1, "after a kill at {point}: {st:?}");
         assert!(
-            active[0] == i64::from(current.pid) || active[0] == i64::from(new.pid),
-            "after a kill at {point}: {st}"
+            active[0] == current.pid || active[0] == new.pid,
+            "after a kill at {point}: {st:?}"
         );
         // The next promote completes the deploy.
         let r = zdt_ok(&ns, &strs(&promote_args(&new, &["--stop-old"])))?;
@@ -236,7 +219,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
         );
         assert_eq!(
             roles(&ns),
-            BTreeSet::from([role(new.pid, "active")]),
+            BTreeSet::from([role(new.pid, Role::Active)]),
             "after {point}"
         );
         zdt_tests::harness::assert_invariants(&ns, PORT)?;
@@ -335,7 +318,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     // kernel hashing over what still listens (v1), none is lost.
     v2.signal(Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, "draining")]));
+    assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Draining)]));
     let st = status(&ns, PORT)?;
     assert!(st["counters"]["fallback"].as_u64().unwrap() > 0, "{st}");
     // Its listener is gone: nothing (zdt included) kept a duplicate of it.
@@ -354,7 +337,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     assert_ne!(r["slots"], serde_json::json!([1]), "{r}");
     assert_eq!(
         roles(&ns),
-        BTreeSet::from([role(v1.pid, "draining"), role(v3.pid, "active")])
+        BTreeSet::from([role(v1.pid, Role::Draining), role(v3.pid, Role::Active)])
     );
     std::thread::sleep(Duration::from_millis(300));
     let t = load::tally(&l.finish());
@@ -452,7 +435,10 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
         "{t:?}"
     );
     // No leaked slots, listeners, pins or programs.
-    assert_eq!(roles(&ns), BTreeSet::from([role(current.pid, "active")]));
+    assert_eq!(
+        roles(&ns),
+        BTreeSet::from([role(current.pid, Role::Active)])
+    );
     let listeners = ns.run(|| {
         zdt_ctl::sockets::listen_entries()
             .unwrap()

@@ -717,15 +717,12 @@ fn an_fd_swapped_while_promote_waits_for_the_listener_is_read_again() -> anyhow:
     v2.wait_line("swapped=", Duration::from_secs(5))?;
     let r = paused.finish()?;
     assert!(r.ok(), "{r:?}");
-    let status = zdt_tests::harness::status(&ns, PORT)?;
-    let active: Vec<i64> = status["members"]
-        .as_array()
-        .context("members")?
-        .iter()
-        .filter(|m| m["role"] == "active")
-        .filter_map(|m| m["pid"].as_i64())
-        .collect();
-    assert_eq!(active, [i64::from(v2.pid)], "{status}");
+    let status = zdt_tests::harness::report(&ns, PORT)?;
+    assert_eq!(
+        status.pids(zdt_tests::harness::Role::Active),
+        [v2.pid],
+        "{status:?}"
+    );
     // New connections to 8080 reach v2 through the map: its 8080 listener is in it.
     let t = served_throughout(l);
     let after = load::requests(&ns, PORT, 20, RATE);

@@ -5,7 +5,8 @@ use zdt_ctl::Step;
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
-use zdt_tests::harness::{kind_of, Kind};
+use std::collections::BTreeSet;
+use zdt_tests::harness::{kind_of, report, Kind, Role, Status};
 use zdt_tests::{
     harness::{
         at_failpoint, exit_within, fingerprint, promote_args, status, strs, zdt, zdt_command,
@@ -79,13 +80,8 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     );
     assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
     // v2 is gone with cold_restart's end; the placeholder stays, in its own role.
-    let roles: Vec<&str> = st["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["role"].as_str())
-        .collect();
-    assert_eq!(roles, ["hold"], "{st}");
+    let roles: Vec<Role> = report(&ns, PORT)?.members.iter().map(|m| m.role).collect();
+    assert_eq!(roles, [Role::Hold], "{st}");
     let said: Vec<String> = hold.lines.try_iter().collect();
     assert!(said.iter().any(|l| l.contains("moved")), "{said:?}");
     // Detach: the hold process leaves by itself (a placeholder in a group without the program
@@ -315,13 +311,8 @@ fn a_detach_killed_halfway_leaves_hold_protecting_the_port() -> anyhow::Result<(
     detach.wait()?;
     // Registered again: the live set names hold's placeholder.
     let deadline = std::time::Instant::now() + scaled(Duration::from_secs(3));
-    let held = |st: &serde_json::Value| {
-        st["members"].as_array().is_some_and(|m| {
-            m.iter()
-                .any(|m| m["role"] == "hold" && m["pid"] == i64::from(hold.child.id()))
-        })
-    };
-    while !held(&status(&ns, PORT)?) {
+    let held = |st: &Status| st.role_of(hold.child.id() as i32) == Some(Role::Hold);
+    while !held(&report(&ns, PORT)?) {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "hold's placeholder is not registered again: {}",
@@ -438,24 +429,8 @@ fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
     );
     assert_eq!(t.failures(), 0, "{t:?}");
     // The switch kept hold's placeholder: v2 active, the placeholder held.
-    let st = status(&ns, PORT)?;
-    let mut roles: Vec<(i64, String)> = st["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .map(|m| {
-            (
-                m["pid"].as_i64().unwrap_or(0),
-                m["role"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    roles.sort();
-    let mut want = vec![
-        (i64::from(v2.pid), "active".to_string()),
-        (i64::from(hold.child.id()), "hold".to_string()),
-    ];
-    want.sort();
-    assert_eq!(roles, want, "{st}");
+    let roles = zdt_tests::harness::roles(&ns, PORT)?;
+    let want = BTreeSet::from([(v2.pid, Role::Active), (hold.child.id() as i32, Role::Hold)]);
+    assert_eq!(roles, want);
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! Membership follows the kernel: a member that re-creates its listener in process, and a
 //! process that inherits a member's socket, are what they serve as, not what the slots recorded
 //! when the sockets were put in.
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{collections::BTreeSet, os::fd::AsRawFd, time::Duration};
 
 use nix::sys::signal::Signal;
 use zdt_tests::{
-    harness::{replace, status, zdt_ok, App, AppOpts},
+    harness::{replace, report, roles, status, zdt_ok, App, AppOpts, Role},
     load::{self, scaled},
     netns::Netns,
 };
@@ -13,19 +13,8 @@ use zdt_tests::{
 const PORT: u16 = 8080;
 
 /// (pid, role) of every member in `status --json`.
-fn members(ns: &Netns) -> anyhow::Result<Vec<(i64, String)>> {
-    let st = status(ns, PORT)?;
-    let mut out: Vec<(i64, String)> = st["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            let pid = m["pid"].as_i64().unwrap_or(0);
-            (pid, m["role"].as_str().unwrap_or("?").to_string())
-        })
-        .collect();
-    out.sort();
-    Ok(out)
+fn members(ns: &Netns) -> anyhow::Result<BTreeSet<(i32, Role)>> {
+    roles(ns, PORT)
 }
 
 /// `attach` again (a command that takes the port's lock) puts right what `status` reported in
@@ -34,7 +23,7 @@ fn members(ns: &Netns) -> anyhow::Result<Vec<(i64, String)>> {
 fn put_right(ns: &Netns, says: &str, list: &str, app: &App, version: &str) -> anyhow::Result<()> {
     let r = zdt_ok(ns, &["attach", ":8080"])?;
     assert!(r.stderr.contains(says), "{r:?}");
-    assert_eq!(members(ns)?, [(i64::from(app.pid), "active".into())]);
+    assert_eq!(members(ns)?, BTreeSet::from([(app.pid, Role::Active)]));
     assert!(drift(ns, list)?.is_empty());
     let t = load::requests(ns, PORT, 100, 1000.0);
     assert_eq!(t.versions.get(version), Some(&100), "{t:?}");
@@ -57,17 +46,17 @@ fn a_member_that_recreates_its_listener_is_adopted_and_keeps_its_role() -> anyho
         &ns,
         &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
     )?;
-    assert_eq!(members(&ns)?, [(i64::from(v1.pid), "active".into())]);
+    assert_eq!(members(&ns)?, BTreeSet::from([(v1.pid, Role::Active)]));
 
     // v1 opens a new listener and closes the one zdt steers to (a Go server restarted in
     // process, nginx reloading changed `listen` lines).
     v1.signal(Signal::SIGHUP);
     v1.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
     // status sees it at once.
-    let unadopted = drift(&ns, "unadopted")?;
+    let unadopted = report(&ns, PORT)?.drift.unadopted;
     assert_eq!(unadopted.len(), 1, "{unadopted:?}");
-    assert_eq!(unadopted[0]["pid"], v1.pid, "{unadopted:?}");
-    assert_eq!(unadopted[0]["role"], "active", "{unadopted:?}");
+    assert_eq!(unadopted[0].pid, v1.pid, "{unadopted:?}");
+    assert_eq!(unadopted[0].role, Role::Active, "{unadopted:?}");
 
     // The next command that takes the port's lock adopts it, in v1's role.
     put_right(&ns, "re-created its listener", "unadopted", &v1, "v1")?;
@@ -94,7 +83,7 @@ fn a_process_that_inherits_a_members_socket_becomes_the_member() -> anyhow::Resu
     })??;
     let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").inherit(socket.as_raw_fd()))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    assert_eq!(members(&ns)?, [(i64::from(v1.pid), "active".into())]);
+    assert_eq!(members(&ns)?, BTreeSet::from([(v1.pid, Role::Active)]));
     let mut v1b = App::start(&ns, &AppOpts::new(PORT, "v1b").inherit(socket.as_raw_fd()))?;
     v1b.wait_ready()?;
     drop(socket);

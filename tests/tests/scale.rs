@@ -3,9 +3,9 @@
 //! them at once.
 use std::{collections::BTreeMap, time::Duration};
 
-use zdt_tests::harness::Kind;
+use zdt_tests::harness::{report, Kind, Role, Status};
 use zdt_tests::{
-    harness::{promote_args, replace, status, strs, zdt_ok, App, AppOpts},
+    harness::{promote_args, replace, strs, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
 };
@@ -14,21 +14,11 @@ const PORT: u16 = 8080;
 /// The load on each family during the handover, in requests/s.
 const RATE: f64 = 200.0;
 
-/// Members of the port by version: (role, number of slots).
-fn members(st: &serde_json::Value) -> BTreeMap<String, (String, usize)> {
-    st["members"]
-        .as_array()
-        .expect("members")
+/// Members of the port by pid: (role, number of slots).
+fn members(st: &Status) -> BTreeMap<i32, (Role, usize)> {
+    st.members
         .iter()
-        .map(|m| {
-            (
-                m["pid"].to_string(),
-                (
-                    m["role"].as_str().unwrap_or_default().to_string(),
-                    m["slots"].as_array().map_or(0, Vec::len),
-                ),
-            )
-        })
+        .map(|m| (m.pid, (m.role, m.slots.len())))
         .collect()
 }
 
@@ -54,26 +44,26 @@ fn two_versions_of_a_512_worker_app_hand_over_on_both_families() -> anyhow::Resu
     let v2 = App::start(&ns, &app("v2").warmup(Duration::from_millis(300)))?;
     // Both versions at once in the active set: v1's 1024 sockets active, v2's 1024 as a canary.
     zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "50"])))?;
-    let st = status(&ns, PORT)?;
+    let st = report(&ns, PORT)?;
     let by_pid = members(&st);
     assert_eq!(
-        by_pid.get(&v1.pid.to_string()),
-        Some(&("active".into(), 1024)),
+        by_pid.get(&v1.pid),
+        Some(&(Role::Active, 1024)),
         "{by_pid:?}"
     );
     assert_eq!(
-        by_pid.get(&v2.pid.to_string()),
-        Some(&("canary".into(), 1024)),
+        by_pid.get(&v2.pid),
+        Some(&(Role::Canary, 1024)),
         "{by_pid:?}"
     );
     std::thread::sleep(Duration::from_millis(500));
     // The rollout completes; v1 is stopped and its queues move to v2.
     replace(&ns, &v2, &mut v1)?;
-    let st = status(&ns, PORT)?;
+    let st = report(&ns, PORT)?;
     assert_eq!(
         members(&st),
-        BTreeMap::from([(v2.pid.to_string(), ("active".into(), 1024))]),
-        "{st}"
+        BTreeMap::from([(v2.pid, (Role::Active, 1024))]),
+        "{st:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
     for l in loads {
@@ -114,16 +104,12 @@ fn a_small_canary_share_reaches_every_canary_socket() -> anyhow::Result<()> {
     // flow hash (hash % 100 < 2, then hash % 4, which is hash % 100 % 4), they all went to the
     // canary's first two sockets.
     assert!(canary > 20, "{t:?}");
-    let st = status(&ns, PORT)?;
-    let v2_slots: Vec<u32> = st["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter(|m| m["pid"] == v2.pid)
-        .flat_map(|m| m["slots"].as_array().cloned().unwrap_or_default())
-        .filter_map(|s| s.as_u64().map(|s| s as u32))
-        .collect();
-    assert_eq!(v2_slots.len(), 4, "{st}");
+    let st = report(&ns, PORT)?;
+    let v2_slots = st
+        .member(v2.pid)
+        .map(|m| m.slots.clone())
+        .unwrap_or_default();
+    assert_eq!(v2_slots.len(), 4, "{st:?}");
     let per_slot = steered_per_slot(&ns)?;
     for slot in &v2_slots {
         // Each gets a quarter, about 15; none is left out (P(0 of 60) = 0.75^60, 3e-8).
@@ -155,11 +141,11 @@ fn deploys_of_an_app_with_700_sockets_per_family_never_run_out_of_slots() -> any
     for v in ["v2", "v3", "v4"] {
         let new = App::start(&ns, &split_app(v, N))?;
         replace(&ns, &new, &mut old)?;
-        let st = status(&ns, PORT)?;
+        let st = report(&ns, PORT)?;
         assert_eq!(
             members(&st),
-            BTreeMap::from([(new.pid.to_string(), ("active".into(), 2 * N))]),
-            "{v}: {st}"
+            BTreeMap::from([(new.pid, (Role::Active, 2 * N))]),
+            "{v}: {st:?}"
         );
         old = new;
     }

@@ -28,9 +28,9 @@ fn tag_is_the_kernels() -> anyhow::Result<()> {
 use std::time::Duration;
 use zdt_ctl::Step;
 
-use zdt_tests::harness::Kind;
+use zdt_tests::harness::{report, Kind, Role};
 use zdt_tests::{
-    harness::{at_failpoint, promote_args, status, strs, zdt, zdt_ok, App, AppOpts},
+    harness::{at_failpoint, promote_args, strs, zdt, zdt_ok, App, AppOpts},
     load::{self, Background, LoadSpec},
     netns::Netns,
     programs,
@@ -39,16 +39,12 @@ use zdt_tests::{
 const PORT: u16 = 8080;
 
 /// (role, steered) of `pid` in the port's status.
-fn role_and_steered(ns: &Netns, pid: i32) -> anyhow::Result<(String, u64)> {
-    let st = status(ns, PORT)?;
-    let m = st["members"]
-        .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["pid"] == pid))
-        .ok_or_else(|| anyhow::anyhow!("pid {pid} is not a member: {st}"))?;
-    Ok((
-        m["role"].as_str().unwrap_or_default().to_string(),
-        m["steered"].as_u64().unwrap_or_default(),
-    ))
+fn role_and_steered(ns: &Netns, pid: i32) -> anyhow::Result<(Role, u64)> {
+    let st = report(ns, PORT)?;
+    let m = st
+        .member(pid)
+        .ok_or_else(|| anyhow::anyhow!("pid {pid} is not a member: {st:?}"))?;
+    Ok((m.role, m.steered))
 }
 
 /// The program pinned for the port.
@@ -87,7 +83,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     );
     std::thread::sleep(load::scaled(Duration::from_millis(800)));
     let (role, steered_before) = role_and_steered(&ns, v1.pid)?;
-    assert_eq!(role, "active");
+    assert_eq!(role, Role::Active);
     assert!(steered_before > 100, "{steered_before}");
 
     // "Another zdt build" upgraded the port: its program steers with the same maps, and it is
@@ -140,7 +136,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     assert_eq!(runs(variant_id)?, variant_after);
     assert!(runs(pinned(&ns)?.id())? > ours_after);
     let (role, steered_after) = role_and_steered(&ns, v1.pid)?;
-    assert_eq!(role, "active", "the role survived the upgrade");
+    assert_eq!(role, Role::Active, "the role survived the upgrade");
     assert!(
         steered_after > steered_before,
         "the counters survived: {steered_before} then {steered_after}"

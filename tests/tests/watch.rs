@@ -1,5 +1,6 @@
 //! `zdt-ctl watch`: new processes promoted once ready, with no deploy script, under load.
 use std::time::{Duration, Instant};
+use zdt_tests::harness::{report, Role};
 
 use zdt_tests::{
     harness::{
@@ -228,21 +229,13 @@ fn the_watcher_makes_a_canary_with_weight() -> anyhow::Result<()> {
     let _watcher = KillOnDrop(zdt_command(&ns, &args).spawn()?);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    let role = |st: &serde_json::Value, pid: i32| -> Option<String> {
-        st["members"]
-            .as_array()?
-            .iter()
-            .find(|m| m["pid"] == pid)
-            .and_then(|m| m["role"].as_str())
-            .map(str::to_string)
-    };
     loop {
-        let st = status(&ns, PORT)?;
-        if role(&st, v2.pid).as_deref() == Some("canary") {
-            assert_eq!(role(&st, v1.pid).as_deref(), Some("active"), "{st}");
+        let st = report(&ns, PORT)?;
+        if st.role_of(v2.pid) == Some(Role::Canary) {
+            assert_eq!(st.role_of(v1.pid), Some(Role::Active), "{st:?}");
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "v2 not a canary: {st}");
+        anyhow::ensure!(Instant::now() < deadline, "v2 not a canary: {st:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut spec = LoadSpec::open(
