@@ -6,7 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -408,27 +408,52 @@ async fn exchange(
     Ok((status, header("x-zdt-version"), syn_retransmitted))
 }
 
+/// How many requests a load must complete after a test's last change before it is stopped: the
+/// state the test left behind, seen serving by that many requests ([`Background::finish_after`]).
+pub const AFTER_LAST_CHANGE: u64 = 20;
+
 /// A load running on its own thread inside a namespace, stopped on demand.
 pub struct Background {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
     handle: std::thread::JoinHandle<Vec<Sample>>,
 }
 
 impl Background {
     pub fn start(ns: &crate::netns::Netns, spec: LoadSpec) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let done = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), done.clone());
         let handle = ns.spawn_thread(move || {
             let mut out = Vec::new();
-            run(&spec, &flag, &mut |s| out.push(s));
+            run(&spec, &flag, &mut |s| {
+                out.push(s);
+                count.fetch_add(1, Ordering::Relaxed);
+            });
             out
         });
-        Background { stop, handle }
+        Background { stop, done, handle }
     }
 
     pub fn finish(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("load thread")
+    }
+
+    /// Stops the load once it has completed `n` more requests than when called: a wait for
+    /// the event (the current state seen by `n` requests), not for a time. Within 10 s,
+    /// stretched by the time scale; a load that gets there slower is stopped then, and the
+    /// test's own counts say so.
+    pub fn finish_after(self, n: u64) -> Vec<Sample> {
+        let target = self.done.load(Ordering::Relaxed) + n;
+        let deadline = std::time::Instant::now() + scaled(Duration::from_secs(10));
+        while self.done.load(Ordering::Relaxed) < target
+            && std::time::Instant::now() < deadline
+            && !self.handle.is_finished()
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish()
     }
 }
 

@@ -103,8 +103,7 @@ fn a_probe_through_the_public_port_reaches_only_the_candidate() -> anyhow::Resul
         "switched {switched} ms after v2 started, warming up for {warmup:?}: the probe did not \
          wait for v2: {r}"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.contains_key("v2"), "{t:?}");
 

@@ -100,8 +100,7 @@ fn a_container_on_the_host_network_is_promoted_and_the_old_one_podman_stopped() 
     assert_eq!(active(&ns)?, [i64::from(v2.pid)]);
     v1.stop(Duration::from_secs(10))?;
     assert_eq!(v1.exit_code()?, 0);
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     print_tally("== host network, promote, podman stop:", &t);
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.get("v1").copied().unwrap_or(0) > 0, "{t:?}");
@@ -157,8 +156,7 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     );
     v1.stop(Duration::from_secs(10))?;
     assert_eq!(v1.exit_code()?, 0);
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     print_tally("== pod, watcher, podman stop:", &t);
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");

@@ -531,8 +531,7 @@ fn several_deploys_under_load_lose_nothing() -> anyhow::Result<()> {
         replace(&ns, &new, &mut old)?;
         old = new;
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&load.finish());
+    let t = load::tally(&load.finish_after(load::AFTER_LAST_CHANGE));
     // Two seconds' worth of requests at least.
     assert!(
         t.requests > load::requests_at(RATE, Duration::from_secs(2)),

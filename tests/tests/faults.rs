@@ -80,8 +80,7 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     );
     // The old process was not stopped: it is active again and serves everything.
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     only_in_flight_losses(&t);
     Ok(())
 }
@@ -155,8 +154,7 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     assert_eq!(kind_of(out.status), Some(Kind::RolledBack), "{out:?}");
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
 
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     only_in_flight_losses(&t);
     Ok(())
 }
@@ -226,8 +224,7 @@ fn killed_at_every_step_leaves_a_consistent_state() -> anyhow::Result<()> {
         current.wait_exit(scaled(Duration::from_secs(5)));
         current = new;
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.failures(), 0, "{t:?}");
     Ok(())
 }
@@ -339,8 +336,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
         roles(&ns),
         BTreeSet::from([role(v1.pid, Role::Draining), role(v3.pid, Role::Active)])
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     only_in_flight_losses(&t);
     Ok(())
 }
@@ -427,8 +423,7 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
     for p in pending {
         p.finish()?;
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(
         t.requests > requests_at(RATE, Duration::from_secs(10) / 3),

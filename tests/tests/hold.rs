@@ -115,8 +115,7 @@ fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value
     std::thread::sleep(Duration::from_millis(300));
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&burst.finish());
+    let t = load::tally(&burst.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.requests, QUEUED, "{t:?}");
     Ok((t, status(&ns, PORT)?))
 }
@@ -421,8 +420,7 @@ fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
         serde_json::json!(v1.pid),
         "{report}"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     assert!(
         t.requests > requests_at(RATE, Duration::from_millis(2500)),
         "{t:?}"

@@ -94,8 +94,7 @@ fn the_deploy_script_deploys_and_rolls_back() -> anyhow::Result<()> {
     let (code, out) = deploy(&ns, &shim, &[("APP_WARMUP", "1h"), ("TIMEOUT", "1s")])?;
     assert_eq!(code, 4, "{out}");
     assert!(out.contains("app@8082 keeps the port"), "{out}");
-    std::thread::sleep(Duration::from_millis(300));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.failures(), 0, "{t:?}");
     let versions: Vec<&String> = t.versions.keys().collect();
     assert_eq!(versions, ["app@8081", "app@8082"], "{t:?}");
