@@ -171,13 +171,17 @@ fn round(cfg: &ColdConfig, arm: ColdArm, n: usize, acc: &mut Acc) -> anyhow::Res
     let load = Background::start(&ns, spec);
     std::thread::sleep(SETTLE);
     for i in 1..=n {
-        serving.signal(Signal::SIGTERM);
-        anyhow::ensure!(
-            serving.wait_exit(Duration::from_secs(10)),
-            "{}: g{} did not exit",
-            arm.name(),
-            i - 1
-        );
+        if arm == ColdArm::Hold {
+            serving.stop_behind_hold(&ns, Duration::from_secs(10))?;
+        } else {
+            serving.signal(Signal::SIGTERM);
+            anyhow::ensure!(
+                serving.wait_exit(Duration::from_secs(10)),
+                "{}: g{} did not exit",
+                arm.name(),
+                i - 1
+            );
+        }
         std::thread::sleep(cfg.down);
         serving = App::start(&ns, &opts(i))?;
         ready(&serving)?;

@@ -267,6 +267,16 @@ impl App {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
     }
 
+    /// Stops the process the way examples/app.service does behind `zdt-ctl hold`: its
+    /// ExecStop= `zdt-ctl drain PID --stopping` (new connections wait on the placeholder from
+    /// then on), then systemd's SIGTERM; waits for it to exit within `timeout`.
+    pub fn stop_behind_hold(&mut self, ns: &Netns, timeout: Duration) -> anyhow::Result<()> {
+        zdt_ok(ns, &["drain", &self.pid.to_string(), "--stopping"])?;
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        anyhow::ensure!(self.wait_exit(timeout), "pid {} did not exit", self.pid);
+        Ok(())
+    }
+
     /// Waits for the process to exit; true if it did within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;

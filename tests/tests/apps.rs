@@ -217,11 +217,7 @@ fn cold_restart(ns: &Netns, o: &AppOpts, to: &[SocketAddr]) -> anyhow::Result<Ve
     let mut v1 = start("v1")?;
     let l = loads(ns, to, RATE);
     std::thread::sleep(Duration::from_millis(500));
-    v1.signal(Signal::SIGTERM);
-    anyhow::ensure!(
-        v1.wait_exit(scaled(Duration::from_secs(5))),
-        "v1 did not exit"
-    );
+    v1.stop_behind_hold(ns, scaled(Duration::from_secs(5)))?;
     let _v2 = start("v2")?;
     std::thread::sleep(Duration::from_millis(500));
     let tallies = finish(l);

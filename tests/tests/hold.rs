@@ -37,11 +37,15 @@ fn cold_restart(ns: &Netns, with_zdt: bool) -> anyhow::Result<Tally> {
     }
     let load = Background::start(ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
     std::thread::sleep(Duration::from_millis(300));
-    v1.signal(Signal::SIGTERM);
-    anyhow::ensure!(
-        v1.wait_exit(scaled(Duration::from_secs(5))),
-        "v1 did not exit"
-    );
+    if with_zdt {
+        v1.stop_behind_hold(ns, scaled(Duration::from_secs(5)))?;
+    } else {
+        v1.signal(Signal::SIGTERM);
+        anyhow::ensure!(
+            v1.wait_exit(scaled(Duration::from_secs(5))),
+            "v1 did not exit"
+        );
+    }
     let v2 = App::start(ns, &AppOpts::new(PORT, "v2").warmup(warmup()))?;
     if with_zdt {
         zdt_ok(ns, &strs(&promote_args(&v2, &[])))?;

@@ -3,7 +3,7 @@
 //! and zdt-attach.service, zdt-hold.service and app.service enabled, as an operator sets them up;
 //! it boots in qemu (TCG) on Debian 12's kernel. Its scenario (tests/fixtures/systemd-vm/
 //! scenario.sh) checks the boot, restarts app.service under load, then deploys app@.service's
-//! instances twice with deploy.sh under load, then restarts app.service with no zdt-ctl in its
+//! instances twice with deploy.sh under load, then restarts app.service with no promote in its
 //! unit, promoted by zdt-watch@80.service, under load; it reports on a serial port, and the
 //! assertions are made here, on that report.
 //!
@@ -432,7 +432,7 @@ fn the_packaged_units_attach_hold_promote_and_deploy_under_systemd() -> anyhow::
     assert_ne!(new, r.pid("pid-first"), "app@8081 was not deployed anew");
     assert_eq!(r.active("status-deploy"), new, "{}", r.text);
 
-    // app.service with no zdt-ctl in its unit, behind hold, promoted by zdt-watch@80 at its
+    // app.service with no promote in its unit, behind hold, promoted by zdt-watch@80 at its
     // start and across `systemctl restart app` under load.
     assert_eq!(
         r.active("status-watch-start"),

@@ -90,8 +90,8 @@ enum Op {
     /// The last promote again, same pid and weight (a deploy script's retry).
     Retry(Kill),
     Rollback(Kill),
-    /// Drain `who` (any process, also one that exited), force.
-    Drain(usize, bool, Kill),
+    /// Drain `who` (any process, also one that exited), with `zdt-ctl drain`'s flags.
+    Drain(usize, sets::DrainOpts, Kill),
     /// `who` exits: its sockets close.
     Exit(usize),
     /// `who` closes its `which`th open listener.
@@ -741,8 +741,8 @@ impl Model {
         Err(Stop::Refused("the watch failed: restored (exit 8)".into()))
     }
 
-    /// `rollback`, or `drain` of `drain.0` (with force `drain.1`).
-    fn switch(&mut self, drain: Option<(Process, bool)>, kill: Kill) -> Step {
+    /// `rollback`, or `drain` of `drain.0` (with the flags `drain.1`).
+    fn switch(&mut self, drain: Option<(Process, sets::DrainOpts)>, kill: Kill) -> Step {
         self.lock()?;
         if kill == Kill::Inserted {
             return Err(Stop::Killed);
@@ -750,7 +750,7 @@ impl Model {
         let (read, snap) = (self.snapshot(), self.clone());
         let plan = match drain {
             None => read.rollback(),
-            Some((p, force)) => read.drain(p.pid, force),
+            Some((p, opts)) => read.drain(p.pid, opts),
         };
         let plan = self.decide(
             &snap,
@@ -836,12 +836,12 @@ impl Model {
                 (what, self.promote(p, weight, Probe::Off, kill, After::Fine))
             }
             Op::Rollback(kill) => (format!("rollback {kill:?}"), self.switch(None, kill)),
-            Op::Drain(who, force, kill) => {
+            Op::Drain(who, opts, kill) => {
                 let Some(p) = pick(self, who, false, false) else {
                     return nobody;
                 };
-                let what = format!("drain pid {} force {force} {kill:?}", p.pid);
-                (what, self.switch(Some((p, force)), kill))
+                let what = format!("drain pid {} {opts:?} {kill:?}", p.pid);
+                (what, self.switch(Some((p, opts)), kill))
             }
             Op::Exit(who) => {
                 let Some(p) = pick(self, who, false, true) else {
@@ -982,7 +982,9 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             .prop_map(|(w, g, p, k, a)| Op::Promote(w, g, p, k, a)),
         1 => kill().prop_map(Op::Retry),
         2 => kill().prop_map(Op::Rollback),
-        2 => (who(), any::<bool>(), kill()).prop_map(|(w, f, k)| Op::Drain(w, f, k)),
+        2 => (who(), any::<(bool, bool)>(), kill()).prop_map(|(w, (force, stopping), k)| {
+            Op::Drain(w, sets::DrainOpts { force, stopping }, k)
+        }),
         2 => who().prop_map(Op::Exit),
         1 => (who(), who()).prop_map(|(w, i)| Op::Close(w, i)),
         1 => (any::<bool>(), kill()).prop_map(|(m, k)| Op::Hold(m, k)),

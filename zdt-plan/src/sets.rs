@@ -495,14 +495,24 @@ pub fn rollback(
     Ok(plan)
 }
 
+/// How `drain` may leave the port: the flags of `zdt-ctl drain`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainOpts {
+    /// Even with no active socket left: new connections go to kernel hashing.
+    pub force: bool,
+    /// PID stops next (a unit's ExecStop=): its families may be left to hold's placeholders.
+    pub stopping: bool,
+}
+
 /// `drain PID`: PID's slots leave the active set. Refused when it would leave the port with
-/// no active socket (unless `force`), and always when hold's placeholder would then take a
+/// no active socket (unless `force`, or `stopping` with hold's placeholders in each family
+/// left without one), and, unless `stopping`, when hold's placeholder would then take a
 /// family's new connections while PID still listens.
 pub fn drain(
     slots: &[Slot],
     live: &ActiveSet,
     pid: i32,
-    force: bool,
+    opts: DrainOpts,
     port: u16,
 ) -> anyhow::Result<Plan> {
     let mine: Vec<u32> = slots
@@ -524,19 +534,25 @@ pub fn drain(
     // the program would park every new connection of that family on the placeholder (the hold
     // list is its last choice before kernel hashing), to wait for a promote that may never come
     // (up to hold's --max-wait), while PID still listens and could answer it. Without hold,
-    // kernel hashing would have handed it to PID. --force does not make that right.
+    // kernel hashing would have handed it to PID. --force does not make that right. Unless PID
+    // is about to stop (`stopping`): then parking is what its stop would do anyway, and doing
+    // it first keeps the kernel from resetting a handshake that completes on PID's listener at
+    // the instant it closes (`inet_csk_reqsk_queue_add()` finds it no longer listening and
+    // forgets the child, where a closed listener's queue is migrated).
     let holders =
         |family: u32| pids_where(slots, |h| live.is_hold(h.index) && h.meta.family == family);
-    let parked = slots.iter().find(|s| {
-        let family = s.meta.family;
-        s.active
-            && mine.contains(&s.index)
-            && !holders(family).is_empty()
-            && !slots
-                .iter()
-                .any(|r| remaining.contains(&r.index) && r.meta.family == family)
-    });
-    if let Some(s) = parked {
+    let emptied: Vec<&Slot> = slots
+        .iter()
+        .filter(|s| {
+            s.active
+                && mine.contains(&s.index)
+                && !slots
+                    .iter()
+                    .any(|r| remaining.contains(&r.index) && r.meta.family == s.meta.family)
+        })
+        .collect();
+    let parked = emptied.iter().find(|s| !holders(s.meta.family).is_empty());
+    if let (Some(s), false) = (parked, opts.stopping) {
         let family = if s.meta.family == AF_INET {
             "IPv4"
         } else {
@@ -550,13 +566,18 @@ pub fn drain(
                  (pid {}) runs: draining it would park every new {family} connection on hold's \
                  placeholder to wait for the next promote (up to hold's --max-wait), while pid \
                  {pid} still listens and could answer it. Promote another process first; to \
-                 restart without overlap, stop pid {pid} instead (what is queued on it moves to \
-                 the placeholder); nothing was changed",
+                 restart without overlap, pass --stopping and then stop pid {pid} (what is \
+                 queued on it moves to the placeholder); nothing was changed",
                 holds.join(", pid ")
             ),
         ));
     }
-    if remaining.is_empty() && !force {
+    // With `stopping`, a family left to hold's placeholders keeps its connections waiting for
+    // the next promote; only one left to kernel hashing (warming candidates answer) needs force.
+    let held_all = opts.stopping
+        && !emptied.is_empty()
+        && emptied.iter().all(|s| !holders(s.meta.family).is_empty());
+    if remaining.is_empty() && !opts.force && !held_all {
         return Err(err(
             Kind::Refused,
             format!(
@@ -827,6 +848,15 @@ pub fn rejoin(
 mod tests {
     use zdt_common::AF_INET6;
 
+    const FORCE: DrainOpts = DrainOpts {
+        force: true,
+        stopping: false,
+    };
+    const STOPPING: DrainOpts = DrainOpts {
+        force: false,
+        stopping: true,
+    };
+
     use super::*;
 
     /// A live slot: `index`, held by `pid` (started at pid * 10), of `family`, recording `role`,
@@ -1027,13 +1057,13 @@ mod tests {
         };
         let canary = promote(&slots, &live, 200, &[2, 3], Some(10)).unwrap();
         let slots = after(&slots, &canary);
-        let p = drain(&slots, &canary.set, 150, false, 80).unwrap();
+        let p = drain(&slots, &canary.set, 150, DrainOpts::default(), 80).unwrap();
         assert_eq!(listed(&p.set.lists), [vec![0], vec![1]]);
         assert_eq!(listed(&p.set.canary), [vec![2], vec![3]]);
         assert_eq!(p.set.canary_weight, 10);
         assert_eq!(p.drained, vec![proc_of(150)]);
         // Draining the canary itself ends it.
-        let p = drain(&slots, &canary.set, 200, false, 80).unwrap();
+        let p = drain(&slots, &canary.set, 200, DrainOpts::default(), 80).unwrap();
         assert!(p.set.canary.iter().all(|l| l.len == 0));
         assert_eq!(p.set.canary_weight, 0);
         assert_eq!(listed(&p.set.lists), [vec![0, 4], vec![1]]);
@@ -1376,7 +1406,7 @@ mod tests {
             lists: lists_of(&slots, &[0, 1, 2]).unwrap(),
             ..live
         };
-        let p = drain(&slots, &live, 100, false, 80).unwrap();
+        let p = drain(&slots, &live, 100, DrainOpts::default(), 80).unwrap();
         assert_eq!(listed(&p.set.lists), [vec![2], vec![]]);
         assert_eq!(p.drained, vec![proc_of(100)]);
         assert_eq!(p.roles, vec![(0, Role::Draining), (1, Role::Draining)]);
@@ -1386,12 +1416,12 @@ mod tests {
     #[test]
     fn a_drain_of_the_last_member_needs_force_and_of_a_stranger_is_bad_input() {
         let (slots, live) = deploy();
-        let e = drain(&slots, &live, 100, false, 80).unwrap_err();
+        let e = drain(&slots, &live, 100, DrainOpts::default(), 80).unwrap_err();
         assert_eq!(code(&e), 7);
         assert!(e.to_string().contains("--force"), "{e}");
-        let p = drain(&slots, &live, 100, true, 80).unwrap();
+        let p = drain(&slots, &live, 100, FORCE, 80).unwrap();
         assert!(p.set.is_empty());
-        let e = drain(&slots, &live, 4242, false, 80).unwrap_err();
+        let e = drain(&slots, &live, 4242, DrainOpts::default(), 80).unwrap_err();
         assert_eq!(code(&e), 2);
         assert!(e.to_string().contains("not a member of port 80"), "{e}");
     }
@@ -1405,17 +1435,44 @@ mod tests {
         slots[2].active = true;
         live.lists = lists_of(&slots, &[0, 1, 2]).unwrap();
         for force in [false, true] {
-            let e = drain(&slots, &live, 100, force, 80).unwrap_err();
+            let opts = DrainOpts {
+                force,
+                stopping: false,
+            };
+            let e = drain(&slots, &live, 100, opts, 80).unwrap_err();
             assert_eq!(code(&e), 7);
             assert!(e.to_string().contains("last active IPv6 member"), "{e}");
             assert!(e.to_string().contains("pid 42"), "{e}");
+            assert!(e.to_string().contains("--stopping"), "{e}");
         }
+        // PID stops next: its IPv6 connections may wait on the placeholder.
+        let p = drain(&slots, &live, 100, STOPPING, 80).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![2], vec![]]);
+        assert_eq!(p.set.hold, live.hold);
         // With a v2 IPv6 socket active as well, the drain goes ahead and keeps the placeholder.
         slots[3].active = true;
         live.lists = lists_of(&slots, &[0, 1, 2, 3]).unwrap();
-        let p = drain(&slots, &live, 100, false, 80).unwrap();
+        let p = drain(&slots, &live, 100, DrainOpts::default(), 80).unwrap();
         assert_eq!(listed(&p.set.lists), [vec![2], vec![3]]);
         assert_eq!(p.set.hold, live.hold);
+    }
+
+    #[test]
+    fn a_stopping_drain_of_the_last_member_needs_hold_in_each_of_its_families() {
+        let (mut slots, mut live) = deploy();
+        // hold in IPv4 only: v1's IPv6 connections would be hashed, to warming v2 as well.
+        slots.push(slot(8, 42, AF_INET, Role::Hold));
+        live.hold = lists_of(&slots, &[8]).unwrap();
+        let e = drain(&slots, &live, 100, STOPPING, 80).unwrap_err();
+        assert_eq!(code(&e), 7);
+        assert!(e.to_string().contains("--force"), "{e}");
+        // hold in both: the whole port waits on it for the next promote.
+        slots.push(slot(9, 42, AF_INET6, Role::Hold));
+        live.hold = lists_of(&slots, &[8, 9]).unwrap();
+        let p = drain(&slots, &live, 100, STOPPING, 80).unwrap();
+        assert_eq!(listed(&p.set.lists), [vec![], vec![]]);
+        assert_eq!(p.set.hold, live.hold);
+        assert_eq!(p.drained, vec![proc_of(100)]);
     }
 
     #[test]

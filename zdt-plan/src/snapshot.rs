@@ -138,8 +138,8 @@ impl Snapshot {
     }
 
     /// `drain`: [`sets::drain`].
-    pub fn drain(&self, pid: i32, force: bool) -> anyhow::Result<Plan> {
-        sets::drain(&self.slots, &self.live_set(), pid, force, self.port)
+    pub fn drain(&self, pid: i32, opts: sets::DrainOpts) -> anyhow::Result<Plan> {
+        sets::drain(&self.slots, &self.live_set(), pid, opts, self.port)
     }
 
     /// hold's registration: [`sets::hold`].

@@ -1,5 +1,5 @@
-//! `zdt-ctl drain PID [--force]`: take a process's sockets out of the active set.
-use crate::{error::require_root, state::State};
+//! `zdt-ctl drain PID [--force] [--stopping]`: take a process's sockets out of the active set.
+use crate::{error::require_root, plan::sets::DrainOpts, state::State};
 
 /// Take PID's sockets out of the active set.
 #[derive(clap::Args, Debug)]
@@ -11,23 +11,33 @@ pub struct Args {
     /// them, to wait for a promote, while PID still listens.
     #[arg(long)]
     pub force: bool,
+    /// PID stops next (a unit's ExecStop=, before systemd sends SIGTERM): drain it even if
+    /// `zdt-ctl hold`'s placeholder then takes its family's new connections, which wait there
+    /// for the next promote. Taking PID out before it closes its listener keeps the kernel
+    /// from resetting a handshake that completes at the instant the listener closes.
+    #[arg(long)]
+    pub stopping: bool,
     #[arg(long, value_parser = super::parse_port_arg)]
     pub port: Option<u16>,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
     let port = super::resolve_port(args.port)?;
-    let slots = drain(port, args.pid, args.force)?;
+    let opts = DrainOpts {
+        force: args.force,
+        stopping: args.stopping,
+    };
+    let slots = drain(port, args.pid, opts)?;
     crate::outln!("port {port}: pid {} draining (slots {slots:?})", args.pid);
     Ok(())
 }
 
 /// Drains `pid` on `port` ([`crate::plan::sets::drain`] says when it is refused); returns its slots.
-pub fn drain(port: u16, pid: i32, force: bool) -> anyhow::Result<Vec<u32>> {
+pub fn drain(port: u16, pid: i32, opts: DrainOpts) -> anyhow::Result<Vec<u32>> {
     require_root()?;
     let mut state = State::open_locked(port)?;
     let snap = state.snapshot()?;
-    state.apply(&snap.drain(pid, force)?)?;
+    state.apply(&snap.drain(pid, opts)?)?;
     tracing::info!(port, pid, "drained");
     Ok(snap
         .slots
