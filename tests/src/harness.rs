@@ -750,3 +750,51 @@ pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other("no HTTP status line"))
 }
+
+/// A promote running in the background (its --stop-old wait can outlast the next handover).
+pub struct Pending {
+    child: Child,
+    old: App,
+}
+
+impl Pending {
+    /// Waits for the promote and the old process; returns the promote's JSON report and what
+    /// the old process printed. A promote that failed is an error.
+    pub fn finish(mut self) -> anyhow::Result<(serde_json::Value, Vec<String>)> {
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            s.read_to_string(&mut out)?;
+        }
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "zdt-ctl promote failed: {out}");
+        let report = serde_json::from_str(&out).context("promote JSON")?;
+        self.old.wait_exit(Duration::from_secs(15));
+        Ok((report, self.old.drain_lines()))
+    }
+}
+
+/// Starts `zdt-ctl promote --stop-old` for `new` and returns once it has switched (its info log
+/// says so), leaving it to wait for the old process in the background.
+pub fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::Result<Pending> {
+    let drain = format!("{}ms", (gap + Duration::from_secs(10)).as_millis());
+    let pid = new.pid.to_string();
+    let readyz = new.readyz();
+    let args = [
+        "promote",
+        &pid,
+        "--readyz",
+        &readyz,
+        "--stop-old",
+        "--drain-timeout",
+        &drain,
+        "--json",
+    ];
+    let mut cmd = zdt_command(ns, &args);
+    cmd.env("RUST_LOG", "zdt_ctl=info").stdout(Stdio::piped());
+    // Either it switched, or it ended (a failure, found when it is reaped).
+    let (running, _) = spawn_until(&mut cmd, "switched")?;
+    Ok(Pending {
+        child: running.child,
+        old,
+    })
+}

@@ -1,8 +1,6 @@
-//! The test and benchmark harness: network namespaces, real processes (the demo service and
-//! zdt-ctl), and a load client that classifies every request.
-pub mod bench;
-pub mod cold;
-pub mod cost;
+//! The test harness, which the suites (tests/tests), the benchmarks (bench/) and the demo
+//! (demo/) share: network namespaces, real processes (the demo service and zdt-ctl), a load
+//! client that classifies every request, and the real servers, kernels and hosts the suites run.
 pub mod debian;
 pub mod harness;
 pub mod kernel;
@@ -11,5 +9,4 @@ pub mod netns;
 pub mod nspawn;
 pub mod podman;
 pub mod programs;
-pub mod scale;
 pub mod servers;

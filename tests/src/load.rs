@@ -154,6 +154,12 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Whether this tally's failures stay within `a`.
+    pub fn within(&self, a: Allowance) -> bool {
+        let slow = self.count(Outcome::Slow);
+        self.failures() - slow <= a.failed && slow <= a.slow
+    }
+
     pub fn add(&mut self, s: &Sample) {
         self.requests += 1;
         *self.outcomes.entry(s.outcome).or_default() += 1;
@@ -182,7 +188,7 @@ pub struct LoadSpec {
     pub workers: usize,
     /// Reuse connections (HTTP/1.1 keep-alive) instead of one connection per request.
     pub keepalive: bool,
-    /// Upper bounds: the run stops at whichever comes first (or when `stop` is set).
+    /// Upper bounds: the run stops at whichever comes first (or when `Progress::stop` is set).
     pub duration: Duration,
     pub max_requests: u64,
     pub request_timeout: Duration,
@@ -215,9 +221,31 @@ impl LoadSpec {
     }
 }
 
+/// What a running load shares with whoever started it: a flag that ends it early, and how many
+/// requests it has completed so far (each counted as it completes).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub stop: AtomicBool,
+    pub done: AtomicU64,
+}
+
+impl Progress {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Records one completed request: for the sink at the end of the run, and in the count that
+/// [`Background::see`] waits on now.
+fn record(samples: &Mutex<Vec<Sample>>, progress: &Progress, s: Sample) {
+    samples.lock().unwrap().push(s);
+    progress.done.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Runs the load on a current-thread runtime in the calling thread (call it from a thread inside
-/// the target's network namespace). `stop` ends the run early; every sample goes to `sink`.
-pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)) {
+/// the target's network namespace). `progress.stop` ends the run early; every sample goes to
+/// `sink` once the run has ended.
+pub fn run(spec: &LoadSpec, progress: &Arc<Progress>, sink: &mut dyn FnMut(Sample)) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -229,7 +257,7 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
         let deadline = start + spec.duration;
         let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let more = |issued: &std::sync::atomic::AtomicU64| {
-            !stop.load(Ordering::Relaxed)
+            !progress.stopped()
                 && Instant::now() < deadline
                 && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
         };
@@ -238,20 +266,24 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
                 // `workers` connections, each sending requests in sequence at its share of the
                 // rate (a request that is late is sent at once, then the schedule resumes).
                 for _ in 0..spec.workers.max(1) {
-                    let (spec, samples, issued, stop) =
-                        (spec.clone(), samples.clone(), issued.clone(), stop.clone());
+                    let (spec, samples, issued, progress) = (
+                        spec.clone(),
+                        samples.clone(),
+                        issued.clone(),
+                        progress.clone(),
+                    );
                     tasks.spawn(async move {
                         let period = Duration::from_secs_f64(spec.workers.max(1) as f64 / rate);
                         let mut tick = tokio::time::interval(period);
                         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         let mut conn = None;
-                        while !stop.load(Ordering::Relaxed)
+                        while !progress.stopped()
                             && Instant::now() < deadline
                             && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
                         {
                             tick.tick().await;
                             let s = one(&spec, &mut conn).await;
-                            samples.lock().unwrap().push(s);
+                            record(&samples, &progress, s);
                         }
                     });
                 }
@@ -261,10 +293,11 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 while more(&issued) {
                     tick.tick().await;
-                    let (spec, samples) = (spec.clone(), samples.clone());
+                    let (spec, samples, progress) =
+                        (spec.clone(), samples.clone(), progress.clone());
                     tasks.spawn(async move {
                         let s = one(&spec, &mut None).await;
-                        samples.lock().unwrap().push(s);
+                        record(&samples, &progress, s);
                     });
                     // Keep the set from growing without bound: reap finished tasks.
                     while tasks.try_join_next().is_some() {}
@@ -272,16 +305,20 @@ pub fn run(spec: &LoadSpec, stop: &Arc<AtomicBool>, sink: &mut dyn FnMut(Sample)
             }
             None => {
                 for _ in 0..spec.workers {
-                    let (spec, samples, issued, stop) =
-                        (spec.clone(), samples.clone(), issued.clone(), stop.clone());
+                    let (spec, samples, issued, progress) = (
+                        spec.clone(),
+                        samples.clone(),
+                        issued.clone(),
+                        progress.clone(),
+                    );
                     tasks.spawn(async move {
                         let mut conn = None;
-                        while !stop.load(Ordering::Relaxed)
+                        while !progress.stopped()
                             && Instant::now() < deadline
                             && issued.fetch_add(1, Ordering::Relaxed) < spec.max_requests
                         {
                             let s = one(&spec, &mut conn).await;
-                            samples.lock().unwrap().push(s);
+                            record(&samples, &progress, s);
                         }
                     });
                 }
@@ -410,33 +447,43 @@ async fn exchange(
 
 /// How many requests a load must complete after a test's last change before it is stopped: the
 /// state the test left behind, seen serving by that many requests ([`Background::finish_after`]).
-pub const AFTER_LAST_CHANGE: u64 = 20;
+/// 60: about the 300 ms the tests paused for at 200 req/s, and as many requests, not as long a
+/// time, where the load runs slower (under emulation).
+pub const AFTER_LAST_CHANGE: u64 = 60;
+
+/// How many requests a load must complete in a state before the test changes it
+/// ([`Background::see`]): the state before a deploy (or a kill) seen serving, so that the
+/// change happens under load and not as the load starts. 60, as [`AFTER_LAST_CHANGE`].
+pub const BEFORE_CHANGE: u64 = 60;
+
+/// The failures a test allows, named at the call site: `failed` requests beyond the slow ones,
+/// and `slow` answers (a SYN sent again after 1 s, say). [`Tally::within`] checks them.
+#[derive(Clone, Copy, Debug)]
+pub struct Allowance {
+    pub failed: u64,
+    pub slow: u64,
+}
 
 /// A load running on its own thread inside a namespace, stopped on demand.
 pub struct Background {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     handle: std::thread::JoinHandle<Vec<Sample>>,
 }
 
 impl Background {
     pub fn start(ns: &crate::netns::Netns, spec: LoadSpec) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), done.clone());
+        let progress = Arc::new(Progress::default());
+        let shared = progress.clone();
         let handle = ns.spawn_thread(move || {
             let mut out = Vec::new();
-            run(&spec, &flag, &mut |s| {
-                out.push(s);
-                count.fetch_add(1, Ordering::Relaxed);
-            });
+            run(&spec, &shared, &mut |s| out.push(s));
             out
         });
-        Background { stop, done, handle }
+        Background { progress, handle }
     }
 
     pub fn finish(self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.progress.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("load thread")
     }
 
@@ -445,15 +492,27 @@ impl Background {
     /// stretched by the time scale; a load that gets there slower is stopped then, and the
     /// test's own counts say so.
     pub fn finish_after(self, n: u64) -> Vec<Sample> {
-        let target = self.done.load(Ordering::Relaxed) + n;
+        self.see(n);
+        self.finish()
+    }
+
+    /// The requests this load has completed so far.
+    pub fn completed(&self) -> u64 {
+        self.progress.done.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the load has completed `n` more requests than when called, leaving it
+    /// running: the current state seen by `n` requests before the test's next step (within
+    /// 10 s, stretched by the time scale, as [`Background::finish_after`]).
+    pub fn see(&self, n: u64) {
+        let target = self.completed() + n;
         let deadline = std::time::Instant::now() + scaled(Duration::from_secs(10));
-        while self.done.load(Ordering::Relaxed) < target
+        while self.completed() < target
             && std::time::Instant::now() < deadline
             && !self.handle.is_finished()
         {
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.finish()
     }
 }
 
@@ -478,4 +537,38 @@ pub fn tally(samples: &[Sample]) -> Tally {
         t.add(s);
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        harness::{App, AppOpts},
+        netns::Netns,
+    };
+
+    /// A running load counts each request as it completes: `see` and `finish_after` wait on
+    /// that count. Counted only when the run ended, it stays 0 while the load runs, and every
+    /// such wait lasts its whole deadline instead of ending at the event.
+    #[test]
+    fn a_running_load_counts_its_requests_as_they_complete() -> anyhow::Result<()> {
+        let ns = Netns::new()?;
+        let _app = App::start(&ns, &AppOpts::new(8080, "v1"))?;
+        let spec = LoadSpec::open(
+            ([127, 0, 0, 1], 8080).into(),
+            200.0,
+            Duration::from_secs(30),
+        );
+        let l = Background::start(&ns, spec);
+        l.see(BEFORE_CHANGE);
+        let seen = l.completed();
+        let t = tally(&l.finish_after(AFTER_LAST_CHANGE));
+        assert!(
+            seen >= BEFORE_CHANGE,
+            "{seen} completed while running; {t:?}"
+        );
+        assert!(t.requests >= seen + AFTER_LAST_CHANGE, "{seen} then {t:?}");
+        assert_eq!(t.failures(), 0, "{t:?}");
+        Ok(())
+    }
 }

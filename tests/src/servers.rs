@@ -20,7 +20,6 @@ use nix::{
 };
 
 use crate::{
-    bench::Kernel,
     harness::{bin, wait_for_200},
     load::scaled,
     netns::Netns,
@@ -429,24 +428,6 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
-}
-
-/// The kernel's TCP counters of the namespace (Tcp OutRsts, EstabResets, TcpExt ListenOverflows,
-/// TCPMigrateReqSuccess, ...).
-pub fn kernel(ns: &Netns) -> anyhow::Result<Kernel> {
-    Kernel::read(ns)
-}
-
-/// `after - before`, counter by counter.
-pub fn kernel_delta(after: &Kernel, before: &Kernel) -> Kernel {
-    let mut k = Kernel::default();
-    k.add_delta(after, before);
-    k
-}
-
-/// Adds `after - before` to `acc`, counter by counter.
-pub fn add_kernel_delta(acc: &mut Kernel, after: &Kernel, before: &Kernel) {
-    acc.add_delta(after, before);
 }
 
 /// wrk running inside a namespace (closed loop: `connections` connections on one thread, each

@@ -37,10 +37,11 @@ fn loads(ns: &Netns, to: &[SocketAddr], rate: f64) -> Vec<Background> {
         .collect()
 }
 
+/// Stops every load once each has seen the state the test left ([`load::AFTER_LAST_CHANGE`]).
 fn finish(loads: Vec<Background>) -> Vec<Tally> {
     loads
         .into_iter()
-        .map(|l| load::tally(&l.finish()))
+        .map(|l| load::tally(&l.finish_after(load::AFTER_LAST_CHANGE)))
         .collect()
 }
 
@@ -78,7 +79,6 @@ fn promote_waits_for_a_process_that_binds_late() -> anyhow::Result<()> {
         assert!(t.elapsed() >= Duration::from_millis(2500), "{r:?}");
         old = new;
     }
-    std::thread::sleep(Duration::from_millis(300));
     let t = finish(l).remove(0);
     assert!(
         t.requests > requests_at(RATE, Duration::from_secs(5)),
@@ -293,7 +293,6 @@ fn dual_stack_apps_hand_over_on_both_families() -> anyhow::Result<()> {
         replace(&ns, &new, &mut old)?;
         old = new;
     }
-    std::thread::sleep(Duration::from_millis(300));
     for t in finish(l) {
         assert!(
             t.requests > requests_at(RATE, Duration::from_secs(1)),
@@ -466,12 +465,11 @@ fn a_supervisor_that_keeps_the_socket_is_never_a_member() -> anyhow::Result<()> 
         sup.try_wait()?.is_none(),
         "the supervisor was stopped: {r:?}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l[0].see(load::BEFORE_CHANGE);
     // The socket outlives the service while the supervisor keeps it; what was still queued on
     // it moves to v2 when the supervisor closes it.
     sup.kill()?;
     sup.wait()?;
-    std::thread::sleep(Duration::from_millis(300));
     let t = finish(l).remove(0);
     assert_eq!(t.failures(), 0, "{t:?}");
     drop(hold);

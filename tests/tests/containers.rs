@@ -81,7 +81,7 @@ fn a_container_on_the_host_network_is_promoted_and_the_old_one_podman_stopped() 
         &ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     let v2 = start(Network::Host(&ns), "v2", 9002, scaled(WARMUP))?;
     // The container's pid as the host sees it: the service itself (the container's pid 1).
     let pid = v2.pid.to_string();
@@ -137,7 +137,7 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
         ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     let started = Instant::now();
     let v2 = start(Network::Pod(&pod), "v2", 9002, scaled(WARMUP))?;
     let deadline = started + scaled(Duration::from_secs(20));

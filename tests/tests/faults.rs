@@ -10,7 +10,7 @@ use zdt_tests::{
         at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs,
         wait_probing, zdt_command, zdt_ok, App, AppOpts, Paused,
     },
-    load::{self, requests_at, scaled, Background, LoadSpec, Outcome},
+    load::{self, requests_at, scaled, Allowance, Background, LoadSpec, Outcome},
     netns::Netns,
 };
 
@@ -33,16 +33,13 @@ fn roles(ns: &Netns) -> BTreeSet<(i32, Role)> {
     zdt_tests::harness::roles(ns, PORT).expect("status")
 }
 
-/// What a SIGKILL of the process that is serving may cost, and nothing more. A request it had
-/// already accepted and was answering dies with it (no one outside the process can save that;
-/// at 300 req/s and ~0.2 ms per request that is rarely even one). A SYN caught in its listener
-/// as it closes is sent again by the client after 1 s (slow), to a live listener. Everything it
-/// had not accepted is moved or re-steered: no other loss.
-fn only_in_flight_losses(t: &load::Tally) {
-    let errors = t.failures() - t.count(Outcome::Slow);
-    assert!(errors <= 2, "more than in-flight losses: {t:?}");
-    assert!(t.count(Outcome::Slow) <= 5, "{t:?}");
-}
+/// What a SIGKILL of the process that is serving may cost, and nothing more: 2 failed requests
+/// and 5 slow ones. A request it had already accepted and was answering dies with it (no one
+/// outside the process can save that; at 300 req/s and ~0.2 ms per request that is rarely even
+/// one). A SYN caught in its listener as it closes is sent again by the client after 1 s
+/// (slow), to a live listener. Everything it had not accepted is moved or re-steered: no other
+/// loss.
+const IN_FLIGHT_OF_A_KILLED_SERVER: Allowance = Allowance { failed: 2, slow: 5 };
 
 fn role(pid: i32, r: Role) -> (i32, Role) {
     (pid, r)
@@ -81,7 +78,10 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     // The old process was not stopped: it is active again and serves everything.
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
-    only_in_flight_losses(&t);
+    assert!(
+        t.within(IN_FLIGHT_OF_A_KILLED_SERVER),
+        "more than in-flight losses: {t:?}"
+    );
     Ok(())
 }
 
@@ -155,7 +155,10 @@ fn new_process_dying_around_the_switch() -> anyhow::Result<()> {
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Active)]));
 
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
-    only_in_flight_losses(&t);
+    assert!(
+        t.within(IN_FLIGHT_OF_A_KILLED_SERVER),
+        "more than in-flight losses: {t:?}"
+    );
     Ok(())
 }
 
@@ -310,7 +313,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let l = load(&ns);
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     // The active member dies. Its slot is cleared by the kernel; new connections fall back to
     // kernel hashing over what still listens (v1), none is lost.
     v2.signal(Signal::SIGKILL);
@@ -337,7 +340,10 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
         BTreeSet::from([role(v1.pid, Role::Draining), role(v3.pid, Role::Active)])
     );
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
-    only_in_flight_losses(&t);
+    assert!(
+        t.within(IN_FLIGHT_OF_A_KILLED_SERVER),
+        "more than in-flight losses: {t:?}"
+    );
     Ok(())
 }
 
@@ -412,7 +418,7 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
                 .close_gap(Duration::from_millis(300)),
         )?;
         // Each promote's --stop-old wait outlasts the next promote: drains overlap.
-        pending.push(zdt_tests::bench::zdt_handover(
+        pending.push(zdt_tests::harness::zdt_handover(
             &ns,
             &new,
             current,

@@ -36,7 +36,7 @@ fn cold_restart(ns: &Netns, with_zdt: bool) -> anyhow::Result<Tally> {
         zdt_ok(ns, &strs(&promote_args(&v1, &[])))?;
     }
     let load = Background::start(ns, LoadSpec::open(addr(), 200.0, Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(300));
+    load.see(load::BEFORE_CHANGE);
     if with_zdt {
         v1.stop_behind_hold(ns, scaled(Duration::from_secs(5)))?;
     } else {

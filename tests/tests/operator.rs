@@ -42,7 +42,9 @@ fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
     let v6: SocketAddr = "[::1]:8080".parse()?;
     let loads =
         [v4, v6].map(|a| Background::start(&ns, LoadSpec::open(a, 200.0, Duration::from_secs(30))));
-    std::thread::sleep(Duration::from_millis(300));
+    for l in &loads {
+        l.see(load::BEFORE_CHANGE);
+    }
     let v2 = App::start(
         &ns,
         &AppOpts::new(PORT, "v2")
@@ -110,11 +112,10 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
     for r in reports.as_array().unwrap() {
         assert_eq!(r["drained"], serde_json::json!([v1.pid]), "{reports}");
     }
-    std::thread::sleep(Duration::from_millis(300));
     for (port, l) in [8080u16, 8443].iter().zip(loads) {
         let st = status(&ns, *port)?;
         assert_eq!(st["members"][0]["pid"], v2.pid, "{st}");
-        let t = load::tally(&l.finish());
+        let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
         assert_eq!(t.failures(), 0, "{port}: {t:?}");
     }
     // Without --port, a promote refuses to guess between two attached ports.

@@ -65,9 +65,8 @@ fn two_versions_of_a_512_worker_app_hand_over_on_both_families() -> anyhow::Resu
         BTreeMap::from([(v2.pid, (Role::Active, 1024))]),
         "{st:?}"
     );
-    std::thread::sleep(Duration::from_millis(300));
     for l in loads {
-        let t = load::tally(&l.finish());
+        let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
         assert!(
             t.requests > load::requests_at(RATE, Duration::from_secs(1)),
             "{t:?}"

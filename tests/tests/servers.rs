@@ -10,11 +10,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use zdt_tests::{
-    bench::Kernel,
     harness::{print_tally, status, zdt_ok},
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
-    netns::Netns,
-    servers::{add_kernel_delta, kernel, kernel_delta, Kind, Server, Wrk, WrkReport, PORT},
+    netns::{Counters, Netns},
+    servers::{Kind, Server, Wrk, WrkReport, PORT},
 };
 
 /// The classifying client's open-loop rate, new connection per request.
@@ -60,11 +59,11 @@ struct Run {
     wrk: WrkReport,
     /// The kernel's counters summed over the stops: from the moment the old instance is sent
     /// its signal (the new one ready, and with zdt promoted) to a moment after it exited.
-    stops: Kernel,
+    stops: Counters,
     /// The same from just before the first handover to the end of the last stop, warm-ups
     /// included. (The loads' own start and end, when wrk drops the connections it has in
     /// flight, are outside both.)
-    whole: Kernel,
+    whole: Counters,
     /// zdt's program counters after the run (zdt arm only): connections steered and migrated.
     program: Option<serde_json::Value>,
     /// zdt arm only: each promote's `phases:` line.
@@ -143,8 +142,8 @@ fn handovers(kind: Kind, with_zdt: bool, warmup: Duration, count: u16) -> anyhow
     let keepalive = Background::start(&ns, keepalive_load());
     let wrk = Wrk::start(&ns, addr(), WRK_CONNECTIONS, scaled(MAX_LOAD))?;
     std::thread::sleep(SETTLE);
-    let start = kernel(&ns)?;
-    let mut stops = Kernel::default();
+    let start = Counters::read(&ns)?;
+    let mut stops = Counters::default();
     let mut phases = Vec::new();
     for n in 2..=count + 1 {
         let mut new = Server::start(&ns, kind, n, warmup)?;
@@ -170,15 +169,15 @@ fn handovers(kind: Kind, with_zdt: bool, warmup: Duration, count: u16) -> anyhow
         // the way its users stop it, with its graceful signal, sent by the test in both arms.
         // (For nginx and HAProxy, --stop-old's SIGTERM would be their fast or hard stop; for
         // gunicorn SIGTERM is the graceful stop, which --stop-old would send just the same.)
-        let before = kernel(&ns)?;
+        let before = Counters::read(&ns)?;
         old.stop_gracefully();
         let st = old.wait_exit(scaled(STOP))?;
         anyhow::ensure!(st.success(), "{} {} exited {st}", kind.name(), old.version);
         std::thread::sleep(SETTLE);
-        add_kernel_delta(&mut stops, &kernel(&ns)?, &before);
+        stops.add_delta(&Counters::read(&ns)?, &before);
         old = new;
     }
-    let whole = kernel_delta(&kernel(&ns)?, &start);
+    let whole = Counters::delta(&Counters::read(&ns)?, &start);
     let program = if with_zdt {
         Some(status(&ns, PORT)?["counters"].clone())
     } else {

@@ -41,7 +41,7 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
         &ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     let warmup = scaled(Duration::from_secs(1));
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
     let started = Instant::now();
@@ -115,7 +115,7 @@ fn newest_ready_serves(readiness: &[&str]) -> anyhow::Result<()> {
             Duration::from_secs(60),
         ),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     let warmup = scaled(Duration::from_secs(3));
     let older = App::start(&ns, &AppOpts::new(PORT, "older").warmup(warmup))?;
     let older_ready = Instant::now() + warmup;
@@ -193,7 +193,7 @@ fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> any
             Duration::from_secs(60),
         ),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(load::BEFORE_CHANGE);
     let warmup = scaled(Duration::from_secs(2));
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
     let ready_at = Instant::now() + warmup;

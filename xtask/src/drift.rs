@@ -2,7 +2,7 @@
 //! the build:
 //!
 //! - every test the docs or the code's comments name as `suite::test` is a function of
-//!   tests/tests/SUITE.rs (a name that ends in `...` is a prefix);
+//!   SUITE.rs in tests/tests or bench/tests (a name that ends in `...` is a prefix);
 //! - every repository path the docs name (`tests/src/load.rs`, `examples/*.service`) exists, and
 //!   every bare file name (`vm.rs`) is some file's name (docs/PEERS.md, which cites other
 //!   projects' files, aside);
@@ -102,8 +102,13 @@ pub fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `suite::test` in the prose: a function of tests/tests/SUITE.rs (or of the module of that
-/// name in tests/src, which a comment may mean).
+/// Where the suites live: tests/tests (the test suites) and bench/tests (the short benchmarks).
+const SUITE_DIRS: [&str; 2] = ["tests/tests", "bench/tests"];
+/// Where the modules of those names live, which a comment may mean.
+const MODULE_DIRS: [&str; 2] = ["tests/src", "bench/src"];
+
+/// `suite::test` in the prose: a function of SUITE.rs in one of [`SUITE_DIRS`] (or of the
+/// module of that name in one of [`MODULE_DIRS`]).
 fn tests_named(
     files: &[PathBuf],
     rust: &[(PathBuf, String)],
@@ -112,7 +117,9 @@ fn tests_named(
 ) -> anyhow::Result<()> {
     let suites: BTreeSet<String> = files
         .iter()
-        .filter(|p| p.starts_with("tests/tests") && p.extension().is_some_and(|e| e == "rs"))
+        .filter(|p| {
+            SUITE_DIRS.iter().any(|d| p.starts_with(d)) && p.extension().is_some_and(|e| e == "rs")
+        })
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .collect();
     let fns = Regex::new(r"\bfn\s+([a-z0-9_]+)")?;
@@ -132,15 +139,18 @@ fn tests_named(
             {
                 continue;
             }
-            let mut known = fns_of(&format!("tests/tests/{suite}.rs"));
-            known.extend(fns_of(&format!("tests/src/{suite}.rs")));
+            let known: BTreeSet<String> = SUITE_DIRS
+                .iter()
+                .chain(&MODULE_DIRS)
+                .flat_map(|d| fns_of(&format!("{d}/{suite}.rs")))
+                .collect();
             let prefix = c.get(3).is_some() || test.ends_with('_');
             let found = known
                 .iter()
                 .any(|f| f == test || (prefix && f.starts_with(test.trim_end_matches('_'))));
             if !found {
                 problems.push(format!(
-                    "{}: names `{suite}::{test}`, which is no test of tests/tests/{suite}.rs",
+                    "{}: names `{suite}::{test}`, which is no test of the suite {suite}",
                     p.display()
                 ));
             }
@@ -156,7 +166,7 @@ fn paths_named(
     docs: &[(PathBuf, String)],
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let tops = r"(?:\.ci|ansible|docs|examples|tests|xtask|zdt-ctl|zdt-ebpf|zdt-common|zdt-plan)";
+    let tops = r"(?:\.ci|ansible|bench|demo|docs|examples|tests|xtask|zdt-ctl|zdt-ebpf|zdt-common|zdt-plan)";
     let path = Regex::new(&format!(r"`({tops}/[^`\s]*?)(?::\d+)?`"))?;
     let bare = Regex::new(r"`([A-Za-z0-9_-]+\.(?:rs|md|sh|py|js|go))`")?;
     let placeholder = Regex::new(r"\b[A-Z][A-Z_]{2,}\b")?;

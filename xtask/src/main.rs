@@ -37,7 +37,8 @@ enum Task {
         /// linux-image-6.12-amd64 (Debian 13's series), which this task installs.
         #[arg(long, value_name = "VMLINUZ")]
         kernel: Option<PathBuf>,
-        /// Only this suite (tests/tests/NAME.rs); may repeat. Default: every test executable.
+        /// Only this suite (tests/tests/NAME.rs or bench/tests/NAME.rs); may repeat. Default:
+        /// every test executable.
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
         /// With --kernel: leave this suite out of the VM's run (it still runs on the host);

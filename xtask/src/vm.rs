@@ -60,7 +60,7 @@ const LEFT_OUT: &[(&str, &str)] = &[
 
 /// One test executable built by `cargo test --no-run`.
 struct TestExe {
-    /// The suite (tests/tests/NAME.rs) or the crate whose unit tests it holds.
+    /// The suite (tests/tests/NAME.rs, bench/tests/NAME.rs) or the crate whose unit tests it holds.
     name: String,
     path: PathBuf,
 }
@@ -195,7 +195,7 @@ fn test_executables(suites: &[String], except: &[String]) -> anyhow::Result<Vec<
     }
     if let Some(e) = except.iter().find(|e| !excepted.contains(e)) {
         bail!(
-            "--except {e}: no such suite in this run; name one of tests/tests/*.rs (or a \
+            "--except {e}: no such suite in this run; name one of tests/tests/*.rs or bench/tests/*.rs (or a \
              crate's unit tests), e.g. --except bench"
         );
     }

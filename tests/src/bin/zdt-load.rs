@@ -6,10 +6,7 @@
 //! Usage: zdt-load --addr 127.0.0.1:80 [--rate 100] [--duration 120s]
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -38,16 +35,16 @@ fn main() -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     signals.thread_block()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
+    let progress = Arc::new(load::Progress::default());
+    let shared = progress.clone();
     std::thread::spawn(move || {
         if signals.wait().is_ok() {
-            flag.store(true, Ordering::Relaxed);
+            shared.stop.store(true, Ordering::Relaxed);
         }
     });
     let spec = LoadSpec::open(args.addr, args.rate, args.duration);
     let mut samples = Vec::new();
-    load::run(&spec, &stop, &mut |s| samples.push(s));
+    load::run(&spec, &progress, &mut |s| samples.push(s));
     println!("{}", serde_json::to_string(&load::tally(&samples))?);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! nothing, and the classification must see the failures of an arm that does lose connections.
 use std::time::Duration;
 
-use zdt_tests::bench::{self, Arm, Config, Mode, Rate};
+use zdt_bench::handover::{self, Arm, Config, Mode, Rate};
 
 #[test]
 fn short_benchmark() -> anyhow::Result<()> {
@@ -18,8 +18,8 @@ fn short_benchmark() -> anyhow::Result<()> {
         perf_run: Duration::from_secs(1),
         perf_rounds: 1,
     };
-    let r = bench::run(&cfg)?;
-    println!("{}", bench::markdown(&r));
+    let r = handover::run(&cfg)?;
+    println!("{}", handover::markdown(&r));
     for c in &r.cells {
         for a in &c.arms {
             let what = format!("{:?} {} {}", c.mode, c.rate, a.arm.name());
@@ -100,10 +100,8 @@ fn short_benchmark() -> anyhow::Result<()> {
 /// arm shows the failure it is there to show.
 #[test]
 fn short_cold_restart_benchmark() -> anyhow::Result<()> {
-    use zdt_tests::{
-        cold::{self, ColdArm, ColdConfig},
-        load::{requests_at, scaled, Outcome},
-    };
+    use zdt_bench::cold::{self, ColdArm, ColdConfig};
+    use zdt_tests::load::{requests_at, scaled, Outcome};
     // Down and warm-up add up to the slow limit: a request that comes as the old process exits
     // waits longer than that for an answer where the arm makes it wait, at any time scale.
     let cfg = ColdConfig {
@@ -154,8 +152,8 @@ fn short_scale_benchmark() -> anyhow::Result<()> {
     // Runs of a second (stretched by the time scale: the selections counted below come at the
     // machine's pace).
     let run = zdt_tests::load::scaled(Duration::from_secs(1));
-    let r = zdt_tests::scale::run(&[2, 512], run, 8, 2)?;
-    println!("{}", zdt_tests::scale::markdown(&r));
+    let r = zdt_bench::scale::run(&[2, 512], run, 8, 2)?;
+    println!("{}", zdt_bench::scale::markdown(&r));
     let [small, large] = r.points.as_slice() else {
         anyhow::bail!("two sizes measured: {r:?}");
     };

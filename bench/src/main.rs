@@ -1,12 +1,13 @@
-//! `cargo xtask bench`: the reset-count benchmark (tests/src/bench.rs) and the cold-restart
-//! comparison (tests/src/cold.rs). Defaults reproduce the README's tables.
+//! `cargo xtask bench`: the reset-count benchmark (src/handover.rs) and the cold-restart
+//! comparison (src/cold.rs). Defaults reproduce the README's tables.
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use zdt_tests::{
-    bench::{self, Config, Mode, Rate},
+use zdt_bench::{
     cold::{self, ColdConfig},
-    cost, scale,
+    cost,
+    handover::{self, Config, Mode, Rate},
+    scale,
 };
 
 #[derive(Parser)]
@@ -93,9 +94,9 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if let Some(json) = &a.render {
         let text = std::fs::read_to_string(json)?;
-        if let Ok(report) = serde_json::from_str::<bench::Report>(&text) {
-            bench::write(&report, &a.out)?;
-            println!("{}", bench::markdown(&report));
+        if let Ok(report) = serde_json::from_str::<handover::Report>(&text) {
+            handover::write(&report, &a.out)?;
+            println!("{}", handover::markdown(&report));
         } else if let Ok((report, w)) =
             serde_json::from_str::<(cost::CostReport, cost::WindowReport)>(&text)
         {
@@ -124,9 +125,9 @@ fn main() -> anyhow::Result<()> {
             perf_run: a.perf_run,
             perf_rounds: a.perf_rounds,
         };
-        let report = bench::run(&cfg)?;
-        bench::write(&report, &a.out)?;
-        println!("{}", bench::markdown(&report));
+        let report = handover::run(&cfg)?;
+        handover::write(&report, &a.out)?;
+        println!("{}", handover::markdown(&report));
     }
     if a.parts.contains(&Part::Cold) {
         let cfg = ColdConfig {

@@ -17,10 +17,8 @@
 //! - **migrate-sysctl**: the baseline with `net.ipv4.tcp_migrate_req=1` in the cell's namespace.
 use std::{
     collections::BTreeMap,
-    io::Read,
     net::SocketAddr,
     path::Path,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -28,10 +26,10 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use nix::sys::signal::Signal;
 
-use crate::{
-    harness::{spawn_until, zdt_command, zdt_ok, App, AppOpts},
+use zdt_tests::{
+    harness::{zdt_handover, zdt_ok, App, AppOpts, Pending},
     load::{self, Background, LoadSpec, Outcome, Sample, Tally},
-    netns::Netns,
+    netns::{Counters, Netns},
 };
 
 const PORT: u16 = 8080;
@@ -174,61 +172,6 @@ pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-/// Kernel counters of a namespace (/proc/net/snmp, /proc/net/netstat).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
-pub struct Kernel {
-    pub out_rsts: u64,
-    pub attempt_fails: u64,
-    pub estab_resets: u64,
-    pub listen_overflows: u64,
-    pub listen_drops: u64,
-    pub migrate_req_success: u64,
-    pub migrate_req_failure: u64,
-    /// Segments the kernel rejected as older than one it had already taken (PAWS). Where
-    /// loopback delivers two segments of a connection out of order, a closed connection's
-    /// late pure ACK reaches the peer's TIME_WAIT socket, whose duplicate ACK then finds no
-    /// socket and draws a RST that no request feels: a RST per such segment, at most. Seen
-    /// in a VM under emulation, whose vCPUs' backlogs run late (tcpdump: the client's
-    /// delayed ACK of the server's FIN arrives after its own FIN); never on the host so far.
-    #[serde(default)]
-    pub paws_rejected: u64,
-    /// Connections a process closed with data it had not read (TcpExt TCPAbortOnClose): each
-    /// sends a RST, which the peer feels if it still waits for an answer.
-    #[serde(default)]
-    pub abort_on_close: u64,
-}
-
-impl Kernel {
-    pub(crate) fn read(ns: &Netns) -> anyhow::Result<Self> {
-        Ok(Kernel {
-            out_rsts: ns.counter("Tcp", "OutRsts")?,
-            attempt_fails: ns.counter("Tcp", "AttemptFails")?,
-            estab_resets: ns.counter("Tcp", "EstabResets")?,
-            listen_overflows: ns.counter("TcpExt", "ListenOverflows")?,
-            listen_drops: ns.counter("TcpExt", "ListenDrops")?,
-            migrate_req_success: ns.counter("TcpExt", "TCPMigrateReqSuccess")?,
-            migrate_req_failure: ns.counter("TcpExt", "TCPMigrateReqFailure")?,
-            // A TIME_WAIT socket's rejections count in PAWSTimewait since 6.10, in PAWSEstab
-            // before.
-            paws_rejected: ns.counter("TcpExt", "PAWSEstab")?
-                + ns.counter("TcpExt", "PAWSTimewait").unwrap_or(0),
-            abort_on_close: ns.counter("TcpExt", "TCPAbortOnClose")?,
-        })
-    }
-
-    pub(crate) fn add_delta(&mut self, after: &Kernel, before: &Kernel) {
-        self.out_rsts += after.out_rsts - before.out_rsts;
-        self.attempt_fails += after.attempt_fails - before.attempt_fails;
-        self.estab_resets += after.estab_resets - before.estab_resets;
-        self.listen_overflows += after.listen_overflows - before.listen_overflows;
-        self.listen_drops += after.listen_drops - before.listen_drops;
-        self.migrate_req_success += after.migrate_req_success - before.migrate_req_success;
-        self.migrate_req_failure += after.migrate_req_failure - before.migrate_req_failure;
-        self.paws_rejected += after.paws_rejected - before.paws_rejected;
-        self.abort_on_close += after.abort_on_close - before.abort_on_close;
-    }
-}
-
 /// zdt's own global counters over the zdt phases of a cell.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Program {
@@ -250,7 +193,7 @@ pub struct ArmResult {
     pub failure_rate_upper95: Option<f64>,
     pub steady: Latency,
     pub handover: Latency,
-    pub kernel: Kernel,
+    pub kernel: Counters,
     /// The RSTs the client caused or saw (reset + refused + retried keep-alive requests: each
     /// was written to a connection the server had closed, which the kernel answers with a RST)
     /// against the RSTs the kernel sent (Tcp OutRsts).
@@ -301,7 +244,7 @@ struct ArmAcc {
     handovers: usize,
     samples: Vec<Sample>,
     windows: Vec<(Instant, Instant)>,
-    kernel: Kernel,
+    kernel: Counters,
     program: Program,
     promote_to_switch_ms: Vec<f64>,
     switch_to_last_accept_ms: Vec<f64>,
@@ -314,7 +257,7 @@ impl ArmAcc {
             handovers: 0,
             samples: Vec::new(),
             windows: Vec::new(),
-            kernel: Kernel::default(),
+            kernel: Counters::default(),
             program: Program::default(),
             promote_to_switch_ms: Vec::new(),
             switch_to_last_accept_ms: Vec::new(),
@@ -389,54 +332,6 @@ fn set_migrate_sysctl(ns: &Netns, on: bool) -> anyhow::Result<()> {
     .context("writing net.ipv4.tcp_migrate_req in the benchmark's namespace")
 }
 
-/// A promote running in the background (its --stop-old wait can outlast the next handover).
-pub struct Pending {
-    child: Child,
-    old: App,
-}
-
-impl Pending {
-    /// Waits for the promote and the old process; returns the promote's JSON report and what
-    /// the old process printed. A promote that failed is an error.
-    pub fn finish(mut self) -> anyhow::Result<(serde_json::Value, Vec<String>)> {
-        let mut out = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            s.read_to_string(&mut out)?;
-        }
-        let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "zdt-ctl promote failed: {out}");
-        let report = serde_json::from_str(&out).context("promote JSON")?;
-        self.old.wait_exit(Duration::from_secs(15));
-        Ok((report, self.old.drain_lines()))
-    }
-}
-
-/// Starts `zdt-ctl promote --stop-old` for `new` and returns once it has switched (its info log
-/// says so), leaving it to wait for the old process in the background.
-pub fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::Result<Pending> {
-    let drain = format!("{}ms", (gap + Duration::from_secs(10)).as_millis());
-    let pid = new.pid.to_string();
-    let readyz = new.readyz();
-    let args = [
-        "promote",
-        &pid,
-        "--readyz",
-        &readyz,
-        "--stop-old",
-        "--drain-timeout",
-        &drain,
-        "--json",
-    ];
-    let mut cmd = zdt_command(ns, &args);
-    cmd.env("RUST_LOG", "zdt_ctl=info").stdout(Stdio::piped());
-    // Either it switched, or it ended (a failure, found when it is reaped).
-    let (running, _) = spawn_until(&mut cmd, "switched")?;
-    Ok(Pending {
-        child: running.child,
-        old,
-    })
-}
-
 /// Reaps background promotes; records their timing. A promote that failed fails the run:
 /// a benchmark whose deploys did not happen measures nothing.
 fn reap(pending: Vec<Pending>, acc: &mut ArmAcc) -> anyhow::Result<()> {
@@ -488,7 +383,7 @@ fn phase(
         Arm::MigrateSysctl => set_migrate_sysctl(ns, true)?,
         Arm::Baseline => {}
     }
-    let before = Kernel::read(ns)?;
+    let before = Counters::read(ns)?;
     let load = Background::start(ns, load_spec(rate, mode, cfg.workers));
     std::thread::sleep(SETTLE);
     let mut pending = Vec::new();
@@ -519,7 +414,7 @@ fn phase(
     reap(pending, acc)?;
     std::thread::sleep(SETTLE);
     acc.samples.extend(load.finish());
-    let after = Kernel::read(ns)?;
+    let after = Counters::read(ns)?;
     acc.kernel.add_delta(&after, &before);
     match arm {
         Arm::Zdt => {

@@ -10,11 +10,12 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{
-    bench::machine,
+use zdt_tests::{
     harness::{promote_args, strs, zdt_command, zdt_ok, App, AppOpts},
     netns::Netns,
 };
+
+use crate::handover::machine;
 
 const PORT: u16 = 8080;
 
@@ -251,7 +252,7 @@ impl Action {
 /// Runs `rounds` of each action under `rate` req/s of new connections, with a quiet second
 /// between actions, and compares the latency of requests that started in each action's window.
 pub fn windows(rate: f64, rounds: usize) -> anyhow::Result<WindowReport> {
-    use crate::load::{Background, LoadSpec, Outcome};
+    use zdt_tests::load::{Background, LoadSpec, Outcome};
     let t0 = Instant::now();
     let (machine, kernel) = machine();
     let ns = Netns::new()?;
@@ -297,7 +298,7 @@ pub fn windows(rate: f64, rounds: usize) -> anyhow::Result<WindowReport> {
                     // The spare (not serving) is the one that goes: the serving process keeps
                     // serving until the switch, as in a deploy.
                     let mut old = std::mem::replace(&mut serving, new);
-                    crate::harness::replace(&ns, &serving, &mut old)?;
+                    zdt_tests::harness::replace(&ns, &serving, &mut old)?;
                 }
             }
             // Requests that started up to 200 ms after the action count as its own (a request

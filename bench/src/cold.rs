@@ -21,12 +21,13 @@ use std::{
 
 use nix::sys::signal::Signal;
 
-use crate::{
-    bench::{fmt_rate, histogram, machine, Kernel, Latency},
+use zdt_tests::{
     harness::{promote_args, strs, zdt_ok, App, AppOpts, Hold},
     load::{self, Background, LoadSpec, Outcome, Tally},
-    netns::Netns,
+    netns::{Counters, Netns},
 };
+
+use crate::handover::{fmt_rate, histogram, machine, Latency};
 
 const PORT: u16 = 8080;
 /// Load before the first restart and after each new process is ready.
@@ -97,7 +98,7 @@ pub struct ColdArmResult {
     pub failure_rate_upper95: Option<f64>,
     /// Every request that got a 200 (timely or not).
     pub answered: Latency,
-    pub kernel: Kernel,
+    pub kernel: Counters,
     /// zdt hold only: the program's selections of the placeholder.
     pub held: Option<u64>,
 }
@@ -159,7 +160,7 @@ fn round(cfg: &ColdConfig, arm: ColdArm, n: usize, acc: &mut Acc) -> anyhow::Res
     };
     let mut serving = App::start(&ns, &opts(0))?;
     ready(&serving)?;
-    let before = Kernel::read(&ns)?;
+    let before = Counters::read(&ns)?;
     let mut spec = LoadSpec::open(
         ([127, 0, 0, 1], PORT).into(),
         cfg.rate,
@@ -188,10 +189,10 @@ fn round(cfg: &ColdConfig, arm: ColdArm, n: usize, acc: &mut Acc) -> anyhow::Res
         std::thread::sleep(SETTLE);
     }
     acc.samples.extend(load.finish());
-    acc.kernel.add_delta(&Kernel::read(&ns)?, &before);
+    acc.kernel.add_delta(&Counters::read(&ns)?, &before);
     acc.restarts += n;
     if arm == ColdArm::Hold {
-        let st = crate::harness::status(&ns, PORT)?;
+        let st = zdt_tests::harness::status(&ns, PORT)?;
         *acc.held.get_or_insert(0) += st["counters"]["held"].as_u64().unwrap_or(0);
     }
     Ok(())
@@ -201,7 +202,7 @@ fn round(cfg: &ColdConfig, arm: ColdArm, n: usize, acc: &mut Acc) -> anyhow::Res
 struct Acc {
     restarts: usize,
     samples: Vec<load::Sample>,
-    kernel: Kernel,
+    kernel: Counters,
     held: Option<u64>,
 }
 

@@ -5,13 +5,14 @@
 //! measures it and `--readme` puts the table in the README.
 use std::time::{Duration, Instant};
 
-use crate::{
-    bench::{machine, ns_per_run, with_program_stats, with_stats},
+use zdt_tests::{
     harness::{zdt_ok, App, AppOpts},
     load::{self, LoadSpec, Outcome},
     netns::Netns,
     programs,
 };
+
+use crate::handover::{machine, ns_per_run, with_program_stats, with_stats};
 
 const PORT: u16 = 8080;
 
