@@ -37,8 +37,8 @@ pub struct ListenEntry {
 
 impl ListenEntry {
     /// The kind of reuseport group the listener is in.
-    pub fn group(&self) -> plan::Group {
-        plan::Group::of(&self.local, self.v6only)
+    pub fn group_kind(&self) -> plan::GroupKind {
+        plan::GroupKind::of(&self.local, self.v6only)
     }
 }
 
@@ -329,7 +329,7 @@ pub struct Listener {
     /// Owner uid of the socket (the kernel groups only sockets of one uid).
     pub uid: u32,
     /// The kind of reuseport group it is in.
-    pub group: plan::Group,
+    pub group_kind: plan::GroupKind,
     /// The interface index it is bound to, 0 for none.
     pub device: u32,
 }
@@ -818,7 +818,7 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
         local: entry.local,
         cookie,
         uid: entry.uid,
-        group: entry.group(),
+        group_kind: entry.group_kind(),
         device: entry.device,
     })
 }

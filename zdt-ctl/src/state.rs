@@ -571,14 +571,14 @@ impl State {
     /// cookie and metadata), unlike [`State::slots`], which reads all of them: `zdt-ctl hold`
     /// asks this every few milliseconds while connections wait.
     pub fn ready_families(&self) -> anyhow::Result<Vec<u32>> {
-        let mut out: Vec<u32> = self.members()?.iter().map(|m| m.family).collect();
+        let mut out: Vec<u32> = self.serving_slots()?.iter().map(|m| m.family).collect();
         out.sort_unstable();
         out.dedup();
         Ok(out)
     }
 
-    /// The owner uids of the sockets zdt put in the array and that still listen (members,
-    /// candidates, placeholders): one uid, since each passed the check that it is the group's.
+    /// The owner uids of the sockets zdt put in the array and that still listen (every
+    /// member's, whatever its role): one uid, since each passed the check that it is the group's.
     pub fn member_uids(&self) -> anyhow::Result<Vec<u32>> {
         let mut uids: Vec<u32> = self.slots()?.iter().map(|s| s.meta.uid).collect();
         uids.sort_unstable();
@@ -588,12 +588,12 @@ impl State {
 
     /// The cookies of the sockets that take connections: the live set's active and canary
     /// members (what the port is served with, as opposed to candidates and draining members).
-    pub fn member_cookies(&self) -> anyhow::Result<Vec<u64>> {
-        Ok(self.members()?.iter().map(|m| m.cookie).collect())
+    pub fn serving_cookies(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.serving_slots()?.iter().map(|m| m.cookie).collect())
     }
 
     /// The metadata of the live set's active and canary slots that hold a live socket.
-    fn members(&self) -> anyhow::Result<Vec<SlotMeta>> {
+    fn serving_slots(&self) -> anyhow::Result<Vec<SlotMeta>> {
         let Some(set) = self.active_set()? else {
             return Ok(Vec::new());
         };
@@ -700,7 +700,7 @@ impl State {
         let probing = has_probe && !claimed;
         if !probing
             && !self
-                .members()?
+                .serving_slots()?
                 .iter()
                 .any(|m| Role::from_raw(m.role) == Role::Candidate)
         {

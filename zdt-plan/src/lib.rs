@@ -25,7 +25,7 @@ pub mod snapshot;
 /// is given to an AF_INET listener before a dual-stack one (compute_score ranks AF_INET higher),
 /// and a program or a migration can only choose inside one group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Group {
+pub enum GroupKind {
     /// An AF_INET socket (`0.0.0.0:PORT`, or an IPv4 address).
     V4,
     /// An AF_INET6 socket with IPV6_V6ONLY=1, or bound to a specific IPv6 address: IPv6 only.
@@ -35,12 +35,12 @@ pub enum Group {
     DualStack,
 }
 
-impl Group {
+impl GroupKind {
     pub fn of(local: &SocketAddr, v6only: bool) -> Self {
         match local {
-            SocketAddr::V4(_) => Group::V4,
-            SocketAddr::V6(a) if !v6only && a.ip().is_unspecified() => Group::DualStack,
-            SocketAddr::V6(_) => Group::V6Only,
+            SocketAddr::V4(_) => GroupKind::V4,
+            SocketAddr::V6(a) if !v6only && a.ip().is_unspecified() => GroupKind::DualStack,
+            SocketAddr::V6(_) => GroupKind::V6Only,
         }
     }
 }
@@ -65,40 +65,50 @@ pub fn serves(local: &SocketAddr, v6only: bool, to: &SocketAddr) -> bool {
     }
 }
 
-/// How a set of listeners is laid out: the groups it has sockets in, each once, in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Layout(Vec<Group>);
+/// How a port's sockets are laid out (`exec --split/--dual-stack`, `hold`'s placeholders).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// An IPv4 socket and an IPv6-only one (for `:PORT`).
+    #[default]
+    Split,
+    /// One `[::]` socket with IPV6_V6ONLY=0 (IPv4 clients arrive as ::ffff:a.b.c.d).
+    DualStack,
+}
 
-impl Layout {
-    pub fn new(groups: impl IntoIterator<Item = Group>) -> Self {
-        let mut v: Vec<Group> = groups.into_iter().collect();
+/// The kinds of group a set of listeners has sockets in, each once, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupSet(Vec<GroupKind>);
+
+impl GroupSet {
+    pub fn new(groups: impl IntoIterator<Item = GroupKind>) -> Self {
+        let mut v: Vec<GroupKind> = groups.into_iter().collect();
         v.sort_unstable();
         v.dedup();
-        Layout(v)
+        GroupSet(v)
     }
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn dual_stack(&self) -> bool {
-        self.0.contains(&Group::DualStack)
+    pub fn has_dual_stack(&self) -> bool {
+        self.0.contains(&GroupKind::DualStack)
     }
 
-    pub fn groups(&self) -> &[Group] {
+    pub fn kinds(&self) -> &[GroupKind] {
         &self.0
     }
 }
 
-impl fmt::Display for Layout {
+impl fmt::Display for GroupSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<&str> = self
             .0
             .iter()
             .map(|g| match g {
-                Group::V4 => "an IPv4 socket",
-                Group::V6Only => "an IPv6-only socket",
-                Group::DualStack => "one dual-stack socket (IPV6_V6ONLY=0)",
+                GroupKind::V4 => "an IPv4 socket",
+                GroupKind::V6Only => "an IPv6-only socket",
+                GroupKind::DualStack => "one dual-stack socket (IPV6_V6ONLY=0)",
             })
             .collect();
         match parts.as_slice() {
@@ -117,11 +127,11 @@ impl fmt::Display for Layout {
 /// groups: a dual-stack socket is in a group of its own, beside an IPv4 group that wins every
 /// IPv4 client, so connections would stay on (or go to) the side that is being replaced, and
 /// its queue, when it closes, could not move to the other group.
-pub fn layout_conflict(current: &Layout, new: &Layout) -> Option<String> {
+pub fn layout_conflict(current: &GroupSet, new: &GroupSet) -> Option<String> {
     if current.is_empty() || new.is_empty() || current == new {
         return None;
     }
-    if !current.dual_stack() && !new.dual_stack() {
+    if !current.has_dual_stack() && !new.has_dual_stack() {
         return None;
     }
     Some(format!(
@@ -302,12 +312,12 @@ mod tests {
 
     #[test]
     fn groups_follow_family_address_and_v6only() {
-        assert_eq!(Group::of(&sa("0.0.0.0:80"), false), Group::V4);
-        assert_eq!(Group::of(&sa("127.0.0.1:80"), false), Group::V4);
-        assert_eq!(Group::of(&sa("[::]:80"), true), Group::V6Only);
-        assert_eq!(Group::of(&sa("[::]:80"), false), Group::DualStack);
+        assert_eq!(GroupKind::of(&sa("0.0.0.0:80"), false), GroupKind::V4);
+        assert_eq!(GroupKind::of(&sa("127.0.0.1:80"), false), GroupKind::V4);
+        assert_eq!(GroupKind::of(&sa("[::]:80"), true), GroupKind::V6Only);
+        assert_eq!(GroupKind::of(&sa("[::]:80"), false), GroupKind::DualStack);
         // A specific IPv6 address takes no IPv4 client whatever IPV6_V6ONLY says.
-        assert_eq!(Group::of(&sa("[::1]:80"), false), Group::V6Only);
+        assert_eq!(GroupKind::of(&sa("[::1]:80"), false), GroupKind::V6Only);
     }
 
     #[test]
@@ -331,13 +341,13 @@ mod tests {
         }
     }
 
-    fn l(groups: &[Group]) -> Layout {
-        Layout::new(groups.iter().copied())
+    fn l(groups: &[GroupKind]) -> GroupSet {
+        GroupSet::new(groups.iter().copied())
     }
 
     #[test]
     fn split_layouts_hand_over_to_split_layouts() {
-        use Group::*;
+        use GroupKind::*;
         let split = l(&[V4, V6Only]);
         assert_eq!(layout_conflict(&split, &split), None);
         // Adding or dropping a family is what it was before zdt: no group changes kind.
@@ -348,7 +358,7 @@ mod tests {
 
     #[test]
     fn dual_stack_hands_over_to_dual_stack_only() {
-        use Group::*;
+        use GroupKind::*;
         let dual = l(&[DualStack]);
         assert_eq!(layout_conflict(&dual, &dual), None);
         for (current, new) in [
@@ -367,9 +377,9 @@ mod tests {
 
     #[test]
     fn nothing_to_compare_is_no_conflict() {
-        let dual = l(&[Group::DualStack]);
-        assert_eq!(layout_conflict(&Layout::default(), &dual), None);
-        assert_eq!(layout_conflict(&dual, &Layout::default()), None);
+        let dual = l(&[GroupKind::DualStack]);
+        assert_eq!(layout_conflict(&GroupSet::default(), &dual), None);
+        assert_eq!(layout_conflict(&dual, &GroupSet::default()), None);
     }
 
     #[test]
@@ -399,7 +409,7 @@ mod tests {
 
     #[test]
     fn layouts_read_as_words() {
-        use Group::*;
+        use GroupKind::*;
         assert_eq!(
             l(&[V6Only, V4]).to_string(),
             "an IPv4 socket and an IPv6-only socket"
@@ -408,7 +418,7 @@ mod tests {
             l(&[DualStack]).to_string(),
             "one dual-stack socket (IPV6_V6ONLY=0)"
         );
-        assert_eq!(Layout::default().to_string(), "no socket");
+        assert_eq!(GroupSet::default().to_string(), "no socket");
     }
 
     fn proc(ppid: i32, exe: &str, execed: bool) -> ProcInfo {

@@ -60,7 +60,7 @@ pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     // detach finishes the job.
     let mut families_done = BTreeSet::new();
     for found in found.iter().filter(|f| !held.contains(&f.entry.cookie)) {
-        if families_done.insert(found.entry.group()) {
+        if families_done.insert(found.entry.group_kind()) {
             // ENOENT means the group has no program (re-created since): nothing to detach.
             let _ = SkReuseport::detach(&found.fd);
         }

@@ -10,20 +10,17 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{addr::PortSpec, error::bad_input, plan::Group, sockets, state::State};
-
-/// How a `:PORT` (or `[::]:PORT`) is laid out in sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// An IPv4 socket and an IPv6-only one (for `:PORT`).
-    Split,
-    /// One `[::]` socket with IPV6_V6ONLY=0 (IPv4 clients arrive as ::ffff:a.b.c.d).
-    DualStack,
-}
+use crate::{
+    addr::PortSpec,
+    error::bad_input,
+    plan::{GroupKind, Layout},
+    sockets,
+    state::State,
+};
 
 /// The layout chosen for new sockets of a port, and what it was chosen from.
 pub struct Chosen {
-    pub dual_stack: bool,
+    pub layout: Layout,
     /// The port's listeners of that layout on the spec's addresses (the active members' when
     /// the port has some): the sockets new ones must join.
     pub listeners: Vec<sockets::ListenEntry>,
@@ -48,7 +45,7 @@ pub fn layout(
     // The app's sockets are the active members' when the port has some: a new version still
     // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
     let members = State::open_read(spec.port)?
-        .map(|s| s.member_cookies())
+        .map(|s| s.serving_cookies())
         .transpose()?
         .unwrap_or_default();
     if on_port.iter().any(|e| members.contains(&e.cookie)) {
@@ -56,8 +53,8 @@ pub fn layout(
     }
     let (dual, split): (Vec<sockets::ListenEntry>, Vec<sockets::ListenEntry>) = on_port
         .into_iter()
-        .filter(|e| e.group() == Group::DualStack || spec.matches(&e.local))
-        .partition(|e| e.group() == Group::DualStack);
+        .filter(|e| e.group_kind() == GroupKind::DualStack || spec.matches(&e.local))
+        .partition(|e| e.group_kind() == GroupKind::DualStack);
     // A one-socket layout: only `:PORT` and `[::]:PORT` can be dual-stack.
     let wildcard6 = spec.addr.is_none_or(|a| a.is_ipv6() && a.is_unspecified());
     let dual_stack = match requested {
@@ -93,7 +90,11 @@ pub fn layout(
         )));
     }
     Ok(Chosen {
-        dual_stack,
+        layout: if dual_stack {
+            Layout::DualStack
+        } else {
+            Layout::Split
+        },
         listeners: if dual_stack { dual } else { split },
         all,
     })
@@ -102,9 +103,9 @@ pub fn layout(
 /// How to make listeners: split (an IPv4 and an IPv6-only socket for `:PORT`) or one dual-stack
 /// socket, and whose they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketPlan {
-    /// One `[::]` socket with IPV6_V6ONLY=0 for `:PORT` (and for `[::]:PORT`).
-    pub dual_stack: bool,
+pub struct NewSockets {
+    /// Dual-stack: one `[::]` socket with IPV6_V6ONLY=0 for `:PORT` (and for `[::]:PORT`).
+    pub layout: Layout,
     /// The owner uid of the sockets; None: zdt-ctl's own.
     pub uid: Option<u32>,
     /// Families (IPv4, IPv6) to make no socket for: another user's listener has the address.
@@ -113,10 +114,10 @@ pub struct SocketPlan {
 
 /// The addresses `spec` names: its address, or both wildcards for `:PORT` (only `[::]` for a
 /// dual-stack plan).
-fn addresses(spec: &PortSpec, plan: SocketPlan) -> Vec<SocketAddr> {
+fn addresses(spec: &PortSpec, plan: NewSockets) -> Vec<SocketAddr> {
     match spec.addr {
         Some(a) => vec![SocketAddr::new(a, spec.port)],
-        None if plan.dual_stack => vec![SocketAddr::new(
+        None if plan.layout == Layout::DualStack => vec![SocketAddr::new(
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             spec.port,
         )],
@@ -155,7 +156,7 @@ fn socket_as(domain: socket2::Domain, uid: Option<u32>) -> std::io::Result<socke
     Ok(s)
 }
 
-fn bind(addr: SocketAddr, plan: SocketPlan) -> anyhow::Result<Option<socket2::Socket>> {
+fn bind(addr: SocketAddr, plan: NewSockets) -> anyhow::Result<Option<socket2::Socket>> {
     use socket2::Domain;
     let s = match socket_as(Domain::for_address(addr), plan.uid) {
         Ok(s) => s,
@@ -172,7 +173,7 @@ fn bind(addr: SocketAddr, plan: SocketPlan) -> anyhow::Result<Option<socket2::So
     if addr.is_ipv6() {
         // Split: its own IPv6 group, IPv4 has its own socket. Dual-stack: one socket, one group
         // for both families (IPv4 clients arrive as ::ffff:a.b.c.d).
-        s.set_only_v6(!plan.dual_stack)?;
+        s.set_only_v6(plan.layout != Layout::DualStack)?;
     }
     s.bind(&addr.into())
         .map_err(|e| bad_input(format!("cannot listen on {addr}: {e}")))?;
@@ -182,7 +183,7 @@ fn bind(addr: SocketAddr, plan: SocketPlan) -> anyhow::Result<Option<socket2::So
 /// SO_REUSEPORT sockets bound to every address of `specs`, not listening yet: a bound socket is
 /// in no reuseport group and in no listener table until listen() (the group forms in
 /// inet_csk_listen_start), so binding checks the addresses and changes nothing else.
-pub fn bound(specs: &[PortSpec], plan: SocketPlan) -> anyhow::Result<Vec<socket2::Socket>> {
+pub fn bound(specs: &[PortSpec], plan: NewSockets) -> anyhow::Result<Vec<socket2::Socket>> {
     let mut sockets = Vec::new();
     for spec in specs {
         for addr in addresses(spec, plan) {
@@ -270,9 +271,9 @@ pub fn listeners(
     }
     let mut sockets = Vec::new();
     for spec in specs {
-        let plan = SocketPlan {
-            dual_stack: self::layout(*spec, layout, Layout::DualStack)?.dual_stack,
-            ..SocketPlan::default()
+        let plan = NewSockets {
+            layout: self::layout(*spec, layout, Layout::DualStack)?.layout,
+            ..NewSockets::default()
         };
         sockets.extend(bound(&[*spec], plan)?);
     }

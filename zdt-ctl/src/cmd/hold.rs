@@ -17,9 +17,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::{
     addr::PortSpec,
-    cmd::exec::{bound, layout, Chosen, Layout, SocketPlan},
+    cmd::exec::{bound, layout, Chosen, NewSockets},
     error::{bad_input, require_root},
-    plan::Group,
+    plan::{GroupKind, Layout},
     sockets,
     state::State,
 };
@@ -60,10 +60,10 @@ pub fn uid_of(user: &str) -> anyhow::Result<u32> {
 /// How to make the placeholders so that they join the groups of the port's listeners (the app's):
 /// the same owner uid, the same layout. The kernel would put a placeholder of another uid or
 /// another layout into a group of its own, where it takes connections that nothing moves on.
-fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
+fn plan_for(o: &HoldOptions) -> anyhow::Result<NewSockets> {
     let spec = o.spec;
     let Chosen {
-        dual_stack,
+        layout: chosen,
         listeners: members,
         all,
     } = layout(spec, o.layout, Layout::Split)?;
@@ -96,10 +96,10 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
         .iter()
         .filter(|e| e.uid != uid && spec.matches(&e.local))
     {
-        let families: &[usize] = match e.group() {
-            Group::V4 => &[0],
-            Group::V6Only => &[1],
-            Group::DualStack => &[0, 1],
+        let families: &[usize] = match e.group_kind() {
+            GroupKind::V4 => &[0],
+            GroupKind::V6Only => &[1],
+            GroupKind::DualStack => &[0, 1],
         };
         for &f in families {
             foreign[f] = true;
@@ -116,8 +116,8 @@ fn plan_for(o: &HoldOptions) -> anyhow::Result<SocketPlan> {
              there is nothing a placeholder can hold"
         )));
     }
-    Ok(SocketPlan {
-        dual_stack,
+    Ok(NewSockets {
+        layout: chosen,
         uid: Some(uid),
         foreign,
     })
@@ -333,7 +333,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     eprintln!(
         "zdt-ctl hold: placeholder on {spec} ({}, uid {}) registered; while no member is \
          active, new connections wait on it for the next promoted process",
-        if plan.dual_stack {
+        if plan.layout == Layout::DualStack {
             "one dual-stack socket"
         } else {
             "split IPv4/IPv6 sockets"

@@ -781,13 +781,13 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
             ),
         ));
     }
-    let current = plan::Layout::new(serving.iter().map(|e| e.group()));
-    let new = plan::Layout::new(listeners.iter().map(|l| l.group));
+    let current = plan::GroupSet::new(serving.iter().map(|e| e.group_kind()));
+    let new = plan::GroupSet::new(listeners.iter().map(|l| l.group_kind));
     if let Some(why) = plan::layout_conflict(&current, &new) {
         let holding = slots
             .iter()
             .any(|s| s.recorded() == Role::Hold && cookies.contains(&s.meta.cookie));
-        let todo = if holding && new.dual_stack() {
+        let todo = if holding && new.has_dual_stack() {
             "Start the new version with the same sockets or, if the app is meant to listen \
              dual-stack, restart `zdt-ctl hold` with --dual-stack"
         } else if holding {
