@@ -421,7 +421,7 @@ fn phase(
             // Read the program's counters directly: `zdt-ctl status` would add its own probe
             // connection to them.
             let g = ns.run(|| {
-                zdt_ctl::state::State::open_read(PORT)?
+                zdt_ctl::state::State::open_read(PORT.into())?
                     .context("zdt state vanished")?
                     .global_counters()
             })??;
@@ -534,7 +534,7 @@ pub(crate) fn with_program_stats<T>(
     with_stats(
         || {
             ns.run(move || {
-                zdt_ctl::state::State::open_read(port)?
+                zdt_ctl::state::State::open_read(port.into())?
                     .context("not attached")?
                     .program_stats()
             })?

@@ -159,7 +159,7 @@ fn reference(ns: &Netns, spec: LoadSpec, which: Reference) -> anyhow::Result<f64
         let prog = match which {
             Reference::Pass => programs::load_pass_program()?,
             Reference::SelectOnly => {
-                let dir = zdt_ctl::state::port_dir(PORT)?;
+                let dir = zdt_ctl::state::port_dir(PORT.into())?;
                 let map = aya::maps::MapData::from_pin(dir.join(zdt_common::names::SOCKETS))?;
                 programs::load_select_only(&map)?
             }

@@ -509,6 +509,39 @@ pub fn exit_within(
     }
 }
 
+/// A server process a test starts, signals and waits for; killed (and reaped) when dropped.
+pub struct Proc {
+    pub pid: i32,
+    child: Child,
+}
+
+impl Proc {
+    pub fn new(child: Child) -> Self {
+        Proc {
+            pid: child.id() as i32,
+            child,
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
+    }
+
+    /// Whether it exited within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        matches!(exit_within(&mut self.child, timeout), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// A child process killed (and reaped) when the test ends, however it ends.
 pub struct KillOnDrop(pub std::process::Child);
 
@@ -537,7 +570,7 @@ pub fn zdt_ok(ns: &Netns, args: &[&str]) -> anyhow::Result<Ctl> {
 /// asking through the public port).
 pub fn probe_list_len(ns: &Netns, port: u16) -> anyhow::Result<usize> {
     ns.run(move || -> anyhow::Result<usize> {
-        let set = zdt_ctl::state::State::open_read(port)?
+        let set = zdt_ctl::state::State::open_read(port.into())?
             .context("not attached")?
             .active_set()?
             .unwrap_or(zdt_common::ActiveSet::EMPTY);
@@ -594,7 +627,7 @@ pub fn active_pids(ns: &Netns, port: u16) -> anyhow::Result<Vec<i64>> {
 /// namespace; equal fingerprints mean the state did not change.
 pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
     ns.run(move || {
-        zdt_ctl::state::State::open_read(port)?
+        zdt_ctl::state::State::open_read(port.into())?
             .map(|s| s.fingerprint())
             .transpose()
     })?
@@ -609,7 +642,7 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
 pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
     use zdt_ctl::plan::sets::{live_only, same, Role};
     let snap = ns.run(move || -> anyhow::Result<_> {
-        let state = zdt_ctl::state::State::open_read(port)?
+        let state = zdt_ctl::state::State::open_read(port.into())?
             .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?;
         state.snapshot()
     })??;
@@ -692,7 +725,7 @@ pub fn wait_for_200(
         };
         let listening = ns
             .run(move || {
-                zdt_ctl::sockets::listen_entries()
+                zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)
                     .map(|t| t.values().any(|e| takes(e.local)))
                     .unwrap_or(false)
             })

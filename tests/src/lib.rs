@@ -2,6 +2,7 @@
 //! (demo/) share: network namespaces, real processes (the demo service and zdt-ctl), a load
 //! client that classifies every request, and the real servers, kernels and hosts the suites run.
 pub mod debian;
+pub mod h3;
 pub mod harness;
 pub mod kernel;
 pub mod load;
@@ -10,3 +11,4 @@ pub mod nspawn;
 pub mod podman;
 pub mod programs;
 pub mod servers;
+pub mod udp;

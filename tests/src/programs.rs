@@ -204,7 +204,11 @@ pub fn pin_pass_program(path: &Path) -> anyhow::Result<()> {
 pub fn load_variant(dir: &Path) -> anyhow::Result<OwnedFd> {
     // The pinned maps stay open until the program is loaded (it refers to them by fd).
     let mut maps = Vec::new();
-    let relocated = zdt_ctl::program::relocated_instructions(|name| {
+    let relocated = zdt_ctl::program::relocated_instructions(zdt_ctl::addr::Proto::Tcp, |name| {
+        // The object's UDP maps are pinned for UDP ports only; the TCP program never names them.
+        if !dir.join(name).exists() && name.starts_with("ZDT_FLOW") {
+            return Ok(-1);
+        }
         let map = aya::maps::MapData::from_pin(dir.join(name))
             .with_context(|| format!("map {name} is not pinned in {}", dir.display()))?;
         let fd = map.fd().as_fd().as_raw_fd();
@@ -227,7 +231,7 @@ pub fn load_variant(dir: &Path) -> anyhow::Result<OwnedFd> {
 /// would: loaded against the port's pinned maps, attached to the group of every listener of
 /// `:port`, pinned over the program's pin. Call inside the port's network namespace.
 pub fn install_variant(port: u16) -> anyhow::Result<OwnedFd> {
-    let dir = zdt_ctl::state::port_dir(port)?;
+    let dir = zdt_ctl::state::port_dir(port.into())?;
     let fd = load_variant(&dir)?;
     attach_to_port(&fd, port)?;
     // Pinned beside, then renamed over: the pin changes in one step, as zdt's does.

@@ -48,7 +48,7 @@ fn finish(loads: Vec<Background>) -> Vec<Tally> {
 /// The listeners of the port in the namespace: (address, owner uid, IPV6_V6ONLY).
 fn listeners(ns: &Netns) -> anyhow::Result<Vec<(SocketAddr, u32, bool)>> {
     ns.run(|| {
-        zdt_ctl::sockets::listen_entries().map(|t| {
+        zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp).map(|t| {
             t.values()
                 .filter(|e| e.local.port() == PORT)
                 .map(|e| (e.local, e.uid, e.v6only))

@@ -312,7 +312,7 @@ fn a_probe_mark_left_by_a_killed_zdt_ctl_is_removed() -> anyhow::Result<()> {
     use aya::maps::{HashMap, Map, MapData};
     use zdt_common::{names, ProbeKey, ProbeValue, PROBE_CANDIDATE};
     fn probes() -> anyhow::Result<HashMap<MapData, ProbeKey, ProbeValue>> {
-        let path = zdt_ctl::state::port_dir(PORT)?.join(names::PROBES);
+        let path = zdt_ctl::state::port_dir(PORT.into())?.join(names::PROBES);
         Ok(Map::HashMap(MapData::from_pin(path)?).try_into()?)
     }
     let ns = Netns::new()?;

@@ -323,7 +323,7 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     assert!(st["counters"]["fallback"].as_u64().unwrap() > 0, "{st}");
     // Its listener is gone: nothing (zdt included) kept a duplicate of it.
     let listeners = ns.run(|| {
-        zdt_ctl::sockets::listen_entries()
+        zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)
             .unwrap()
             .values()
             .filter(|e| e.local.port() == PORT)
@@ -441,7 +441,7 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
         BTreeSet::from([role(current.pid, Role::Active)])
     );
     let listeners = ns.run(|| {
-        zdt_ctl::sockets::listen_entries()
+        zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)
             .unwrap()
             .values()
             .filter(|e| e.local.port() == PORT)
@@ -449,7 +449,7 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
     })?;
     assert_eq!(listeners, 1);
     let pins = ns.run(|| {
-        std::fs::read_dir(zdt_ctl::state::port_dir(PORT).unwrap())
+        std::fs::read_dir(zdt_ctl::state::port_dir(PORT.into()).unwrap())
             .unwrap()
             .count()
     })?;
@@ -460,7 +460,7 @@ fn fifty_deploys_back_to_back_lose_nothing_and_leak_nothing() -> anyhow::Result<
 }
 
 fn program_id() -> anyhow::Result<u32> {
-    let dir = zdt_ctl::state::port_dir(PORT)?;
+    let dir = zdt_ctl::state::port_dir(PORT.into())?;
     Ok(aya::programs::ProgramInfo::from_pin(dir.join(zdt_common::names::PROGRAM))?.id())
 }
 

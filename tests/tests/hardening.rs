@@ -179,7 +179,7 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let dir = ns.run(|| zdt_ctl::state::port_dir(PORT))??;
+    let dir = ns.run(|| zdt_ctl::state::port_dir(PORT.into()))??;
     let promote = ["promote", &v1.pid.to_string(), "--no-readyz"].map(String::from);
     let promote: Vec<&str> = promote.iter().map(String::as_str).collect();
 
@@ -1015,7 +1015,7 @@ fn a_readiness_wait_costs_no_more_for_being_longer() -> anyhow::Result<()> {
 }
 
 fn zdt_ctl_state_exists(ns: &Netns) -> anyhow::Result<bool> {
-    ns.run(|| zdt_ctl::state::State::exists(PORT))?
+    ns.run(|| zdt_ctl::state::State::exists(PORT.into()))?
 }
 
 /// An app on an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:PORT`, an AF_INET6 socket that

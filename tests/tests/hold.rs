@@ -162,7 +162,7 @@ fn hold_refuses_a_bad_address_and_changes_nothing() -> anyhow::Result<()> {
     }
     // No placeholder was left listening: only v1's listener is on the port.
     let listeners = ns.run(|| {
-        zdt_ctl::sockets::listen_entries()
+        zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)
             .map(|t| t.values().filter(|e| e.local.port() == PORT).count())
     })??;
     assert_eq!(listeners, 1);

@@ -80,7 +80,7 @@ fn two_versions_of_a_512_worker_app_hand_over_on_both_families() -> anyhow::Resu
 /// New connections steered to each slot of the port (the program's per-slot counters).
 fn steered_per_slot(ns: &Netns) -> anyhow::Result<BTreeMap<u32, u64>> {
     ns.run(|| -> anyhow::Result<BTreeMap<u32, u64>> {
-        let state = zdt_ctl::state::State::open_read(PORT)?.expect("attached");
+        let state = zdt_ctl::state::State::open_read(PORT.into())?.expect("attached");
         Ok(state
             .slots()?
             .iter()

@@ -8,20 +8,22 @@
 /// every command would refuse every state: this is the test that says so first.
 #[test]
 fn tag_is_the_kernels() -> anyhow::Result<()> {
-    let mut ebpf = zdt_ctl::program::load_fresh()?;
-    let program = zdt_ctl::program::load_program(&mut ebpf)?;
-    let kernel = program.info()?.tag();
-    let ours = zdt_ctl::program::expected_tags()?;
-    eprintln!(
-        "kernel {kernel:016x} sha1 {:016x} sha256 {:016x}",
-        ours[0], ours[1]
-    );
-    assert!(
-        ours.contains(&kernel),
-        "kernel tag {kernel:016x}, computed {:016x} (SHA-1) / {:016x} (SHA-256)",
-        ours[0],
-        ours[1]
-    );
+    for proto in [zdt_ctl::addr::Proto::Tcp, zdt_ctl::addr::Proto::Udp] {
+        let mut ebpf = zdt_ctl::program::load_fresh(1)?;
+        let program = zdt_ctl::program::load_program(&mut ebpf, proto)?;
+        let kernel = program.info()?.tag();
+        let ours = zdt_ctl::program::expected_tags(proto)?;
+        eprintln!(
+            "{proto:?}: kernel {kernel:016x} sha1 {:016x} sha256 {:016x}",
+            ours[0], ours[1]
+        );
+        assert!(
+            ours.contains(&kernel),
+            "{proto:?}: kernel tag {kernel:016x}, computed {:016x} (SHA-1) / {:016x} (SHA-256)",
+            ours[0],
+            ours[1]
+        );
+    }
     Ok(())
 }
 
@@ -50,7 +52,7 @@ fn role_and_steered(ns: &Netns, pid: i32) -> anyhow::Result<(Role, u64)> {
 /// The program pinned for the port.
 fn pinned(ns: &Netns) -> anyhow::Result<aya::programs::ProgramInfo> {
     ns.run(|| -> anyhow::Result<_> {
-        let path = zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::PROGRAM);
+        let path = zdt_ctl::state::port_dir(PORT.into())?.join(zdt_common::names::PROGRAM);
         Ok(aya::programs::ProgramInfo::from_pin(path)?)
     })?
 }
@@ -91,7 +93,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
     let variant = ns.run(|| programs::install_variant(PORT))??;
     let variant_id = pinned(&ns)?.id();
     let probes = || -> anyhow::Result<std::path::PathBuf> {
-        ns.run(|| Ok(zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::PROBES)))?
+        ns.run(|| Ok(zdt_ctl::state::port_dir(PORT.into())?.join(zdt_common::names::PROBES)))?
     };
     std::fs::remove_file(probes()?)?;
     let r = zdt(&ns, &["status", "8080"]);
@@ -196,7 +198,7 @@ fn edit_control(
 ) -> anyhow::Result<zdt_common::Control> {
     use aya::maps::{Array, Map, MapData};
     ns.run(move || -> anyhow::Result<zdt_common::Control> {
-        let path = zdt_ctl::state::port_dir(PORT)?.join(zdt_common::names::CONTROL);
+        let path = zdt_ctl::state::port_dir(PORT.into())?.join(zdt_common::names::CONTROL);
         let mut control: Array<MapData, zdt_common::Control> =
             Map::Array(MapData::from_pin(path)?).try_into()?;
         let was = control.get(&0, 0)?;
@@ -220,7 +222,7 @@ fn upgrade_converts_the_layout_before_in_place() -> anyhow::Result<()> {
     // As layout 2 kept it: the target (v1) in entry 2, live in entry 0 or 1.
     ns.run(|| -> anyhow::Result<()> {
         use aya::maps::{Array, Map, MapData};
-        let dir = zdt_ctl::state::port_dir(PORT)?;
+        let dir = zdt_ctl::state::port_dir(PORT.into())?;
         let control: Array<MapData, zdt_common::Control> =
             Map::Array(MapData::from_pin(dir.join(zdt_common::names::CONTROL))?).try_into()?;
         let c = control.get(&0, 0)?;

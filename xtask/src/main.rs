@@ -104,6 +104,9 @@ fn main() -> anyhow::Result<()> {
             if vm::runs_suite("fleet", &suites, vm) {
                 setup::fleet()?;
             }
+            if vm::runs_suite("udp", &suites, vm) {
+                setup::quic()?;
+            }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
@@ -330,8 +333,10 @@ fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
     c.args(["--", "--test-threads=1"])
         .args(args)
         .env("ZDT_BIN_DIR", test_bin_dir())
-        // tests/tests/fleet.rs runs ansible-core and ansible-lint from the venv setup made.
-        .env("ZDT_ANSIBLE_VENV", setup::ansible_venv());
+        // tests/tests/fleet.rs runs ansible-core and ansible-lint from the venv setup made,
+        // tests/tests/udp.rs hypercorn and aioquic.
+        .env("ZDT_ANSIBLE_VENV", setup::ansible_venv())
+        .env("ZDT_QUIC_VENV", setup::quic_venv());
     run(c)
 }
 

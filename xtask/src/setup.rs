@@ -77,6 +77,12 @@ const FLEET_PACKAGES: [&str; 5] = [
 /// ansible-lint checks the collection.
 const ANSIBLE_CORE_VERSION: &str = "2.19.14";
 const ANSIBLE_LINT_VERSION: &str = "26.10.1";
+/// For tests/tests/udp.rs alone ([`quic`]): hypercorn with aioquic (HTTP/3) and aioquic's own
+/// client and server, from PyPI (Debian 12's hypercorn 0.13 has no HTTP/3), in a venv of
+/// Debian's Python; openssl makes the servers' certificate.
+const QUIC_PACKAGES: [&str; 2] = ["python3-venv", "openssl"];
+const HYPERCORN_VERSION: &str = "0.18.0";
+const AIOQUIC_VERSION: &str = "1.7.2";
 /// virtme-ng from PyPI (Debian 12 has no package for it).
 const VIRTME_NG_VERSION: &str = "1.42";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -228,6 +234,27 @@ pub fn ansible_venv() -> PathBuf {
     PathBuf::from(format!(
         "/opt/zdt/ansible-core-{ANSIBLE_CORE_VERSION}-lint-{ANSIBLE_LINT_VERSION}"
     ))
+}
+
+/// The venv that holds hypercorn and aioquic from PyPI, named after their versions.
+pub fn quic_venv() -> PathBuf {
+    PathBuf::from(format!(
+        "/opt/zdt/hypercorn-{HYPERCORN_VERSION}-aioquic-{AIOQUIC_VERSION}"
+    ))
+}
+
+/// What tests/tests/udp.rs needs besides [`run`]'s; only a run of that suite installs it.
+pub fn quic() -> anyhow::Result<()> {
+    apt_install(QUIC_PACKAGES)?;
+    let venv = quic_venv();
+    pip_venv(
+        &venv,
+        &[
+            &format!("hypercorn[h3]=={HYPERCORN_VERSION}"),
+            &format!("aioquic=={AIOQUIC_VERSION}"),
+        ],
+        &venv.join("bin/hypercorn"),
+    )
 }
 
 /// What tests/tests/fleet.rs needs besides [`run`]'s; only a run of that suite installs it.

@@ -223,6 +223,8 @@ fn write_script(exes: &[TestExe], args: &[String]) -> anyhow::Result<PathBuf> {
 echo "{MARK} guest kernel $(uname -r)"
 cd {root}
 export ZDT_BIN_DIR={bin_dir}
+# tests/tests/udp.rs's HTTP/3 servers and clients (the host's venv: the guest's root is the host's).
+export ZDT_QUIC_VENV={quic_venv}
 # Everything runs several times slower under TCG: the tests stretch their time limits by this
 # (tests/src/load.rs, time_scale); a retransmitted SYN still counts as slow whatever the scale.
 export ZDT_TEST_TIME_SCALE={TIME_SCALE}
@@ -247,6 +249,7 @@ run() {{
 "#,
         root = quote(&root.to_string_lossy()),
         bin_dir = quote(&bin_dir.to_string_lossy()),
+        quic_venv = quote(&crate::setup::quic_venv().to_string_lossy()),
         nofile = open_file_limit()
             .map(|n| format!("ulimit -n {n}"))
             .unwrap_or_default(),

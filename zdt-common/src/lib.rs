@@ -59,6 +59,12 @@ pub mod names {
     pub const GLOBAL_COUNTERS: &str = "ZDT_GLOBAL_COUNTERS";
     pub const SLOT_META: &str = "ZDT_SLOT_META";
     pub const PROBES: &str = "ZDT_PROBES";
+    /// The program of a UDP port (a TCP port's is [`PROGRAM`]).
+    pub const PROGRAM_UDP: &str = "zdt_select_udp";
+    /// A UDP port's flow table and its counters and settings (pinned for UDP ports only).
+    pub const FLOWS: &str = "ZDT_FLOWS";
+    pub const FLOW_COUNTERS: &str = "ZDT_FLOW_COUNTERS";
+    pub const FLOW_CONFIG: &str = "ZDT_FLOW_CONFIG";
 }
 
 /// Value of the one-entry `ZDT_CONTROL` array.
@@ -81,10 +87,15 @@ pub struct Control {
     pub layout_version: u32,
     pub port: u16,
     pub rollback_buf: u16,
-    /// 0 = wildcard (`:PORT`), 4 = IPv4 address, 6 = IPv6 address in `addr`.
+    /// 0 = wildcard (`:PORT`), 4 = IPv4 address, 6 = IPv6 address in `addr`; with
+    /// [`ADDR_KIND_UDP`] set for a UDP port.
     pub addr_kind: u32,
     pub addr: [u8; 16],
 }
+
+/// The bit of [`Control::addr_kind`] that marks a UDP port's state (states made before UDP
+/// ports existed never have it: TCP).
+pub const ADDR_KIND_UDP: u32 = 0x100;
 
 /// The sockets that receive new connections, per address family (0 = IPv4 group, 1 = IPv6
 /// group). A listener belongs to exactly one reuseport group and the kernel rejects a selection
@@ -272,7 +283,8 @@ pub struct GlobalCounters {
     pub runs: [u64; 2],
 }
 
-/// Userspace-only metadata per slot; the program never reads it. Lives in a pinned map so that
+/// Metadata per slot, written by zdt-ctl; of the programs only the UDP one reads it (`cookie`,
+/// which zdt-ctl writes before it puts a socket in the slot). Lives in a pinned map so that
 /// all of zdt's state is in one place and every update of it is one atomic map write.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -305,6 +317,69 @@ pub const ROLE_CANARY: u32 = 4;
 /// A placeholder listener of `zdt-ctl hold`.
 pub const ROLE_HOLD: u32 = 5;
 
+/// Key of a UDP port's flow table (`ZDT_FLOWS`): where a datagram comes from and which of the
+/// host's addresses it was sent to. The local port is the port's own, the same for every flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The remote address then the local one: IPv4 addresses in bytes 0..4 and 16..20, the rest
+    /// zero; IPv6 addresses in 0..16 and 16..32.
+    pub addrs: [u8; 32],
+    /// The remote port, network byte order, as the UDP header carries it.
+    pub remote_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`] (of the packet, not of the socket: an IPv4 client of a
+    /// dual-stack socket is AF_INET).
+    pub family: u16,
+}
+
+/// Value of `ZDT_FLOWS`: the slot whose socket got the flow's first datagram, and which socket
+/// that was (the slot's cookie then, [`SlotMeta::cookie`]): a slot refilled by another socket
+/// does not take over the flows of the one before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub cookie: u64,
+    pub slot: u32,
+    /// When a datagram of the flow was last seen, in seconds of CLOCK_MONOTONIC (refreshed at
+    /// most once a second).
+    pub seen_s: u32,
+}
+
+/// The flow table's default size: flows a UDP port keeps (`attach --flows`).
+pub const DEFAULT_FLOWS: u32 = 65536;
+
+/// Settings of a UDP port's program (`ZDT_FLOW_CONFIG`, one entry), written by `attach`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// New flows each CPU may record per second. A flood of new 4-tuples (spoofed or real)
+    /// would otherwise push live flows out of the LRU table as fast as it arrives; with this
+    /// bound the table turns over no faster than its size / (CPUs x this) seconds, and a flow
+    /// over the bound is steered as any new flow but not recorded (counted: `unrecorded`).
+    pub new_per_cpu_per_s: u32,
+    pub _pad: u32,
+}
+
+/// Counters of a UDP port's program (per-CPU array, one entry), beside [`GlobalCounters`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Datagrams of a known flow sent to its own socket.
+    pub known: u64,
+    /// New flows recorded (each one an insertion into the table).
+    pub recorded: u64,
+    /// New flows steered but not recorded: over the per-second bound, or the insertion failed.
+    pub unrecorded: u64,
+    /// Known flows whose socket had closed (or whose slot another socket took): steered anew.
+    pub orphaned: u64,
+    /// Datagrams no ready socket could take, left to the kernel's hash over the group.
+    pub fallback: u64,
+    /// The second of `budget_used` (CLOCK_MONOTONIC seconds) and the flows recorded in it on
+    /// this CPU.
+    pub budget_second: u64,
+    pub budget_used: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -316,4 +391,8 @@ mod user {
     unsafe impl aya::Pod for SlotMeta {}
     unsafe impl aya::Pod for ProbeKey {}
     unsafe impl aya::Pod for ProbeValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowConfig {}
+    unsafe impl aya::Pod for FlowCounters {}
 }

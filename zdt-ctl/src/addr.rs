@@ -3,22 +3,139 @@ use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use crate::error::bad_input;
 
-/// Which listeners of a port zdt manages: `:80` means the wildcard listeners (0.0.0.0 and/or
-/// [::]), `127.0.0.1:8080` or `[::1]:80` the listeners bound to that address.
+/// The transport of a port: its sockets, its reuseport group and zdt's state for it are the
+/// protocol's own (TCP port 443 and UDP port 443 are two ports to the kernel and to zdt).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The suffix that names it after a port: none for TCP, `/udp` for UDP.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Proto::Tcp => "",
+            Proto::Udp => "/udp",
+        }
+    }
+
+    /// The steering program of a port of this protocol.
+    pub fn program(self) -> &'static str {
+        match self {
+            Proto::Tcp => zdt_common::names::PROGRAM,
+            Proto::Udp => zdt_common::names::PROGRAM_UDP,
+        }
+    }
+
+    /// "TCP" or "UDP", for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+}
+
+/// A port as zdt keeps state for it: its number and protocol. Written `443` (TCP) or
+/// `443/udp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port {
+    pub number: u16,
+    pub proto: Proto,
+}
+
+impl Port {
+    pub fn tcp(number: u16) -> Self {
+        Port {
+            number,
+            proto: Proto::Tcp,
+        }
+    }
+
+    pub fn udp(number: u16) -> Self {
+        Port {
+            number,
+            proto: Proto::Udp,
+        }
+    }
+
+    /// The name of its state directory: `443`, `443-udp` (no `/` in a file name).
+    pub fn dir_name(self) -> String {
+        match self.proto {
+            Proto::Tcp => self.number.to_string(),
+            Proto::Udp => format!("{}-udp", self.number),
+        }
+    }
+
+    /// The port a state directory's name stands for.
+    pub fn from_dir_name(name: &str) -> Option<Self> {
+        match name.strip_suffix("-udp") {
+            Some(n) => n.parse().ok().filter(|&n| n != 0).map(Port::udp),
+            None => name.parse().ok().filter(|&n| n != 0).map(Port::tcp),
+        }
+    }
+}
+
+/// A port number alone is a TCP port, as everywhere before UDP ports existed.
+impl From<u16> for Port {
+    fn from(number: u16) -> Self {
+        Port::tcp(number)
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.number, self.proto.suffix())
+    }
+}
+
+/// Which sockets of a port zdt manages: `:80` means the wildcard listeners (0.0.0.0 and/or
+/// [::]), `127.0.0.1:8080` or `[::1]:80` the listeners bound to that address; a `/udp` suffix
+/// (`:443/udp`) the UDP sockets bound there instead of the TCP listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortSpec {
     pub addr: Option<IpAddr>,
     pub port: u16,
+    pub proto: Proto,
 }
 
-const FORMS: &str = "expected [ADDR]:PORT, e.g. :80, 127.0.0.1:8080 or [::]:80";
+const FORMS: &str = "expected [ADDR]:PORT[/udp], e.g. :80, 127.0.0.1:8080, [::]:80 or :443/udp";
+
+/// Splits a `/udp` or `/tcp` suffix off `s`.
+fn split_proto(s: &str) -> anyhow::Result<(&str, Proto)> {
+    match s.rsplit_once('/') {
+        None => Ok((s, Proto::Tcp)),
+        Some((rest, "udp")) => Ok((rest, Proto::Udp)),
+        Some((rest, "tcp")) => Ok((rest, Proto::Tcp)),
+        Some((_, other)) => Err(bad_input(format!(
+            "invalid address {s:?}: unknown protocol {other:?} after `/`; write /udp for a UDP \
+             port, nothing (or /tcp) for TCP"
+        ))),
+    }
+}
 
 impl FromStr for PortSpec {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Self> {
         let invalid = |why: &str| bad_input(format!("invalid address {s:?}: {why}"));
-        let (host, port) = s
+        let (s_addr, proto) = split_proto(s)?;
+        let (host, port) = s_addr
             .rsplit_once(':')
             .ok_or_else(|| invalid(&format!("no port; {FORMS}")))?;
         let port: u16 = port
@@ -42,7 +159,7 @@ impl FromStr for PortSpec {
         };
         // The unspecified addresses are the wildcard: `0.0.0.0:80` and `[::]:80` name the same
         // kind of listener as `:80` but keep the family.
-        Ok(PortSpec { addr, port })
+        Ok(PortSpec { addr, port, proto })
     }
 }
 
@@ -52,11 +169,20 @@ impl fmt::Display for PortSpec {
             None => write!(f, ":{}", self.port),
             Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.port),
             Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
-        }
+        }?;
+        f.write_str(self.proto.suffix())
     }
 }
 
 impl PortSpec {
+    /// The port zdt keeps the state of these sockets under.
+    pub fn key(&self) -> Port {
+        Port {
+            number: self.port,
+            proto: self.proto,
+        }
+    }
+
     /// Whether a listener bound to `local` belongs to the listeners this spec names.
     pub fn matches(&self, local: &std::net::SocketAddr) -> bool {
         local.port() == self.port
@@ -80,15 +206,16 @@ impl PortSpec {
     }
 }
 
-/// Parses a port given alone (`80`) or as `[ADDR]:PORT`; used by `status`.
-pub fn parse_port(s: &str) -> anyhow::Result<u16> {
+/// Parses a port given alone (`80`, `443/udp`) or as `[ADDR]:PORT[/udp]`; used by `status`.
+pub fn parse_port(s: &str) -> anyhow::Result<Port> {
     if s.contains(':') {
-        return Ok(s.parse::<PortSpec>()?.port);
+        return Ok(s.parse::<PortSpec>()?.key());
     }
-    match s.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(p),
+    let (number, proto) = split_proto(s)?;
+    match number.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(Port { number: p, proto }),
         _ => Err(bad_input(format!(
-            "invalid port {s:?}: expected a number from 1 to 65535"
+            "invalid port {s:?}: expected a number from 1 to 65535, with /udp for a UDP port"
         ))),
     }
 }
@@ -137,13 +264,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_udp_port_is_named_with_its_suffix_everywhere() {
+        let p: PortSpec = ":443/udp".parse().unwrap();
+        assert_eq!((p.addr, p.port, p.proto), (None, 443, Proto::Udp));
+        assert_eq!(p.to_string(), ":443/udp");
+        assert_eq!(p.key(), Port::udp(443));
+        let p: PortSpec = "[::1]:53/udp".parse().unwrap();
+        assert_eq!(p.to_string(), "[::1]:53/udp");
+        let p: PortSpec = "127.0.0.1:80/tcp".parse().unwrap();
+        assert_eq!(
+            (p.proto, p.to_string()),
+            (Proto::Tcp, "127.0.0.1:80".to_string())
+        );
+        assert_eq!(parse_port("443/udp").unwrap(), Port::udp(443));
+        assert_eq!(parse_port("443").unwrap(), Port::tcp(443));
+        assert_eq!(parse_port(":443/udp").unwrap().to_string(), "443/udp");
+        for bad in [":443/sctp", "443/", "0/udp", "x/udp"] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+        for port in [Port::udp(443), Port::tcp(443)] {
+            assert_eq!(Port::from_dir_name(&port.dir_name()), Some(port));
+        }
+        assert_eq!(Port::from_dir_name("443-tcp"), None);
+    }
+
+    #[test]
     fn port_specs() {
         let p: PortSpec = ":80".parse().unwrap();
         assert_eq!(
             p,
             PortSpec {
                 addr: None,
-                port: 80
+                port: 80,
+                proto: Proto::Tcp
             }
         );
         let p: PortSpec = "127.0.0.1:8080".parse().unwrap();
@@ -205,8 +358,8 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("soon"));
-        assert_eq!(parse_port("8080").unwrap(), 8080);
-        assert_eq!(parse_port(":8080").unwrap(), 8080);
+        assert_eq!(parse_port("8080").unwrap(), Port::tcp(8080));
+        assert_eq!(parse_port(":8080").unwrap(), Port::tcp(8080));
         assert!(parse_port("0").is_err());
     }
 }

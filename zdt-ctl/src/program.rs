@@ -14,11 +14,11 @@
 //! upgrade. The test `program::tag_is_the_kernels` loads the program and compares.
 use std::{collections::HashSet, os::fd::RawFd, path::Path};
 
+use crate::addr::Proto;
 use anyhow::Context as _;
 use aya::{programs::SkReuseport, Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_insn;
 use sha1::Digest as _;
-use zdt_common::names;
 
 /// The BPF object built from zdt-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zdt"));
@@ -33,42 +33,51 @@ const LD_IMM64: u8 = 0x18;
 const PSEUDO_MAP_FD: u8 = 1;
 const PSEUDO_MAP_VALUE: u8 = 2;
 
-/// The tags the kernel gives this build's program: [SHA-1 based, SHA-256 based]. A pinned
-/// program is ours when its tag is one of them (which one depends on the running kernel).
-pub fn expected_tags() -> anyhow::Result<[u64; 2]> {
-    static TAGS: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
-    if let Some(t) = TAGS.get() {
+/// The tags the kernel gives this build's program for `proto`'s ports: [SHA-1 based, SHA-256
+/// based]. A pinned program is ours when its tag is one of them (which one depends on the
+/// running kernel).
+pub fn expected_tags(proto: Proto) -> anyhow::Result<[u64; 2]> {
+    static TCP: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+    static UDP: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+    let cell = match proto {
+        Proto::Tcp => &TCP,
+        Proto::Udp => &UDP,
+    };
+    if let Some(t) = cell.get() {
         return Ok(*t);
     }
-    let insns = tag_input()?;
+    let insns = tag_input(proto)?;
     let first8 = |d: &[u8]| u64::from_be_bytes(d[..8].try_into().expect("digest >= 8 bytes"));
     let tags = [
         first8(&sha1::Sha1::digest(&insns)),
         first8(&sha2::Sha256::digest(&insns)),
     ];
-    Ok(*TAGS.get_or_init(|| tags))
+    Ok(*cell.get_or_init(|| tags))
 }
 
 /// This build's tag on the running kernel, as text: the one of [`expected_tags`] that a load
 /// here produces is not known without loading, so both are named.
-pub fn expected_tag() -> anyhow::Result<String> {
-    let [sha1, sha256] = expected_tags()?;
+pub fn expected_tag(proto: Proto) -> anyhow::Result<String> {
+    let [sha1, sha256] = expected_tags(proto)?;
     Ok(format!(
         "tag {sha256:016x}, or {sha1:016x} on kernels that hash with SHA-1"
     ))
 }
 
-/// Whether `tag` (as `bpf_prog_info.tag` gives it, read big-endian) is this build's program.
-pub fn is_ours(tag: u64) -> anyhow::Result<bool> {
-    Ok(expected_tags()?.contains(&tag))
+/// Whether `tag` (as `bpf_prog_info.tag` gives it, read big-endian) is this build's program
+/// for `proto`'s ports.
+pub fn is_ours(proto: Proto, tag: u64) -> anyhow::Result<bool> {
+    Ok(expected_tags(proto)?.contains(&tag))
 }
 
-/// The instructions of `zdt_select` as aya passes them to BPF_PROG_LOAD: the object relocated
-/// as aya relocates it (maps, then bpf-to-bpf calls), each map's `ld_imm64` holding the fd that
-/// `map_fd` gives for the map's name.
+/// The instructions of `proto`'s program (`zdt_select`, `zdt_select_udp`) as aya passes them to
+/// BPF_PROG_LOAD: the object relocated as aya relocates it (maps, then bpf-to-bpf calls), each
+/// map's `ld_imm64` holding the fd that `map_fd` gives for the map's name.
 pub fn relocated_instructions(
+    proto: Proto,
     mut map_fd: impl FnMut(&str) -> anyhow::Result<RawFd>,
 ) -> anyhow::Result<Vec<bpf_insn>> {
+    let name = proto.program();
     let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the BPF object")?;
     // CO-RE relocations would make the instructions depend on the running kernel's BTF; the
     // program has none (it reads only its own maps and the sk_reuseport context, which the
@@ -92,19 +101,19 @@ pub fn relocated_instructions(
         .context("relocating the BPF object's calls")?;
     let program = obj
         .programs
-        .get(names::PROGRAM)
-        .context("BPF object has no program zdt_select")?;
+        .get(name)
+        .with_context(|| format!("BPF object has no program {name}"))?;
     let function = obj
         .functions
         .remove(&program.function_key())
-        .context("BPF object has no code for zdt_select")?;
+        .with_context(|| format!("BPF object has no code for {name}"))?;
     Ok(function.instructions)
 }
 
-/// The instructions of `zdt_select` as the kernel hashes them for the tag.
-fn tag_input() -> anyhow::Result<Vec<u8>> {
+/// The instructions of `proto`'s program as the kernel hashes them for the tag.
+fn tag_input(proto: Proto) -> anyhow::Result<Vec<u8>> {
     // The fd value is irrelevant: the kernel zeroes it before hashing, and so do we below.
-    let instructions = relocated_instructions(|_| Ok(0))?;
+    let instructions = relocated_instructions(proto, |_| Ok(0))?;
     let mut out = Vec::with_capacity(instructions.len() * 8);
     let mut was_ld_map = false;
     for insn in &instructions {
@@ -136,16 +145,22 @@ fn tag_input() -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Loads the object with fresh maps (for `attach`). The caller pins what it needs.
-pub fn load_fresh() -> anyhow::Result<Ebpf> {
-    Ebpf::load(OBJECT).context("loading the BPF object")
+/// Loads the object with fresh maps (for `attach`), a UDP port's flow table sized for `flows`
+/// flows (a TCP port's program never reads it: one entry). The caller pins what it needs.
+pub fn load_fresh(flows: u32) -> anyhow::Result<Ebpf> {
+    EbpfLoader::new()
+        .map_max_entries(zdt_common::names::FLOWS, flows.max(1))
+        .load(OBJECT)
+        .context("loading the BPF object")
 }
 
 /// Loads the object so that it uses the maps pinned in `dir` instead of new ones (for
 /// `upgrade`): aya opens a map pinned at the given path rather than creating it. The caller has
-/// checked that the pinned maps have the shape this build expects.
-pub fn load_against(dir: &Path, maps: &[&'static str]) -> anyhow::Result<Ebpf> {
+/// checked that the pinned maps have the shape this build expects; `flows` is the pinned flow
+/// table's size.
+pub fn load_against(dir: &Path, maps: &[&'static str], flows: u32) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    loader.map_max_entries(zdt_common::names::FLOWS, flows.max(1));
     for name in maps {
         loader.map_pin_path(name, dir.join(name));
     }
@@ -154,11 +169,12 @@ pub fn load_against(dir: &Path, maps: &[&'static str]) -> anyhow::Result<Ebpf> {
         .context("loading the BPF object against the pinned maps")
 }
 
-/// The program of a loaded object, loaded into the kernel (the verifier runs here).
-pub fn load_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut SkReuseport> {
+/// `proto`'s program of a loaded object, loaded into the kernel (the verifier runs here).
+pub fn load_program(ebpf: &mut Ebpf, proto: Proto) -> anyhow::Result<&mut SkReuseport> {
+    let name = proto.program();
     let program: &mut SkReuseport = ebpf
-        .program_mut(names::PROGRAM)
-        .context("BPF object has no program zdt_select")?
+        .program_mut(name)
+        .with_context(|| format!("BPF object has no program {name}"))?
         .try_into()?;
     program
         .load()

@@ -242,16 +242,29 @@ pub fn probe_socket(
     state: Option<&std::path::Path>,
     kind: u32,
 ) -> std::io::Result<(socket2::Socket, Option<ProbeMark>)> {
+    probe_socket_of(crate::addr::Proto::Tcp, target, state, kind)
+}
+
+/// [`probe_socket`] of `proto`: a UDP one is known by its source alone, for the empty
+/// datagrams it sends (zdt-ebpf, select_udp).
+pub fn probe_socket_of(
+    proto: crate::addr::Proto,
+    target: std::net::SocketAddr,
+    state: Option<&std::path::Path>,
+    kind: u32,
+) -> std::io::Result<(socket2::Socket, Option<ProbeMark>)> {
     let ip: std::net::IpAddr = match target {
         std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
         std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
     };
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    s.set_tcp_mss(u32::from(zdt_common::PROBE_MSS))?;
+    let kind_of_socket = match proto {
+        crate::addr::Proto::Tcp => socket2::Type::STREAM,
+        crate::addr::Proto::Udp => socket2::Type::DGRAM,
+    };
+    let s = socket2::Socket::new(socket2::Domain::for_address(target), kind_of_socket, None)?;
+    if proto == crate::addr::Proto::Tcp {
+        s.set_tcp_mss(u32::from(zdt_common::PROBE_MSS))?;
+    }
     s.bind(&std::net::SocketAddr::new(ip, 0).into())?;
     let Some(dir) = state else {
         return Ok((s, None));

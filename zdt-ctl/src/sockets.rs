@@ -12,7 +12,7 @@ use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags}
 use socket2::SockRef;
 
 use crate::{
-    addr::PortSpec,
+    addr::{Port, PortSpec, Proto},
     error::{bad_input, err, Kind},
     plan,
 };
@@ -20,6 +20,7 @@ use crate::{
 /// A TCP listener of this network namespace, as the kernel's sock_diag reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenEntry {
+    pub proto: Proto,
     pub inode: u64,
     pub local: SocketAddr,
     pub uid: u32,
@@ -71,29 +72,49 @@ pub fn tcp_entries() -> anyhow::Result<Vec<procfs::net::TcpNetEntry>> {
 /// connections the port serves. /proc/net/tcp lists every socket: with tens of thousands of
 /// TIME_WAIT sockets, reading it took seconds and made a promote that slow. A netlink socket
 /// belongs to the network namespace of the thread that creates it.
-pub fn listen_entries() -> anyhow::Result<BTreeMap<u64, ListenEntry>> {
+///
+/// For UDP, the sockets that can be in a reuseport group: bound and not connected (a connected
+/// UDP socket is found by its 4-tuple before any group, and its state is ESTABLISHED); their
+/// `queued` is the bytes of datagrams waiting to be read.
+pub fn listen_entries(proto: Proto) -> anyhow::Result<BTreeMap<u64, ListenEntry>> {
     let mut out = BTreeMap::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for e in diag_listeners(family)? {
+        for e in diag_listeners(family, proto)? {
             out.insert(e.inode, e);
         }
     }
     Ok(out)
 }
 
-/// The TCP listeners of one address family, from one inet_diag dump.
-fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
+/// The TCP listeners (or unconnected UDP sockets) of one address family, from one inet_diag
+/// dump.
+fn diag_listeners(family: u8, proto: Proto) -> anyhow::Result<Vec<ListenEntry>> {
     use netlink_packet_core::{
         NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
     };
     use netlink_packet_sock_diag::{
-        constants::IPPROTO_TCP,
+        constants::{IPPROTO_TCP, IPPROTO_UDP},
         inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
         SockDiagMessage,
     };
     use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
 
-    let ctx = "asking the kernel for TCP listeners (sock_diag)";
+    let (ctx, protocol, states, module) = match proto {
+        Proto::Tcp => (
+            "asking the kernel for TCP listeners (sock_diag)",
+            IPPROTO_TCP,
+            StateFlags::LISTEN,
+            "tcp_diag",
+        ),
+        // Kernel contract: an unconnected UDP socket's sk_state is TCP_CLOSE (udp_diag dumps
+        // every UDP socket and filters by the same state bits as for TCP).
+        Proto::Udp => (
+            "asking the kernel for UDP sockets (sock_diag)",
+            IPPROTO_UDP,
+            StateFlags::CLOSE,
+            "udp_diag",
+        ),
+    };
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context(ctx)?;
     socket.bind_auto().context(ctx)?;
     socket.connect(&NlAddr::new(0, 0)).context(ctx)?;
@@ -108,9 +129,9 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
+            states,
             socket_id,
         })
         .into(),
@@ -140,6 +161,7 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                         u64::from(u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]))
                     };
                     out.push(ListenEntry {
+                        proto,
                         inode: u64::from(h.inode),
                         local: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
                         uid: h.uid,
@@ -159,15 +181,17 @@ fn diag_listeners(family: u8) -> anyhow::Result<Vec<ListenEntry>> {
                     tracing::debug!(error = ?e, "no IPv6 sock_diag");
                     return Ok(out);
                 }
-                // ENOENT: no handler for TCP. inet_diag loads tcp_diag on demand, and most
-                // distributions build it as a module: a kernel without its modules has none.
+                // ENOENT: no handler for the protocol. inet_diag loads tcp_diag (udp_diag) on
+                // demand, and most distributions build it as a module: a kernel without its
+                // modules has none.
                 NetlinkPayload::Error(e) if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {
                     return Err(crate::error::err(
                         crate::error::Kind::Refused,
                         format!(
-                            "{ctx}: the kernel has no TCP sock_diag (tcp_diag, a module in most \
-                             distributions' kernels): run `modprobe tcp_diag`, or install the \
-                             running kernel's modules; nothing was changed"
+                            "{ctx}: the kernel has no {} sock_diag ({module}, a module in most \
+                             distributions' kernels): run `modprobe {module}`, or install the \
+                             running kernel's modules; nothing was changed",
+                            proto.name()
                         ),
                     ));
                 }
@@ -206,12 +230,12 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
-/// The owner uids of the TCP listeners on `port` that `pid` holds.
-pub fn listener_uids(pid: i32, port: u16) -> anyhow::Result<BTreeSet<u32>> {
+/// The owner uids of the sockets on `port` that `pid` holds.
+pub fn listener_uids(pid: i32, port: Port) -> anyhow::Result<BTreeSet<u32>> {
     let fds = socket_fds(pid)?;
-    Ok(listen_entries()?
+    Ok(listen_entries(port.proto)?
         .into_iter()
-        .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() == port)
+        .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() == port.number)
         .map(|(_, e)| e.uid)
         .collect())
 }
@@ -220,7 +244,7 @@ pub fn listener_uids(pid: i32, port: u16) -> anyhow::Result<BTreeSet<u32>> {
 /// admin (readiness) endpoint may be.
 pub fn other_listeners(pid: i32, port: u16) -> anyhow::Result<BTreeSet<SocketAddr>> {
     let fds = socket_fds(pid)?;
-    Ok(listen_entries()?
+    Ok(listen_entries(Proto::Tcp)?
         .into_iter()
         .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() != port)
         .map(|(_, e)| e.local)
@@ -511,23 +535,35 @@ pub fn reuseport(fd: &OwnedFd) -> anyhow::Result<bool> {
         .context("getsockopt(SO_REUSEPORT)")
 }
 
-/// Checks that a duplicated socket can join zdt's group: a TCP listener with SO_REUSEPORT. The
-/// kernel only puts a socket into a reuseport group if SO_REUSEPORT was set before bind(), and
-/// the socket array accepts only sockets that are in a group (reuseport_array.c).
-fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr) -> anyhow::Result<()> {
+/// Checks that a duplicated socket can join zdt's group: a TCP listener (or a UDP socket, for
+/// `proto`) with SO_REUSEPORT. The kernel only puts a socket into a reuseport group if
+/// SO_REUSEPORT was set before bind(), and the socket array accepts only sockets that are in a
+/// group (reuseport_array.c).
+fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr, proto: Proto) -> anyhow::Result<()> {
     let sock = SockRef::from(fd);
-    let what = format!("the socket of pid {pid} listening on {local}");
-    if sock.r#type().context("getsockopt(SO_TYPE)")? != socket2::Type::STREAM {
-        return Err(bad_input(format!("{what} is not a TCP socket")));
-    }
-    if !sock.is_listener().context("getsockopt(SO_ACCEPTCONN)")? {
-        return Err(bad_input(format!("{what} is not listening")));
+    let what = match proto {
+        Proto::Tcp => format!("the socket of pid {pid} listening on {local}"),
+        Proto::Udp => format!("the socket of pid {pid} bound to {local}/udp"),
+    };
+    let kind = sock.r#type().context("getsockopt(SO_TYPE)")?;
+    match proto {
+        Proto::Tcp if kind != socket2::Type::STREAM => {
+            return Err(bad_input(format!("{what} is not a TCP socket")));
+        }
+        Proto::Udp if kind != socket2::Type::DGRAM => {
+            return Err(bad_input(format!("{what} is not a UDP socket")));
+        }
+        Proto::Tcp if !sock.is_listener().context("getsockopt(SO_ACCEPTCONN)")? => {
+            return Err(bad_input(format!("{what} is not listening")));
+        }
+        _ => {}
     }
     if !reuseport(fd)? {
         return Err(bad_input(format!(
             "{what} has no SO_REUSEPORT: the service must set SO_REUSEPORT before bind() \
-             (nginx: `listen {} reuseport;`) so that old and new processes can share the port",
-            local.port()
+             (nginx: `listen {}{} reuseport;`) so that old and new processes can share the port",
+            local.port(),
+            if proto == Proto::Udp { " quic" } else { "" }
         )));
     }
     Ok(())
@@ -542,7 +578,7 @@ fn validate(pid: i32, fd: &OwnedFd, local: SocketAddr) -> anyhow::Result<()> {
 pub fn find_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Option<Vec<Listener>>> {
     let pid = pidfd.pid;
     let fds = socket_fds(pid)?;
-    let table = listen_entries()?;
+    let table = listen_entries(spec.proto)?;
     let on_port: Vec<(&ListenEntry, i32)> = fds
         .iter()
         .filter_map(|(inode, fd)| table.get(inode).map(|e| (e, *fd)))
@@ -591,7 +627,7 @@ pub fn fetch_listeners(pidfd: &PidFd, spec: &PortSpec) -> anyhow::Result<Vec<Lis
 pub fn not_listening(pid: i32, spec: &PortSpec) -> String {
     let mut why = format!("pid {pid} has no listening TCP socket on {spec}");
     let fds = socket_fds(pid).unwrap_or_default();
-    let ports: BTreeSet<u16> = listen_entries()
+    let ports: BTreeSet<u16> = listen_entries(spec.proto)
         .unwrap_or_default()
         .values()
         .filter(|e| fds.contains_key(&e.inode))
@@ -678,7 +714,7 @@ pub fn check_serves(pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
 /// A descendant of `pid` that listens on `spec` while `pid` itself does not (a start script
 /// that runs the service as its child instead of exec'ing it): (its pid, its command name).
 pub fn listening_descendant(pid: i32, spec: &PortSpec) -> Option<(i32, String)> {
-    let inodes: BTreeSet<u64> = listen_entries()
+    let inodes: BTreeSet<u64> = listen_entries(spec.proto)
         .ok()?
         .values()
         .filter(|e| spec.matches(&e.local))
@@ -749,7 +785,7 @@ pub struct Found {
 /// Every listener that `spec` names, whoever holds it. A listener whose holders vanished while
 /// we looked is left out: it is gone.
 pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
-    let table = listen_entries()?;
+    let table = listen_entries(spec.proto)?;
     let inodes: BTreeSet<u64> = table
         .values()
         .filter(|e| spec.matches(&e.local))
@@ -810,7 +846,7 @@ pub fn foreign_warning(foreign: &[String], owner: u32) -> String {
 
 /// Validates a socket found by inode (attach takes over existing listeners).
 pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Result<Listener> {
-    validate(pid, &fd, entry.local)?;
+    validate(pid, &fd, entry.local, entry.proto)?;
     let cookie = socket_cookie(fd.as_fd())?;
     Ok(Listener {
         fd,
@@ -861,7 +897,8 @@ pub fn check_url_owner(
     cache: Option<&OwnerCache>,
 ) -> anyhow::Result<()> {
     let pid = pidfd.pid;
-    let table = listen_entries()?;
+    // A readiness URL is HTTP: TCP, whatever the port's protocol.
+    let table = listen_entries(Proto::Tcp)?;
     let serving: BTreeSet<u64> = table
         .values()
         .filter(|e| addrs.iter().any(|a| plan::serves(&e.local, e.v6only, a)))

@@ -18,15 +18,18 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use std::collections::BTreeMap;
+
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
 use zdt_common::{
-    names, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList,
-    SlotMeta, LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS, UPGRADABLE_LAYOUT,
+    names, ActiveSet, Control, FlowConfig, FlowCounters, FlowKey, FlowValue, GlobalCounters,
+    ProbeKey, ProbeValue, SlotCounters, SlotList, SlotMeta, LAYOUT_VERSION, MAX_PROBES, MAX_SLOTS,
+    UPGRADABLE_LAYOUT,
 };
 
 use crate::{
-    addr::PortSpec,
+    addr::{Port, PortSpec, Proto},
     error::{err, Kind},
     plan::{
         buffers::Buffers,
@@ -45,6 +48,18 @@ const BPFFS: &str = "/sys/fs/bpf";
 const STAGED_PROGRAM: &str = "zdt_select_next";
 /// Slot metadata entries read per BPF_MAP_LOOKUP_BATCH call (see `State::read_all_meta`).
 const META_BATCH: usize = 256;
+/// The maps of a UDP port's state only, beside [`ALL_MAPS`].
+const UDP_MAPS: [&str; 3] = [names::FLOWS, names::FLOW_COUNTERS, names::FLOW_CONFIG];
+
+/// The maps pinned for a port of `proto`.
+fn maps_of(proto: Proto) -> Vec<&'static str> {
+    let mut maps = ALL_MAPS.to_vec();
+    if proto == Proto::Udp {
+        maps.extend(UDP_MAPS);
+    }
+    maps
+}
+
 const ALL_MAPS: [&str; 7] = [
     names::SOCKETS,
     names::CONTROL,
@@ -63,8 +78,8 @@ pub fn netns_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// The directory of one port's state.
-pub fn port_dir(port: u16) -> anyhow::Result<PathBuf> {
-    Ok(netns_dir()?.join(port.to_string()))
+pub fn port_dir(port: Port) -> anyhow::Result<PathBuf> {
+    Ok(netns_dir()?.join(port.dir_name()))
 }
 
 /// The ZDT_PROBES key of `pid`'s claim of the probe lists: family 0, which no packet has.
@@ -143,7 +158,7 @@ fn remove_dead_netns(dir: &Path) -> anyhow::Result<bool> {
         }
         let _ = fs::remove_file(path.join(names::PROGRAM));
         let _ = fs::remove_file(path.join(STAGED_PROGRAM));
-        for name in ALL_MAPS {
+        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
             let _ = fs::remove_file(path.join(name));
         }
         if fs::remove_dir(&path).is_err() {
@@ -235,6 +250,8 @@ pub struct State {
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     meta: Array<MapData, SlotMeta>,
+    /// A UDP port's flow maps (None for TCP).
+    flows: Option<FlowMaps>,
     /// The slot metadata as last read or written by this command, kept while it holds the lock
     /// (only lock holders write it, so the copy stays true): reading all MAX_SLOTS entries
     /// costs a 160 KB copy out of the kernel, and a promote needs them several times.
@@ -257,14 +274,18 @@ pub fn attached_as(spec: PortSpec, attached: PortSpec) -> anyhow::Error {
     crate::error::bad_input(format!(
         "port {} is already attached as {attached}; run `zdt-ctl detach {attached}` first to \
          attach {spec}",
-        spec.port
+        spec.key()
     ))
 }
 
-pub fn not_attached(port: u16) -> anyhow::Error {
+pub fn not_attached(port: Port) -> anyhow::Error {
     err(
         Kind::NotAttached,
-        format!("port {port} is not attached: run `zdt-ctl attach :{port}` first"),
+        format!(
+            "port {port} is not attached: run `zdt-ctl attach :{}{}` first",
+            port.number,
+            port.proto.suffix()
+        ),
     )
 }
 
@@ -290,63 +311,89 @@ impl State {
     /// The program refuses that connection (its source is in ZDT_PROBES as one to refuse:
     /// readiness::probe_socket), so the app never sees it, nor does a `--probe` candidate;
     /// without the program, the app gets it and sees it close.
+    ///
+    /// A UDP port is checked with an empty datagram from a source in ZDT_PROBES, which the
+    /// program refuses (the ICMP error comes back to that socket): no app sees it either. Its
+    /// run may come in the softirq after sendto() returns, so the count is read until it moves
+    /// or 1 s has passed.
     pub fn probe_attached(&self, v4: bool) -> anyhow::Result<bool> {
         let i = usize::from(!v4);
         let before = self.global_counters()?.runs[i];
         let target = self.spec.reach(v4);
         // Marked as one to refuse, so the app never sees it. A refused or timed-out
         // connection still ran the program (if attached) on its SYN.
-        let (s, _mark) =
-            crate::readiness::probe_socket(target, Some(&self.dir), zdt_common::PROBE_REFUSE)
-                .context("binding status's probe socket")?;
+        let (s, _mark) = crate::readiness::probe_socket_of(
+            self.spec.proto,
+            target,
+            Some(&self.dir),
+            zdt_common::PROBE_REFUSE,
+        )
+        .context("binding status's probe socket")?;
+        if self.spec.proto == Proto::Udp {
+            s.send_to(&[], &target.into())
+                .context("sending status's probe datagram")?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while std::time::Instant::now() < deadline {
+                if self.global_counters()?.runs[i] > before {
+                    return Ok(true);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            return Ok(false);
+        }
         drop(s.connect_timeout(&target.into(), std::time::Duration::from_secs(1)));
         Ok(self.global_counters()?.runs[i] > before)
     }
 
     /// Whether a complete state exists for `port` (the program pin is written last).
-    pub fn exists(port: u16) -> anyhow::Result<bool> {
+    pub fn exists(port: Port) -> anyhow::Result<bool> {
         Ok(port_dir(port)?.join(names::PROGRAM).exists())
     }
 
     /// Opens the state of `port` and takes its lock (for commands that change it).
-    pub fn open_locked(port: u16) -> anyhow::Result<Self> {
+    pub fn open_locked(port: Port) -> anyhow::Result<Self> {
         Self::lock_and_open(port, Program::Ours)
     }
 
     /// Opens the state of `port` locked, whichever program is pinned, for `upgrade`: everything
     /// else is checked as for any command (permissions, the maps' shapes, the layout version).
-    pub fn open_for_upgrade(port: u16) -> anyhow::Result<Self> {
+    pub fn open_for_upgrade(port: Port) -> anyhow::Result<Self> {
         Self::lock_and_open(port, Program::Any)
     }
 
-    fn lock_and_open(port: u16, program: Program) -> anyhow::Result<Self> {
+    fn lock_and_open(port: Port, program: Program) -> anyhow::Result<Self> {
         let dir = port_dir(port)?;
         let lock = Lock::take(&dir)?.ok_or_else(|| not_attached(port))?;
         // A detach may have removed the state while we waited for the lock.
         if !dir.join(names::PROGRAM).exists() {
             return Err(not_attached(port));
         }
-        let mut state = Self::open_checked(dir, Some(lock), program)?;
+        let mut state = Self::open_checked(dir, Some(lock), program, port.proto)?;
         state.settle()?;
         Ok(state)
     }
 
     /// Opens the state of `port` without the lock, for reading (status). Every map read is one
     /// syscall and each value is consistent by itself.
-    pub fn open_read(port: u16) -> anyhow::Result<Option<Self>> {
+    pub fn open_read(port: Port) -> anyhow::Result<Option<Self>> {
         let dir = port_dir(port)?;
         if !dir.join(names::PROGRAM).exists() {
             return Ok(None);
         }
-        Self::open_at(dir, None).map(Some)
+        Self::open_at(dir, None, port.proto).map(Some)
     }
 
-    fn open_at(dir: PathBuf, lock: Option<Lock>) -> anyhow::Result<Self> {
-        Self::open_checked(dir, lock, Program::Ours)
+    fn open_at(dir: PathBuf, lock: Option<Lock>, proto: Proto) -> anyhow::Result<Self> {
+        Self::open_checked(dir, lock, Program::Ours, proto)
     }
 
-    fn open_checked(dir: PathBuf, lock: Option<Lock>, program: Program) -> anyhow::Result<Self> {
-        verify(&dir, program)?;
+    fn open_checked(
+        dir: PathBuf,
+        lock: Option<Lock>,
+        program: Program,
+        proto: Proto,
+    ) -> anyhow::Result<Self> {
+        verify(&dir, program, proto)?;
         let mut control: Array<MapData, Control> =
             Map::Array(open_map(&dir, names::CONTROL)?).try_into()?;
         let mut c = control.get(&0, 0)?;
@@ -382,8 +429,22 @@ impl State {
             ));
         }
         let spec = decode_spec(&c);
+        if spec.proto != proto {
+            return Err(refused_state(
+                &dir,
+                format!("its control map names {spec}, a port of another protocol"),
+            ));
+        }
         let program = obj_get(&dir.join(names::PROGRAM))?;
+        let flows = match proto {
+            Proto::Tcp => None,
+            Proto::Udp => Some(FlowMaps {
+                flows: Map::LruHashMap(open_map(&dir, names::FLOWS)?).try_into()?,
+                counters: Map::PerCpuArray(open_map(&dir, names::FLOW_COUNTERS)?).try_into()?,
+            }),
+        };
         Ok(State {
+            flows,
             sockets: open_map(&dir, names::SOCKETS)?,
             control,
             active: Map::Array(open_map(&dir, names::ACTIVE)?).try_into()?,
@@ -399,11 +460,11 @@ impl State {
         })
     }
 
-    /// Creates the state for `spec` (or opens it if it exists for the same spec), locked.
-    /// Returns the state and whether it was created now.
-    pub fn create(spec: PortSpec) -> anyhow::Result<(Self, bool)> {
+    /// Creates the state for `spec` (or opens it if it exists for the same spec), locked, a UDP
+    /// port's with a table of `flows` flows. Returns the state and whether it was created now.
+    pub fn create(spec: PortSpec, flows: u32) -> anyhow::Result<(Self, bool)> {
         ensure_bpffs()?;
-        let dir = port_dir(spec.port)?;
+        let dir = port_dir(spec.key())?;
         // A detach may remove the directory between its creation and the lock: make it again.
         let lock = loop {
             mkdir_private(&dir)?;
@@ -412,7 +473,7 @@ impl State {
             }
         };
         if dir.join(names::PROGRAM).exists() {
-            let mut state = Self::open_at(dir, Some(lock))?;
+            let mut state = Self::open_at(dir, Some(lock), spec.proto)?;
             if state.spec != spec {
                 return Err(attached_as(spec, state.spec));
             }
@@ -421,11 +482,11 @@ impl State {
         }
         // No program pin: nothing, or an interrupted creation. Start clean.
         let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
-        for name in ALL_MAPS {
+        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
             let _ = fs::remove_file(dir.join(name));
         }
-        let mut ebpf = program::load_fresh()?;
-        for name in ALL_MAPS {
+        let mut ebpf = program::load_fresh(flows)?;
+        for name in maps_of(spec.proto) {
             let map = ebpf
                 .map(name)
                 .with_context(|| format!("BPF object has no map {name}"))?;
@@ -441,13 +502,20 @@ impl State {
                 .try_into()?;
             control.set(0, encode_control(&spec, 0), 0)?;
         }
-        let program = program::load_program(&mut ebpf)?;
+        if spec.proto == Proto::Udp {
+            let mut config: Array<&mut MapData, FlowConfig> = ebpf
+                .map_mut(names::FLOW_CONFIG)
+                .context("BPF object has no flow config map")?
+                .try_into()?;
+            config.set(0, flow_config(flows)?, 0)?;
+        }
+        let program = program::load_program(&mut ebpf, spec.proto)?;
         let path = dir.join(names::PROGRAM);
         program
             .pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-        Ok((Self::open_at(dir, Some(lock))?, true))
+        Ok((Self::open_at(dir, Some(lock), spec.proto)?, true))
     }
 
     /// Removes the pinned state. The program pin goes first, so an interrupted removal reads as
@@ -457,7 +525,7 @@ impl State {
         fs::remove_file(dir.join(names::PROGRAM))
             .with_context(|| format!("removing {}", dir.display()))?;
         let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
-        for name in ALL_MAPS {
+        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
             let _ = fs::remove_file(dir.join(name));
         }
         drop(self);
@@ -490,6 +558,63 @@ impl State {
         Ok(self.program_info()?.tag())
     }
 
+    /// The flow table's size (1 for a TCP port, whose program has none).
+    pub fn flow_capacity(&self) -> anyhow::Result<u32> {
+        match self.spec.proto {
+            Proto::Tcp => Ok(1),
+            Proto::Udp => Ok(open_map(&self.dir, names::FLOWS)?.info()?.max_entries()),
+        }
+    }
+
+    /// A UDP port's flow counters, summed over CPUs (None for TCP).
+    pub fn flow_counters(&self) -> anyhow::Result<Option<FlowCounters>> {
+        let Some(f) = &self.flows else {
+            return Ok(None);
+        };
+        let per_cpu = f.counters.get(&0, 0)?;
+        let mut sum = FlowCounters::default();
+        for c in per_cpu.iter() {
+            sum.known += c.known;
+            sum.recorded += c.recorded;
+            sum.unrecorded += c.unrecorded;
+            sum.orphaned += c.orphaned;
+            sum.fallback += c.fallback;
+        }
+        Ok(Some(sum))
+    }
+
+    /// The entries of a UDP port's flow table (0 for TCP). Reads the whole table.
+    pub fn flow_entries(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .flows
+            .as_ref()
+            .map_or(0, |f| f.flows.keys().filter(|k| k.is_ok()).count() as u64))
+    }
+
+    /// A UDP port's flows, by the slot that owns them (the slot's socket, by cookie), with how
+    /// many of them were seen within `recent` seconds: (all, recent). Reads the whole table.
+    pub fn flows_by_slot(&self, recent: u32) -> anyhow::Result<Option<BTreeMap<u32, (u64, u64)>>> {
+        let Some(f) = &self.flows else {
+            return Ok(None);
+        };
+        let now = (monotonic_ns() / 1_000_000_000) as u32;
+        let meta = self.all_meta()?;
+        let mut out: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for entry in f.flows.iter() {
+            let Ok((_, v)) = entry else { continue };
+            // A flow whose socket is gone (its slot refilled since) belongs to nobody.
+            if meta.get(v.slot as usize).map(|m| m.cookie) != Some(v.cookie) {
+                continue;
+            }
+            let e = out.entry(v.slot).or_default();
+            e.0 += 1;
+            if now.saturating_sub(v.seen_s) <= recent {
+                e.1 += 1;
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Replaces the pinned program with this build's, keeping the maps and so every slot, role,
     /// set and counter: the new program is loaded against the pinned maps, pinned beside the
     /// old one, attached to the group of every socket of `sockets`, and only then renamed over
@@ -502,11 +627,13 @@ impl State {
     pub fn replace_program<S: AsFd>(&mut self, sockets: &[S]) -> anyhow::Result<u64> {
         // A map this build has and the state has not (ZDT_PROBES, for a state of an earlier
         // build) is created and pinned by the loader; it is root's alone like the others.
-        let mut ebpf = program::load_against(&self.dir, &ALL_MAPS)?;
-        for name in ALL_MAPS {
+        let proto = self.spec.proto;
+        let maps = maps_of(proto);
+        let mut ebpf = program::load_against(&self.dir, &maps, self.flow_capacity()?)?;
+        for name in &maps {
             fs::set_permissions(self.dir.join(name), fs::Permissions::from_mode(0o600))?;
         }
-        let new = program::load_program(&mut ebpf)?;
+        let new = program::load_program(&mut ebpf, proto)?;
         let staged = self.dir.join(STAGED_PROGRAM);
         let _ = fs::remove_file(&staged);
         new.pin(&staged)
@@ -719,7 +846,7 @@ impl State {
     /// start time; only when one of the two differs does it scan /proc for the holders.
     pub fn drift(&self, slots: &[Slot]) -> anyhow::Result<sets::Drift> {
         use std::collections::{BTreeMap, BTreeSet};
-        let table = sockets::listen_entries()?;
+        let table = sockets::listen_entries(self.spec.proto)?;
         let known: BTreeSet<u64> = slots.iter().map(|s| s.meta.cookie).collect();
         let mut starts: BTreeMap<i32, Option<u64>> = BTreeMap::new();
         for s in slots {
@@ -1063,7 +1190,10 @@ impl State {
                 uid: l.uid,
             };
             // Metadata and zeroed counters first: the socket only counts as zdt's once the
-            // array holds it (Slot requires the cookie to match).
+            // array holds it (Slot requires the cookie to match). The UDP program relies on
+            // this order too: a flow recorded on the slot's previous socket carries that
+            // socket's cookie, which no longer matches once the new one's is written, so it is
+            // never sent to the new socket, even for the instant before the array holds it.
             self.set_meta(slot, meta)?;
             let zero = PerCpuValues::try_from(vec![
                 SlotCounters::default();
@@ -1188,10 +1318,10 @@ impl State {
 
 /// What zdt created, to check a pinned state against before using it: (map, type, key size,
 /// value size, entries).
-fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 7] {
+fn expected_maps(proto: Proto) -> Vec<(&'static str, aya::maps::MapType, usize, usize, u32)> {
     use aya::maps::MapType as T;
     use std::mem::size_of;
-    [
+    let mut maps = vec![
         (names::SOCKETS, T::ReuseportSockArray, 4, 8, MAX_SLOTS),
         (names::CONTROL, T::Array, 4, size_of::<Control>(), 1),
         (names::ACTIVE, T::Array, 4, size_of::<ActiveSet>(), 3),
@@ -1223,7 +1353,61 @@ fn expected_maps() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 7]
             size_of::<ProbeValue>(),
             MAX_PROBES,
         ),
-    ]
+    ];
+    if proto == Proto::Udp {
+        maps.extend([
+            (
+                names::FLOWS,
+                T::LruHash,
+                size_of::<FlowKey>(),
+                size_of::<FlowValue>(),
+                0,
+            ),
+            (
+                names::FLOW_COUNTERS,
+                T::PerCpuArray,
+                4,
+                size_of::<FlowCounters>(),
+                1,
+            ),
+            (names::FLOW_CONFIG, T::Array, 4, size_of::<FlowConfig>(), 1),
+        ]);
+    }
+    maps
+}
+
+/// A UDP port's per-CPU bound on recorded new flows: the table turns over in no less than
+/// [`FLOW_TURNOVER_S`] seconds, however many new 4-tuples arrive.
+fn flow_config(flows: u32) -> anyhow::Result<FlowConfig> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting the possible CPUs")?
+        .max(1) as u32;
+    Ok(FlowConfig {
+        new_per_cpu_per_s: (flows / FLOW_TURNOVER_S / cpus).max(1),
+        _pad: 0,
+    })
+}
+
+/// See [`flow_config`]: a flow that sends at least this often is never pushed out of a full
+/// table by new ones.
+pub const FLOW_TURNOVER_S: u32 = 4;
+
+/// A UDP port's flow table and the program's flow counters.
+struct FlowMaps {
+    flows: aya::maps::HashMap<MapData, FlowKey, FlowValue>,
+    counters: PerCpuArray<MapData, FlowCounters>,
+}
+
+/// A pinned state that is not as zdt created it.
+fn refused_state(dir: &Path, what: String) -> anyhow::Error {
+    err(
+        Kind::Refused,
+        format!(
+            "the pinned state in {} is not as zdt created it: {what}. Find out who changed it; to start over, remove that directory (rm -r) and run `zdt-ctl attach` again",
+            dir.display()
+        ),
+    )
 }
 
 /// Which pinned program a command accepts.
@@ -1238,17 +1422,9 @@ enum Program {
 /// Refuses a pinned state that zdt did not create as it is: the access control of the state is
 /// the directory's permissions (a user who can open a pinned map can write it), so they must be
 /// root-only; and maps or a program of another shape would be misread or would steer wrongly.
-fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
+fn verify(dir: &Path, program: Program, proto: Proto) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let refuse = |what: String| {
-        err(
-            Kind::Refused,
-            format!(
-                "the pinned state in {} is not as zdt created it: {what}. Find out who changed it; to start over, remove that directory (rm -r) and run `zdt-ctl attach` again",
-                dir.display()
-            ),
-        )
-    };
+    let refuse = |what: String| refused_state(dir, what);
     let check_mode = |path: &Path, mode: u32| -> anyhow::Result<()> {
         let m = match fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -1303,7 +1479,7 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
     }
     check_mode(dir, 0o700)?;
     check_mode(&dir.join(names::PROGRAM), 0o600)?;
-    for (name, kind, key, value, entries) in expected_maps() {
+    for (name, kind, key, value, entries) in expected_maps(proto) {
         let path = dir.join(name);
         // A state created by a build before ZDT_PROBES has none: `upgrade` creates it (the
         // other commands refuse that state anyway, for its program).
@@ -1330,6 +1506,12 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
             info.value_size() as usize,
             info.max_entries(),
         );
+        // The flow table's size is the port's own (`attach --flows`).
+        let entries = if name == names::FLOWS {
+            info.max_entries()
+        } else {
+            entries
+        };
         if found != (Some(kind), key, value, entries) {
             return Err(refuse(format!(
                 "map {name} is {found:?}, expected {:?}",
@@ -1338,7 +1520,7 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
         }
     }
     let pinned = aya::programs::ProgramInfo::from_pin(dir.join(names::PROGRAM))?;
-    if program == Program::Ours && !program::is_ours(pinned.tag())? {
+    if program == Program::Ours && !program::is_ours(proto, pinned.tag())? {
         // Not `refuse`: starting over is not the first thing to try here.
         return Err(err(
             Kind::Refused,
@@ -1349,7 +1531,7 @@ fn verify(dir: &Path, program: Program) -> anyhow::Result<()> {
                  and counters. Nothing was changed",
                 dir.display(),
                 pinned.tag(),
-                program::expected_tag()?
+                program::expected_tag(proto)?
             ),
         ));
     }
@@ -1375,18 +1557,30 @@ fn encode_control(spec: &PortSpec, active_buf: u32) -> Control {
             c.addr = a.octets();
         }
     }
+    if spec.proto == Proto::Udp {
+        c.addr_kind |= zdt_common::ADDR_KIND_UDP;
+    }
     c
 }
 
 fn decode_spec(c: &Control) -> PortSpec {
-    let addr = match c.addr_kind {
+    let addr = match c.addr_kind & !zdt_common::ADDR_KIND_UDP {
         4 => Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
             c.addr[0], c.addr[1], c.addr[2], c.addr[3],
         ))),
         6 => Some(std::net::IpAddr::V6(c.addr.into())),
         _ => None,
     };
-    PortSpec { addr, port: c.port }
+    let proto = if c.addr_kind & zdt_common::ADDR_KIND_UDP != 0 {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
+    PortSpec {
+        addr,
+        port: c.port,
+        proto,
+    }
 }
 
 /// `union bpf_attr` as BPF_MAP_*_ELEM uses it.

@@ -23,14 +23,14 @@ mod program {
             bpf_skb_load_bytes_relative,
         },
         macros::{map, sk_reuseport},
-        maps::{Array, HashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::SkReuseportContext,
         EbpfContext,
     };
     use zdt_common::{
-        family_index, ActiveSet, Control, GlobalCounters, ProbeKey, ProbeValue, SlotCounters,
-        SlotList, SlotMeta, AF_INET, AF_INET6, MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE,
-        PROBE_MSS, RECENT_BUCKET_NS, WALK,
+        family_index, ActiveSet, Control, FlowConfig, FlowCounters, FlowKey, FlowValue,
+        GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList, SlotMeta, AF_INET, AF_INET6,
+        MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE, PROBE_MSS, RECENT_BUCKET_NS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -93,7 +93,8 @@ mod program {
     static ZDT_GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
 
     /// Userspace bookkeeping (pid, role, cookie per slot). Declared here so that it is created
-    /// and pinned with the other maps; the program does not read it.
+    /// and pinned with the other maps. The TCP program does not read it; the UDP program reads a
+    /// slot's cookie, to tell the socket a flow was recorded on from one that took its slot since.
     #[map]
     static ZDT_SLOT_META: Array<SlotMeta> = Array::with_max_entries(MAX_SLOTS, 0);
 
@@ -111,6 +112,8 @@ mod program {
         Syn,
         CookieAck,
         Migrate,
+        /// A UDP datagram of a flow the table does not know: counted as a SYN is.
+        Flow,
     }
 
     /// Attach type BPF_SK_REUSEPORT_SELECT_OR_MIGRATE (section `sk_reuseport/migrate`): with it
@@ -243,7 +246,7 @@ mod program {
         match run {
             Run::Migrate => global(|g| g.migrate_no_target += 1),
             Run::Syn => global(|g| g.fallback += 1),
-            Run::CookieAck => {}
+            Run::CookieAck | Run::Flow => {}
         }
         SK_PASS
     }
@@ -257,50 +260,54 @@ mod program {
     /// one". A list of at most WALK slots is tried whole.
     #[inline(always)]
     fn try_list(ctx: &SkReuseportContext, list: &SlotList, run: Run) -> bool {
+        pick(ctx, list, run).is_some()
+    }
+
+    /// [`try_list`], giving the slot selected.
+    #[inline(always)]
+    fn pick(ctx: &SkReuseportContext, list: &SlotList, run: Run) -> Option<u32> {
         // Not clamped to MAX_ACTIVE on purpose: the bounds check in try_slot (`slots.get`) is
         // what the verifier needs to see, and the compiler would drop it as redundant if it
         // knew that every index is below n <= MAX_ACTIVE. A longer len (never written) only
         // makes some selections fail.
         let n = list.len;
         if n == 0 {
-            return false;
+            return None;
         }
         let start = ctx.hash() % n;
         for i in 0..WALK {
             if i >= n {
-                return false;
+                return None;
             }
             let mut idx = start + i;
             if idx >= n {
                 idx -= n;
             }
-            if try_slot(ctx, list, idx, run) {
-                return true;
+            if let Some(slot) = try_slot(ctx, list, idx, run) {
+                return Some(slot);
             }
         }
         for _ in 0..PROBES {
             // SAFETY: a helper without arguments.
             let idx = unsafe { bpf_get_prandom_u32() } % n;
-            if try_slot(ctx, list, idx, run) {
-                return true;
+            if let Some(slot) = try_slot(ctx, list, idx, run) {
+                return Some(slot);
             }
         }
-        false
+        None
     }
 
-    /// Selects the socket of `list.slots[idx]` and counts it (see [`Run`]); false if it cannot
-    /// be selected.
+    /// Selects the socket of `list.slots[idx]` and counts it (see [`Run`]); its slot, or None
+    /// if it cannot be selected.
     #[inline(always)]
-    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, run: Run) -> bool {
-        let Some(&slot) = list.slots.get(idx as usize) else {
-            return false;
-        };
+    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, run: Run) -> Option<u32> {
+        let &slot = list.slots.get(idx as usize)?;
         if !select_slot(ctx, slot) {
             global(|g| g.select_failed += 1);
-            return false;
+            return None;
         }
         if run == Run::CookieAck {
-            return true;
+            return Some(slot);
         }
         let migrating = run == Run::Migrate;
         if let Some(c) = ZDT_SLOT_COUNTERS.get_ptr_mut(slot) {
@@ -335,7 +342,7 @@ mod program {
                 g.steered += 1;
             }
         });
-        true
+        Some(slot)
     }
 
     /// Whether the packet is a SYN (not an ACK). Off the migration path the program runs for a
@@ -420,6 +427,245 @@ mod program {
         }
         // SAFETY: a plain read of a hash map value, valid under RCU for this run.
         unsafe { ZDT_PROBES.get(&key) }.map(|v| v.kind)
+    }
+
+    /// A UDP port's flows: which socket got each flow's first datagram (see [`FlowKey`]). An LRU
+    /// table: when full, the kernel evicts the flows least recently looked up, so a flow that
+    /// keeps sending keeps its entry; [`FlowConfig`] bounds how fast new flows can push others
+    /// out. Its size is set when `attach` creates it (a TCP port's program never reads it).
+    #[map]
+    static ZDT_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
+
+    #[map]
+    static ZDT_FLOW_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map]
+    static ZDT_FLOW_CONFIG: Array<FlowConfig> = Array::with_max_entries(1, 0);
+
+    #[inline(always)]
+    fn flows(update: impl FnOnce(&mut FlowCounters)) {
+        if let Some(c) = ZDT_FLOW_COUNTERS.get_ptr_mut(0) {
+            // SAFETY: a per-CPU value; runs for datagrams (softirq) never interleave on one
+            // CPU, as for `global`.
+            update(unsafe { &mut *c });
+        }
+    }
+
+    /// The program of a UDP port's group (attach type BPF_SK_REUSEPORT_SELECT: UDP has no
+    /// migration; a closing socket's queued datagrams are freed with it). The kernel runs it for
+    /// every datagram that no connected socket claims (udp4_lib_lookup2 -> lookup_reuseport; a
+    /// GRO train once). Rules:
+    /// - a datagram of a known flow goes to the socket that got the flow's first datagram, while
+    ///   that socket lives, whatever its role now: a draining process keeps its flows;
+    /// - a new flow goes to the active set (the canary's share by flow hash), as a TCP
+    ///   connection does, and is recorded;
+    /// - nothing reaches a candidate: while nothing is promoted the program passes (one
+    ///   generation, as if no program were attached), and after that the kernel's own hash
+    ///   over the whole group is used only when no active, canary or flow socket can be
+    ///   selected (`fallback`);
+    /// - never SK_DROP a client's datagram: the kernel would answer ICMP port unreachable.
+    #[sk_reuseport]
+    pub fn zdt_select_udp(ctx: SkReuseportContext) -> u32 {
+        select_udp(&ctx)
+    }
+
+    #[inline(always)]
+    fn select_udp(ctx: &SkReuseportContext) -> u32 {
+        // SAFETY: ctx.sk() is never NULL for sk_reuseport programs.
+        let family = unsafe { (*ctx.sk().sock).family };
+        let fam = family_index(family);
+        if let Some(i) = fam {
+            global(|g| {
+                if let Some(r) = g.runs.get_mut(i) {
+                    *r += 1;
+                }
+            });
+        }
+        let Some((key, empty)) = flow_key(ctx) else {
+            flows(|f| f.fallback += 1);
+            return SK_PASS;
+        };
+        // zdt-ctl's own datagrams (status's check that the program runs) carry no payload, which
+        // no QUIC, DNS or syslog client sends: only those are looked up. Refused, they reach no
+        // process; the ICMP error goes to zdt-ctl's own socket, not to a client.
+        if empty {
+            let mut probe = ProbeKey {
+                family: key.family,
+                port: u16::from_be(key.remote_port),
+                addr: [0; 16],
+            };
+            if let Some(src) = key.addrs.get(..16) {
+                probe.addr.copy_from_slice(src);
+            }
+            // SAFETY: a plain read of a hash map value, valid under RCU for this run.
+            if unsafe { ZDT_PROBES.get(&probe) }.is_some() {
+                global(|g| g.probe_refused += 1);
+                return SK_DROP;
+            }
+        }
+        let buf = match ZDT_CONTROL.get(0) {
+            // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
+            Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
+            None => 0,
+        };
+        if buf == 0 {
+            global(|g| g.passthrough += 1);
+            return SK_PASS;
+        }
+        if let Some(v) = ZDT_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: a value of the LRU table, valid under RCU for this run; a concurrent run
+            // on another CPU for the same flow writes the same fields, and a torn `seen_s` is
+            // only a refresh time.
+            let v = unsafe { &mut *v };
+            // Kernel contract: the socket array clears a slot when its socket closes, and
+            // zdt-ctl writes a slot's new cookie into ZDT_SLOT_META before it puts another
+            // socket there: a flow is sent only to the socket that got its first datagram.
+            let owner = ZDT_SLOT_META.get(v.slot).map(|m| m.cookie);
+            if owner == Some(v.cookie) && select_slot(ctx, v.slot) {
+                let now = now_s();
+                if v.seen_s != now {
+                    v.seen_s = now;
+                }
+                flows(|f| f.known += 1);
+                return SK_PASS;
+            }
+            flows(|f| f.orphaned += 1);
+        }
+        let mut chosen = None;
+        if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
+            if let Some(canary) = set.canary.get(i) {
+                if set.canary_weight > 0
+                    && canary.len > 0
+                    && (ctx.hash() >> 16) % 100 < set.canary_weight
+                {
+                    chosen = pick(ctx, canary, Run::Flow);
+                }
+            }
+            if chosen.is_none() {
+                if let Some(list) = set.lists.get(i) {
+                    chosen = pick(ctx, list, Run::Flow);
+                }
+            }
+            if chosen.is_none() {
+                if let Some(canary) = set.canary.get(i) {
+                    chosen = pick(ctx, canary, Run::Flow);
+                }
+            }
+        }
+        let Some(slot) = chosen else {
+            flows(|f| f.fallback += 1);
+            return SK_PASS;
+        };
+        record(&key, slot);
+        SK_PASS
+    }
+
+    /// CLOCK_MONOTONIC in seconds, from the coarse clock (a plain read of the last tick).
+    #[inline(always)]
+    fn now_s() -> u32 {
+        // SAFETY: a helper without arguments.
+        (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    }
+
+    /// Records a new flow on `slot`, within this CPU's budget of new flows per second.
+    #[inline(always)]
+    fn record(key: &FlowKey, slot: u32) {
+        let limit = ZDT_FLOW_CONFIG
+            .get(0)
+            .map_or(0, |c| u64::from(c.new_per_cpu_per_s));
+        let now = now_s();
+        let mut within = false;
+        flows(|f| {
+            if f.budget_second != u64::from(now) {
+                f.budget_second = u64::from(now);
+                f.budget_used = 0;
+            }
+            if f.budget_used < limit {
+                f.budget_used += 1;
+                within = true;
+            }
+        });
+        let cookie = ZDT_SLOT_META.get(slot).map(|m| m.cookie);
+        let inserted = match (within, cookie) {
+            (true, Some(cookie)) => {
+                let value = FlowValue {
+                    cookie,
+                    slot,
+                    seen_s: now,
+                };
+                ZDT_FLOWS.insert(key, &value, 0).is_ok()
+            }
+            _ => false,
+        };
+        flows(|f| {
+            if inserted {
+                f.recorded += 1;
+            } else {
+                f.unrecorded += 1;
+            }
+        });
+    }
+
+    /// The flow a datagram belongs to, and whether its payload is empty. Kernel contracts: for
+    /// a UDP group, data..data_end starts at the UDP header (bpf_run_sk_reuseport); the packet's
+    /// family is eth_protocol, and bpf_skb_load_bytes_relative(BPF_HDR_START_NET) reads the IP
+    /// header, whose source and destination addresses are contiguous (IPv4 at 12, IPv6 at 8).
+    #[inline(always)]
+    fn flow_key(ctx: &SkReuseportContext) -> Option<(FlowKey, bool)> {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + 8 > end {
+            return None;
+        }
+        // SAFETY: bounds checked just above: the 8 bytes of the UDP header are in.
+        let (port, len) = unsafe {
+            (
+                core::ptr::read_unaligned(data as *const u16),
+                core::ptr::read_unaligned((data + 4) as *const [u8; 2]),
+            )
+        };
+        let mut key = FlowKey {
+            addrs: [0; 32],
+            remote_port: port,
+            family: 0,
+        };
+        let loaded = match u16::from_be(ctx.eth_protocol() as u16) {
+            0x0800 => {
+                key.family = AF_INET as u16;
+                let mut both = [0u8; 8];
+                // SAFETY: `both` is a writable buffer of 8 bytes.
+                let ok = unsafe {
+                    bpf_skb_load_bytes_relative(
+                        ctx.as_ptr(),
+                        12,
+                        both.as_mut_ptr() as *mut c_void,
+                        8,
+                        BPF_HDR_START_NET,
+                    ) == 0
+                };
+                if let (Some(r), Some(l)) = (key.addrs.get_mut(..4), both.get(..4)) {
+                    r.copy_from_slice(l);
+                }
+                if let (Some(r), Some(l)) = (key.addrs.get_mut(16..20), both.get(4..)) {
+                    r.copy_from_slice(l);
+                }
+                ok
+            }
+            0x86dd => {
+                key.family = AF_INET6 as u16;
+                // SAFETY: `key.addrs` is a writable buffer of 32 bytes.
+                unsafe {
+                    bpf_skb_load_bytes_relative(
+                        ctx.as_ptr(),
+                        8,
+                        key.addrs.as_mut_ptr() as *mut c_void,
+                        32,
+                        BPF_HDR_START_NET,
+                    ) == 0
+                }
+            }
+            _ => false,
+        };
+        loaded.then_some((key, u16::from_be_bytes(len) <= 8))
     }
 
     #[panic_handler]

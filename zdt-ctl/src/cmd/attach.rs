@@ -1,6 +1,6 @@
 //! `zdt-ctl attach [ADDR]:PORT`: load and pin the program; take over listeners already there.
 use crate::{
-    addr::PortSpec,
+    addr::{PortSpec, Proto},
     error::{bad_input, require_root},
     sockets::{self, Listener},
     state::State,
@@ -14,9 +14,14 @@ use crate::{
                   Examples:\n  zdt-ctl attach :80\n  zdt-ctl attach 127.0.0.1:8080\n  zdt-ctl attach [::]:80"
 )]
 pub struct Args {
-    /// [ADDR]:PORT, e.g. :80, 127.0.0.1:8080, [::]:80
+    /// [ADDR]:PORT[/udp], e.g. :80, 127.0.0.1:8080, [::]:80, or :443/udp for a UDP port
     #[arg(value_parser = super::parse_spec)]
     pub addr: PortSpec,
+    /// A UDP port's flow table: how many flows (remote address and port) it remembers, each
+    /// sent to the socket that got its first datagram. When it is full the flows seen least
+    /// recently go first (counted in status and metrics). About 100 bytes of kernel memory each.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    pub flows: Option<u32>,
     /// The app's user (a name or uid), when listeners of several users are on the port and
     /// none is a member yet: the others' are left alone, with a warning.
     #[arg(long, value_name = "USER")]
@@ -24,7 +29,7 @@ pub struct Args {
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
-    let r = attach_as(args.addr, args.user.as_deref())?;
+    let r = attach_as(args.addr, args.user.as_deref(), args.flows)?;
     let verb = if r.created {
         "attached"
     } else {
@@ -70,7 +75,7 @@ type Existing = (Vec<(Option<i32>, Listener)>, Vec<String>, Option<u32>);
 
 fn existing_listeners(spec: &PortSpec, user: Option<&str>) -> anyhow::Result<Existing> {
     let found = sockets::matching_listeners(spec)?;
-    let members = match State::open_read(spec.port)? {
+    let members = match State::open_read(spec.key())? {
         Some(s) => s.member_uids()?,
         None => Vec::new(),
     };
@@ -98,7 +103,7 @@ fn existing_listeners(spec: &PortSpec, user: Option<&str>) -> anyhow::Result<Exi
 /// The port's listeners that `spec` does not name (bound to a specific address while `spec` is
 /// the wildcard, or the other way round), as "ADDR (pid N)".
 fn others_on_port(spec: &PortSpec) -> anyhow::Result<Vec<String>> {
-    let table = sockets::listen_entries()?;
+    let table = sockets::listen_entries(spec.proto)?;
     let others: std::collections::BTreeSet<u64> = table
         .values()
         .filter(|e| e.local.port() == spec.port && !spec.matches(&e.local))
@@ -119,13 +124,25 @@ fn others_on_port(spec: &PortSpec) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
-    attach_as(spec, None)
+    attach_as(spec, None, None)
 }
 
-/// `attach`, with the app's user named (`--user`).
-pub fn attach_as(spec: PortSpec, user: Option<&str>) -> anyhow::Result<AttachReport> {
+/// `attach`, with the app's user named (`--user`) and a UDP port's flow table's size
+/// (`--flows`).
+pub fn attach_as(
+    spec: PortSpec,
+    user: Option<&str>,
+    flows: Option<u32>,
+) -> anyhow::Result<AttachReport> {
     require_root()?;
-    if let Some(attached) = State::open_read(spec.port)?.map(|s| s.spec) {
+    if let (Proto::Tcp, Some(n)) = (spec.proto, flows) {
+        return Err(bad_input(format!(
+            "--flows {n}: a TCP port has no flow table (the kernel keeps each connection on its \
+             socket); pass --flows with a UDP port ({}/udp); nothing was changed",
+            spec
+        )));
+    }
+    if let Some(attached) = State::open_read(spec.key())?.map(|s| s.spec) {
         if attached != spec {
             return Err(crate::state::attached_as(spec, attached));
         }
@@ -165,7 +182,7 @@ pub fn attach_as(spec: PortSpec, user: Option<&str>) -> anyhow::Result<AttachRep
         ));
         Vec::new()
     });
-    let (mut state, created) = State::create(spec)?;
+    let (mut state, created) = State::create(spec, flows.unwrap_or(zdt_common::DEFAULT_FLOWS))?;
     crate::failpoint(crate::Step::AttachLocked);
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
     // that was re-created without the program.

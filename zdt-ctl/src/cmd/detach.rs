@@ -30,7 +30,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 
 pub fn detach(spec: PortSpec) -> anyhow::Result<usize> {
     require_root()?;
-    let mut state = State::open_locked(spec.port)?;
+    let mut state = State::open_locked(spec.key())?;
     crate::failpoint(crate::Step::DetachLocked);
     if state.spec != spec {
         return Err(bad_input(format!(

@@ -1,4 +1,5 @@
 //! `zdt-ctl drain PID [--force] [--stopping]`: take a process's sockets out of the active set.
+use crate::addr::Port;
 use crate::{error::require_root, plan::sets::DrainOpts, state::State};
 
 /// Take PID's sockets out of the active set.
@@ -17,8 +18,9 @@ pub struct Args {
     /// from resetting a handshake that completes at the instant the listener closes.
     #[arg(long)]
     pub stopping: bool,
+    /// The attached port, `443/udp` for a UDP one (needed only when several are attached).
     #[arg(long, value_parser = super::parse_port_arg)]
-    pub port: Option<u16>,
+    pub port: Option<Port>,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -33,12 +35,12 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 }
 
 /// Drains `pid` on `port` ([`crate::plan::sets::drain`] says when it is refused); returns its slots.
-pub fn drain(port: u16, pid: i32, opts: DrainOpts) -> anyhow::Result<Vec<u32>> {
+pub fn drain(port: Port, pid: i32, opts: DrainOpts) -> anyhow::Result<Vec<u32>> {
     require_root()?;
     let mut state = State::open_locked(port)?;
     let snap = state.snapshot()?;
     state.apply(&snap.drain(pid, opts)?)?;
-    tracing::info!(port, pid, "drained");
+    tracing::info!(%port, pid, "drained");
     Ok(snap
         .slots
         .iter()

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    addr::PortSpec,
+    addr::{PortSpec, Proto},
     error::bad_input,
     plan::{GroupKind, Layout},
     sockets,
@@ -37,14 +37,14 @@ pub fn layout(
     requested: Option<Layout>,
     nothing: Layout,
 ) -> anyhow::Result<Chosen> {
-    let all: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+    let all: Vec<sockets::ListenEntry> = sockets::listen_entries(spec.proto)?
         .into_values()
         .filter(|e| e.local.port() == spec.port)
         .collect();
     let mut on_port = all.clone();
     // The app's sockets are the active members' when the port has some: a new version still
     // warming up beside them (perhaps laid out otherwise) is not what the port serves with.
-    let members = State::open_read(spec.port)?
+    let members = State::open_read(spec.key())?
         .map(|s| s.serving_cookies())
         .transpose()?
         .unwrap_or_default();
@@ -132,15 +132,23 @@ fn addresses(spec: &PortSpec, plan: NewSockets) -> Vec<SocketAddr> {
 /// created it (sock_alloc sets the inode's uid, sock_init_data copies it to sk_uid), and only
 /// sockets of one owner share a SO_REUSEPORT port (inet_csk_bind_conflict, reuseport groups).
 /// setfsuid changes only the calling thread's fsuid; it is put back at once.
-fn socket_as(domain: socket2::Domain, uid: Option<u32>) -> std::io::Result<socket2::Socket> {
+fn socket_as(
+    domain: socket2::Domain,
+    uid: Option<u32>,
+    proto: Proto,
+) -> std::io::Result<socket2::Socket> {
     use socket2::{Socket, Type};
     use std::os::unix::fs::MetadataExt as _;
+    let kind = match proto {
+        Proto::Tcp => Type::STREAM,
+        Proto::Udp => Type::DGRAM,
+    };
     let Some(uid) = uid else {
-        return Socket::new(domain, Type::STREAM, None);
+        return Socket::new(domain, kind, None);
     };
     // SAFETY: setfsuid takes no pointers; it returns the previous fsuid.
     let before = unsafe { libc::setfsuid(uid) };
-    let s = Socket::new(domain, Type::STREAM, None);
+    let s = Socket::new(domain, kind, None);
     // SAFETY: as above.
     unsafe { libc::setfsuid(before as libc::uid_t) };
     let s = s?;
@@ -156,9 +164,15 @@ fn socket_as(domain: socket2::Domain, uid: Option<u32>) -> std::io::Result<socke
     Ok(s)
 }
 
-fn bind(addr: SocketAddr, plan: NewSockets) -> anyhow::Result<Option<socket2::Socket>> {
+/// A socket of `proto` bound to `addr`. Kernel contract: a UDP socket joins the port's
+/// reuseport group at bind() (udp_lib_get_port), a TCP one only at listen().
+fn bind(
+    addr: SocketAddr,
+    plan: NewSockets,
+    proto: Proto,
+) -> anyhow::Result<Option<socket2::Socket>> {
     use socket2::Domain;
-    let s = match socket_as(Domain::for_address(addr), plan.uid) {
+    let s = match socket_as(Domain::for_address(addr), plan.uid, proto) {
         Ok(s) => s,
         // A wildcard spec on a host without IPv6: the IPv4 socket is enough.
         Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
@@ -190,7 +204,7 @@ pub fn bound(specs: &[PortSpec], plan: NewSockets) -> anyhow::Result<Vec<socket2
             if plan.foreign[usize::from(addr.is_ipv6())] {
                 continue;
             }
-            sockets.extend(bind(addr, plan)?);
+            sockets.extend(bind(addr, plan, spec.proto)?);
         }
     }
     Ok(sockets)
@@ -203,7 +217,9 @@ fn overlapping(specs: &[PortSpec]) -> Option<(PortSpec, PortSpec)> {
     specs.iter().enumerate().find_map(|(i, a)| {
         specs[i + 1..]
             .iter()
-            .find(|b| a.port == b.port && (a.addr == b.addr || wide(a) || wide(b)))
+            .find(|b| {
+                a.port == b.port && a.proto == b.proto && (a.addr == b.addr || wide(a) || wide(b))
+            })
             .map(|b| (*a, *b))
     })
 }
@@ -235,7 +251,8 @@ fn check_fd_name(name: &str) -> anyhow::Result<()> {
                         Example:\n  zdt-ctl exec --listen :80 -- /usr/bin/myapp --socket-activation"
 )]
 pub struct Args {
-    /// [ADDR]:PORT to listen on; may repeat for other ports or addresses.
+    /// [ADDR]:PORT to listen on, [ADDR]:PORT/udp for a UDP socket (HTTP/3: hypercorn's
+    /// --quic-bind fd://N, Caddy's fdgram/N); may repeat for other ports or addresses.
     #[arg(long = "listen", required = true, value_parser = super::parse_spec)]
     pub listen: Vec<PortSpec>,
     /// Accept-queue limit of each socket (also capped by net.core.somaxconn).
@@ -278,7 +295,9 @@ pub fn listeners(
         sockets.extend(bound(&[*spec], plan)?);
     }
     for s in &sockets {
-        s.listen(backlog).context("listen()")?;
+        if s.r#type().context("getsockopt(SO_TYPE)")? == socket2::Type::STREAM {
+            s.listen(backlog).context("listen()")?;
+        }
     }
     Ok(sockets)
 }

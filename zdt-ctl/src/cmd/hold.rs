@@ -205,9 +205,9 @@ fn queued(fd: BorrowedFd<'_>) -> anyhow::Result<u32> {
 fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let pid = std::process::id() as i32;
-    let mut state = State::open_locked(spec.port)?;
+    let mut state = State::open_locked(spec.key())?;
     let live = state.slots()?;
-    let table = sockets::listen_entries()?;
+    let table = sockets::listen_entries(spec.proto)?;
     let (mut indices, mut missing) = (Vec::new(), Vec::new());
     for fd in fds {
         let cookie = sockets::socket_cookie(fd.as_fd())?;
@@ -245,7 +245,7 @@ fn family(fd: &OwnedFd) -> anyhow::Result<u32> {
 /// 127.0.0.1 would be a group of its own, which the kernel prefers for that address, so it
 /// would take every connection to it, and never accept one.
 fn attach_spec(spec: PortSpec) -> anyhow::Result<PortSpec> {
-    let Some(state) = State::open_read(spec.port)? else {
+    let Some(state) = State::open_read(spec.key())? else {
         return Ok(spec);
     };
     let attached = state.spec;
@@ -315,6 +315,15 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     require_root()?;
     let (spec, backlog, max_wait) = (o.spec, o.backlog, o.max_wait);
+    if spec.proto == crate::addr::Proto::Udp {
+        // Kernel contract: UDP has no migration; a placeholder's queued datagrams would be
+        // freed when it closes, not handed to the next process.
+        return Err(bad_input(format!(
+            "hold {spec}: a UDP socket cannot hold datagrams for the next process (the kernel \
+             frees a closing socket's queue; nothing moves it). Start the new version before \
+             the old one stops (promote --stop-old, or the watcher); nothing was changed"
+        )));
+    }
     let plan = plan_for(o)?;
     // Bind first: a bad address fails here, before anything changed.
     let sockets = bound(&[spec], plan)?;
@@ -322,7 +331,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
     // become the active set, else new connections would park until the next promote; and a
     // placeholder listening at attach time would be adopted as an active member.
     let user = plan.uid.map(|u| u.to_string());
-    crate::cmd::attach::attach_as(attach_spec(spec)?, user.as_deref())?;
+    crate::cmd::attach::attach_as(attach_spec(spec)?, user.as_deref(), None)?;
     let mut fds = Vec::new();
     for s in sockets {
         s.listen(backlog).context("listen() on the placeholder")?;
@@ -353,7 +362,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
         // placeholder, which never accepts, its share of new connections: leave at once.
         if last_check.elapsed() >= DETACH_CHECK {
             last_check = Instant::now();
-            if !State::exists(spec.port)? {
+            if !State::exists(spec.key())? {
                 eprintln!(
                     "zdt-ctl hold: port {} was detached; placeholder closed",
                     spec.port
@@ -396,7 +405,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
                 .map(|(k, _)| k)
                 .collect();
             if !hung_up.is_empty() {
-                if let Err(e) = State::open_locked(spec.port) {
+                if let Err(e) = State::open_locked(spec.key()) {
                     if crate::error::kind_of(&e) == crate::error::Kind::NotAttached {
                         eprintln!(
                             "zdt-ctl hold: port {} was detached; placeholder closed",
@@ -427,7 +436,7 @@ pub fn hold(o: &HoldOptions) -> anyhow::Result<()> {
         // Opened once per wait, not per look: opening verifies the whole pinned state, and
         // this runs every POLL while connections wait and a new process starts up.
         if waiting_state.is_none() {
-            waiting_state = State::open_read(spec.port)?;
+            waiting_state = State::open_read(spec.key())?;
         }
         let ready = match &waiting_state {
             Some(state) => state.ready_families()?,

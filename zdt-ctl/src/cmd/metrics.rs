@@ -1,5 +1,6 @@
 //! `zdt-ctl metrics [PORT] [--listen ADDR]`: zdt's counters in the Prometheus text exposition
 //! format (version 0.0.4), for node_exporter's textfile collector or, with --listen, a scraper.
+use crate::addr::Port;
 use std::{fmt::Write as _, net::SocketAddr};
 
 use crate::cmd::status::{statuses, Status};
@@ -10,8 +11,9 @@ use crate::cmd::status::{statuses, Status};
     after_help = "Examples:\n  zdt-ctl metrics > /var/lib/node_exporter/textfile/zdt.prom\n  zdt-ctl metrics --listen 127.0.0.1:9814"
 )]
 pub struct Args {
+    /// The port, `443/udp` for a UDP one (default: every attached port).
     #[arg(value_parser = super::parse_port_arg)]
-    pub port: Option<u16>,
+    pub port: Option<Port>,
     /// Serve GET /metrics on ADDR:PORT instead of printing once; `:PORT` is every address of
     /// both families.
     #[arg(long, value_name = "[ADDR]:PORT", value_parser = parse_listen)]
@@ -91,7 +93,14 @@ pub fn render(all: &[Status]) -> String {
     let mut o = Out {
         text: String::new(),
     };
-    let port = |s: &Status| ("port", s.port.to_string());
+    // `443` for a TCP port, `443/udp` for a UDP one.
+    let port = |s: &Status| {
+        let p = Port {
+            number: s.port,
+            proto: s.protocol,
+        };
+        ("port", p.to_string())
+    };
     type StatusValue = fn(&Status) -> f64;
     let gauges: [(&str, &str, StatusValue); 2] = [
         (
@@ -172,6 +181,84 @@ pub fn render(all: &[Status]) -> String {
         for s in all {
             for m in &s.members {
                 o.sample(name, &member(s, m), f(m));
+            }
+        }
+    }
+    // A UDP port's flows: per member, and its table.
+    type FlowsOf = fn(&crate::cmd::status::Member) -> Option<u64>;
+    let member_flows: [(&str, &str, FlowsOf); 2] = [
+        (
+            "zdt_member_flows",
+            "A UDP port's flows this member's sockets own (their datagrams go to it).",
+            |m| m.flows,
+        ),
+        (
+            "zdt_member_live_flows",
+            "Of those, the flows seen in the last 30 seconds.",
+            |m| m.live_flows,
+        ),
+    ];
+    for (name, help, f) in member_flows {
+        o.family(name, "gauge", help);
+        for s in all {
+            for m in &s.members {
+                if let Some(v) = f(m) {
+                    o.sample(name, &member(s, m), v);
+                }
+            }
+        }
+    }
+    type TableValue = fn(&crate::cmd::status::Flows) -> u64;
+    let table: [(&str, &str, &str, TableValue); 8] = [
+        ("zdt_flows", "gauge", "Flows in a UDP port's table.", |f| f.entries),
+        (
+            "zdt_flows_capacity",
+            "gauge",
+            "The size of a UDP port's flow table (attach --flows).",
+            |f| u64::from(f.capacity),
+        ),
+        (
+            "zdt_flow_datagrams_total",
+            "counter",
+            "Datagrams of known flows sent to their own socket.",
+            |f| f.known,
+        ),
+        (
+            "zdt_flows_recorded_total",
+            "counter",
+            "New flows recorded.",
+            |f| f.recorded,
+        ),
+        (
+            "zdt_flows_unrecorded_total",
+            "counter",
+            "New flows steered but not recorded (over the per-second bound, or a failed insertion).",
+            |f| f.unrecorded,
+        ),
+        (
+            "zdt_flows_orphaned_total",
+            "counter",
+            "Known flows whose socket had closed, steered anew.",
+            |f| f.orphaned,
+        ),
+        (
+            "zdt_flows_evicted_total",
+            "counter",
+            "Flows pushed out of the full table, least recently seen first.",
+            |f| f.evicted,
+        ),
+        (
+            "zdt_flow_fallback_total",
+            "counter",
+            "Datagrams no ready socket could take, left to the kernel's hash over the group.",
+            |f| f.fallback,
+        ),
+    ];
+    for (name, kind, help, f) in table {
+        o.family(name, kind, help);
+        for s in all {
+            if let Some(flows) = &s.flows {
+                o.sample(name, &[port(s)], f(flows));
             }
         }
     }
@@ -261,7 +348,7 @@ pub fn render(all: &[Status]) -> String {
 /// them can hold.
 pub const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub fn serve(addr: SocketAddr, port: Option<u16>) -> anyhow::Result<()> {
+pub fn serve(addr: SocketAddr, port: Option<Port>) -> anyhow::Result<()> {
     use http_body_util::Full;
     use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
     use hyper_util::rt::TokioIo;

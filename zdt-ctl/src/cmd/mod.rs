@@ -13,6 +13,7 @@ pub mod status;
 pub mod upgrade;
 pub mod watch;
 
+use crate::addr::Port;
 use std::time::Duration;
 
 use crate::{
@@ -27,7 +28,7 @@ pub(crate) fn parse_spec(s: &str) -> Result<PortSpec, String> {
 pub(crate) fn parse_pid_arg(s: &str) -> Result<i32, String> {
     parse_pid(s).map_err(|e| e.to_string())
 }
-pub(crate) fn parse_port_arg(s: &str) -> Result<u16, String> {
+pub(crate) fn parse_port_arg(s: &str) -> Result<Port, String> {
     parse_port(s).map_err(|e| e.to_string())
 }
 /// `--probe PATH`: an absolute path as it goes in the request line, with no space or control
@@ -79,7 +80,7 @@ pub(crate) fn pid_list(pids: &[i32]) -> String {
 }
 
 /// The port a command without `--port` means: the only attached port of this namespace.
-pub fn resolve_port(port: Option<u16>) -> anyhow::Result<u16> {
+pub fn resolve_port(port: Option<Port>) -> anyhow::Result<Port> {
     if let Some(p) = port {
         return Ok(p);
     }
@@ -93,7 +94,7 @@ pub fn resolve_port(port: Option<u16>) -> anyhow::Result<u16> {
         many => Err(bad_input(format!(
             "several ports are attached ({}): pass --port",
             many.iter()
-                .map(u16::to_string)
+                .map(Port::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use zdt_common::ActiveSet;
 
 use crate::{
-    addr::PortSpec,
+    addr::{Port, PortSpec, Proto},
     cmd::resolve_port,
     error::{bad_input, err, require_root, Kind},
     failpoint,
@@ -68,10 +68,10 @@ pub struct Args {
     pub timeout: Duration,
     #[command(flatten)]
     pub rollout: Rollout,
-    /// The attached port (needed only when several are attached). May repeat: PID is
+    /// The attached port, `443/udp` for a UDP one (needed only when several are attached). May repeat: PID is
     /// promoted on each, after one readiness wait, atomically per port.
     #[arg(long = "port", value_parser = super::parse_port_arg)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<Port>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,9 +95,16 @@ pub struct Rollout {
     /// again is never stopped.
     #[arg(long)]
     pub stop_old: bool,
-    /// How long --stop-old waits for the previous members to exit.
+    /// How long --stop-old waits for the previous members to exit (and, with
+    /// --stop-when-idle, as long again for their flows to go idle).
     #[arg(long, default_value = "30s", value_parser = super::parse_duration_arg)]
     pub drain_timeout: Duration,
+    /// With --stop-old on a UDP port: SIGTERM the previous members only once their flows have
+    /// had no datagram for this long (whole seconds, at least 1 s), or --drain-timeout passed.
+    /// For apps that cut their flows at SIGTERM (hypercorn 0.18 answers no new request on a
+    /// connection after it); an app with a graceful stop (GOAWAY) needs SIGTERM at once.
+    #[arg(long, value_name = "DURATION", requires = "stop_old", value_parser = super::parse_duration_arg)]
+    pub stop_when_idle: Option<Duration>,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -111,6 +118,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         probation: args.rollout.probation,
         stop_old: args.rollout.stop_old,
         drain_timeout: args.rollout.drain_timeout,
+        stop_when_idle: args.rollout.stop_when_idle,
         newest_wins: false,
         superseded: None,
     };
@@ -187,12 +195,16 @@ fn render(reports: &[PromoteReport], weight: Option<u32>) -> String {
             Some(w) => writeln!(
                 o,
                 "port {}: pid {} canary at {w} % (slots {:?})",
-                r.port, r.pid, r.slots
+                r.key(),
+                r.pid,
+                r.slots
             ),
             None => writeln!(
                 o,
                 "port {}: pid {} active (slots {:?})",
-                r.port, r.pid, r.slots
+                r.key(),
+                r.pid,
+                r.slots
             ),
         };
         let _ = if r.drained.is_empty() {
@@ -233,7 +245,7 @@ fn render(reports: &[PromoteReport], weight: Option<u32>) -> String {
 pub struct PromoteOptions {
     pub pid: i32,
     /// The ports to promote PID on; empty: the only attached port of this network namespace.
-    pub ports: Vec<u16>,
+    pub ports: Vec<Port>,
     /// None only with an explicit `--no-readyz`.
     pub readyz: Option<String>,
     pub timeout: Duration,
@@ -248,6 +260,8 @@ pub struct PromoteOptions {
     pub probation: Option<Duration>,
     pub stop_old: bool,
     pub drain_timeout: Duration,
+    /// Signal the previous members of UDP ports only once their flows are idle this long.
+    pub stop_when_idle: Option<Duration>,
     /// Refuse the switch when a process that started after PID already takes new connections
     /// (`watch`: of processes started one after the other, the newest ready one serves, never
     /// an older one that got ready later).
@@ -292,6 +306,7 @@ pub struct Stopped {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PromoteReport {
     pub port: u16,
+    pub protocol: Proto,
     pub pid: i32,
     pub slots: Vec<u32>,
     /// Pids that were active before and are draining now.
@@ -307,13 +322,22 @@ pub struct PromoteReport {
     pub stop_ms: f64,
 }
 
+impl PromoteReport {
+    pub fn key(&self) -> Port {
+        Port {
+            number: self.port,
+            proto: self.protocol,
+        }
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// What the switch on one port did.
 struct Switched {
-    port: u16,
+    port: Port,
     /// The set this promote made live: a failed watch restores only while it still is.
     written: ActiveSet,
     new: Vec<u32>,
@@ -349,6 +373,13 @@ pub fn promote(
     } else {
         opts.ports.clone()
     };
+    if let (Some(path), Some(udp)) = (&opts.probe, ports.iter().find(|p| p.proto == Proto::Udp)) {
+        return Err(bad_input(format!(
+            "--probe {path}: a probe is an HTTP request through the public port, and port {udp} \
+             is UDP; check the new process's readiness with --readyz URL (or the watcher's \
+             --readyz-path) on its TCP admin port; nothing was changed"
+        )));
+    }
     // Locks are taken in port order, so two multi-port promotes never wait on each other.
     ports.sort_unstable();
     ports.dedup();
@@ -517,6 +548,9 @@ pub fn promote(
     let probation = t3.elapsed();
 
     let t4 = Instant::now();
+    if let (true, Some(idle)) = (opts.stop_old, opts.stop_when_idle) {
+        wait_idle(&done, idle, opts.drain_timeout)?;
+    }
     failpoint(crate::Step::Stopping);
     // Under the locks again: PID must still be what serves (a rollback or another promote may
     // have switched during the probation), and only members that still serve no port are
@@ -574,7 +608,8 @@ pub fn promote(
         .into_iter()
         .map(
             |(port, new, drained, switch, switched_at_ms)| PromoteReport {
-                port,
+                port: port.number,
+                protocol: port.proto,
                 pid: opts.pid,
                 slots: new,
                 drained: drained.iter().map(|d| d.pid).collect(),
@@ -599,7 +634,7 @@ fn switch_port(
     weight: Option<u32>,
 ) -> anyhow::Result<(State, Switched)> {
     let t = Instant::now();
-    let port = state.spec.port;
+    let port = state.spec.key();
     let listeners = sockets::fetch_listeners(target, &state.spec)?;
     // Again at the switch: PID may have bound more sockets since the validation.
     check_fits(&state, pid, &listeners)?;
@@ -617,10 +652,10 @@ fn switch_port(
     // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
     let switch = t.elapsed();
-    tracing::info!(port, pid, weight, switch_ms = ms(switch), "switched");
+    tracing::info!(%port, pid, weight, switch_ms = ms(switch), "switched");
     if !plan.drained.is_empty() {
         let pids: Vec<i32> = plan.drained.iter().map(|d| d.pid).collect();
-        tracing::info!(port, ?pids, "drained");
+        tracing::info!(%port, ?pids, "drained");
     }
     Ok((
         state,
@@ -765,7 +800,7 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     if cookies.is_empty() {
         return Ok(());
     }
-    let serving: Vec<sockets::ListenEntry> = sockets::listen_entries()?
+    let serving: Vec<sockets::ListenEntry> = sockets::listen_entries(state.spec.proto)?
         .into_values()
         .filter(|e| cookies.contains(&e.cookie))
         .collect();
@@ -810,7 +845,7 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
 
 /// The states of `ports`, locked, in port order (so two multi-port promotes never wait on each
 /// other).
-fn lock_all(ports: &[u16]) -> anyhow::Result<Vec<State>> {
+fn lock_all(ports: &[Port]) -> anyhow::Result<Vec<State>> {
     ports.iter().map(|&p| State::open_locked(p)).collect()
 }
 
@@ -822,7 +857,7 @@ fn lock_all(ports: &[u16]) -> anyhow::Result<Vec<State>> {
 /// still live on success (the switch replaces them), taken out on failure.
 fn probe_through_port(
     mut states: Vec<State>,
-    ports: &[u16],
+    ports: &[Port],
     target: &PidFd,
     path: &str,
     timeout: Duration,
@@ -992,7 +1027,7 @@ fn restore(
     Ok(plan.serving(&snap.slots))
 }
 
-fn rolled_back(why: &str, restored: &[i32], moved_on: &[u16]) -> anyhow::Error {
+fn rolled_back(why: &str, restored: &[i32], moved_on: &[Port]) -> anyhow::Error {
     if !moved_on.is_empty() {
         return err(
             Kind::RolledBack,
@@ -1024,6 +1059,36 @@ fn rolled_back(why: &str, restored: &[i32], moved_on: &[u16]) -> anyhow::Error {
             pids.join(", ")
         ),
     )
+}
+
+/// Waits (without the locks) until no process that `done` is to stop owns a flow seen in the last
+/// `idle` on its UDP ports, or `timeout` passed. A draining process keeps its flows until its
+/// socket closes; an app that cuts them at SIGTERM loses none if it is signalled only then.
+fn wait_idle(done: &[Switched], idle: Duration, timeout: Duration) -> anyhow::Result<()> {
+    let recent = idle.as_secs_f64().ceil().max(1.0) as u32;
+    let deadline = Instant::now() + timeout;
+    for s in done.iter().filter(|s| s.port.proto == Proto::Udp) {
+        let Some(state) = State::open_read(s.port)? else {
+            continue;
+        };
+        loop {
+            let slots = state.slots()?;
+            let by_slot = state.flows_by_slot(recent)?.unwrap_or_default();
+            let live: u64 = slots
+                .iter()
+                .filter(|x| s.to_stop.contains(&x.process()))
+                .filter_map(|x| by_slot.get(&x.index))
+                .map(|&(_, live)| live)
+                .sum();
+            if live == 0 || Instant::now() >= deadline {
+                tracing::info!(port = %s.port, live, "flows idle, or the drain timeout passed");
+                break;
+            }
+            // The flow table's clock counts whole seconds: a finer poll learns nothing more.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }
 
 /// SIGTERM to each previous member (only if it is still the process that was promoted then):

@@ -1,6 +1,7 @@
 //! `zdt-ctl rollback [PORT]`: make the active set that was live before the last switch live
 //! again, in one update. The fast path back from a deploy: the previous version, drained but not
 //! yet stopped, takes all new connections again at once.
+use crate::addr::{Port, Proto};
 use crate::{error::require_root, plan::sets::pids_where, state::State};
 
 /// Make the active set from before the last switch active again (while its sockets listen).
@@ -9,8 +10,9 @@ use crate::{error::require_root, plan::sets::pids_where, state::State};
     after_help = "Example, right after a deploy that turns out bad (before --stop-old stopped the old version):\n  zdt-ctl rollback"
 )]
 pub struct Args {
+    /// The port, `443/udp` for a UDP one (needed only when several are attached).
     #[arg(value_parser = super::parse_port_arg)]
-    pub port: Option<u16>,
+    pub port: Option<Port>,
 }
 
 pub fn execute(args: Args) -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 #[derive(Debug, serde::Serialize)]
 pub struct RollbackReport {
     pub port: u16,
+    pub protocol: Proto,
     /// Pids active again.
     pub restored: Vec<i32>,
     /// Pids that are the restored set's canary again.
@@ -44,7 +47,7 @@ pub struct RollbackReport {
     pub demoted: Vec<i32>,
 }
 
-pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
+pub fn rollback(port: Port) -> anyhow::Result<RollbackReport> {
     require_root()?;
     let mut state = State::open_locked(port)?;
     let snap = state.snapshot()?;
@@ -61,9 +64,10 @@ pub fn rollback(port: u16) -> anyhow::Result<RollbackReport> {
     let mut demoted: Vec<i32> = plan.drained.iter().map(|p| p.pid).collect();
     demoted.sort_unstable();
     demoted.dedup();
-    tracing::info!(port, ?restored, ?demoted, "rolled back");
+    tracing::info!(%port, ?restored, ?demoted, "rolled back");
     Ok(RollbackReport {
-        port,
+        port: port.number,
+        protocol: port.proto,
         restored,
         canary,
         demoted,

@@ -2,6 +2,7 @@
 //!
 //! The JSON form (`--json`) is an interface: its schema is docs/status.schema.json. The types
 //! below read it back too (the tests do, with serde_json).
+use crate::addr::{Port, Proto};
 use std::collections::BTreeSet;
 
 use crate::{sockets, state::State};
@@ -41,6 +42,36 @@ pub struct Member {
     /// not accept from that socket (an app that serves only some of the sockets it was given),
     /// or cannot keep up at all.
     pub stalled: Vec<u32>,
+    /// A UDP port's flows that its sockets own (datagrams of each go to the socket that got
+    /// its first), and of those the ones seen in the last [`LIVE_FLOW_S`] seconds.
+    #[serde(default)]
+    pub flows: Option<u64>,
+    #[serde(default)]
+    pub live_flows: Option<u64>,
+}
+
+/// The window of a UDP member's live flows in status.
+pub const LIVE_FLOW_S: u32 = 30;
+
+/// A UDP port's flow table, in status.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Flows {
+    /// Flows in the table now, and its size (`attach --flows`).
+    pub entries: u64,
+    pub capacity: u32,
+    /// Datagrams of known flows sent to their own socket.
+    pub known: u64,
+    /// New flows recorded, and new flows steered but not recorded (over the per-second bound
+    /// that keeps a flood from turning the table over, or a failed insertion).
+    pub recorded: u64,
+    pub unrecorded: u64,
+    /// Known flows whose socket had closed: steered (and recorded) anew.
+    pub orphaned: u64,
+    /// Flows pushed out of the full table, least recently seen first: recorded - orphaned -
+    /// entries (each orphaned flow was recorded again over its old entry).
+    pub evicted: u64,
+    /// Datagrams no ready socket could take, left to the kernel's hash over the group.
+    pub fallback: u64,
 }
 
 /// How long status watches a taking socket's non-empty accept queue before it calls it stalled.
@@ -124,6 +155,8 @@ pub struct Drift {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub port: u16,
+    #[serde(default)]
+    pub protocol: Proto,
     pub spec: Option<String>,
     /// The program is pinned for this port and attached to every group that exists on it.
     pub attached: bool,
@@ -135,6 +168,9 @@ pub struct Status {
     pub members: Vec<Member>,
     pub drift: Drift,
     pub counters: Counters,
+    /// A UDP port's flow table (None for TCP).
+    #[serde(default)]
+    pub flows: Option<Flows>,
     pub kernel: KernelCounters,
 }
 
@@ -167,9 +203,9 @@ impl Status {
                         never sees it. A PORT that is not attached exits 3."
 )]
 pub struct Args {
-    /// The port (default: every attached port of this network namespace).
+    /// The port, `443/udp` for a UDP one (default: every attached port of this network namespace).
     #[arg(value_parser = super::parse_port_arg)]
-    pub port: Option<u16>,
+    pub port: Option<Port>,
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
     /// Refresh the view every INTERVAL (default 1s) until interrupted.
@@ -212,11 +248,13 @@ fn render_all(all: &[Status]) -> String {
     all.iter().map(render).collect()
 }
 
-pub fn status(port: u16) -> anyhow::Result<Status> {
+pub fn status(port: Port) -> anyhow::Result<Status> {
     crate::error::require_root()?;
     let Some(state) = State::open_read(port)? else {
         return Ok(Status {
-            port,
+            flows: None,
+            port: port.number,
+            protocol: port.proto,
             spec: None,
             attached: false,
             promoted: false,
@@ -229,7 +267,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
         });
     };
     let slots = state.slots()?;
-    let table = sockets::listen_entries()?;
+    let table = sockets::listen_entries(state.spec.proto)?;
     let mut groups = Vec::new();
     let on_spec: Vec<&sockets::ListenEntry> = table
         .values()
@@ -266,9 +304,12 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             crate::plan::sets::Role::Active | crate::plan::sets::Role::Canary
         )
     };
+    // A UDP socket's queue is bytes of datagrams, read in bursts: not a sign of a socket that
+    // nothing reads from, as an accept queue that never shrinks is.
+    let tcp = state.spec.proto == Proto::Tcp;
     let waiting: Vec<(u32, u32)> = slots
         .iter()
-        .filter(|s| taking(s))
+        .filter(|s| tcp && taking(s))
         .map(|s| (s.index, queued(&table, s.meta.cookie)))
         .filter(|&(_, n)| n > 0)
         .collect();
@@ -281,7 +322,7 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             break;
         }
         std::thread::sleep(STALL_WINDOW / STALL_SAMPLES);
-        let again = sockets::listen_entries()?;
+        let again = sockets::listen_entries(state.spec.proto)?;
         stalled.retain(|&index| {
             let before = waiting.iter().find(|w| w.0 == index).map_or(0, |w| w.1);
             slots
@@ -290,8 +331,15 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
                 .is_some_and(|s| queued(&again, s.meta.cookie) >= before)
         });
     }
+    let by_slot = state.flows_by_slot(LIVE_FLOW_S)?;
+    let flows_of = |index: u32| {
+        by_slot
+            .as_ref()
+            .map(|m| m.get(&index).copied().unwrap_or_default())
+    };
     let mut members: Vec<Member> = Vec::new();
     for s in &slots {
+        let f = flows_of(s.index);
         let pid = s.meta.pid as i32;
         let role = s.role();
         let q = u64::from(queued(&table, s.meta.cookie));
@@ -304,6 +352,11 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
                 m.recent += s.recent;
                 m.queued += q;
                 m.stalled.extend(stall);
+                if let (Some(all), Some(live), Some((a, l))) = (&mut m.flows, &mut m.live_flows, f)
+                {
+                    *all += a;
+                    *live += l;
+                }
             }
             None => members.push(Member {
                 pid,
@@ -317,6 +370,8 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
                 share: 0.0,
                 queued: q,
                 stalled: stall,
+                flows: f.map(|f| f.0),
+                live_flows: f.map(|f| f.1),
             }),
         }
     }
@@ -353,8 +408,26 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
             .collect(),
     };
     let g = state.global_counters()?;
+    let flows = match state.flow_counters()? {
+        None => None,
+        Some(c) => {
+            let entries = state.flow_entries()?;
+            Some(Flows {
+                entries,
+                capacity: state.flow_capacity()?,
+                known: c.known,
+                recorded: c.recorded,
+                unrecorded: c.unrecorded,
+                orphaned: c.orphaned,
+                evicted: c.recorded.saturating_sub(c.orphaned + entries),
+                fallback: c.fallback,
+            })
+        }
+    };
     Ok(Status {
-        port,
+        flows,
+        port: port.number,
+        protocol: port.proto,
         spec: Some(state.spec.to_string()),
         attached: groups
             .iter()
@@ -380,12 +453,12 @@ pub fn status(port: u16) -> anyhow::Result<Status> {
 }
 
 /// Ports that have a state in this network namespace.
-pub fn attached_ports() -> anyhow::Result<Vec<u16>> {
+pub fn attached_ports() -> anyhow::Result<Vec<Port>> {
     let dir = crate::state::netns_dir()?;
-    let mut ports: BTreeSet<u16> = BTreeSet::new();
+    let mut ports: BTreeSet<Port> = BTreeSet::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
-            if let Some(p) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+            if let Some(p) = e.file_name().to_str().and_then(Port::from_dir_name) {
                 if State::exists(p)? {
                     ports.insert(p);
                 }
@@ -396,7 +469,7 @@ pub fn attached_ports() -> anyhow::Result<Vec<u16>> {
 }
 
 /// The status of `port`, or of every attached port.
-pub fn statuses(port: Option<u16>) -> anyhow::Result<Vec<Status>> {
+pub fn statuses(port: Option<Port>) -> anyhow::Result<Vec<Status>> {
     // Before anything is read, also when no port is attached.
     crate::error::require_root()?;
     let ports = match port {
@@ -424,7 +497,11 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let Some(spec) = &s.spec else {
-        let _ = writeln!(o, "port {}: not attached", s.port);
+        let port = Port {
+            number: s.port,
+            proto: s.protocol,
+        };
+        let _ = writeln!(o, "port {port}: not attached");
         return o;
     };
     let mode = if s.promoted {
@@ -522,6 +599,30 @@ pub fn render(s: &Status) -> String {
         "  kernel: migrations ok {} failed {}, listen overflows {} drops {}",
         k.migrate_req_success, k.migrate_req_failure, k.listen_overflows, k.listen_drops
     );
+    if let Some(f) = &s.flows {
+        let _ = writeln!(
+            o,
+            "  flows: {} of {} in the table; recorded {} unrecorded {} orphaned {} evicted {} \
+             fallback {}; datagrams of known flows {}",
+            f.entries,
+            f.capacity,
+            f.recorded,
+            f.unrecorded,
+            f.orphaned,
+            f.evicted,
+            f.fallback,
+            f.known
+        );
+        for m in &s.members {
+            if let (Some(all), Some(live)) = (m.flows, m.live_flows) {
+                let _ = writeln!(
+                    o,
+                    "  pid {} ({}): {all} flow(s), {live} seen in the last {LIVE_FLOW_S}s",
+                    m.pid, m.role
+                );
+            }
+        }
+    }
     let c = &s.counters;
     let _ = writeln!(
         o,

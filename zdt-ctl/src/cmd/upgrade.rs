@@ -1,5 +1,6 @@
 //! `zdt-ctl upgrade [PORT]`: after a new zdt-ctl is installed, swap its program in on an
 //! attached port, keeping the pinned maps (roles, active set, rollback target, counters).
+use crate::addr::{Port, Proto};
 use crate::{error::require_root, program, sockets, state::State};
 
 /// After installing a new zdt-ctl: swap its program in, keeping roles, sets and counters.
@@ -17,9 +18,9 @@ use crate::{error::require_root, program, sockets, state::State};
                   Example, in a package's postinst:\n  zdt-ctl upgrade"
 )]
 pub struct Args {
-    /// The port (default: every attached port of this network namespace).
+    /// The port, `443/udp` for a UDP one (default: every attached port of this network namespace).
     #[arg(value_parser = super::parse_port_arg)]
-    pub port: Option<u16>,
+    pub port: Option<Port>,
     #[arg(long)]
     pub json: bool,
 }
@@ -37,7 +38,10 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         if r.upgraded {
             crate::outln!(
                 "port {}: program upgraded (tag {} -> {}), attached through {} socket(s)",
-                r.port,
+                Port {
+                    number: r.port,
+                    proto: r.protocol
+                },
                 r.from_tag,
                 r.to_tag,
                 r.sockets
@@ -45,7 +49,10 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         } else {
             crate::outln!(
                 "port {}: already runs this zdt-ctl's program (tag {})",
-                r.port,
+                Port {
+                    number: r.port,
+                    proto: r.protocol
+                },
                 r.to_tag
             );
         }
@@ -56,6 +63,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
 #[derive(Debug, serde::Serialize)]
 pub struct UpgradeReport {
     pub port: u16,
+    pub protocol: Proto,
     /// The pinned program's tag before and after.
     pub from_tag: String,
     pub to_tag: String,
@@ -69,7 +77,7 @@ pub struct UpgradeReport {
 }
 
 /// Upgrades `port`, or every attached port of this network namespace.
-pub fn upgrade(port: Option<u16>) -> anyhow::Result<Vec<UpgradeReport>> {
+pub fn upgrade(port: Option<Port>) -> anyhow::Result<Vec<UpgradeReport>> {
     require_root()?;
     let ports = match port {
         Some(p) => vec![p],
@@ -84,7 +92,7 @@ pub fn upgrade(port: Option<u16>) -> anyhow::Result<Vec<UpgradeReport>> {
     ports.into_iter().map(upgrade_port).collect()
 }
 
-fn upgrade_port(port: u16) -> anyhow::Result<UpgradeReport> {
+fn upgrade_port(port: Port) -> anyhow::Result<UpgradeReport> {
     // Refuses a state whose maps this build cannot read (another layout version, other map
     // shapes, wrong permissions) before anything is loaded or changed.
     let mut state = State::open_for_upgrade(port)?;
@@ -112,7 +120,7 @@ fn upgrade_port(port: u16) -> anyhow::Result<UpgradeReport> {
         ));
     }
     let fds: Vec<_> = usable.iter().map(|f| &f.fd).collect();
-    let upgraded = !program::is_ours(from)?;
+    let upgraded = !program::is_ours(port.proto, from)?;
     let to = if upgraded {
         state.replace_program(&fds)?
     } else {
@@ -121,9 +129,10 @@ fn upgrade_port(port: u16) -> anyhow::Result<UpgradeReport> {
         }
         from
     };
-    tracing::info!(port, from = %format!("{from:016x}"), to = %format!("{to:016x}"), "upgraded");
+    tracing::info!(%port, from = %format!("{from:016x}"), to = %format!("{to:016x}"), "upgraded");
     Ok(UpgradeReport {
-        port,
+        port: port.number,
+        protocol: port.proto,
         from_tag: format!("{from:016x}"),
         to_tag: format!("{to:016x}"),
         sockets: fds.len(),

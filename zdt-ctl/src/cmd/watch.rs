@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    addr::PortSpec,
+    addr::{Port, PortSpec},
     cmd::promote::{promote, superseded, PromoteOptions, Rollout},
     error::{bad_input, err, require_root, Kind},
     plan::sets::Process,
@@ -72,7 +72,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     require_root()?;
     let spec = args.addr;
     let state =
-        State::open_read(spec.port)?.ok_or_else(|| crate::state::not_attached(spec.port))?;
+        State::open_read(spec.key())?.ok_or_else(|| crate::state::not_attached(spec.key()))?;
     if state.spec != spec {
         return Err(bad_input(format!(
             "port {} is attached as {}, not {spec}: run `zdt-ctl watch {}`",
@@ -83,7 +83,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     let base = PromoteOptions {
         superseded: None,
         pid: 0,
-        ports: vec![spec.port],
+        ports: vec![spec.key()],
         readyz: None,
         probe: args.probe.clone(),
         weight: args.rollout.weight,
@@ -91,6 +91,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
         probation: args.rollout.probation,
         stop_old: args.rollout.stop_old,
         drain_timeout: args.rollout.drain_timeout,
+        stop_when_idle: args.rollout.stop_when_idle,
         newest_wins: true,
     };
     eprintln!("zdt-ctl watch: watching {spec}");
@@ -102,13 +103,13 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) {
-            let (mut found, uids) = newcomers(spec.port)?;
+            let (mut found, uids) = newcomers(spec.key())?;
             found.sort_unstable_by_key(|p| p.start);
             for p in found {
                 if !tried.insert(p) {
                     continue;
                 }
-                if let Some(why) = foreign(&p, spec.port, &uids) {
+                if let Some(why) = foreign(&p, spec.key(), &uids) {
                     eprintln!("zdt-ctl watch: {why}");
                     continue;
                 }
@@ -173,7 +174,7 @@ fn admin_url(opts: &PromoteOptions, path: &str, deadline: Instant) -> anyhow::Re
         if let Some(why) = superseded(opts) {
             return Err(why);
         }
-        let admin = sockets::other_listeners(pid, port)?;
+        let admin = sockets::other_listeners(pid, port.number)?;
         match admin.len() {
             0 if Instant::now() < deadline => std::thread::sleep(POLL),
             0 => {
@@ -213,7 +214,7 @@ fn admin_url(opts: &PromoteOptions, path: &str, deadline: Instant) -> anyhow::Re
 /// The cookies of the listeners `spec` names: they change when a process listens, re-creates
 /// its listener, or exits.
 fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
-    let table = sockets::listen_entries()?;
+    let table = sockets::listen_entries(spec.proto)?;
     Ok(table
         .values()
         .filter(|e| spec.matches(&e.local))
@@ -224,7 +225,7 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
 /// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns the
 /// processes with no role that serve a listener in no slot, with the uids of the port's
 /// members (empty when it has none).
-fn newcomers(port: u16) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
+fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
     let state = State::open_locked(port)?;
     let slots = state.slots()?;
     Ok((state.drift(&slots)?.newcomers, state.member_uids()?))
@@ -233,7 +234,7 @@ fn newcomers(port: u16) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
 /// Why `p` is not the app's: its listeners on `port` belong to a uid that the port's members
 /// (`uids`) do not have. Such a process is another user's: promote would refuse it, and it must
 /// not give up the wait of a newcomer of the app's (any local user can start processes).
-fn foreign(p: &Process, port: u16, uids: &[u32]) -> Option<String> {
+fn foreign(p: &Process, port: Port, uids: &[u32]) -> Option<String> {
     if uids.is_empty() {
         return None;
     }
