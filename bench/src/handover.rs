@@ -528,13 +528,14 @@ pub(crate) fn ns_per_run(runs: u64, time: Duration) -> f64 {
 /// of `port`'s program meanwhile and their total run time.
 pub(crate) fn with_program_stats<T>(
     ns: &Netns,
-    port: u16,
+    port: impl Into<zdt_ctl::addr::Port>,
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, u64, Duration)> {
+    let port = port.into();
     with_stats(
         || {
             ns.run(move || {
-                zdt_ctl::state::State::open_read(port.into())?
+                zdt_ctl::state::State::open_read(port)?
                     .context("not attached")?
                     .program_stats()
             })?

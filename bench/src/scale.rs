@@ -5,6 +5,8 @@
 //! measures it and `--readme` puts the table in the README.
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use zdt_tests::{
     harness::{zdt_ok, App, AppOpts},
     load::{self, LoadSpec, Outcome},
@@ -46,7 +48,31 @@ pub struct ScaleReport {
     /// Runs per size, interleaved (2, 64, 512, 2, 64, 512, ...).
     pub rounds: usize,
     pub points: Vec<ScalePoint>,
+    /// A UDP port's program per datagram (absent in reports made before UDP ports).
+    #[serde(default)]
+    pub udp: Option<UdpCost>,
     pub seconds: f64,
+}
+
+/// The UDP program's cost per datagram: a UDP echo service with one socket, attached as
+/// `:PORT/udp`, under closed-loop datagrams from `workers` clients, each for `run`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct UdpCost {
+    /// Every datagram of a known flow (each client keeps its socket): a flow-table lookup and
+    /// one selection.
+    pub known_ns: f64,
+    pub known_runs: u64,
+    /// Every datagram a new flow (each one from a new socket): the active set's selection and
+    /// an insertion into the table (within the per-second bound; beyond it, none).
+    pub new_ns: f64,
+    pub new_runs: u64,
+    /// New flows the table recorded and did not (over the bound) during the new-flow run.
+    pub recorded: u64,
+    pub unrecorded: u64,
+    /// The references under the known-flow load: selecting one socket and nothing else, and
+    /// `return SK_PASS`.
+    pub select_ns: f64,
+    pub floor_ns: f64,
 }
 
 /// Measures every size of `sizes`, `rounds` times each, interleaved.
@@ -89,6 +115,19 @@ pub fn run(
             }
         }
     }
+    let udp = measure_udp(run, workers)?;
+    eprintln!(
+        "scale: UDP: known flow {:.0} ns/datagram over {} runs, new flow {:.0} ns over {} \
+         (recorded {}, unrecorded {}); select only {:.0} ns, floor {:.0} ns",
+        udp.known_ns,
+        udp.known_runs,
+        udp.new_ns,
+        udp.new_runs,
+        udp.recorded,
+        udp.unrecorded,
+        udp.select_ns,
+        udp.floor_ns
+    );
     Ok(ScaleReport {
         machine,
         kernel,
@@ -96,6 +135,7 @@ pub fn run(
         workers,
         rounds,
         points,
+        udp: Some(udp),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -133,6 +173,102 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         floor_ns_per_run: floor,
         select_ns_per_run: select,
     })
+}
+
+/// The UDP program's cost per datagram ([`UdpCost`]).
+fn measure_udp(run: Duration, workers: usize) -> anyhow::Result<UdpCost> {
+    let ns = Netns::new()?;
+    let _echo = zdt_tests::udp::Echo::start(&ns, PORT, Duration::ZERO, None, &[])?;
+    let spec = format!(":{PORT}/udp");
+    // A table whose per-second bound (its size / 4 / CPUs) is above what the new-flow run sends:
+    // every new flow is recorded, so its cost is a selection and an insertion.
+    zdt_ok(&ns, &["attach", &spec, "--flows", &UDP_FLOWS.to_string()])?;
+    let port = zdt_ctl::addr::Port::udp(PORT);
+    let ((), known_runs, known) =
+        with_program_stats(&ns, port, || udp_load(&ns, workers, run, false))?;
+    let ((), new_runs, new) = with_program_stats(&ns, port, || udp_load(&ns, workers, run, true))?;
+    let flows = ns.run(move || -> anyhow::Result<_> {
+        let state = zdt_ctl::state::State::open_read(port)?.context("not attached")?;
+        Ok(state.flow_counters()?.unwrap_or_default())
+    })??;
+    let reference = |which: Reference| -> anyhow::Result<f64> {
+        let parsed: zdt_ctl::addr::PortSpec = spec.parse()?;
+        let prog = ns.run(move || -> anyhow::Result<_> {
+            let prog = match which {
+                Reference::Pass => programs::load_pass_program()?,
+                Reference::SelectOnly => {
+                    let dir = zdt_ctl::state::port_dir(port)?;
+                    let map = aya::maps::MapData::from_pin(dir.join(zdt_common::names::SOCKETS))?;
+                    programs::load_select_only(&map)?
+                }
+            };
+            programs::attach_to_spec(&prog, &parsed)?;
+            Ok(prog)
+        })??;
+        let ((), runs, time) = with_stats(
+            || programs::run_stats(&prog),
+            || udp_load(&ns, workers, run, false),
+        )?;
+        Ok(ns_per_run(runs, time))
+    };
+    let select_ns = reference(Reference::SelectOnly)?;
+    zdt_ok(&ns, &["detach", &spec])?;
+    let floor_ns = reference(Reference::Pass)?;
+    Ok(UdpCost {
+        known_ns: ns_per_run(known_runs, known),
+        known_runs,
+        new_ns: ns_per_run(new_runs, new),
+        new_runs,
+        recorded: flows.recorded,
+        unrecorded: flows.unrecorded,
+        select_ns,
+        floor_ns,
+    })
+}
+
+/// The UDP cost run's flow table: 1 Mi flows (about 100 MiB of kernel memory while it runs).
+const UDP_FLOWS: u32 = 1 << 20;
+
+/// Closed-loop datagrams to the echo on PORT from `workers` clients for `run`: each keeps one
+/// socket (known flows), or takes a new socket for every datagram (`new_flows`), bound to an
+/// address of 127.0.0.0/8 no datagram came from before (a reused source port would be a known
+/// flow).
+fn udp_load(ns: &Netns, workers: usize, run: Duration, new_flows: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + run;
+    let threads: Vec<_> = (0..workers.max(1))
+        .map(|w| {
+            ns.spawn_thread(move || -> std::io::Result<()> {
+                let target: std::net::SocketAddr = ([127, 0, 0, 1], PORT).into();
+                let mut n: u32 = 0;
+                let mut bind = || -> std::io::Result<std::net::UdpSocket> {
+                    // 127.(1 + w).x.y: workers apart, 65,536 sources each, then ports repeat
+                    // (a run sends fewer).
+                    n = n.wrapping_add(1);
+                    let [_, _, x, y] = n.to_be_bytes();
+                    let ip = std::net::Ipv4Addr::new(127, 1 + (w % 250) as u8, x, y);
+                    let s = std::net::UdpSocket::bind((ip, 0))?;
+                    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                    Ok(s)
+                };
+                let mut s = bind()?;
+                let mut buf = [0u8; 256];
+                while Instant::now() < deadline {
+                    if new_flows {
+                        s = bind()?;
+                    }
+                    s.send_to(b"cost", target)?;
+                    // A lost answer only ends this round early: the run time is the kernel's.
+                    let _ = s.recv(&mut buf);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a UDP load thread panicked"))??;
+    }
+    Ok(())
 }
 
 /// Saturating new connections to PORT for `run`.
@@ -205,7 +341,30 @@ pub fn markdown(r: &ScaleReport) -> String {
             p.failed
         );
     }
+    if let Some(u) = &r.udp {
+        o += &udp_markdown(u);
+    }
     o
+}
+
+/// The UDP table of [`markdown`].
+fn udp_markdown(u: &UdpCost) -> String {
+    format!(
+        "\nA UDP port (`:PORT/udp`, one echo socket), closed-loop datagrams from the same clients, \
+         each run as long: ns per datagram.\n\n\
+         | datagrams | zdt, ns | select only, ns | floor, ns | runs |\n\
+         |---|---|---|---|---|\n\
+         | of known flows (a table lookup, one selection) | {:.0} | {:.0} | {:.0} | {} |\n\
+         | each a new flow (a selection, an insertion: {} recorded, {} over the bound) | {:.0} | | | {} |\n",
+        u.known_ns,
+        u.select_ns,
+        u.floor_ns,
+        u.known_runs,
+        u.recorded,
+        u.unrecorded,
+        u.new_ns,
+        u.new_runs
+    )
 }
 
 pub fn write(r: &ScaleReport, dir: &std::path::Path) -> anyhow::Result<()> {

@@ -166,8 +166,8 @@ pub struct H3Tally {
     pub byes: u64,
     pub closed: u64,
     pub cut: u64,
-    /// [opened (unix ms), pid] of every connection that got an answer.
-    pub connections: Vec<(u64, i32)>,
+    /// [opened (unix ms), pid, its local port] of every connection that got an answer.
+    pub connections: Vec<(u64, i32, u16)>,
 }
 
 impl H3Tally {

@@ -126,10 +126,14 @@ pub fn run_stats(fd: &OwnedFd) -> anyhow::Result<(u64, std::time::Duration)> {
 /// Attaches the program `fd` to the group of every listener of `:port` (replacing whatever
 /// program the group had). Call inside the port's network namespace.
 pub fn attach_to_port(fd: &OwnedFd, port: u16) -> anyhow::Result<()> {
-    let spec: zdt_ctl::addr::PortSpec = format!(":{port}").parse()?;
-    for f in zdt_ctl::sockets::matching_listeners(&spec)? {
+    attach_to_spec(fd, &format!(":{port}").parse()?)
+}
+
+/// [`attach_to_port`] for the sockets `spec` names (`:PORT/udp`: a UDP port's).
+pub fn attach_to_spec(fd: &OwnedFd, spec: &zdt_ctl::addr::PortSpec) -> anyhow::Result<()> {
+    for f in zdt_ctl::sockets::matching_listeners(spec)? {
         zdt_ctl::state::attach_program(fd, &f.fd)
-            .with_context(|| format!("attaching a program to :{port}"))?;
+            .with_context(|| format!("attaching a program to {spec}"))?;
     }
     Ok(())
 }

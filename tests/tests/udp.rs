@@ -179,11 +179,18 @@ fn http3(server: h3::Server) -> anyhow::Result<()> {
     );
     assert_eq!(zdt.bad(), 0, "{}", summary(&zdt));
     assert!(zdt.ok > 0, "{}", summary(&zdt));
-    // A connection opened after a switch (by the client's clock, before its first datagram)
-    // was answered by the version switched in, until the next switch.
+    // A connection opened after a switch (by the client's clock, before its first datagram;
+    // whole milliseconds, so one more) was answered by the version switched in, until the next
+    // switch. Unless its source port is one an earlier connection had: that is the same flow
+    // to zdt (its 4-tuple), which goes to the process that has it while that one lives
+    // (docs/FAULTS.md).
     let mut checked = 0;
-    for &(opened, pid) in &zdt.connections {
-        if let Some(&(_, want)) = switches.iter().rev().find(|(at, _)| *at <= opened) {
+    let mut ports = std::collections::BTreeSet::new();
+    for &(opened, pid, port) in &zdt.connections {
+        if !ports.insert(port) {
+            continue;
+        }
+        if let Some(&(_, want)) = switches.iter().rev().find(|(at, _)| *at < opened) {
             assert_eq!(
                 pid, want,
                 "a connection opened at {opened} ms: {switches:?}"
@@ -352,7 +359,9 @@ fn a_client_that_changes_its_port_while_its_process_drains_is_a_new_flow() -> an
 /// would be) cannot push live flows out unnoticed: the program records at most the table's size
 /// / 4 new flows a second (the rest are steered but not recorded, and counted), so a flow that
 /// sends at least every 4 s keeps its entry; and the flows the full table pushes out are counted.
-/// Live flows keep their process through a handover during the flood. docs/FAULTS.md.
+/// Live flows keep their process through a handover during the flood. docs/FAULTS.md. (A live
+/// request may still be lost where the app's socket buffer overflows, as under emulation: the
+/// kernel counts those drops, and the test holds the losses to them.)
 #[test]
 fn a_flood_of_new_flows_is_bounded_and_counted_and_live_flows_keep_their_process(
 ) -> anyhow::Result<()> {
@@ -368,6 +377,7 @@ fn a_flood_of_new_flows_is_bounded_and_counted_and_live_flows_keep_their_process
             &CAPACITY.to_string(),
         ],
     )?;
+    let drops_before = socket_buffer_drops(&ns)?;
     // Live flows that never start over.
     let load = udp::start(&ns, PORT, 10, INTERVAL, u64::MAX);
     load.see(100);
@@ -378,14 +388,16 @@ fn a_flood_of_new_flows_is_bounded_and_counted_and_live_flows_keep_their_process
             let mut sent = 0;
             let target: std::net::SocketAddr = ([127, 0, 0, 1], PORT).into();
             // 5000 new flows a second: five times what the table records, and few enough for
-            // the app to answer (beyond that its socket's buffer drops datagrams, live ones too).
+            // the app to answer (beyond that its socket's buffer drops datagrams, live ones too);
+            // fewer on a slower (emulated) machine.
+            let per_new = Duration::from_secs_f64(1.0 / zdt_tests::load::open_rate(5000.0));
             let start = std::time::Instant::now();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") {
                     let _ = s.send_to(b"flood", target);
                     sent += 1;
                 }
-                let due = start + Duration::from_micros(200 * sent);
+                let due = start + per_new * sent as u32;
                 std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
             }
             sent
@@ -413,7 +425,11 @@ fn a_flood_of_new_flows_is_bounded_and_counted_and_live_flows_keep_their_process
     let status: serde_json::Value =
         serde_json::from_str(&zdt_ok(&ns, &["status", &format!("{PORT}/udp"), "--json"])?.stdout)?;
     let flows = &status["flows"];
-    eprintln!("flood of {flooded} new flows; live flows {live:?}; table {flows}");
+    let drops = socket_buffer_drops(&ns)? - drops_before;
+    eprintln!(
+        "flood of {flooded} new flows; live flows {live:?}; table {flows}; datagrams the app's \
+         full socket buffer dropped: {drops}"
+    );
     let n = |k: &str| flows[k].as_u64().unwrap_or(0);
     assert!(n("unrecorded") > 0, "the bound never held: {flows}");
     assert!(
@@ -422,9 +438,33 @@ fn a_flood_of_new_flows_is_bounded_and_counted_and_live_flows_keep_their_process
     );
     assert!(n("entries") <= u64::from(CAPACITY), "{flows}");
     assert!(n("evicted") > 0, "the table never filled: {flows}");
-    assert_eq!(live.failed(), 0, "a live flow lost its process: {live:?}");
+    assert_eq!(
+        (live.moved, live.warming),
+        (0, 0),
+        "a live flow lost its process: {live:?}"
+    );
+    assert!(
+        live.lost <= drops,
+        "{} live requests lost, {drops} dropped by a full socket buffer: {live:?}",
+        live.lost
+    );
     assert!(live.answered > 0);
     Ok(())
+}
+
+/// Datagrams the namespace's UDP sockets dropped because their receive buffer was full (IPv4's
+/// and IPv6's counters: a dual-stack socket's IPv4 datagrams count in IPv4's).
+fn socket_buffer_drops(ns: &Netns) -> anyhow::Result<u64> {
+    let v4 = ns.counter("Udp", "RcvbufErrors")?;
+    let v6 = ns.run(|| -> anyhow::Result<u64> {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp6")?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6RcvbufErrors"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    })??;
+    Ok(v4 + v6)
 }
 
 /// What a UDP port refuses, changing nothing (exit 2): `hold` (a closing UDP socket's queue is
@@ -462,6 +502,8 @@ fn a_udp_port_refuses_hold_and_probe_and_shows_its_flows() -> anyhow::Result<()>
     let status: serde_json::Value =
         serde_json::from_str(&zdt_ok(&ns, &["status", &format!("{PORT}/udp"), "--json"])?.stdout)?;
     assert_eq!(status["protocol"], "udp", "{status}");
+    // Proven by an empty datagram the program ran for (and refused).
+    assert_eq!(status["attached"], true, "{status}");
     assert_eq!(status["members"][0]["flows"], 4, "{status}");
     assert_eq!(status["members"][0]["live_flows"], 4, "{status}");
     assert_eq!(status["flows"]["entries"], 4, "{status}");

@@ -277,9 +277,10 @@ pub struct GlobalCounters {
     /// zdt-ctl's own connections (loopback, marked with [`PROBE_MSS`]) refused: probes whose
     /// candidate could not be selected, and status's check that the program runs.
     pub probe_refused: u64,
-    /// Program runs for the IPv4 group and for the IPv6 group. `zdt-ctl status` proves that the
-    /// program is attached to a group by making one connection to it and seeing its count move:
-    /// if the program is not attached to that group, nothing else can move it.
+    /// Program runs for the IPv4 group and for the IPv6 group (a UDP port's: runs for empty
+    /// datagrams only). `zdt-ctl status` proves that the program is attached to a group by making
+    /// one connection to it (sending one empty datagram) and seeing its count move: if the
+    /// program is not attached to that group, nothing else can move it.
     pub runs: [u64; 2],
 }
 

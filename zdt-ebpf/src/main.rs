@@ -474,21 +474,23 @@ mod program {
         // SAFETY: ctx.sk() is never NULL for sk_reuseport programs.
         let family = unsafe { (*ctx.sk().sock).family };
         let fam = family_index(family);
-        if let Some(i) = fam {
-            global(|g| {
-                if let Some(r) = g.runs.get_mut(i) {
-                    *r += 1;
-                }
-            });
-        }
         let Some((key, empty)) = flow_key(ctx) else {
             flows(|f| f.fallback += 1);
             return SK_PASS;
         };
         // zdt-ctl's own datagrams (status's check that the program runs) carry no payload, which
         // no QUIC, DNS or syslog client sends: only those are looked up. Refused, they reach no
-        // process; the ICMP error goes to zdt-ctl's own socket, not to a client.
+        // process; the ICMP error goes to zdt-ctl's own socket, not to a client. Runs are
+        // counted for empty datagrams only: that check is what reads them, and a count per
+        // datagram would cost every datagram a per-CPU write.
         if empty {
+            if let Some(i) = fam {
+                global(|g| {
+                    if let Some(r) = g.runs.get_mut(i) {
+                        *r += 1;
+                    }
+                });
+            }
             let mut probe = ProbeKey {
                 family: key.family,
                 port: u16::from_be(key.remote_port),
