@@ -469,7 +469,7 @@ fn socket_buffer_drops(ns: &Netns) -> anyhow::Result<u64> {
 
 /// What a UDP port refuses, changing nothing (exit 2): `hold` (a closing UDP socket's queue is
 /// freed; nothing could move it), `promote --probe` (a probe is an HTTP request), and `--flows`
-/// for a TCP port. And what it shows: status's and metrics' flows, per member and for the table,
+/// and `--stop-when-idle` for a TCP port. And what it shows: status's and metrics' flows, per member and for the table,
 /// with the port labelled `PORT/udp`.
 #[test]
 fn a_udp_port_refuses_hold_and_probe_and_shows_its_flows() -> anyhow::Result<()> {
@@ -495,6 +495,19 @@ fn a_udp_port_refuses_hold_and_probe_and_shows_its_flows() -> anyhow::Result<()>
             ],
         ),
         zdt(&ns, &["attach", ":8054", "--flows", "1024"]),
+        zdt(
+            &ns,
+            &[
+                "promote",
+                &v1.pid.to_string(),
+                "--port",
+                "8054",
+                "--no-readyz",
+                "--stop-old",
+                "--stop-when-idle",
+                "1s",
+            ],
+        ),
     ];
     for r in &refused {
         assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");

@@ -380,6 +380,17 @@ pub fn promote(
              --readyz-path) on its TCP admin port; nothing was changed"
         )));
     }
+    if let (Some(idle), false) = (
+        opts.stop_when_idle,
+        ports.iter().any(|p| p.proto == Proto::Udp),
+    ) {
+        return Err(bad_input(format!(
+            "--stop-when-idle {}: it waits for a UDP port's flows, and no port of this promote \
+             is UDP (pass --port PORT/udp); a TCP port's queue moves to the new version by \
+             itself; nothing was changed",
+            crate::addr::fmt_duration(idle)
+        )));
+    }
     // Locks are taken in port order, so two multi-port promotes never wait on each other.
     ports.sort_unstable();
     ports.dedup();

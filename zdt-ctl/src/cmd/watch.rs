@@ -71,6 +71,12 @@ pub struct Args {
 pub fn execute(args: Args) -> anyhow::Result<()> {
     require_root()?;
     let spec = args.addr;
+    if let (Some(_), crate::addr::Proto::Tcp) = (args.rollout.stop_when_idle, spec.proto) {
+        return Err(bad_input(format!(
+            "--stop-when-idle waits for a UDP port's flows, and {spec} is TCP; a TCP port's \
+             queue moves to the new version by itself"
+        )));
+    }
     let state =
         State::open_read(spec.key())?.ok_or_else(|| crate::state::not_attached(spec.key()))?;
     if state.spec != spec {
