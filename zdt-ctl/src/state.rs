@@ -583,30 +583,24 @@ impl State {
         Ok(Some(sum))
     }
 
-    /// The entries of a UDP port's flow table (0 for TCP). Reads the whole table.
-    pub fn flow_entries(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .flows
-            .as_ref()
-            .map_or(0, |f| f.flows.keys().filter(|k| k.is_ok()).count() as u64))
-    }
-
-    /// A UDP port's flows, by the slot that owns them (the slot's socket, by cookie), with how
-    /// many of them were seen within `recent` seconds: (all, recent). Reads the whole table.
-    pub fn flows_by_slot(&self, recent: u32) -> anyhow::Result<Option<BTreeMap<u32, (u64, u64)>>> {
+    /// A UDP port's flow table in one read of it (None for TCP): its entries, and the flows of
+    /// each slot that owns some (the slot's socket, by cookie) with how many of them were seen
+    /// within `recent` seconds: (all, recent).
+    pub fn flow_table(&self, recent: u32) -> anyhow::Result<Option<FlowTable>> {
         let Some(f) = &self.flows else {
             return Ok(None);
         };
         let now = (monotonic_ns() / 1_000_000_000) as u32;
         let meta = self.all_meta()?;
-        let mut out: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        let mut out = FlowTable::default();
         for entry in f.flows.iter() {
             let Ok((_, v)) = entry else { continue };
+            out.entries += 1;
             // A flow whose socket is gone (its slot refilled since) belongs to nobody.
             if meta.get(v.slot as usize).map(|m| m.cookie) != Some(v.cookie) {
                 continue;
             }
-            let e = out.entry(v.slot).or_default();
+            let e = out.by_slot.entry(v.slot).or_default();
             e.0 += 1;
             if now.saturating_sub(v.seen_s) <= recent {
                 e.1 += 1;
@@ -1392,6 +1386,15 @@ fn flow_config(flows: u32) -> anyhow::Result<FlowConfig> {
 /// See [`flow_config`]: a flow that sends at least this often is never pushed out of a full
 /// table by new ones.
 pub const FLOW_TURNOVER_S: u32 = 4;
+
+/// What one read of a UDP port's flow table found ([`State::flow_table`]).
+#[derive(Debug, Default)]
+pub struct FlowTable {
+    /// Every entry, its socket's or not.
+    pub entries: u64,
+    /// Slot -> (its flows, those seen recently).
+    pub by_slot: BTreeMap<u32, (u64, u64)>,
+}
 
 /// A UDP port's flow table and the program's flow counters.
 struct FlowMaps {

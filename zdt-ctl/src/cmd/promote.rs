@@ -1084,7 +1084,7 @@ fn wait_idle(done: &[Switched], idle: Duration, timeout: Duration) -> anyhow::Re
         };
         loop {
             let slots = state.slots()?;
-            let by_slot = state.flows_by_slot(recent)?.unwrap_or_default();
+            let by_slot = state.flow_table(recent)?.unwrap_or_default().by_slot;
             let live: u64 = slots
                 .iter()
                 .filter(|x| s.to_stop.contains(&x.process()))

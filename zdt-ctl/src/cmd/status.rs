@@ -331,11 +331,11 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
                 .is_some_and(|s| queued(&again, s.meta.cookie) >= before)
         });
     }
-    let by_slot = state.flows_by_slot(LIVE_FLOW_S)?;
+    let table_of_flows = state.flow_table(LIVE_FLOW_S)?;
     let flows_of = |index: u32| {
-        by_slot
+        table_of_flows
             .as_ref()
-            .map(|m| m.get(&index).copied().unwrap_or_default())
+            .map(|t| t.by_slot.get(&index).copied().unwrap_or_default())
     };
     let mut members: Vec<Member> = Vec::new();
     for s in &slots {
@@ -408,10 +408,9 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             .collect(),
     };
     let g = state.global_counters()?;
-    let flows = match state.flow_counters()? {
-        None => None,
-        Some(c) => {
-            let entries = state.flow_entries()?;
+    let flows = match (state.flow_counters()?, &table_of_flows) {
+        (Some(c), Some(t)) => {
+            let entries = t.entries;
             Some(Flows {
                 entries,
                 capacity: state.flow_capacity()?,
@@ -423,6 +422,7 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
                 fallback: c.fallback,
             })
         }
+        _ => None,
     };
     Ok(Status {
         flows,
