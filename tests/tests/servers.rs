@@ -297,12 +297,18 @@ fn control_then_zdt(
             plain.tally,
             plain.wrk
         );
-        assert!(
-            plain.client_resets() > 0,
-            "{:?} {:?}",
-            plain.tally,
-            plain.wrk
-        );
+        // A server that is ready at once loses only by resets: what is queued on a listener
+        // as it closes. A warming one loses mostly by its 503s (or slow answers), and whether a
+        // queue is non-empty at the instant its predecessor closes is timing: Go's control once
+        // lost 793 requests, every one a 503, and none reset.
+        if warmup.is_zero() {
+            assert!(
+                plain.client_resets() > 0,
+                "{:?} {:?}",
+                plain.tally,
+                plain.wrk
+            );
+        }
     }
     Ok(())
 }
