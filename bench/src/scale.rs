@@ -36,6 +36,11 @@ pub struct ScalePoint {
     /// in zdt's place: the least that steering costs here.
     #[serde(default)]
     pub select_ns_per_run: f64,
+    /// The same load with a program that selects the socket the flow hash picks among the
+    /// member's sockets (as zdt does) and does nothing else: what the kernel's selection costs
+    /// when connections spread over this many sockets, zdt's bookkeeping apart.
+    #[serde(default)]
+    pub select_hash_ns_per_run: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -90,10 +95,11 @@ pub fn run(
             let p = measure(n, run, workers)?;
             eprintln!(
                 "scale: {n} sockets: {:.0} ns/selection over {} runs (select only {:.0} ns, \
-                 floor {:.0} ns), {:.0} ok/s, {} failed",
+                 select by hash {:.0} ns, floor {:.0} ns), {:.0} ok/s, {} failed",
                 p.bpf_ns_per_run,
                 p.bpf_runs,
                 p.select_ns_per_run,
+                p.select_hash_ns_per_run,
                 p.floor_ns_per_run,
                 p.ok_per_s,
                 p.failed
@@ -108,6 +114,8 @@ pub fn run(
                         / (q.requests + p.requests).max(1) as f64;
                     q.floor_ns_per_run = (q.floor_ns_per_run + p.floor_ns_per_run) / 2.0;
                     q.select_ns_per_run = (q.select_ns_per_run + p.select_ns_per_run) / 2.0;
+                    q.select_hash_ns_per_run =
+                        (q.select_hash_ns_per_run + p.select_hash_ns_per_run) / 2.0;
                     q.requests += p.requests;
                     q.failed += p.failed;
                 }
@@ -161,6 +169,7 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
     })?;
     let t = load::tally(&samples);
     let select = reference(&ns, spec_for(run, workers), Reference::SelectOnly)?;
+    let select_hash = reference(&ns, spec_for(run, workers), Reference::SelectByHash(n))?;
     zdt_ok(&ns, &["detach", &format!(":{PORT}")])?;
     let floor = reference(&ns, spec_for(run, workers), Reference::Pass)?;
     Ok(ScalePoint {
@@ -172,6 +181,7 @@ fn measure(n: usize, run: Duration, workers: usize) -> anyhow::Result<ScalePoint
         bpf_ns_per_run: ns_per_run(runs, time),
         floor_ns_per_run: floor,
         select_ns_per_run: select,
+        select_hash_ns_per_run: select_hash,
     })
 }
 
@@ -194,14 +204,7 @@ fn measure_udp(run: Duration, workers: usize) -> anyhow::Result<UdpCost> {
     let reference = |which: Reference| -> anyhow::Result<f64> {
         let parsed: zdt_ctl::addr::PortSpec = spec.parse()?;
         let prog = ns.run(move || -> anyhow::Result<_> {
-            let prog = match which {
-                Reference::Pass => programs::load_pass_program()?,
-                Reference::SelectOnly => {
-                    let dir = zdt_ctl::state::port_dir(port)?;
-                    let map = aya::maps::MapData::from_pin(dir.join(zdt_common::names::SOCKETS))?;
-                    programs::load_select_only(&map)?
-                }
-            };
+            let prog = load_reference(port, which)?;
             programs::attach_to_spec(&prog, &parsed)?;
             Ok(prog)
         })??;
@@ -287,19 +290,34 @@ enum Reference {
     Pass,
     /// Select slot 0 of zdt's socket array, return SK_PASS.
     SelectOnly,
+    /// Select the slot the flow hash picks among slots 0..n of zdt's socket array (where a
+    /// fresh port's attach records the app's n sockets), return SK_PASS.
+    SelectByHash(usize),
+}
+
+/// Loads reference program `which`, its selections in the socket array pinned for `port`. Call
+/// inside the port's network namespace.
+fn load_reference(
+    port: zdt_ctl::addr::Port,
+    which: Reference,
+) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let sockets = || -> anyhow::Result<aya::maps::MapData> {
+        let dir = zdt_ctl::state::port_dir(port)?;
+        Ok(aya::maps::MapData::from_pin(
+            dir.join(zdt_common::names::SOCKETS),
+        )?)
+    };
+    match which {
+        Reference::Pass => programs::load_pass_program(),
+        Reference::SelectOnly => programs::load_select_only(&sockets()?),
+        Reference::SelectByHash(n) => programs::load_select_by_hash(&sockets()?, u32::try_from(n)?),
+    }
 }
 
 /// ns per run of a reference program in zdt's place on the port's groups, under the same load.
 fn reference(ns: &Netns, spec: LoadSpec, which: Reference) -> anyhow::Result<f64> {
     let prog = ns.run(move || -> anyhow::Result<_> {
-        let prog = match which {
-            Reference::Pass => programs::load_pass_program()?,
-            Reference::SelectOnly => {
-                let dir = zdt_ctl::state::port_dir(PORT.into())?;
-                let map = aya::maps::MapData::from_pin(dir.join(zdt_common::names::SOCKETS))?;
-                programs::load_select_only(&map)?
-            }
-        };
+        let prog = load_reference(PORT.into(), which)?;
         programs::attach_to_port(&prog, PORT)?;
         Ok(prog)
     })??;
@@ -316,12 +334,15 @@ pub fn markdown(r: &ScaleReport) -> String {
         "Machine: {}, kernel {}. Saturated new connections ({} closed-loop clients, {} ms per \
          run, {} runs per size, interleaved); the program's run time from the kernel's BPF \
          stats. Run time {:.0} s.\n\n\
-         Two reference programs ran in zdt's place under the same load: *select only* selects \
+         Three reference programs ran in zdt's place under the same load: *select only* selects \
          one socket (bpf_sk_select_reuseport) and nothing else, the least any steering costs \
-         here; *floor* is `return SK_PASS`, what the kernel's dispatch and its run-time stats \
-         cost per run on this machine whatever the program does.\n\n\
-         | sockets in the active list | zdt, ns per selection | select only, ns | floor, ns | selections | answered 200 per s | failed |\n\
-         |---|---|---|---|---|---|---|\n",
+         here; *select by hash* selects the socket the flow hash picks among the member's \
+         sockets, as zdt does, and nothing else: the kernel's own cost of spreading \
+         connections over that many sockets; *floor* is `return SK_PASS`, what the kernel's \
+         dispatch and its run-time stats cost per run on this machine whatever the program \
+         does.\n\n\
+         | sockets in the active list | zdt, ns per selection | select by hash, ns | select only, ns | floor, ns | selections | answered 200 per s | failed |\n\
+         |---|---|---|---|---|---|---|---|\n",
         r.machine,
         r.kernel,
         r.workers,
@@ -331,9 +352,10 @@ pub fn markdown(r: &ScaleReport) -> String {
     );
     for p in &r.points {
         o += &format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {} |\n",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {} |\n",
             p.sockets,
             p.bpf_ns_per_run,
+            p.select_hash_ns_per_run,
             p.select_ns_per_run,
             p.floor_ns_per_run,
             p.bpf_runs,

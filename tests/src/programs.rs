@@ -168,17 +168,47 @@ pub fn load_pass_program() -> anyhow::Result<OwnedFd> {
 /// `sockets` (bpf_sk_select_reuseport) and return SK_PASS: the least any steering program does,
 /// to tell the cost of a selection on this machine from the cost of zdt's bookkeeping.
 pub fn load_select_only(sockets: &aya::maps::MapData) -> anyhow::Result<OwnedFd> {
+    load_selecting(sockets, None)
+}
+
+/// Loads a program that selects the socket in slot `(hash * n) >> 32` of `sockets` (slots 0 to
+/// n - 1, by the flow hash, as zdt picks among an active list of n) and returns SK_PASS: what
+/// the kernel's own selection costs when connections spread over n sockets rather than one.
+pub fn load_select_by_hash(sockets: &aya::maps::MapData, n: u32) -> anyhow::Result<OwnedFd> {
+    load_selecting(sockets, Some(n))
+}
+
+/// [`load_select_only`] (`spread` None) and [`load_select_by_hash`].
+fn load_selecting(sockets: &aya::maps::MapData, spread: Option<u32>) -> anyhow::Result<OwnedFd> {
     const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
     const ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
+    const STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
+    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+    const MUL64_IMM: u8 = 0x27;
+    const RSH64_IMM: u8 = 0x77;
     const LD_IMM64: u8 = 0x18;
     const ADD64_IMM: u8 = 0x07;
     const CALL: u8 = 0x85;
     const PSEUDO_MAP_FD: u8 = 1;
     const SK_SELECT_REUSEPORT: i32 = 82; // BPF_FUNC_sk_select_reuseport
+                                         // offsetof(struct sk_reuseport_md, hash) in the UAPI (two pointers, then four u32).
+    const MD_HASH: i16 = 32;
     let fd = sockets.fd().as_fd().as_raw_fd();
-    let insns = [
-        ins(MOV64_X, 6, 1, 0, 0),               // r6 = ctx
-        ins(ST_W, 10, 0, -4, 0),                // *(u32 *)(fp - 4) = 0: the key
+    let mut insns = vec![ins(MOV64_X, 6, 1, 0, 0)]; // r6 = ctx
+    match spread {
+        // *(u32 *)(fp - 4) = 0: the key
+        None => insns.push(ins(ST_W, 10, 0, -4, 0)),
+        Some(n) => {
+            let n = i32::try_from(n).context("too many sockets to spread over")?;
+            insns.extend([
+                ins(LDX_W, 2, 1, MD_HASH, 0), // r2 = ctx->hash (zero-extended)
+                ins(MUL64_IMM, 2, 0, 0, n),   // r2 *= n
+                ins(RSH64_IMM, 2, 0, 0, 32),  // r2 >>= 32: 0..n-1
+                ins(STX_W, 10, 2, -4, 0),     // *(u32 *)(fp - 4) = r2: the key
+            ]);
+        }
+    }
+    insns.extend([
         ins(LD_IMM64, 2, PSEUDO_MAP_FD, 0, fd), // r2 = the socket array
         ins(0, 0, 0, 0, 0),
         ins(MOV64_X, 3, 10, 0, 0), // r3 = fp
@@ -188,11 +218,15 @@ pub fn load_select_only(sockets: &aya::maps::MapData) -> anyhow::Result<OwnedFd>
         ins(CALL, 0, 0, 0, SK_SELECT_REUSEPORT),
         insn(MOV64_IMM, 1), // SK_PASS
         insn(EXIT, 0),
-    ];
+    ]);
     load_sk_reuseport(
         &insns,
         c"GPL",
-        "select_only",
+        if spread.is_some() {
+            "select_hash"
+        } else {
+            "select_only"
+        },
         bpf_attach_type::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE as u32,
     )
 }

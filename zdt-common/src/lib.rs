@@ -225,10 +225,29 @@ impl ActiveSet {
     }
 }
 
-/// Length of one bucket of the "recent connections" counters (CLOCK_MONOTONIC nanoseconds, the
-/// clock of bpf_ktime_get_ns). Two buckets: the current one and the one before it, so "recent"
-/// means the last 30 to 60 seconds.
-pub const RECENT_BUCKET_NS: u64 = 30_000_000_000;
+/// Length of one bucket of the "recent connections" counters, as a power of two of
+/// CLOCK_MONOTONIC nanoseconds (the clock of bpf_ktime_get_ns): 2^35 ns, 34.4 s. Two buckets:
+/// the current one and the one before it, so "recent" means the last 34 to 69 seconds. A
+/// power of two so that the program finds the bucket with a shift: a 64-bit division costs tens
+/// of cycles on every selection.
+pub const RECENT_BUCKET_SHIFT: u32 = 35;
+
+/// The bucket number of CLOCK_MONOTONIC time `ns` (see [`RECENT_BUCKET_SHIFT`]).
+#[inline(always)]
+pub fn recent_bucket(ns: u64) -> u64 {
+    ns >> RECENT_BUCKET_SHIFT
+}
+
+/// A UDP port's flow table keeps time in units of 2^30 ns (1.07 s), "seconds" below: a shift of
+/// CLOCK_MONOTONIC nanoseconds, where a division by 10^9 would cost every datagram tens of
+/// cycles.
+pub const FLOW_SECOND_SHIFT: u32 = 30;
+
+/// CLOCK_MONOTONIC time `ns` in the flow table's seconds (see [`FLOW_SECOND_SHIFT`]).
+#[inline(always)]
+pub fn flow_seconds(ns: u64) -> u32 {
+    (ns >> FLOW_SECOND_SHIFT) as u32
+}
 
 /// Per-slot counters, written by the program (per-CPU array: no atomics needed).
 #[repr(C)]
@@ -238,8 +257,8 @@ pub struct SlotCounters {
     pub steered: u64,
     /// Queued connections moved to this slot's socket from a closing listener.
     pub migrated: u64,
-    /// New connections in bucket `bucket[i]` (bucket number = monotonic ns / RECENT_BUCKET_NS;
-    /// slot i = bucket number % 2).
+    /// New connections in bucket `bucket[i]` (bucket number: [`recent_bucket`]; slot i = bucket
+    /// number % 2).
     pub recent: [u64; 2],
     pub bucket: [u64; 2],
 }
@@ -277,10 +296,12 @@ pub struct GlobalCounters {
     /// zdt-ctl's own connections (loopback, marked with [`PROBE_MSS`]) refused: probes whose
     /// candidate could not be selected, and status's check that the program runs.
     pub probe_refused: u64,
-    /// Program runs for the IPv4 group and for the IPv6 group (a UDP port's: runs for empty
-    /// datagrams only). `zdt-ctl status` proves that the program is attached to a group by making
-    /// one connection to it (sending one empty datagram) and seeing its count move: if the
-    /// program is not attached to that group, nothing else can move it.
+    /// Program runs for zdt-ctl's own connections (a TCP port's: SYNs whose source is in
+    /// `ZDT_PROBES`; a UDP port's: empty datagrams), for the IPv4 group and for the IPv6 group;
+    /// other runs are not counted, which would cost each a per-CPU write. `zdt-ctl status`
+    /// proves that the program is attached to a group by making one such connection to it
+    /// (sending one such datagram) and seeing its count move: if the program is not attached to
+    /// that group, nothing else can move it.
     pub runs: [u64; 2],
 }
 
@@ -341,8 +362,8 @@ pub struct FlowKey {
 pub struct FlowValue {
     pub cookie: u64,
     pub slot: u32,
-    /// When a datagram of the flow was last seen, in seconds of CLOCK_MONOTONIC (refreshed at
-    /// most once a second).
+    /// When a datagram of the flow was last seen, in the flow table's seconds of CLOCK_MONOTONIC
+    /// ([`flow_seconds`]; refreshed at most once a second).
     pub seen_s: u32,
 }
 
@@ -353,7 +374,7 @@ pub const DEFAULT_FLOWS: u32 = 65536;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowConfig {
-    /// New flows each CPU may record per second. A flood of new 4-tuples (spoofed or real)
+    /// New flows each CPU may record per second (of [`flow_seconds`]). A flood of new 4-tuples (spoofed or real)
     /// would otherwise push live flows out of the LRU table as fast as it arrives; with this
     /// bound the table turns over no faster than its size / (CPUs x this) seconds, and a flow
     /// over the bound is steered as any new flow but not recorded (counted: `unrecorded`).

@@ -590,7 +590,7 @@ impl State {
         let Some(f) = &self.flows else {
             return Ok(None);
         };
-        let now = (monotonic_ns() / 1_000_000_000) as u32;
+        let now = zdt_common::flow_seconds(monotonic_ns());
         let meta = self.all_meta()?;
         let mut out = FlowTable::default();
         for entry in f.flows.iter() {
@@ -1115,7 +1115,7 @@ impl State {
                 continue;
             }
             let per_cpu = self.slot_counters.get(&index, 0)?;
-            let now_bucket = monotonic_ns() / zdt_common::RECENT_BUCKET_NS;
+            let now_bucket = zdt_common::recent_bucket(monotonic_ns());
             out.push(Slot {
                 index,
                 meta,

@@ -28,9 +28,9 @@ mod program {
         EbpfContext,
     };
     use zdt_common::{
-        family_index, ActiveSet, Control, FlowConfig, FlowCounters, FlowKey, FlowValue,
-        GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList, SlotMeta, AF_INET, AF_INET6,
-        MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE, PROBE_MSS, RECENT_BUCKET_NS, WALK,
+        family_index, flow_seconds, recent_bucket, ActiveSet, Control, FlowConfig, FlowCounters,
+        FlowKey, FlowValue, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList, SlotMeta,
+        AF_INET, AF_INET6, MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE, PROBE_MSS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -135,6 +135,33 @@ mod program {
         }
     }
 
+    /// Counts a run of the program for the group of family index `i` (see [`GlobalCounters`]).
+    #[inline(always)]
+    fn count_run(i: usize) {
+        global(|g| {
+            if let Some(r) = g.runs.get_mut(i) {
+                *r += 1;
+            }
+        });
+    }
+
+    /// `hash` mapped onto 0..n by a multiplication (Lemire's range reduction), not `hash % n`:
+    /// a division costs tens of cycles on every selection. It keeps the hash's upper bits, so
+    /// the canary's share is decided on its lower ones ([`canary_share`]).
+    #[inline(always)]
+    fn scale(hash: u32, n: u32) -> u32 {
+        ((u64::from(hash) * u64::from(n)) >> 32) as u32
+    }
+
+    /// Whether a flow of hash `hash` is in the canary's `weight` %: decided on the hash's lower
+    /// 16 bits, where the slot ([`scale`]) is decided on its upper ones. Deciding both on the
+    /// same bits would leave the canary's connections only the slots those bits reach under
+    /// the share (with weight 1 and 2 or 4 sockets, the first socket alone).
+    #[inline(always)]
+    fn canary_share(hash: u32, weight: u32) -> bool {
+        ((hash & 0xffff) * 100) >> 16 < weight
+    }
+
     #[inline(always)]
     fn select(ctx: &SkReuseportContext) -> u32 {
         // Kernel contract: migrating_sk is set only on the migration path (5.14+); `sk` is
@@ -151,13 +178,6 @@ mod program {
         // SAFETY: ctx.sk() is never NULL for sk_reuseport programs (see above).
         let family = unsafe { (*ctx.sk().sock).family };
         let fam = family_index(family);
-        if let Some(i) = fam {
-            global(|g| {
-                if let Some(r) = g.runs.get_mut(i) {
-                    *r += 1;
-                }
-            });
-        }
 
         let buf = match ZDT_CONTROL.get(0) {
             // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
@@ -170,6 +190,12 @@ mod program {
         // another process, parked on a placeholder, or handed to the app. A SYN cookie's ACK
         // is looked up too: it decides where the connection is made, and carries no MSS.
         if let Some(kind) = zdt_probe(ctx, run) {
+            // Runs are counted for zdt-ctl's own connections only: status's check that the
+            // program runs is one of them, and a count of every run would cost every SYN a
+            // per-CPU write.
+            if let (Run::Syn, Some(i)) = (run, fam) {
+                count_run(i);
+            }
             if kind == PROBE_CANDIDATE && buf != 0 {
                 if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
                     if let Some(probe) = set.probe.get(i) {
@@ -198,15 +224,11 @@ mod program {
         if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
             if run != Run::Migrate {
                 // The canary's share, by flow hash: every SYN of one connection (retransmits
-                // included) has the same hash, so a connection never changes sides. The share
-                // is decided on the hash's upper half, the slot (try_list) on its value modulo
-                // the list's length: deciding both on `hash % 100` would leave the canary's
-                // connections only the slots `hash % n` can reach under `hash % 100 < weight`
-                // (with weight 1 and 2 or 4 sockets, the first socket alone).
+                // included) has the same hash, so a connection never changes sides.
                 if let Some(canary) = set.canary.get(i) {
                     if set.canary_weight > 0
                         && canary.len > 0
-                        && (ctx.hash() >> 16) % 100 < set.canary_weight
+                        && canary_share(ctx.hash(), set.canary_weight)
                         && try_list(ctx, canary, run)
                     {
                         return SK_PASS;
@@ -274,7 +296,7 @@ mod program {
         if n == 0 {
             return None;
         }
-        let start = ctx.hash() % n;
+        let start = scale(ctx.hash(), n);
         for i in 0..WALK {
             if i >= n {
                 return None;
@@ -289,7 +311,7 @@ mod program {
         }
         for _ in 0..PROBES {
             // SAFETY: a helper without arguments.
-            let idx = unsafe { bpf_get_prandom_u32() } % n;
+            let idx = scale(unsafe { bpf_get_prandom_u32() }, n);
             if let Some(slot) = try_slot(ctx, list, idx, run) {
                 return Some(slot);
             }
@@ -321,10 +343,10 @@ mod program {
                 // daemon keeping history.
                 // The coarse clock (CLOCK_MONOTONIC_COARSE, 5.11+): the time of the last tick, a
                 // plain read, where bpf_ktime_get_ns reads the clock source; a tick's
-                // resolution is plenty for buckets of RECENT_BUCKET_NS, and zdt-ctl compares
-                // them with CLOCK_MONOTONIC, of which this is the tick-rounded value.
+                // resolution is plenty for buckets of half a minute, and zdt-ctl compares them
+                // with CLOCK_MONOTONIC, of which this is the tick-rounded value.
                 // SAFETY: a helper without arguments.
-                let bucket = unsafe { bpf_ktime_get_coarse_ns() } / RECENT_BUCKET_NS;
+                let bucket = recent_bucket(unsafe { bpf_ktime_get_coarse_ns() });
                 let i = (bucket & 1) as usize;
                 if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
                     if *b != bucket {
@@ -538,7 +560,7 @@ mod program {
             if let Some(canary) = set.canary.get(i) {
                 if set.canary_weight > 0
                     && canary.len > 0
-                    && (ctx.hash() >> 16) % 100 < set.canary_weight
+                    && canary_share(ctx.hash(), set.canary_weight)
                 {
                     chosen = pick(ctx, canary, Run::Flow);
                 }
@@ -562,11 +584,12 @@ mod program {
         SK_PASS
     }
 
-    /// CLOCK_MONOTONIC in seconds, from the coarse clock (a plain read of the last tick).
+    /// CLOCK_MONOTONIC in the flow table's seconds, from the coarse clock (a plain read of the
+    /// last tick).
     #[inline(always)]
     fn now_s() -> u32 {
         // SAFETY: a helper without arguments.
-        (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+        flow_seconds(unsafe { bpf_ktime_get_coarse_ns() })
     }
 
     /// Records a new flow on `slot`, within this CPU's budget of new flows per second.

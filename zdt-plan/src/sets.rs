@@ -78,7 +78,7 @@ pub struct Slot {
     pub steered: u64,
     /// Connections migrated to this slot.
     pub migrated: u64,
-    /// New connections steered here in the last 30 to 60 seconds.
+    /// New connections steered here in the last 34 to 69 seconds.
     pub recent: u64,
     /// In the live set's active lists.
     pub active: bool,

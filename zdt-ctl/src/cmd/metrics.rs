@@ -160,7 +160,7 @@ pub fn render(all: &[Status]) -> String {
         (
             "zdt_member_recent_share",
             "gauge",
-            "This member's share of the new connections of the last 30 to 60 seconds.",
+            "This member's share of the new connections of the last 34 to 69 seconds.",
             |m| m.share,
         ),
         (

@@ -31,7 +31,7 @@ pub struct Member {
     pub since_ms: u64,
     pub steered: u64,
     pub migrated: u64,
-    /// New connections steered to it in the last 30 to 60 seconds.
+    /// New connections steered to it in the last 34 to 69 seconds.
     pub recent: u64,
     /// Its part of all recent connections (0 to 1).
     pub share: f64,
@@ -543,11 +543,11 @@ pub fn render(s: &Status) -> String {
             }
         );
     }
-    // The share's window: two 30 s buckets, the current one and the one before.
+    // The share's window: two buckets of 2^35 ns (34.4 s), the current one and the one before.
     let _ = writeln!(
         o,
         "  {:<8} {:>8} {:<16} {:<10} {:>6} {:>10} {:>9} {:>13}",
-        "SLOTS", "PID", "COMMAND", "ROLE", "SINCE", "STEERED", "MIGRATED", "SHARE(30-60s)"
+        "SLOTS", "PID", "COMMAND", "ROLE", "SINCE", "STEERED", "MIGRATED", "SHARE(34-69s)"
     );
     for m in &s.members {
         let slots: Vec<String> = m.slots.iter().map(u32::to_string).collect();
