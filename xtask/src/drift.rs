@@ -8,6 +8,9 @@
 //!   projects' files, aside);
 //! - every item the docs or comments name as `Type::member`, where the workspace defines
 //!   `Type`, is a function, constant or variant of the workspace;
+//! - every item they name as `module::item`, where a source file of the workspace is
+//!   `module.rs`, is defined in that file (a function, module, static or field) or is a
+//!   submodule of it;
 //! - no string literal in the Rust sources has a run of spaces between two words, which is how a
 //!   line continuation after a space (`"word \` then an indented line with a space) reads in
 //!   `--help`. A literal laid out on purpose (a table, a config file, a Debian changelog) says
@@ -82,6 +85,7 @@ pub fn check() -> anyhow::Result<()> {
     tests_named(&files, &rust, &prose, &mut problems)?;
     paths_named(&root, &files, &docs, &mut problems)?;
     items_named(&rust, &prose, &mut problems)?;
+    module_items_named(&rust, &prose, &mut problems)?;
     for (p, src) in &rust {
         for (line, what) in spaced_literals(src) {
             problems.push(format!(
@@ -243,6 +247,61 @@ fn items_named(
                     p.display(),
                     &c[1],
                     &c[2]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `module::item` in the prose, for a `module` that is some source file's name (`program` for
+/// zdt-ctl/src/program.rs; suites are [`tests_named`]'s): `item` is defined in a file of that
+/// name, or is a submodule of it. Unit tests are named `module::tests::test`.
+fn module_items_named(
+    rust: &[(PathBuf, String)],
+    prose: &[(PathBuf, String)],
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let in_suite_dir = |p: &Path| SUITE_DIRS.iter().any(|d| p.starts_with(d));
+    let suites: BTreeSet<String> = rust
+        .iter()
+        .filter(|(p, _)| in_suite_dir(p))
+        .filter_map(|(p, _)| stem(p))
+        .collect();
+    let modules: BTreeSet<String> = rust
+        .iter()
+        .filter(|(p, _)| p.components().any(|c| c.as_os_str() == "src") && !in_suite_dir(p))
+        .filter_map(|(p, _)| stem(p))
+        .filter(|m| {
+            !suites.contains(m)
+                && !["main", "lib", "mod", "core", "std", "tests"].contains(&m.as_str())
+        })
+        .collect();
+    let defined = Regex::new(
+        r"(?m)\b(?:fn|mod|static|macro_rules!)\s+([a-z_][a-z0-9_]*)|^\s*(?:pub(?:\([a-z]+\))?\s+)?([a-z_][a-z0-9_]*)\s*:",
+    )?;
+    let named = Regex::new(r"\b([a-z_][a-z0-9_]*)::([a-z_][a-z0-9_]*)")?;
+    for (p, text) in prose {
+        for c in named.captures_iter(text) {
+            let (module, item) = (&c[1], &c[2]);
+            if !modules.contains(module) || item == "tests" {
+                continue;
+            }
+            let found = rust.iter().any(|(q, src)| {
+                let here = stem(q).as_deref() == Some(module);
+                let submodule = q.parent().is_some_and(|d| d.ends_with(module))
+                    && stem(q).as_deref() == Some(item);
+                submodule
+                    || (here
+                        && defined
+                            .captures_iter(src)
+                            .any(|d| d.get(1).or(d.get(2)).is_some_and(|m| m.as_str() == item)))
+            });
+            if !found {
+                problems.push(format!(
+                    "{}: names `{module}::{item}`, which {module}.rs does not define",
+                    p.display()
                 ));
             }
         }

@@ -11,7 +11,7 @@
 //! object exactly as aya does before it calls BPF_PROG_LOAD (maps, then bpf-to-bpf calls) and
 //! hash the result both ways. A load through the verifier (about 100 ms of kernel CPU, plus a
 //! parse of the kernel's BTF) is then needed only where a program is really loaded: attach and
-//! upgrade. The test `program::tag_is_the_kernels` loads the program and compares.
+//! upgrade. The test `upgrade::tag_is_the_kernels` loads the program and compares.
 use std::{collections::HashSet, os::fd::RawFd, path::Path};
 
 use crate::addr::Proto;
