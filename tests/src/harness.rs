@@ -581,15 +581,38 @@ pub fn probe_list_len(ns: &Netns, port: u16) -> anyhow::Result<usize> {
 /// Waits until a `promote --probe` asks through the public port of `port`: its probe lists are
 /// live (at most `timeout`, stretched by the time scale).
 pub fn wait_probing(ns: &Netns, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    until(
+        &format!("a promote probing through port {port}"),
+        timeout,
+        || Ok(probe_list_len(ns, port)? > 0),
+    )
+}
+
+/// Waits until `event` says it has happened (at most `timeout`, stretched by the time scale): a
+/// test's wait that ends at the event it waits for, not after a fixed pause. `what` names the
+/// event in the error.
+pub fn until(
+    what: &str,
+    timeout: Duration,
+    mut event: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + scaled(timeout);
-    while probe_list_len(ns, port)? == 0 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no promote probed through port {port} within {timeout:?}"
-        );
+    while !event()? {
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Connections waiting in the accept queues of `port`'s members of role `role`, as
+/// `zdt-ctl status --json` counts them.
+pub fn queued(ns: &Netns, port: u16, role: Role) -> anyhow::Result<u64> {
+    Ok(report(ns, port)?
+        .members
+        .iter()
+        .filter(|m| m.role == role)
+        .map(|m| m.queued)
+        .sum())
 }
 
 /// `zdt-ctl status PORT --json`, parsed.

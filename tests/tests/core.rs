@@ -457,8 +457,7 @@ fn concurrent_promotes_are_serialized() -> anyhow::Result<()> {
         }
     };
     assert_eq!(second["drained"], serde_json::json!([first]), "{second}");
-    // Exactly one active member: the one promoted last.
-    std::thread::sleep(Duration::from_millis(300));
+    // Exactly one active member, the one promoted last, as soon as both promotes are done.
     let st = report(&ns, PORT)?;
     let active = st.pids(Role::Active);
     assert_eq!(active.len(), 1, "{st:?}");

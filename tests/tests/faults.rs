@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use zdt_tests::harness::{kind_of, report, Kind, Role};
 use zdt_tests::{
     harness::{
-        at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs,
+        at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs, until,
         wait_probing, zdt_command, zdt_ok, App, AppOpts, Paused,
     },
     load::{self, requests_at, scaled, Allowance, Background, LoadSpec, Outcome},
@@ -359,7 +359,9 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").stuck())?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let queued = Background::start(&ns, LoadSpec::burst(addr(), QUEUED, Duration::from_secs(3)));
-    std::thread::sleep(Duration::from_millis(500));
+    until("the burst queued on v1", Duration::from_secs(5), || {
+        Ok(zdt_tests::harness::queued(&ns, PORT, Role::Active)? >= QUEUED)
+    })?;
     // The target never accepts and its backlog is 1.
     let v2 = App::start(
         &ns,
@@ -370,7 +372,9 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     )?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     v1.signal(Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    until("v1's queue migrated", Duration::from_secs(5), || {
+        Ok(status(&ns, PORT)?["kernel"]["migrate_req_success"].as_u64() >= Some(QUEUED))
+    })?;
     let st = status(&ns, PORT)?;
     assert_eq!(st["kernel"]["migrate_req_success"], QUEUED, "{st}");
     assert_eq!(st["counters"]["migrated"], QUEUED, "{st}");
@@ -379,7 +383,9 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     more.max_requests = 10;
     more.request_timeout = Duration::from_millis(500);
     let overflow = Background::start(&ns, more);
-    std::thread::sleep(Duration::from_millis(300));
+    until("a listen overflow", Duration::from_secs(5), || {
+        Ok(status(&ns, PORT)?["kernel"]["listen_overflows"].as_u64() > Some(0))
+    })?;
     let st = status(&ns, PORT)?;
     let overflows = st["kernel"]["listen_overflows"].as_u64().unwrap();
     assert!(overflows > 0, "{st}");

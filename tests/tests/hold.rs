@@ -6,11 +6,11 @@ use zdt_ctl::Step;
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use std::collections::BTreeSet;
-use zdt_tests::harness::{kind_of, report, Kind, Role, Status};
+use zdt_tests::harness::{kind_of, report, Kind, Role};
 use zdt_tests::{
     harness::{
-        at_failpoint, exit_within, fingerprint, promote_args, status, strs, zdt, zdt_command,
-        zdt_ok, App, AppOpts, Hold,
+        at_failpoint, exit_within, fingerprint, promote_args, queued, spawn_until, status, strs,
+        until, zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
     },
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
@@ -52,8 +52,7 @@ fn cold_restart(ns: &Netns, with_zdt: bool) -> anyhow::Result<Tally> {
     } else {
         v2.wait_ready()?;
     }
-    std::thread::sleep(Duration::from_millis(500));
-    Ok(load::tally(&load.finish()))
+    Ok(load::tally(&load.finish_after(load::AFTER_LAST_CHANGE)))
 }
 
 #[test]
@@ -83,11 +82,19 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
         "{st}"
     );
     assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
+    // hold says so once it has moved the queue and listens again (registered).
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(5));
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("moved")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match hold.lines.recv_timeout(left) {
+            Ok(l) => said.push(l),
+            Err(_) => anyhow::bail!("hold never said it moved the queue: {said:?}"),
+        }
+    }
     // v2 is gone with cold_restart's end; the placeholder stays, in its own role.
     let roles: Vec<Role> = report(&ns, PORT)?.members.iter().map(|m| m.role).collect();
     assert_eq!(roles, [Role::Hold], "{st}");
-    let said: Vec<String> = hold.lines.try_iter().collect();
-    assert!(said.iter().any(|l| l.contains("moved")), "{said:?}");
     // Detach: the hold process leaves by itself (a placeholder in a group without the program
     // would get a share of new connections and never accept them).
     zdt_ok(&ns, &["detach", ":8080"])?;
@@ -114,9 +121,15 @@ fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value
         &ns,
         LoadSpec::burst(addr(), QUEUED, Duration::from_secs(20)),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    until("the burst queued on v1", Duration::from_secs(5), || {
+        Ok(queued(&ns, PORT, Role::Active)? >= QUEUED)
+    })?;
     v1.signal(Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(300));
+    if with_hold {
+        until("v1's queue moved to hold", Duration::from_secs(5), || {
+            Ok(queued(&ns, PORT, Role::Hold)? >= QUEUED)
+        })?;
+    }
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let t = load::tally(&burst.finish_after(load::AFTER_LAST_CHANGE));
@@ -225,7 +238,9 @@ fn a_backlog_above_4096_survives_every_move() -> anyhow::Result<()> {
             &ns,
             LoadSpec::burst(addr(), WAITING, Duration::from_secs(20)),
         );
-        std::thread::sleep(Duration::from_millis(300));
+        until("the burst waiting on hold", Duration::from_secs(5), || {
+            Ok(queued(&ns, PORT, Role::Hold)? >= WAITING)
+        })?;
         let app = App::start(&ns, &AppOpts::new(PORT, v))?;
         zdt_ok(&ns, &strs(&promote_args(&app, &[])))?;
         let t = load::tally(&burst.finish());
@@ -253,7 +268,7 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let mut hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
     let l = Background::start(&ns, LoadSpec::open(addr(), 400.0, Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(500));
+    l.see(requests_at(400.0, Duration::from_millis(500)));
     // The placeholders go before the program does: with the program gone first, kernel hashing
     // gave the placeholder, which never accepts, about half of the new connections until hold
     // noticed and exited, resetting them.
@@ -262,8 +277,7 @@ fn detach_while_hold_runs_loses_no_connection() -> anyhow::Result<()> {
         exit_within(&mut hold.child, scaled(Duration::from_secs(2)))?.is_some(),
         "hold still runs"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(requests_at(400.0, Duration::from_millis(500))));
     assert!(
         t.requests > requests_at(400.0, Duration::from_millis(750)),
         "{t:?}"
@@ -302,10 +316,30 @@ fn hold_on_one_address_of_a_wildcard_port_is_refused() -> anyhow::Result<()> {
 /// A detach killed after it shut hold's placeholders down leaves the port attached: hold takes
 /// its placeholders back into the group, and a crash of the only member then waits on them
 /// instead of being refused.
+/// `status` reads without the port's lock, so it sees whatever a command has written so far:
+/// a placeholder hold has put into the socket array is hold's from that write on, never a
+/// "candidate" (which a later promote or rollback would take for an interrupted promote's).
+#[test]
+fn a_placeholder_is_never_seen_as_a_candidate() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
+    let args = ["hold".to_string(), "0.0.0.0:8080".to_string()];
+    let mut hold = at_failpoint(&ns, &args, Step::HoldInserted.name()).child;
+    let st = report(&ns, PORT);
+    hold.kill()?;
+    hold.wait()?;
+    let st = st?;
+    let pid = hold.id() as i32;
+    assert!(st.pids(Role::Candidate).is_empty(), "{st:?}");
+    assert_eq!(st.role_of(pid), Some(Role::Hold), "{st:?}");
+    Ok(())
+}
+
 #[test]
 fn a_detach_killed_halfway_leaves_hold_protecting_the_port() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let mut hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
     let args = ["detach".to_string(), "0.0.0.0:8080".to_string()];
@@ -313,22 +347,23 @@ fn a_detach_killed_halfway_leaves_hold_protecting_the_port() -> anyhow::Result<(
     detach.kill()?;
     detach.wait()?;
     // Registered again: the live set names hold's placeholder.
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(3));
-    let held = |st: &Status| st.role_of(hold.child.id() as i32) == Some(Role::Hold);
-    while !held(&report(&ns, PORT)?) {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "hold's placeholder is not registered again: {}",
-            status(&ns, PORT)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pid = hold.child.id() as i32;
+    until(
+        "hold's placeholder registered again",
+        Duration::from_secs(3),
+        || Ok(report(&ns, PORT)?.role_of(pid) == Some(Role::Hold)),
+    )?;
     assert!(hold.child.try_wait()?.is_none(), "hold exited");
     // The only member crashes; a connection made now waits for the next one.
     v1.signal(Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(200));
+    anyhow::ensure!(
+        v1.wait_exit(scaled(Duration::from_secs(5))),
+        "v1 did not die"
+    );
     let waiting = Background::start(&ns, LoadSpec::burst(addr(), 5, Duration::from_secs(20)));
-    std::thread::sleep(Duration::from_millis(300));
+    until("the burst waiting on hold", Duration::from_secs(5), || {
+        Ok(queued(&ns, PORT, Role::Hold)? >= 5)
+    })?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let t = load::tally(&waiting.finish());
@@ -359,10 +394,9 @@ fn drain_last_member(with_hold: bool) -> anyhow::Result<(zdt_tests::harness::Ctl
         &ns,
         LoadSpec::open(addr(), DRAIN_RATE, Duration::from_secs(30)),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    l.see(3);
     let r = zdt(&ns, &["drain", &v1.pid.to_string(), "--force"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(requests_at(DRAIN_RATE, Duration::from_millis(1500))));
     Ok((r, t, fingerprint(&ns, PORT)? != before))
 }
 
@@ -400,15 +434,15 @@ fn hold_registers_while_a_promote_waits_for_readiness() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let l = Background::start(&ns, LoadSpec::open(addr(), RATE, Duration::from_secs(30)));
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
-    let promote = zdt_command(&ns, &strs(&promote_args(&v2, &["--stop-old", "--json"])))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
     // hold starts while the promote waits for v2's /readyz (3 s).
-    std::thread::sleep(Duration::from_millis(300));
+    let mut cmd = zdt_command(&ns, &strs(&promote_args(&v2, &["--stop-old", "--json"])));
+    cmd.env("RUST_LOG", "zdt_ctl=info")
+        .stdout(std::process::Stdio::piped());
+    let (promote, waiting) = spawn_until(&mut cmd, "waiting for readiness")?;
+    assert!(waiting, "the promote ended before it waited for readiness");
     let hold = Hold::start(&ns, &["0.0.0.0:8080"])?;
     let registered_ms = zdt_ctl::state::now_ms();
-    let out = promote.wait_with_output()?;
+    let out = promote.child.wait_with_output()?;
     assert!(out.status.success(), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     // It registered before the promote's switch, i.e. during the readiness wait: before the

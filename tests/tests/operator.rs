@@ -52,7 +52,6 @@ fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
             .warmup(Duration::from_millis(500)),
     )?;
     promote(&ns, &v2, &["--stop-old"])?;
-    std::thread::sleep(Duration::from_millis(300));
     let st = status(&ns, PORT)?;
     assert_eq!(st["attached"], true, "{st}");
     for g in st["groups"].as_array().unwrap() {

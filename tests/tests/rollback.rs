@@ -30,7 +30,7 @@ fn rolled_back(ns: &Netns, back: &App, from: &App) -> anyhow::Result<zdt_tests::
 #[test]
 fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     // Nothing was switched yet: nothing to go back to.
     let r = zdt(&ns, &["rollback"]);
@@ -42,18 +42,18 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     );
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    std::thread::sleep(Duration::from_millis(400));
+    let spell = load::requests_at(RATE, Duration::from_millis(400));
+    l.see(spell);
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
 
     // v2 turns out bad: back to v1, drained but still running.
     rolled_back(&ns, &v1, &v2)?;
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
-    std::thread::sleep(Duration::from_millis(400));
+    l.see(spell);
     // A rollback of the rollback goes forward again.
     zdt_ok(&ns, &["rollback"])?;
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
-    std::thread::sleep(Duration::from_millis(400));
-    let t = load::tally(&l.finish());
+    let t = load::tally(&l.finish_after(spell));
     assert_eq!(t.failures(), 0, "{t:?}");
     // Each version served for 0.8 s at least, in two spells: a quarter second's load each.
     let enough = load::requests_at(RATE, Duration::from_millis(250));
@@ -64,7 +64,10 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
 
     // Once the previous version is gone there is nothing to go back to: refused, unchanged.
     v1.signal(Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(200));
+    anyhow::ensure!(
+        v1.wait_exit(load::scaled(Duration::from_secs(5))),
+        "v1 did not die"
+    );
     let before = fingerprint(&ns, PORT)?;
     let r = zdt(&ns, &["rollback"]);
     assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");

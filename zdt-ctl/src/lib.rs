@@ -86,6 +86,8 @@ pub enum Step {
     AttachLocked,
     /// Between the read of /proc/PID/fd and pidfd_getfd.
     FdsRead,
+    /// hold: its placeholders are in the socket array, not yet in the hold lists.
+    HoldInserted,
 }
 
 impl Step {
@@ -102,7 +104,7 @@ impl Step {
         Step::Stopping,
     ];
     /// The steps of the other commands, and those every locked command passes.
-    pub const OTHERS: [Step; 7] = [
+    pub const OTHERS: [Step; 8] = [
         Step::LockTaken,
         Step::UpgradeAttached,
         Step::ExecListening,
@@ -110,6 +112,7 @@ impl Step {
         Step::PlaceholdersShut,
         Step::AttachLocked,
         Step::FdsRead,
+        Step::HoldInserted,
     ];
 
     /// Every step.
@@ -136,6 +139,7 @@ impl Step {
             Step::PlaceholdersShut => "placeholders-shut",
             Step::AttachLocked => "attach-locked",
             Step::FdsRead => "fds-read",
+            Step::HoldInserted => "hold-inserted",
         }
     }
 

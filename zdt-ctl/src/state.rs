@@ -946,7 +946,7 @@ impl State {
                     continue;
                 };
                 self.attach_to_group(&l.fd)?;
-                self.insert(p.pid, p.start, std::slice::from_ref(&l))?;
+                self.insert(p.pid, p.start, std::slice::from_ref(&l), role)?;
                 tracing::warn!(
                     pid = p.pid,
                     local = %l.local,
@@ -1147,14 +1147,16 @@ impl State {
             }))
     }
 
-    /// Puts `listeners` of process `pid` into the socket array as candidates and returns their
-    /// slots, as [`Snapshot::place`] decides. Every slot is chosen before anything is written:
+    /// Puts `listeners` of process `pid` into the socket array, recorded with `role` (a promote's
+    /// candidates, hold's placeholders), and returns their slots, as [`Snapshot::place`] decides.
+    /// Every slot is chosen before anything is written:
     /// when there are not enough, the command fails having changed nothing.
     pub fn insert(
         &mut self,
         pid: i32,
         pid_start: u64,
         listeners: &[Listener],
+        role: Role,
     ) -> anyhow::Result<Vec<u32>> {
         let cookies: Vec<u64> = listeners.iter().map(|l| l.cookie).collect();
         let placement = self
@@ -1179,7 +1181,7 @@ impl State {
                 pid_start,
                 since_ms: now_ms(),
                 pid: pid as u32,
-                role: Role::Candidate.raw(),
+                role: role.raw(),
                 family: l.family(),
                 uid: l.uid,
             };

@@ -198,7 +198,12 @@ pub fn attach_as(
         for (pid, l) in &listeners {
             let Some(pid) = *pid else { continue };
             let start = sockets::start_time(pid).unwrap_or(0);
-            slots.extend(state.insert(pid, start, std::slice::from_ref(l))?);
+            slots.extend(state.insert(
+                pid,
+                start,
+                std::slice::from_ref(l),
+                crate::plan::sets::Role::Candidate,
+            )?);
             if !adopted.contains(&pid) {
                 adopted.push(pid);
             }

@@ -225,7 +225,10 @@ fn register(spec: &PortSpec, fds: &[OwnedFd]) -> anyhow::Result<()> {
         state.attach_to_group(&l.fd)?;
     }
     let start = sockets::start_time(pid).unwrap_or(0);
-    indices.extend(state.insert(pid, start, &missing)?);
+    // Recorded as hold's from the start: `status` reads without the lock, and must never see a
+    // placeholder as a candidate between this write and the plan's.
+    indices.extend(state.insert(pid, start, &missing, crate::plan::sets::Role::Hold)?);
+    crate::failpoint(crate::Step::HoldInserted);
     let plan = state.snapshot()?.hold(&indices)?;
     state.apply(&plan)?;
     Ok(())

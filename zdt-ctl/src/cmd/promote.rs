@@ -652,7 +652,7 @@ fn switch_port(
     for l in &listeners {
         state.attach_to_group(&l.fd)?;
     }
-    let new = state.insert(pid, target.start, &listeners)?;
+    let new = state.insert(pid, target.start, &listeners, Role::Candidate)?;
     failpoint(crate::Step::Inserted);
     let snap = state.snapshot()?;
     let (before, rollback_target) = (snap.live_set(), snap.target);
@@ -903,7 +903,7 @@ fn probe_through_port(
         for l in &listeners {
             state.attach_to_group(&l.fd)?;
         }
-        let new = state.insert(target.pid, target.start, &listeners)?;
+        let new = state.insert(target.pid, target.start, &listeners, Role::Candidate)?;
         drop(listeners);
         let probing = state.snapshot()?.probe(&new)?;
         state.write_set(&probing)?;
