@@ -1,4 +1,5 @@
 //! `zdt-ctl watch`: new processes promoted once ready, with no deploy script, under load.
+use anyhow::Context as _;
 use std::time::{Duration, Instant};
 use zdt_tests::harness::{report, Role};
 
@@ -253,5 +254,68 @@ fn the_watcher_makes_a_canary_with_weight() -> anyhow::Result<()> {
     // 30 % of 1000 by flow hash: 300, with a standard deviation of about 14.5.
     let canary = t.versions.get("v2").copied().unwrap_or(0);
     assert!((240..=360).contains(&canary), "{t:?}");
+    Ok(())
+}
+
+/// A member that re-creates its listener (a Go server restarted in process, nginx reloading
+/// changed `listen` lines) leaves the active set naming a dead socket: until a command takes
+/// the port's lock, SYNs are hashed over the whole group, a version still warming beside it
+/// included. The watcher takes the lock when the listeners change, so it adopts the new
+/// listener by itself; without it (the control, same run) the warming version keeps answering.
+#[test]
+fn the_watcher_adopts_a_recreated_listener_by_itself() -> anyhow::Result<()> {
+    // Requests sent once the watcher had time to look (or, in the control, as long after the
+    // re-listen): how many the warming version answered (503).
+    let run = |with_watch: bool| -> anyhow::Result<(load::Tally, Option<Duration>)> {
+        let ns = Netns::new()?;
+        let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--relisten-on-hup"))?;
+        zdt_ok(&ns, &["attach", ":8080"])?;
+        let _v2 = App::start(
+            &ns,
+            &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
+        )?;
+        let _watcher = if with_watch {
+            let args = ["watch", ":8080", "--probe", "/readyz"];
+            Some(KillOnDrop(zdt_command(&ns, &args).spawn()?))
+        } else {
+            None
+        };
+        // The port as the watcher found it: v1 active, v2 a newcomer it waits for.
+        let t = load::requests(&ns, PORT, 50, 200.0);
+        assert_eq!(
+            t.versions.get("v1"),
+            Some(&50),
+            "before the re-listen: {t:?}"
+        );
+        v1.signal(nix::sys::signal::Signal::SIGHUP);
+        v1.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
+        let relistened = Instant::now();
+        let adopted = |ns: &Netns| -> anyhow::Result<bool> {
+            let st = report(ns, PORT)?;
+            Ok(st.drift.unadopted.is_empty() && st.role_of(v1.pid) == Some(Role::Active))
+        };
+        let deadline = relistened + scaled(Duration::from_secs(3));
+        let mut took = None;
+        while Instant::now() < deadline {
+            if adopted(&ns)? {
+                took = Some(relistened.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = load::requests(&ns, PORT, 100, 200.0);
+        Ok((t, took))
+    };
+    let (plain, plain_took) = run(false)?;
+    assert_eq!(plain_took, None, "adopted with no watcher and no command");
+    assert!(
+        plain.count(load::Outcome::Http5xx) > 0,
+        "control: the warming version answered nothing: {plain:?}"
+    );
+    let (t, took) = run(true)?;
+    let took = took.context("the watcher did not adopt v1's new listener")?;
+    println!("the watcher adopted the re-created listener {took:?} after the re-listen");
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert_eq!(t.versions.get("v1"), Some(&100), "{t:?}");
     Ok(())
 }
