@@ -848,7 +848,7 @@ pub fn zdt_handover(ns: &Netns, new: &App, old: App, gap: Duration) -> anyhow::R
     let mut cmd = zdt_command(ns, &args);
     cmd.env("RUST_LOG", "zdt_ctl=info").stdout(Stdio::piped());
     // Either it switched, or it ended (a failure, found when it is reaped).
-    let (running, _) = spawn_until(&mut cmd, "switched")?;
+    let (running, _) = spawn_until(&mut cmd, zdt_ctl::SWITCHED)?;
     Ok(Pending {
         child: running.child,
         old,

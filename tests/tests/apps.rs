@@ -8,11 +8,11 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use zdt_tests::harness::Kind;
+use zdt_tests::harness::{report, Kind};
 use zdt_tests::{
     harness::{
-        at_log_event, bin, fingerprint, promote_args, replace, status, strs, zdt, zdt_ok, App,
-        AppOpts, Ctl, Hold,
+        at_log_event, bin, fingerprint, promote_args, replace, strs, zdt, zdt_ok, App, AppOpts,
+        Ctl, Hold,
     },
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
@@ -223,12 +223,12 @@ fn cold_restart(ns: &Netns, o: &AppOpts, to: &[SocketAddr]) -> anyhow::Result<Ve
     let tallies = finish(l);
     // Every request answered 200; some waited on the placeholder (slow), none failed otherwise.
     for t in &tallies {
-        let st = status(ns, PORT)?;
+        let st = report(ns, PORT)?;
         assert!(
             t.requests > requests_at(RATE, Duration::from_secs(1)),
             "{t:?}"
         );
-        assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?} {st}");
+        assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?} {st:?}");
         assert!(t.versions.contains_key("v2"), "{t:?}");
     }
     Ok(tallies)
@@ -425,14 +425,9 @@ fn a_supervisor_that_keeps_the_socket_is_never_a_member() -> anyhow::Result<()> 
     // The attach adopts the service, not the supervisor that holds the socket too.
     let r = zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     assert!(r.stdout.contains(&format!("active: pid {v1} (")), "{r:?}");
-    let st = status(&ns, PORT)?;
-    let pids: Vec<i64> = st["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["pid"].as_i64())
-        .collect();
-    assert_eq!(pids, [i64::from(v1)], "{st}");
+    let st = report(&ns, PORT)?;
+    let pids: Vec<i32> = st.members.iter().map(|m| m.pid).collect();
+    assert_eq!(pids, [v1], "{st:?}");
     // The supervisor, and zdt-ctl itself, are refused as PID.
     let sup_pid = sup.id().to_string();
     fails_fast(

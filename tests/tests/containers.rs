@@ -10,7 +10,7 @@ use std::{
 
 use zdt_tests::{
     harness::{
-        active_pids, assert_invariants, print_tally, status, wait_for_200, zdt_command, zdt_ok,
+        active_pids, assert_invariants, print_tally, report, wait_for_200, zdt_command, zdt_ok,
         KillOnDrop,
     },
     load::{self, scaled, Background, LoadSpec},
@@ -144,8 +144,8 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     while active(ns)? != [i64::from(v2.pid)] {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "v2 not promoted: {}",
-            status(ns, PORT)?
+            "v2 not promoted: {:?}",
+            report(ns, PORT)?
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use zdt_tests::harness::{kind_of, report, Kind, Role};
 use zdt_tests::{
     harness::{
-        at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, status, strs, until,
+        at_failpoint, at_log_event, fingerprint, probe_list_len, promote_args, strs, until,
         wait_probing, zdt_command, zdt_ok, App, AppOpts, Paused,
     },
     load::{self, requests_at, scaled, Allowance, Background, LoadSpec, Outcome},
@@ -50,7 +50,7 @@ fn role(pid: i32, r: Role) -> (i32, Role) {
 fn in_probation(ns: &Netns, new: &App, extra: &[&str]) -> Paused {
     let probation = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
     let args = promote_args(new, &[&["--probation", &probation], extra].concat());
-    let promote = at_log_event(ns, &args, "switched");
+    let promote = at_log_event(ns, &args, zdt_ctl::SWITCHED);
     std::thread::sleep(Duration::from_millis(500));
     promote
 }
@@ -237,17 +237,17 @@ fn a_recreated_group_is_reported_and_reattached() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    assert_eq!(status(&ns, PORT)?["attached"], true);
+    assert!(report(&ns, PORT)?.attached);
     // The service stops: the last listener closes, the kernel frees the group and its program.
     drop(v1);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], false, "{st}");
-    assert_eq!(st["groups"][0]["steering"], false, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(!st.attached, "{st:?}");
+    assert_eq!(st.groups.first().map(|g| g.steering), Some(false), "{st:?}");
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], true, "{st}");
-    assert_eq!(st["groups"][0]["steering"], true, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(st.attached, "{st:?}");
+    assert_eq!(st.groups.first().map(|g| g.steering), Some(true), "{st:?}");
     Ok(())
 }
 
@@ -269,12 +269,12 @@ fn a_program_removed_or_replaced_by_the_app_is_detected_and_reattached() -> anyh
         aya::programs::SkReuseport::detach(&l[0].fd)?;
         Ok(())
     })??;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], false, "{st}");
-    assert_eq!(st["groups"][0]["steering"], false, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(!st.attached, "{st:?}");
+    assert_eq!(st.groups.first().map(|g| g.steering), Some(false), "{st:?}");
     // Promote (of the current member, say) attaches it again.
     zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
-    assert_eq!(status(&ns, PORT)?["attached"], true);
+    assert!(report(&ns, PORT)?.attached);
 
     // What else the app can do: SO_ATTACH_REUSEPORT_EBPF with a program of its own, which
     // replaces zdt's for the whole group (no privilege is needed for that).
@@ -298,10 +298,10 @@ fn a_program_removed_or_replaced_by_the_app_is_detected_and_reattached() -> anyh
         anyhow::ensure!(rc == 0, "{}", std::io::Error::last_os_error());
         Ok(())
     })??;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], false, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(!st.attached, "{st:?}");
     zdt_ok(&ns, &strs(&promote_args(&v1, &[])))?;
-    assert_eq!(status(&ns, PORT)?["attached"], true);
+    assert!(report(&ns, PORT)?.attached);
     Ok(())
 }
 
@@ -319,8 +319,8 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     v2.signal(Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Draining)]));
-    let st = status(&ns, PORT)?;
-    assert!(st["counters"]["fallback"].as_u64().unwrap() > 0, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(st.counters.fallback > 0, "{st:?}");
     // Its listener is gone: nothing (zdt included) kept a duplicate of it.
     let listeners = ns.run(|| {
         zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)
@@ -373,22 +373,22 @@ fn a_full_accept_queue_is_reported() -> anyhow::Result<()> {
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     v1.signal(Signal::SIGTERM);
     until("v1's queue migrated", Duration::from_secs(5), || {
-        Ok(status(&ns, PORT)?["kernel"]["migrate_req_success"].as_u64() >= Some(QUEUED))
+        Ok(report(&ns, PORT)?.kernel.migrate_req_success >= QUEUED)
     })?;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["kernel"]["migrate_req_success"], QUEUED, "{st}");
-    assert_eq!(st["counters"]["migrated"], QUEUED, "{st}");
+    let st = report(&ns, PORT)?;
+    assert_eq!(st.kernel.migrate_req_success, QUEUED, "{st:?}");
+    assert_eq!(st.counters.migrated, QUEUED, "{st:?}");
     // New connections now find v2's queue full.
     let mut more = LoadSpec::open(addr(), 200.0, Duration::from_secs(10));
     more.max_requests = 10;
     more.request_timeout = Duration::from_millis(500);
     let overflow = Background::start(&ns, more);
     until("a listen overflow", Duration::from_secs(5), || {
-        Ok(status(&ns, PORT)?["kernel"]["listen_overflows"].as_u64() > Some(0))
+        Ok(report(&ns, PORT)?.kernel.listen_overflows > 0)
     })?;
-    let st = status(&ns, PORT)?;
-    let overflows = st["kernel"]["listen_overflows"].as_u64().unwrap();
-    assert!(overflows > 0, "{st}");
+    let st = report(&ns, PORT)?;
+    let overflows = st.kernel.listen_overflows;
+    assert!(overflows > 0, "{st:?}");
     // The human view shows it too.
     let out = zdt_ok(&ns, &["status", "8080"])?;
     let shown: u64 = out

@@ -282,8 +282,8 @@ fn a_pinned_state_zdt_did_not_create_is_refused() -> anyhow::Result<()> {
     let r = zdt(&ns, &["status", "8080"]);
     assert_eq!(r.kind(), Some(Kind::NotAttached), "{r:?}");
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let st = zdt_tests::harness::status(&ns, PORT)?;
-    assert_eq!(st["attached"], true, "{st}");
+    let st = zdt_tests::harness::report(&ns, PORT)?;
+    assert!(st.attached, "{st:?}");
     let t = load::requests(&ns, PORT, 20, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&20), "{t:?}");
     Ok(())
@@ -907,20 +907,10 @@ fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
     let r = zdt_ok(&ns, &["upgrade", "8080"])?;
     assert!(r.stderr.contains("another user"), "{r:?}");
     let hold = zdt_tests::harness::Hold::start(&ns, &[":8080"])?;
-    let st = zdt_tests::harness::status(&ns, PORT)?;
-    assert_eq!(st["attached"], true, "{st}");
-    let v6 = st["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|g| g["family"] == "ipv6")
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(
-        (v6["listeners"].as_u64(), v6["foreign"].as_u64()),
-        (Some(0), Some(1)),
-        "{st}"
-    );
+    let st = zdt_tests::harness::report(&ns, PORT)?;
+    assert!(st.attached, "{st:?}");
+    let v6 = st.groups.iter().find(|g| g.family == "ipv6");
+    assert_eq!(v6.map(|g| (g.listeners, g.foreign)), Some((0, 1)), "{st:?}");
     let mut v1 = v1;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_tests::harness::replace(&ns, &v2, &mut v1)?;
@@ -1031,9 +1021,9 @@ fn a_mapped_ipv6_address_is_checked_and_probed_through_ipv4() -> anyhow::Result<
     };
     let _v1 = App::start(&ns, &mapped("v1"))?;
     zdt_ok(&ns, &["attach", "[::ffff:127.0.0.1]:8080"])?;
-    let st = zdt_tests::harness::status(&ns, PORT)?;
-    assert_eq!(st["attached"], true, "{st}");
-    assert_eq!(st["groups"][0]["steering"], true, "{st}");
+    let st = zdt_tests::harness::report(&ns, PORT)?;
+    assert!(st.attached, "{st:?}");
+    assert_eq!(st.groups.first().map(|g| g.steering), Some(true), "{st:?}");
     let v2 = App::start(&ns, &mapped("v2"))?;
     let pid = v2.pid.to_string();
     zdt_ok(
@@ -1161,13 +1151,7 @@ fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
         foreign.0.try_wait()?.is_none(),
         "the other user's process was stopped"
     );
-    let st = zdt_tests::harness::status(&ns, PORT)?;
-    let pids: Vec<i64> = st["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["pid"].as_i64())
-        .collect();
-    assert!(!pids.contains(&i64::from(foreign.0.id())), "{st}");
+    let st = zdt_tests::harness::report(&ns, PORT)?;
+    assert!(st.member(foreign.0.id() as i32).is_none(), "{st:?}");
     Ok(())
 }

@@ -6,11 +6,11 @@ use zdt_ctl::Step;
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use std::collections::BTreeSet;
-use zdt_tests::harness::{kind_of, report, Kind, Role};
+use zdt_tests::harness::{kind_of, report, Kind, Role, Status};
 use zdt_tests::{
     harness::{
-        at_failpoint, exit_within, fingerprint, promote_args, queued, spawn_until, status, strs,
-        until, zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
+        at_failpoint, exit_within, fingerprint, promote_args, queued, spawn_until, strs, until,
+        zdt, zdt_command, zdt_ok, App, AppOpts, Hold,
     },
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::Netns,
@@ -71,17 +71,13 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     // (for up to the warm-up: slow is expected) and were then moved to v2.
     assert_eq!(t.failures(), t.count(Outcome::Slow), "{t:?}");
     assert!(t.count(Outcome::Slow) > 0, "nothing waited: {t:?}");
-    let st = status(&ns, PORT)?;
-    let held = st["counters"]["held"].as_u64().unwrap_or(0);
-    assert!(held > 0, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(st.counters.held > 0, "{st:?}");
     // The kernel moved them, none failed. (`held` counts the program's selections, not
     // connections: runs with one selection more than migrations have been seen, so the two
     // are not compared exactly.)
-    assert!(
-        st["kernel"]["migrate_req_success"].as_u64().unwrap_or(0) > 0,
-        "{st}"
-    );
-    assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
+    assert!(st.kernel.migrate_req_success > 0, "{st:?}");
+    assert_eq!(st.kernel.migrate_req_failure, 0, "{st:?}");
     // hold says so once it has moved the queue and listens again (registered).
     let deadline = std::time::Instant::now() + scaled(Duration::from_secs(5));
     let mut said = Vec::new();
@@ -94,7 +90,7 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     }
     // v2 is gone with cold_restart's end; the placeholder stays, in its own role.
     let roles: Vec<Role> = report(&ns, PORT)?.members.iter().map(|m| m.role).collect();
-    assert_eq!(roles, [Role::Hold], "{st}");
+    assert_eq!(roles, [Role::Hold], "{st:?}");
     // Detach: the hold process leaves by itself (a placeholder in a group without the program
     // would get a share of new connections and never accept them).
     zdt_ok(&ns, &["detach", ":8080"])?;
@@ -106,7 +102,7 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
 
 /// A process with a full accept queue dies (SIGKILL, no drain): its queue, which nothing else
 /// could take, is reset, unless a placeholder holds it until the next process is promoted.
-fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value)> {
+fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, Status)> {
     const QUEUED: u64 = 30;
     let ns = Netns::new()?;
     // v1 never accepts: what it is given stays queued on its listener.
@@ -134,7 +130,7 @@ fn crash_with_queue(with_hold: bool) -> anyhow::Result<(Tally, serde_json::Value
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let t = load::tally(&burst.finish_after(load::AFTER_LAST_CHANGE));
     assert_eq!(t.requests, QUEUED, "{t:?}");
-    Ok((t, status(&ns, PORT)?))
+    Ok((t, report(&ns, PORT)?))
 }
 
 #[test]
@@ -146,11 +142,11 @@ fn a_crashed_process_queue_waits_on_the_placeholder() -> anyhow::Result<()> {
     assert_eq!(
         t.count(Outcome::Ok) + t.count(Outcome::Slow),
         t.requests,
-        "{t:?} {st}"
+        "{t:?} {st:?}"
     );
     // They reached the placeholder by migration (v1's listener closed with them queued).
-    assert!(st["counters"]["held"].as_u64().unwrap_or(0) > 0, "{st}");
-    assert_eq!(st["kernel"]["migrate_req_failure"], 0, "{st}");
+    assert!(st.counters.held > 0, "{st:?}");
+    assert_eq!(st.kernel.migrate_req_failure, 0, "{st:?}");
     Ok(())
 }
 

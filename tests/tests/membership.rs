@@ -4,8 +4,9 @@
 use std::{collections::BTreeSet, os::fd::AsRawFd, time::Duration};
 
 use nix::sys::signal::Signal;
+use zdt_ctl::cmd::status::Drift;
 use zdt_tests::{
-    harness::{replace, report, roles, status, zdt_ok, App, AppOpts, Role},
+    harness::{replace, report, roles, zdt_ok, App, AppOpts, Role},
     load::{self, scaled},
     netns::Netns,
 };
@@ -18,21 +19,22 @@ fn members(ns: &Netns) -> anyhow::Result<BTreeSet<(i32, Role)>> {
 }
 
 /// `attach` again (a command that takes the port's lock) puts right what `status` reported in
-/// its drift `list`, saying `says`; `app` (`version`) is then the one active member, and takes
-/// every request.
-fn put_right(ns: &Netns, says: &str, list: &str, app: &App, version: &str) -> anyhow::Result<()> {
+/// the drift list that `list` reads, saying `says`; `app` (`version`) is then the one active
+/// member, and takes every request.
+fn put_right(
+    ns: &Netns,
+    says: &str,
+    list: fn(&Drift) -> usize,
+    app: &App,
+    version: &str,
+) -> anyhow::Result<()> {
     let r = zdt_ok(ns, &["attach", ":8080"])?;
     assert!(r.stderr.contains(says), "{r:?}");
     assert_eq!(members(ns)?, BTreeSet::from([(app.pid, Role::Active)]));
-    assert!(drift(ns, list)?.is_empty());
+    assert_eq!(list(&report(ns, PORT)?.drift), 0);
     let t = load::requests(ns, PORT, 100, 1000.0);
     assert_eq!(t.versions.get(version), Some(&100), "{t:?}");
     Ok(())
-}
-
-fn drift(ns: &Netns, list: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let st = status(ns, PORT)?;
-    Ok(st["drift"][list].as_array().cloned().unwrap_or_default())
 }
 
 #[test]
@@ -59,7 +61,13 @@ fn a_member_that_recreates_its_listener_is_adopted_and_keeps_its_role() -> anyho
     assert_eq!(unadopted[0].role, Role::Active, "{unadopted:?}");
 
     // The next command that takes the port's lock adopts it, in v1's role.
-    put_right(&ns, "re-created its listener", "unadopted", &v1, "v1")?;
+    put_right(
+        &ns,
+        "re-created its listener",
+        |d| d.unadopted.len(),
+        &v1,
+        "v1",
+    )?;
 
     // And a deploy's --stop-old stops it.
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
@@ -91,13 +99,13 @@ fn a_process_that_inherits_a_members_socket_becomes_the_member() -> anyhow::Resu
     assert!(v1.wait_exit(scaled(Duration::from_secs(10))));
 
     // status names the heir at once.
-    let inherited = drift(&ns, "inherited")?;
+    let inherited = report(&ns, PORT)?.drift.inherited;
     assert_eq!(inherited.len(), 1, "{inherited:?}");
-    assert_eq!(inherited[0]["recorded_pid"], v1.pid, "{inherited:?}");
-    assert_eq!(inherited[0]["pid"], v1b.pid, "{inherited:?}");
+    assert_eq!(inherited[0].recorded_pid, v1.pid, "{inherited:?}");
+    assert_eq!(inherited[0].pid, v1b.pid, "{inherited:?}");
 
     // The next command that takes the lock records it; a deploy then stops it.
-    put_right(&ns, "inherited", "inherited", &v1b, "v1b")?;
+    put_right(&ns, "inherited", |d| d.inherited.len(), &v1b, "v1b")?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     replace(&ns, &v2, &mut v1b)?;
     Ok(())

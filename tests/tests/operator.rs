@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 use zdt_ctl::Step;
 
-use zdt_tests::harness::{kind_of, Kind};
+use zdt_tests::harness::{kind_of, report, Kind};
 use zdt_tests::{
     harness::{
         at_failpoint, bin, connect_when_listening, exit_within, status, zdt, zdt_command, zdt_ok,
@@ -30,14 +30,9 @@ fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--split"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    let st = status(&ns, PORT)?;
-    let families: Vec<&str> = st["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["family"].as_str().unwrap())
-        .collect();
-    assert_eq!(families, ["ipv4", "ipv6"], "{st}");
+    let st = report(&ns, PORT)?;
+    let families: Vec<&str> = st.groups.iter().map(|g| g.family.as_str()).collect();
+    assert_eq!(families, ["ipv4", "ipv6"], "{st:?}");
     let v4: SocketAddr = ([127, 0, 0, 1], PORT).into();
     let v6: SocketAddr = "[::1]:8080".parse()?;
     let loads =
@@ -52,18 +47,14 @@ fn dual_stack_is_handed_over_on_both_families() -> anyhow::Result<()> {
             .warmup(Duration::from_millis(500)),
     )?;
     promote(&ns, &v2, &["--stop-old"])?;
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["attached"], true, "{st}");
-    for g in st["groups"].as_array().unwrap() {
-        assert_eq!(g["steering"], true, "{st}");
+    let st = report(&ns, PORT)?;
+    assert!(st.attached, "{st:?}");
+    for g in &st.groups {
+        assert!(g.steering, "{st:?}");
     }
-    let active = &st["members"].as_array().unwrap()[0];
-    assert_eq!(active["pid"], v2.pid);
-    assert_eq!(
-        active["slots"].as_array().unwrap().len(),
-        2,
-        "one slot per family: {st}"
-    );
+    let active = &st.members[0];
+    assert_eq!(active.pid, v2.pid);
+    assert_eq!(active.slots.len(), 2, "one slot per family: {st:?}");
     for (family, l) in ["ipv4", "ipv6"].iter().zip(loads) {
         let t = load::tally(&l.finish());
         assert_eq!(t.failures(), 0, "{family}: {t:?}");
@@ -112,8 +103,8 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
         assert_eq!(r["drained"], serde_json::json!([v1.pid]), "{reports}");
     }
     for (port, l) in [8080u16, 8443].iter().zip(loads) {
-        let st = status(&ns, *port)?;
-        assert_eq!(st["members"][0]["pid"], v2.pid, "{st}");
+        let st = report(&ns, *port)?;
+        assert_eq!(st.members.first().map(|m| m.pid), Some(v2.pid), "{st:?}");
         let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
         assert_eq!(t.failures(), 0, "{port}: {t:?}");
     }
@@ -285,23 +276,29 @@ fn status_shows_a_taking_socket_nothing_accepts_from() -> anyhow::Result<()> {
         "v1",
         1,
     )?;
-    let pid = v1.0.id();
+    let pid = v1.0.id() as i32;
     zdt_ok(&ns, &["promote", &pid.to_string(), "--readyz", &readyz])?;
     let t = requests_to(&ns, ([127, 0, 0, 1], PORT).into(), 20)?;
     assert_eq!(t.versions.get("v1"), Some(&20), "{t:?}");
-    let st = status(&ns, PORT)?;
-    assert_eq!(st["members"][0]["stalled"], serde_json::json!([]), "{st}");
+    let st = report(&ns, PORT)?;
+    assert_eq!(
+        st.members.first().map(|m| m.stalled.as_slice()),
+        Some(&[][..]),
+        "{st:?}"
+    );
     // IPv6 clients: the handshake completes in the kernel, and they wait in the queue.
     let waiting = ns.run(|| {
         (0..3)
             .map(|_| std::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, PORT)))
             .collect::<std::io::Result<Vec<_>>>()
     })??;
-    let st = status(&ns, PORT)?;
-    let m = &st["members"][0];
-    assert_eq!(m["pid"], pid, "{st}");
-    assert_eq!(m["queued"], 3, "{st}");
-    assert_eq!(m["stalled"].as_array().map(Vec::len), Some(1), "{st}");
+    let st = report(&ns, PORT)?;
+    let Some(m) = st.members.first() else {
+        panic!("no member: {st:?}");
+    };
+    assert_eq!(m.pid, pid, "{st:?}");
+    assert_eq!(m.queued, 3, "{st:?}");
+    assert_eq!(m.stalled.len(), 1, "{st:?}");
     let text = zdt_ok(&ns, &["status"])?;
     assert!(
         text.stdout
@@ -642,7 +639,7 @@ fn attach_removes_the_pinned_state_of_a_namespace_that_is_gone() -> anyhow::Resu
     assert!(pins(&idle)?.join("8080").exists());
     assert!(pins(&ns)?.join("8080").exists());
     // The idle namespace's port is still attached and works.
-    let st = status(&idle, PORT)?;
-    assert_eq!(st["port"], PORT, "{st}");
+    let st = report(&idle, PORT)?;
+    assert_eq!(st.port, PORT, "{st:?}");
     Ok(())
 }

@@ -199,7 +199,7 @@ fn a_rollback_during_probation_is_not_undone_by_the_promote() -> anyhow::Result<
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     let probation = format!("{}ms", load::scaled(Duration::from_secs(3)).as_millis());
     let args = promote_args(&v2, &["--probation", &probation, "--stop-old"]);
-    let mut promote = zdt_tests::harness::at_log_event(&ns, &args, "switched");
+    let mut promote = zdt_tests::harness::at_log_event(&ns, &args, zdt_ctl::SWITCHED);
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
     rolled_back(&ns, &v1, &v2)?;
     assert!(

@@ -10,7 +10,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use zdt_tests::{
-    harness::{print_tally, status, zdt_ok},
+    harness::{print_tally, report, zdt_ok},
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::{Counters, Netns},
     servers::{Kind, Server, Wrk, WrkReport, PORT},
@@ -65,7 +65,7 @@ struct Run {
     /// flight, are outside both.)
     whole: Counters,
     /// zdt's program counters after the run (zdt arm only): connections steered and migrated.
-    program: Option<serde_json::Value>,
+    program: Option<zdt_ctl::cmd::status::Counters>,
     /// zdt arm only: each promote's `phases:` line.
     phases: Vec<String>,
 }
@@ -117,7 +117,7 @@ impl Run {
             );
         }
         if let Some(p) = &self.program {
-            println!("  zdt counters: {p}");
+            println!("  zdt counters: {p:?}");
         }
         for p in &self.phases {
             println!("  promote {p}");
@@ -179,7 +179,7 @@ fn handovers(kind: Kind, with_zdt: bool, warmup: Duration, count: u16) -> anyhow
     }
     let whole = Counters::delta(&Counters::read(&ns)?, &start);
     let program = if with_zdt {
-        Some(status(&ns, PORT)?["counters"].clone())
+        Some(report(&ns, PORT)?.counters)
     } else {
         None
     };
@@ -245,11 +245,7 @@ fn control_then_zdt(
     // new connection (`retried`): keep-alive's own way, with or without zdt. Nothing else may
     // reset.
     let keepalive_rsts = z.keepalive.retried;
-    let refused = z
-        .program
-        .as_ref()
-        .and_then(|p| p["probe_refused"].as_u64())
-        .unwrap_or(0);
+    let refused = z.program.as_ref().map_or(0, |p| p.probe_refused);
     assert!(
         z.stops.estab_resets <= 2 * keepalive_rsts,
         "{:?}, keep-alive resets {keepalive_rsts}",
@@ -277,7 +273,7 @@ fn control_then_zdt(
         z.tally
     );
     let program = z.program.as_ref().expect("zdt arm");
-    assert_eq!(program["fallback"], 0, "{program}");
+    assert_eq!(program.fallback, 0, "{program:?}");
 
     // Every reset a client saw is a RST the kernel sent while an old instance stopped. (One for
     // one in every run so far, but not required to be: a connection whose ACK and request both

@@ -4,9 +4,7 @@ use std::time::{Duration, Instant};
 use zdt_tests::harness::{report, Role};
 
 use zdt_tests::{
-    harness::{
-        active_pids, assert_invariants, status, zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
-    },
+    harness::{active_pids, assert_invariants, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
 };
@@ -50,8 +48,8 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
     while active(&ns)? != [i64::from(v2.pid)] {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "v2 not promoted: {}",
-            status(&ns, PORT)?
+            "v2 not promoted: {:?}",
+            report(&ns, PORT)?
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -87,8 +85,8 @@ fn until_active(ns: &Netns, pid: i32, within: Duration) -> anyhow::Result<()> {
     while active(ns)? != [i64::from(pid)] {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "pid {pid} not promoted: {}",
-            status(ns, PORT)?
+            "pid {pid} not promoted: {:?}",
+            report(ns, PORT)?
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -138,8 +136,8 @@ fn newest_ready_serves(readiness: &[&str]) -> anyhow::Result<()> {
     assert_eq!(
         active(&ns)?,
         [i64::from(newer.pid)],
-        "{}",
-        status(&ns, PORT)?
+        "{:?}",
+        report(&ns, PORT)?
     );
     assert_invariants(&ns, PORT)?;
     let t = load::tally(&l.finish());

@@ -50,6 +50,13 @@ macro_rules! outln {
     }};
 }
 
+/// The log event (the message of an info line) a promote emits once its switch is made: the
+/// new set is live, the members' roles are written, zdt's duplicates of the new process's
+/// listeners are closed. Tests wait for it in zdt-ctl's log (`RUST_LOG=zdt_ctl=info`) to act
+/// at that moment of a promote's run, e.g. during its probation; unlike [`Step::Switched`], it
+/// needs no test hook and zdt-ctl does not pause there.
+pub const SWITCHED: &str = "switched";
+
 /// The steps of zdt-ctl's commands that a test can stop or pause zdt-ctl at (`ZDT_FAILPOINT`):
 /// one list, which the code's [`failpoint`] calls and the tests both use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

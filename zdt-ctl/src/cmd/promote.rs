@@ -663,7 +663,7 @@ fn switch_port(
     // their close() really stops the listeners (and a dead process's listener really goes).
     drop(listeners);
     let switch = t.elapsed();
-    tracing::info!(%port, pid, weight, switch_ms = ms(switch), "switched");
+    tracing::info!(%port, pid, weight, switch_ms = ms(switch), "{}", crate::SWITCHED);
     if !plan.drained.is_empty() {
         let pids: Vec<i32> = plan.drained.iter().map(|d| d.pid).collect();
         tracing::info!(%port, ?pids, "drained");
