@@ -172,7 +172,9 @@ fn old_process_crashing_while_draining_loses_nothing() -> anyhow::Result<()> {
         &ns,
         LoadSpec::burst(addr(), QUEUED, Duration::from_secs(20)),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    until("the burst queued on v1", Duration::from_secs(5), || {
+        Ok(zdt_tests::harness::queued(&ns, PORT, Role::Active)? >= QUEUED)
+    })?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     // v1 crashes with 30 connections in its queue: the kernel closes its listener and the
@@ -317,7 +319,11 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     // The active member dies. Its slot is cleared by the kernel; new connections fall back to
     // kernel hashing over what still listens (v1), none is lost.
     v2.signal(Signal::SIGKILL);
-    std::thread::sleep(Duration::from_millis(500));
+    // Once v2 is gone, and the load has seen the state it left.
+    until("v2 gone", Duration::from_secs(5), || {
+        Ok(report(&ns, PORT)?.member(v2.pid).is_none())
+    })?;
+    l.see(load::BEFORE_CHANGE);
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Draining)]));
     let st = report(&ns, PORT)?;
     assert!(st.counters.fallback > 0, "{st:?}");

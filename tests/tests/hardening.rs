@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
-        at_failpoint, at_log_event, fingerprint, promote_args, zdt, zdt_ok, App, AppOpts,
+        at_failpoint, at_log_event, fingerprint, promote_args, until, zdt, zdt_ok, App, AppOpts,
         KillOnDrop,
     },
     load::{self, Background, LoadSpec},
@@ -43,7 +43,13 @@ fn bad_pids_and_sockets_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let foreign = App::start(&elsewhere, &AppOpts::new(PORT, "foreign"))?;
     // A zombie: a child that exited and was never waited for.
     let mut zombie = std::process::Command::new("true").spawn()?;
-    std::thread::sleep(Duration::from_millis(200));
+    let stat = format!("/proc/{}/stat", zombie.id());
+    until("the child a zombie", Duration::from_secs(5), || {
+        // The state is the field after the command's parenthesis.
+        let s = std::fs::read_to_string(&stat)?;
+        Ok(s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')))
+    })?;
     let kthread = kernel_thread().expect("a kernel thread to point at");
 
     let before = fingerprint(&ns, PORT)?;
@@ -502,7 +508,7 @@ fn a_readiness_port_shared_by_two_instances_is_refused() -> anyhow::Result<()> {
     assert_refused_for(&r, v2.pid, v1.pid);
     assert_eq!(fingerprint(&ns, PORT)?, before, "state changed");
     // v1 goes on serving the port.
-    std::thread::sleep(Duration::from_millis(500));
+    l.see(load::requests_at(RATE, Duration::from_millis(500)));
     let t = served_throughout(l);
     assert_eq!(t.versions.get("v2"), None, "{t:?}");
     Ok(())
@@ -539,7 +545,7 @@ fn an_unspecified_or_mapped_readiness_address_is_checked_as_loopback() -> anyhow
         assert_eq!(fingerprint(&ns, PORT)?, before, "{url}: state changed");
     }
     // v1 goes on serving the port.
-    std::thread::sleep(Duration::from_millis(500));
+    l.see(load::requests_at(RATE, Duration::from_millis(500)));
     let t = served_throughout(l);
     assert_eq!(t.versions.get("v2"), None, "{t:?}");
     Ok(())

@@ -56,7 +56,10 @@ fn two_versions_of_a_512_worker_app_hand_over_on_both_families() -> anyhow::Resu
         Some(&(Role::Canary, 1024)),
         "{by_pid:?}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Both versions serve before the rollout completes.
+    for l in &loads {
+        l.see(load::BEFORE_CHANGE);
+    }
     // The rollout completes; v1 is stopped and its queues move to v2.
     replace(&ns, &v2, &mut v1)?;
     let st = report(&ns, PORT)?;

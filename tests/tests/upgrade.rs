@@ -149,7 +149,7 @@ fn upgrade_swaps_the_program_under_load_keeping_roles_and_counters() -> anyhow::
 
     // And deploys go on.
     zdt_ok(&ns, &strs(&promote_args(&v2, &["--stop-old"])))?;
-    std::thread::sleep(Duration::from_millis(400));
+    l.see(load::requests_at(RATE, Duration::from_millis(400)));
     drop(stats);
     let t = load::tally(&l.finish());
     assert_eq!(t.failures(), 0, "{t:?}");
