@@ -191,7 +191,7 @@ fn load_selecting(sockets: &aya::maps::MapData, spread: Option<u32>) -> anyhow::
     const CALL: u8 = 0x85;
     const PSEUDO_MAP_FD: u8 = 1;
     const SK_SELECT_REUSEPORT: i32 = 82; // BPF_FUNC_sk_select_reuseport
-                                         // offsetof(struct sk_reuseport_md, hash) in the UAPI (two pointers, then four u32).
+    /// offsetof(struct sk_reuseport_md, hash) in the UAPI (two pointers, then four u32).
     const MD_HASH: i16 = 32;
     let fd = sockets.fd().as_fd().as_raw_fd();
     let mut insns = vec![ins(MOV64_X, 6, 1, 0, 0)]; // r6 = ctx

@@ -16,7 +16,7 @@
 //!   `--help`. A literal laid out on purpose (a table, a config file, a Debian changelog) says
 //!   so in a comment containing `spaces:` on its line or the line before.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -281,6 +281,20 @@ fn module_items_named(
     let defined = Regex::new(
         r"(?m)\b(?:fn|mod|static|macro_rules!)\s+([a-z_][a-z0-9_]*)|^\s*(?:pub(?:\([a-z]+\))?\s+)?([a-z_][a-z0-9_]*)\s*:",
     )?;
+    // What each module name defines, read once: the items of the files of that name, and the
+    // files in a directory of that name (its submodules).
+    let mut defs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (q, src) in rust {
+        let Some(name) = stem(q) else { continue };
+        if let Some(dir) = q.parent().and_then(|d| d.file_name()) {
+            let dir = dir.to_string_lossy().into_owned();
+            defs.entry(dir).or_default().insert(name.clone());
+        }
+        let items = defined
+            .captures_iter(src)
+            .filter_map(|d| d.get(1).or(d.get(2)).map(|m| m.as_str().to_string()));
+        defs.entry(name).or_default().extend(items);
+    }
     let named = Regex::new(r"\b([a-z_][a-z0-9_]*)::([a-z_][a-z0-9_]*)")?;
     for (p, text) in prose {
         for c in named.captures_iter(text) {
@@ -288,16 +302,7 @@ fn module_items_named(
             if !modules.contains(module) || item == "tests" {
                 continue;
             }
-            let found = rust.iter().any(|(q, src)| {
-                let here = stem(q).as_deref() == Some(module);
-                let submodule = q.parent().is_some_and(|d| d.ends_with(module))
-                    && stem(q).as_deref() == Some(item);
-                submodule
-                    || (here
-                        && defined
-                            .captures_iter(src)
-                            .any(|d| d.get(1).or(d.get(2)).is_some_and(|m| m.as_str() == item)))
-            });
+            let found = defs.get(module).is_some_and(|d| d.contains(item));
             if !found {
                 problems.push(format!(
                     "{}: names `{module}::{item}`, which {module}.rs does not define",
