@@ -227,16 +227,19 @@ impl App {
 
     /// Waits for a stdout line starting with `prefix`; returns the rest of it.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self.lines.recv_timeout(left).with_context(|| {
-                format!("zdt-demo-app {} printed no {prefix:?} line", self.version)
-            })?;
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return Ok(rest.to_string());
-            }
-        }
+        wait_for_line(&self.lines, timeout, |l| {
+            l.strip_prefix(prefix).map(str::to_string)
+        })
+        .map_err(|_| anyhow::anyhow!("zdt-demo-app {} printed no {prefix:?} line", self.version))
+    }
+
+    /// Makes an app started with `--relisten-on-hup` open a new listener and close the one it
+    /// had (a Go server restarted in process, nginx reloading changed `listen` lines), and
+    /// waits until it has.
+    pub fn relisten(&mut self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        self.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
+        Ok(())
     }
 
     /// Waits until the service prints that its warm-up is over.
@@ -376,7 +379,37 @@ pub struct Hold {
     pub lines: mpsc::Receiver<String>,
 }
 
+/// Reads `lines` until `wanted` finds what it looks for in one (at most `timeout`): what it
+/// found, or the lines read meanwhile.
+fn wait_for_line<T>(
+    lines: &mpsc::Receiver<String>,
+    timeout: Duration,
+    mut wanted: impl FnMut(&str) -> Option<T>,
+) -> Result<T, Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            return Err(seen);
+        };
+        if let Some(found) = wanted(&line) {
+            return Ok(found);
+        }
+        seen.push(line);
+    }
+}
+
 impl Hold {
+    /// Waits until hold says something containing `what` (at most `timeout`, stretched by the
+    /// time scale); returns that line.
+    pub fn wait_said(&self, what: &str, timeout: Duration) -> anyhow::Result<String> {
+        wait_for_line(&self.lines, scaled(timeout), |l| {
+            l.contains(what).then(|| l.to_string())
+        })
+        .map_err(|said| anyhow::anyhow!("hold never said {what:?}: {said:?}"))
+    }
+
     /// Starts `zdt-ctl hold ARGS...` and waits until it says its placeholder is registered.
     pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Hold> {
         let mut child = zdt_command(ns, &[&["hold"], args].concat())
@@ -594,14 +627,46 @@ pub fn wait_probing(ns: &Netns, port: u16, timeout: Duration) -> anyhow::Result<
 pub fn until(
     what: &str,
     timeout: Duration,
-    mut event: impl FnMut() -> anyhow::Result<bool>,
+    event: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + scaled(timeout);
-    while !event()? {
-        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+    within(timeout, event)?
+        .map(drop)
+        .with_context(|| format!("{what}: not within {timeout:?}"))
+}
+
+/// [`until`] for a wait that may end without the event: how long it took to happen, or None if
+/// it did not within `timeout` (stretched by the time scale).
+pub fn within(
+    timeout: Duration,
+    mut event: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Option<Duration>> {
+    let start = Instant::now();
+    let deadline = start + scaled(timeout);
+    loop {
+        if event()? {
+            return Ok(Some(start.elapsed()));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
+}
+
+/// An app that re-creates its listener on SIGHUP ([`App::relisten`]) as the port's active
+/// member, once `attach` has found it, and a version warming up for an hour beside it, already
+/// listening on the port: what a re-listen must not hand any request to.
+pub fn relistening_member_beside_a_warming_version(
+    ns: &Netns,
+    port: u16,
+) -> anyhow::Result<(App, App)> {
+    let member = App::start(ns, &AppOpts::new(port, "v1").arg("--relisten-on-hup"))?;
+    zdt_ok(ns, &["attach", &format!(":{port}")])?;
+    let warming = App::start(
+        ns,
+        &AppOpts::new(port, "v2").warmup(Duration::from_secs(3600)),
+    )?;
+    Ok((member, warming))
 }
 
 /// Connections waiting in the accept queues of `port`'s members of role `role`, as

@@ -79,15 +79,7 @@ fn a_cold_restart_behind_hold_loses_no_connection() -> anyhow::Result<()> {
     assert!(st.kernel.migrate_req_success > 0, "{st:?}");
     assert_eq!(st.kernel.migrate_req_failure, 0, "{st:?}");
     // hold says so once it has moved the queue and listens again (registered).
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(5));
-    let mut said = Vec::new();
-    while !said.iter().any(|l: &String| l.contains("moved")) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match hold.lines.recv_timeout(left) {
-            Ok(l) => said.push(l),
-            Err(_) => anyhow::bail!("hold never said it moved the queue: {said:?}"),
-        }
-    }
+    hold.wait_said("moved", Duration::from_secs(5))?;
     // v2 is gone with cold_restart's end; the placeholder stays, in its own role.
     let roles: Vec<Role> = report(&ns, PORT)?.members.iter().map(|m| m.role).collect();
     assert_eq!(roles, [Role::Hold], "{st:?}");

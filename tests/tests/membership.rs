@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, os::fd::AsRawFd, time::Duration};
 use nix::sys::signal::Signal;
 use zdt_ctl::cmd::status::Drift;
 use zdt_tests::{
-    harness::{replace, report, roles, zdt_ok, App, AppOpts, Role},
+    harness::{
+        relistening_member_beside_a_warming_version, replace, report, roles, zdt_ok, App, AppOpts,
+        Role,
+    },
     load::{self, scaled},
     netns::Netns,
 };
@@ -40,20 +43,13 @@ fn put_right(
 #[test]
 fn a_member_that_recreates_its_listener_is_adopted_and_keeps_its_role() -> anyhow::Result<()> {
     let ns = Netns::new()?;
-    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--relisten-on-hup"))?;
-    zdt_ok(&ns, &["attach", ":8080"])?;
-    // A version warming up beside it, already listening on the port: it must take nothing
-    // before it is promoted.
-    let _v2 = App::start(
-        &ns,
-        &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
-    )?;
+    // v2 warms up beside v1: it must take nothing before it is promoted.
+    let (mut v1, _v2) = relistening_member_beside_a_warming_version(&ns, PORT)?;
     assert_eq!(members(&ns)?, BTreeSet::from([(v1.pid, Role::Active)]));
 
     // v1 opens a new listener and closes the one zdt steers to (a Go server restarted in
     // process, nginx reloading changed `listen` lines).
-    v1.signal(Signal::SIGHUP);
-    v1.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
+    v1.relisten()?;
     // status sees it at once.
     let unadopted = report(&ns, PORT)?.drift.unadopted;
     assert_eq!(unadopted.len(), 1, "{unadopted:?}");

@@ -4,7 +4,10 @@ use std::time::{Duration, Instant};
 use zdt_tests::harness::{report, Role};
 
 use zdt_tests::{
-    harness::{active_pids, assert_invariants, zdt_command, zdt_ok, App, AppOpts, KillOnDrop},
+    harness::{
+        active_pids, assert_invariants, relistening_member_beside_a_warming_version, within,
+        zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
+    },
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
 };
@@ -266,12 +269,7 @@ fn the_watcher_adopts_a_recreated_listener_by_itself() -> anyhow::Result<()> {
     // re-listen): how many the warming version answered (503).
     let run = |with_watch: bool| -> anyhow::Result<(load::Tally, Option<Duration>)> {
         let ns = Netns::new()?;
-        let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1").arg("--relisten-on-hup"))?;
-        zdt_ok(&ns, &["attach", ":8080"])?;
-        let _v2 = App::start(
-            &ns,
-            &AppOpts::new(PORT, "v2").warmup(Duration::from_secs(3600)),
-        )?;
+        let (mut v1, _v2) = relistening_member_beside_a_warming_version(&ns, PORT)?;
         let _watcher = if with_watch {
             let args = ["watch", ":8080", "--probe", "/readyz"];
             Some(KillOnDrop(zdt_command(&ns, &args).spawn()?))
@@ -285,22 +283,11 @@ fn the_watcher_adopts_a_recreated_listener_by_itself() -> anyhow::Result<()> {
             Some(&50),
             "before the re-listen: {t:?}"
         );
-        v1.signal(nix::sys::signal::Signal::SIGHUP);
-        v1.wait_line("relistened=", scaled(Duration::from_secs(10)))?;
-        let relistened = Instant::now();
-        let adopted = |ns: &Netns| -> anyhow::Result<bool> {
-            let st = report(ns, PORT)?;
+        v1.relisten()?;
+        let took = within(Duration::from_secs(3), || {
+            let st = report(&ns, PORT)?;
             Ok(st.drift.unadopted.is_empty() && st.role_of(v1.pid) == Some(Role::Active))
-        };
-        let deadline = relistened + scaled(Duration::from_secs(3));
-        let mut took = None;
-        while Instant::now() < deadline {
-            if adopted(&ns)? {
-                took = Some(relistened.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })?;
         let t = load::requests(&ns, PORT, 100, 200.0);
         Ok((t, took))
     };
