@@ -721,6 +721,20 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
     })?
 }
 
+/// `port`'s live set and rollback target, exactly as the pinned maps hold them (whichever
+/// buffer each is in).
+pub fn sets(
+    ns: &Netns,
+    port: u16,
+) -> anyhow::Result<(Option<zdt_common::ActiveSet>, Option<zdt_common::ActiveSet>)> {
+    let snap = ns.run(move || -> anyhow::Result<_> {
+        zdt_ctl::state::State::open_read(port.into())?
+            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
+            .snapshot()
+    })??;
+    Ok((snap.live, snap.target))
+}
+
 /// The invariants of docs/ARCHITECTURE.md ("The invariants, and the model that checks them")
 /// that can be read from the pinned state of a real port, asserted after a command that
 /// completed (the model asserts them after every step, kills included):

@@ -514,6 +514,26 @@ fn a_readiness_port_shared_by_two_instances_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `zdt-ctl ARGS` in a mount namespace of its own whose /etc/hosts is `hosts`: a name
+/// given an address for this run only, the machine's file untouched.
+fn zdt_with_hosts(
+    ns: &Netns,
+    hosts: &str,
+    args: &[&str],
+) -> anyhow::Result<zdt_tests::harness::Ctl> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), hosts)?;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+        .arg(file.path())
+        .arg(zdt_tests::harness::bin("zdt-ctl"))
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    ns.command(&mut cmd);
+    Ok(cmd.output()?.into())
+}
+
 #[test]
 fn an_unspecified_or_mapped_readiness_address_is_checked_as_loopback() -> anyhow::Result<()> {
     let ns = Netns::new()?;
@@ -540,6 +560,19 @@ fn an_unspecified_or_mapped_readiness_address_is_checked_as_loopback() -> anyhow
         ("http://[::]:9105/readyz", other.pid),
     ] {
         let r = promote_on(&ns, v2.pid, url, &["--timeout", "5s"]);
+        assert_eq!(r.kind(), Some(Kind::BadInput), "{url}: {r:?}");
+        assert!(r.stderr.contains(&format!("pid {owner}")), "{url}: {r:?}");
+        assert_eq!(fingerprint(&ns, PORT)?, before, "{url}: state changed");
+    }
+    // The same through host names that resolve to those addresses (/etc/hosts).
+    let hosts = "0.0.0.0 zero4.zdt.test\n:: zero6.zdt.test\n";
+    let v2_pid = v2.pid.to_string();
+    for (url, owner) in [
+        ("http://zero4.zdt.test:9103/readyz", v1.pid),
+        ("http://zero6.zdt.test:9105/readyz", other.pid),
+    ] {
+        let args = ["promote", &v2_pid, "--readyz", url, "--timeout", "5s"];
+        let r = zdt_with_hosts(&ns, hosts, &args)?;
         assert_eq!(r.kind(), Some(Kind::BadInput), "{url}: {r:?}");
         assert!(r.stderr.contains(&format!("pid {owner}")), "{url}: {r:?}");
         assert_eq!(fingerprint(&ns, PORT)?, before, "{url}: state changed");

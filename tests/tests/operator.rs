@@ -118,6 +118,86 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A promote over two ports whose second port's switch fails (the new version dropped that
+/// port between its readiness check and the switch, as a reload that lost a `listen` line
+/// does) changes neither port: the first port's switch is put back with its rollback target,
+/// and the old version serves both.
+#[test]
+fn a_promote_that_fails_on_a_later_port_changes_no_port() -> anyhow::Result<()> {
+    use zdt_tests::harness::{assert_invariants, fingerprint, roles, sets};
+    let ns = Netns::new()?;
+    let both = |o: AppOpts| o.arg("--extra-port").arg("8443");
+    let v0 = App::start(&ns, &both(AppOpts::new(PORT, "v0")))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    zdt_ok(&ns, &["attach", ":8443"])?;
+    let ports = ["--port", "8080", "--port", "8443"];
+    promote(&ns, &v0, &ports)?;
+    // v1 serves, v0 (still running) is the rollback target on both ports.
+    let v1 = App::start(&ns, &both(AppOpts::new(PORT, "v1")))?;
+    promote(&ns, &v1, &ports)?;
+    let mut v2 = App::start(
+        &ns,
+        &both(AppOpts::new(PORT, "v2"))
+            .arg("--relisten-on-hup")
+            .arg("--drop-extra-on-hup"),
+    )?;
+    let before_sets = [sets(&ns, 8080)?, sets(&ns, 8443)?];
+    let before_roles = [roles(&ns, 8080)?, roles(&ns, 8443)?];
+    let before_8443 = fingerprint(&ns, 8443)?;
+
+    // Paused after the readiness checks, before the first switch; v2 drops 8443 meanwhile.
+    let pause = load::scaled(Duration::from_secs(5));
+    let (pid, url) = (v2.pid.to_string(), v2.readyz());
+    let mut args = vec!["promote", &pid, "--readyz", &url];
+    args.extend(ports);
+    let args: Vec<String> = args.into_iter().map(String::from).collect();
+    let paused = at_failpoint(
+        &ns,
+        &args,
+        &format!("{}:{}ms", Step::Readied.name(), pause.as_millis()),
+    );
+    v2.relisten()?;
+    let r = paused.finish()?;
+    assert!(!r.ok(), "the promote succeeded without v2 on 8443: {r:?}");
+    assert!(r.stderr.contains("8443"), "the error names the port: {r:?}");
+
+    assert_eq!(
+        fingerprint(&ns, 8443)?,
+        before_8443,
+        "the port whose switch failed changed"
+    );
+    for (i, port) in [8080u16, 8443].into_iter().enumerate() {
+        assert_invariants(&ns, port)?;
+        assert_eq!(
+            sets(&ns, port)?,
+            before_sets[i],
+            "port {port}: live set, target"
+        );
+        // v2's sockets may stay in the array as candidates: no set names them.
+        let now: std::collections::BTreeSet<_> = roles(&ns, port)?
+            .into_iter()
+            .filter(|(p, _)| *p != v2.pid)
+            .collect();
+        assert_eq!(now, before_roles[i], "port {port}: roles");
+        let t = load::requests(&ns, port, 50, 200.0);
+        assert_eq!(t.failures(), 0, "port {port}: {t:?}");
+        assert_eq!(
+            t.versions.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["v1"],
+            "port {port}: {t:?}"
+        );
+    }
+    // And the rollback still goes where it went before: to v0, on both ports.
+    for port in ["8080", "8443"] {
+        zdt_ok(&ns, &["rollback", port])?;
+        assert_eq!(
+            report(&ns, port.parse()?)?.pids(zdt_tests::harness::Role::Active),
+            [v0.pid]
+        );
+    }
+    Ok(())
+}
+
 /// `zdt-ctl exec EXEC_ARGS -- zdt-demo-app APP_ARGS` for `version`, once it has printed
 /// `sockets` bound addresses: (the process, the addresses, its readiness URL). Killed on drop.
 fn exec_app(
@@ -606,6 +686,44 @@ fn families_documented_as_emitted(text: &str) -> anyhow::Result<()> {
     assert_eq!(
         documented, emitted,
         "docs/OPERATING.md's metric families and `zdt-ctl metrics` differ"
+    );
+    Ok(())
+}
+
+/// The per-namespace directory is shared by the namespace's ports: a detach that removes it
+/// once it is empty must not break an attach of another port that is making its own directory
+/// inside it at that moment, nor the other way round.
+#[test]
+fn two_ports_attached_and_detached_at_once_never_fail() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let cycles = 60;
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let runs = ["8080", "8443"].map(|port| {
+            let ns = &ns;
+            s.spawn(move || {
+                let mut failed = Vec::new();
+                for _ in 0..cycles {
+                    let addr = format!(":{port}");
+                    for args in [["attach", &addr], ["detach", &addr]] {
+                        let r = zdt(ns, &args);
+                        if !r.ok() {
+                            failed.push(format!("{args:?}: exit {}: {}", r.code, r.stderr));
+                        }
+                    }
+                }
+                failed
+            })
+        });
+        runs.into_iter()
+            .flat_map(|r| r.join().expect("attach/detach thread"))
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} commands failed, first: {:?}",
+        failures.len(),
+        4 * cycles,
+        failures.first()
     );
     Ok(())
 }

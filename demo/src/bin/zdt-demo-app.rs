@@ -126,6 +126,10 @@ struct Args {
     /// new listener.
     #[arg(long)]
     relisten_on_hup: bool,
+    /// With --relisten-on-hup: the re-created listeners leave out --extra-port, as a reload
+    /// that dropped a `listen` line does.
+    #[arg(long, requires_all = ["relisten_on_hup", "extra_port"])]
+    drop_extra_on_hup: bool,
     /// Of the sockets passed the systemd way, serve only the first N and leave the others open
     /// and never accepted from, as an app that takes one fd (`uvicorn --fd 3`) does.
     #[arg(long)]
@@ -457,6 +461,7 @@ async fn main() -> anyhow::Result<()> {
             _ = hup.recv(), if args.relisten_on_hup && !open.is_empty() => {
                 let new: Vec<Arc<TcpListener>> = addrs
                     .iter()
+                    .filter(|a| !(args.drop_extra_on_hup && Some(a.port()) == args.extra_port))
                     .map(|a| listener(*a, true, !args.dual_stack, args.backlog).map(Arc::new))
                     .collect::<std::io::Result<_>>()?;
                 // The old accept tasks first out of the list, then the new ones in: the old
