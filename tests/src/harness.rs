@@ -721,33 +721,39 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
     })?
 }
 
+/// `port`'s pinned state read as one snapshot, as every command reads it.
+pub fn snapshot(ns: &Netns, port: u16) -> anyhow::Result<zdt_ctl::plan::snapshot::Snapshot> {
+    ns.run(move || -> anyhow::Result<_> {
+        zdt_ctl::state::State::open_read(port.into())?
+            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
+            .snapshot()
+    })?
+}
+
 /// `port`'s live set and rollback target, exactly as the pinned maps hold them (whichever
 /// buffer each is in).
 pub fn sets(
     ns: &Netns,
     port: u16,
 ) -> anyhow::Result<(Option<zdt_common::ActiveSet>, Option<zdt_common::ActiveSet>)> {
-    let snap = ns.run(move || -> anyhow::Result<_> {
-        zdt_ctl::state::State::open_read(port.into())?
-            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
-            .snapshot()
-    })??;
+    let snap = snapshot(ns, port)?;
     Ok((snap.live, snap.target))
 }
 
 /// The invariants of docs/ARCHITECTURE.md ("The invariants, and the model that checks them")
-/// that can be read from the pinned state of a real port, asserted after a command that
-/// completed (the model asserts them after every step, kills included):
+/// that can be read from a real port, asserted after a command that completed (the model
+/// asserts them after every step, kills included):
 /// 1. the rollback target, as far as its sockets listen, is not the live set;
+/// 2. new connections reach only sockets the live set names: 20 requests are sent, and only
+///    slots the live set names see their `steered` counter grow (all 20, when the live set
+///    names a listening IPv4 socket);
 /// 3. every slot the live set names records the role the set gives it;
-/// 4. every slot the live set names holds a socket zdt put there (or none: closed).
+///
+/// and that every slot the live set names holds a socket zdt put there (or none: closed).
+/// [`Checked`] adds 4, 5 and 6, which compare the state before a command with after.
 pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
-    use zdt_ctl::plan::sets::{live_only, same, Role};
-    let snap = ns.run(move || -> anyhow::Result<_> {
-        let state = zdt_ctl::state::State::open_read(port.into())?
-            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?;
-        state.snapshot()
-    })??;
+    use zdt_ctl::plan::sets::{live_only, same};
+    let snap = snapshot(ns, port)?;
     let Some(live) = snap.live else {
         return Ok(());
     };
@@ -783,7 +789,160 @@ pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
             );
         }
     }
+    assert_steered_to_the_live_set(ns, port, &snap)
+}
+
+/// Invariant 2 on the real kernel, from `before` (a snapshot taken just now): 20 requests on
+/// new connections are answered only by processes the live set names (the demo app says its
+/// pid in `x-zdt-pid`; an answer without it, or from another pid namespace, is not counted),
+/// and only slots the live set names
+/// see their `steered` counters grow (the background load's connections included).
+fn assert_steered_to_the_live_set(
+    ns: &Netns,
+    port: u16,
+    before: &zdt_ctl::plan::snapshot::Snapshot,
+) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let pids: Vec<Option<i32>> = ns.run(move || {
+        (0..20)
+            .map(|_| {
+                let (_, text) = http_get(addr, "/", Duration::from_secs(5)).ok()?;
+                text.lines()
+                    .find_map(|l| l.strip_prefix("x-zdt-pid: "))
+                    .and_then(|p| p.trim().parse().ok())
+            })
+            .collect()
+    })?;
+    let after = snapshot(ns, port)?;
+    // A watcher may run a command meanwhile: a slot either set names is the live set's.
+    let named = |slot: u32| {
+        [before.live, after.live]
+            .iter()
+            .flatten()
+            .any(|l| l.names(slot))
+    };
+    for s in &after.slots {
+        let was = before
+            .slots
+            .iter()
+            .find(|b| b.index == s.index && b.meta.cookie == s.meta.cookie)
+            .map_or(0, |b| b.steered);
+        let grew = s.steered.saturating_sub(was);
+        anyhow::ensure!(
+            grew == 0 || named(s.index),
+            "invariant 2: slot {} (pid {}, {}) took {grew} new connections, but the live set \
+             does not name it",
+            s.index,
+            s.pid(),
+            s.recorded()
+        );
+    }
+    // While the live set names a listening IPv4 socket, the program selects for every IPv4
+    // connection: none is hashed over the group, where a candidate could take it.
+    let serving: std::collections::BTreeSet<i32> = [before, &after]
+        .iter()
+        .flat_map(|snap| snap.slots.iter())
+        .filter(|s| s.meta.family == zdt_common::AF_INET && named(s.index))
+        .map(|s| s.pid())
+        .collect();
+    // The pid an app says is its own namespace's: comparable only when every member is in
+    // ours (a container's app says 1, say).
+    let own_ns = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|n| n.split_whitespace().count() == 1)
+        })
+    };
+    if serving.is_empty() || !after.slots.iter().all(|s| own_ns(s.pid())) {
+        return Ok(());
+    }
+    for pid in pids.into_iter().flatten() {
+        anyhow::ensure!(
+            serving.contains(&pid),
+            "invariant 2: pid {pid} answered a new connection, but the live set names only \
+             the sockets of {serving:?}"
+        );
+    }
     Ok(())
+}
+
+/// A command run with the invariants that compare its before and after (docs/ARCHITECTURE.md):
+/// 4. a slot the live set or the rollback target named, whose socket listened, holds that
+///    socket or none afterwards, never a new one;
+/// 5. a process that was hold's, or a candidate that never took a connection, is not stopped
+///    by the command (nor is the process the command made active);
+/// 6. a refused command (exit 2 or 7) leaves the pinned state byte for byte as it was;
+///
+/// and, after a command that succeeded, [`assert_invariants`].
+pub fn checked(ns: &Netns, port: u16, args: &[&str]) -> anyhow::Result<Ctl> {
+    let before = snapshot(ns, port)?;
+    let print = fingerprint(ns, port)?;
+    let running_before: std::collections::BTreeSet<i32> = before
+        .slots
+        .iter()
+        .map(|s| s.pid())
+        .filter(|&pid| running(pid))
+        .collect();
+    let r = zdt(ns, args);
+    let what = format!("zdt-ctl {}", args.join(" "));
+    if matches!(r.kind(), Some(Kind::Refused | Kind::BadInput)) {
+        anyhow::ensure!(
+            fingerprint(ns, port)? == print,
+            "invariant 6: {what} was refused ({r:?}) but changed the state"
+        );
+        return Ok(r);
+    }
+    let after = snapshot(ns, port)?;
+    for b in &before.slots {
+        let named = [before.live, before.target]
+            .iter()
+            .flatten()
+            .any(|set| set.names(b.index));
+        if let (true, Some(a)) = (named, after.slots.iter().find(|a| a.index == b.index)) {
+            anyhow::ensure!(
+                a.meta.cookie == b.meta.cookie,
+                "invariant 4: {what} gave slot {} (pid {}'s, named by the live set or the \
+                 rollback target) to a new socket of pid {}",
+                b.index,
+                b.pid(),
+                a.pid()
+            );
+        }
+    }
+    // Hold's placeholders and the candidates that never took a connection, running before
+    // the command; and whoever it made active.
+    let spared: std::collections::BTreeSet<(i32, Role)> = before
+        .slots
+        .iter()
+        .filter(|s| {
+            s.recorded() == Role::Hold || (s.recorded() == Role::Candidate && s.steered == 0)
+        })
+        .chain(after.slots.iter().filter(|s| s.recorded() == Role::Active))
+        .map(|s| (s.pid(), s.recorded()))
+        .filter(|&(pid, _)| running_before.contains(&pid))
+        .collect();
+    for (pid, role) in spared {
+        anyhow::ensure!(
+            running(pid),
+            "invariant 5: pid {pid} ({role} before or after) was stopped by {what}: {r:?}"
+        );
+    }
+    if r.ok() {
+        assert_invariants(ns, port)?;
+    }
+    Ok(r)
+}
+
+/// Whether `pid` runs: it exists and is not a zombie that exited.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
 /// Prints one load tally as a table row block: requests, ok, each failure kind, versions.
@@ -869,6 +1028,11 @@ pub fn connect_when_listening(addr: SocketAddr, timeout: Duration) -> anyhow::Re
 
 /// `GET path` on `addr`, one connection (call it on a thread inside the namespace): the status.
 pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    http_get(addr, path, timeout).map(|(status, _)| status)
+}
+
+/// `GET path` on a new connection to `addr`: the status code and the whole answer.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -879,11 +1043,13 @@ pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::
     // To the end: the server closes first, and nothing unread is left to make our close a RST.
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
-    String::from_utf8_lossy(&buf)
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status line"))
+        .ok_or_else(|| std::io::Error::other("no HTTP status line"))?;
+    Ok((status, text))
 }
 
 /// A promote running in the background (its --stop-old wait can outlast the next handover).

@@ -6,7 +6,8 @@ use nix::sys::signal::Signal;
 use zdt_tests::harness::{kind_of, Kind};
 use zdt_tests::{
     harness::{
-        active_pids, at_failpoint, fingerprint, promote_args, strs, zdt, zdt_ok, App, AppOpts,
+        active_pids, at_failpoint, checked, fingerprint, promote_args, strs, zdt, zdt_ok, App,
+        AppOpts,
     },
     load::{self, Background, LoadSpec},
     netns::Netns,
@@ -14,16 +15,23 @@ use zdt_tests::{
 
 const PORT: u16 = 8080;
 
+/// A promote or rollback of PORT that must succeed, run with the invariants that compare its
+/// before and after ([`checked`]).
+fn ok(ns: &Netns, args: &[&str]) -> anyhow::Result<zdt_tests::harness::Ctl> {
+    let r = checked(ns, PORT, args)?;
+    anyhow::ensure!(r.ok(), "zdt-ctl {}: {r:?}", args.join(" "));
+    Ok(r)
+}
+
 fn active(ns: &Netns) -> Vec<i64> {
     active_pids(ns, PORT).expect("status")
 }
 
 /// `zdt-ctl rollback`, which must say that `back` is active again and `from` draining.
 fn rolled_back(ns: &Netns, back: &App, from: &App) -> anyhow::Result<zdt_tests::harness::Ctl> {
-    let r = zdt_ok(ns, &["rollback"])?;
+    let r = checked(ns, PORT, &["rollback"])?;
     let said = format!("pid {} active again; pid {} draining", back.pid, from.pid);
-    anyhow::ensure!(r.stdout.contains(&said), "{r:?}");
-    zdt_tests::harness::assert_invariants(ns, PORT)?;
+    anyhow::ensure!(r.ok() && r.stdout.contains(&said), "{r:?}");
     Ok(r)
 }
 
@@ -33,7 +41,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     // Nothing was switched yet: nothing to go back to.
-    let r = zdt(&ns, &["rollback"]);
+    let r = checked(&ns, PORT, &["rollback"])?;
     assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     const RATE: f64 = 400.0;
     let l = Background::start(
@@ -41,7 +49,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
     );
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let spell = load::requests_at(RATE, Duration::from_millis(400));
     l.see(spell);
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
@@ -51,7 +59,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     assert_eq!(active(&ns), [i64::from(v1.pid)]);
     l.see(spell);
     // A rollback of the rollback goes forward again.
-    zdt_ok(&ns, &["rollback"])?;
+    ok(&ns, &["rollback"])?;
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
     let t = load::tally(&l.finish_after(spell));
     assert_eq!(t.failures(), 0, "{t:?}");
@@ -69,7 +77,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
         "v1 did not die"
     );
     let before = fingerprint(&ns, PORT)?;
-    let r = zdt(&ns, &["rollback"]);
+    let r = checked(&ns, PORT, &["rollback"])?;
     assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("no longer listen"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
@@ -77,7 +85,7 @@ fn rollback_goes_back_and_forth_without_losing_a_request() -> anyhow::Result<()>
     // them: the rollback target stops naming them first. A version still warming that a
     // `--probe` promote put in (v3, never ready) must never be what a rollback restores.
     let _v3 = never_ready_probed(&ns)?;
-    let r = zdt(&ns, &["rollback"]);
+    let r = checked(&ns, PORT, &["rollback"])?;
     assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
     let t = load::requests(&ns, PORT, 100, 1000.0);
@@ -92,7 +100,7 @@ fn rollback_restores_the_set_before_the_last_promote_whatever_switched_since() -
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", "0.0.0.0:8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     // Switches that are not promotes: hold registers its placeholder, and a --probe promote of
     // a version that never gets ready puts its probe lists in and takes them out again.
     let hold = zdt_tests::harness::Hold::start(&ns, &["0.0.0.0:8080"])?;
@@ -112,12 +120,12 @@ fn a_rollback_says_which_restored_process_is_a_canary() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &["--weight", "10"])))?;
+    ok(&ns, &strs(&promote_args(&v2, &["--weight", "10"])))?;
     let v3 = App::start(&ns, &AppOpts::new(PORT, "v3"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v3, &[])))?;
+    ok(&ns, &strs(&promote_args(&v3, &[])))?;
     // The set restored is v1 active with v2 its canary: v2 is named as the canary, not as
     // active.
-    let r = zdt_ok(&ns, &["rollback"])?;
+    let r = ok(&ns, &["rollback"])?;
     let said = format!(
         "pid {} active again (pid {} canary again); pid {} draining",
         v1.pid, v2.pid, v3.pid
@@ -134,11 +142,11 @@ fn a_retried_promote_keeps_the_rollback_target() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     // A retry of the promote (what a deploy script does after a promote it thinks failed), then
     // a promote of the active pid again: neither switches anything, so neither may make the
     // live set the rollback target.
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     zdt_ok(&ns, &["promote", &v2.pid.to_string(), "--no-readyz"])?;
     assert_eq!(active(&ns), [i64::from(v2.pid)]);
     zdt_tests::harness::assert_invariants(&ns, PORT)?;
@@ -157,7 +165,7 @@ fn a_rollback_killed_before_its_switch_keeps_its_target() -> anyhow::Result<()> 
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let mut killed = at_failpoint(&ns, &["rollback".to_string()], Step::Staged.name()).child;
     killed.kill()?;
     killed.wait()?;
@@ -228,7 +236,7 @@ fn a_rollback_during_a_probe_wait_runs_at_once() -> anyhow::Result<()> {
     let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let v3 = App::start(
         &ns,
         &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
