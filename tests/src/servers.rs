@@ -28,6 +28,46 @@ use crate::{
 /// The public port every instance shares (each test has a namespace of its own).
 pub const PORT: u16 = 8080;
 
+/// nginx's config for instance `n` in `dir`: `workers` workers with a `reuseport` listener each
+/// on the public port (all made and held by the master, zdt's member), and an admin server on
+/// 127.0.0.1:`admin` that answers /readyz. `daemon`: the master detaches, as Debian's
+/// nginx.service runs it (and only a detached master takes SIGUSR2, the binary upgrade);
+/// otherwise it stays the caller's child, so its exit is seen. Every path is the instance's
+/// own: two instances run at once.
+pub fn nginx_conf(dir: &Path, daemon: bool, workers: u16, n: u16, admin: u16) -> String {
+    let d = dir.display();
+    let daemon = if daemon { "on" } else { "off" };
+    format!(
+        "daemon {daemon};
+master_process on;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log notice;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {PORT} reuseport;
+        location / {{
+            add_header X-Zdt-Version v{n};
+            return 200 \"hello from nginx v{n}\\n\";
+        }}
+    }}
+    # The instance's own admin server: nginx is ready once it answers.
+    server {{
+        listen 127.0.0.1:{admin};
+        location = /readyz {{ return 200 \"ready\\n\"; }}
+    }}
+}}
+"
+    )
+}
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -90,41 +130,8 @@ impl Kind {
 
     /// The config file of instance `n` (admin port `admin`), if the server takes one.
     fn config(self, dir: &Path, n: u16, admin: u16) -> Option<String> {
-        let d = dir.display();
         match self {
-            // `reuseport` gives each of the workers a listener of its own, all made and held
-            // by the master (zdt's member). `daemon off` keeps the master our child, so its exit
-            // is seen; `master_process on` is the default, said here because the handover
-            // depends on it. Every path is the instance's own: two instances run at once.
-            Kind::Nginx(workers) => Some(format!(
-                "daemon off;
-master_process on;
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log {d}/error.log notice;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen {PORT} reuseport;
-        location / {{
-            add_header X-Zdt-Version v{n};
-            return 200 \"hello from nginx v{n}\\n\";
-        }}
-    }}
-    # The instance's own admin server: nginx is ready once it answers.
-    server {{
-        listen 127.0.0.1:{admin};
-        location = /readyz {{ return 200 \"ready\\n\"; }}
-    }}
-}}
-"
-            )),
+            Kind::Nginx(workers) => Some(nginx_conf(dir, false, workers, n, admin)),
             // HAProxy sets SO_REUSEPORT on its listeners by default on Linux (`noreuseport`
             // turns it off). monitor-uri answers 200 on the instance's own frontend.
             Kind::Haproxy => Some(format!(

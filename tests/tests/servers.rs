@@ -13,7 +13,7 @@ use zdt_tests::{
     harness::{print_tally, report, zdt_ok},
     load::{self, requests_at, scaled, Background, LoadSpec, Outcome, Tally},
     netns::{Counters, Netns},
-    servers::{Kind, Server, Wrk, WrkReport, PORT},
+    servers::{nginx_conf, Kind, Server, Wrk, WrkReport, PORT},
 };
 
 /// The classifying client's open-loop rate, new connection per request.
@@ -378,4 +378,194 @@ fn caddy_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
     // as it runs. Its control is run and printed, not required to lose: its graceful stop
     // closes the listener at once, like HAProxy's.
     control_then_zdt(Kind::Caddy, Duration::ZERO, 5, false)
+}
+
+/// Polls `f` until it gives a value, for at most `timeout`.
+fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T, ()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nginx run as Debian's nginx.service runs it (`daemon on`, see [`nginx_conf`]), from its
+/// absolute path (the binary upgrade execs it again), in `dir`.
+struct DaemonNginx {
+    dir: std::path::PathBuf,
+}
+
+impl DaemonNginx {
+    fn start(ns: &Netns, name: &str, workers: u16, admin: u16) -> anyhow::Result<DaemonNginx> {
+        let dir = std::env::temp_dir().join(format!("zdt-nginx-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let n = DaemonNginx { dir };
+        n.configure(workers, admin)?;
+        let mut cmd = std::process::Command::new("/usr/sbin/nginx");
+        cmd.arg("-p")
+            .arg(&n.dir)
+            .arg("-c")
+            .arg(n.dir.join("nginx.conf"));
+        cmd.arg("-e").arg(n.dir.join("error.log"));
+        ns.command(&mut cmd);
+        // The command returns once the master has detached.
+        let st = cmd.status()?;
+        anyhow::ensure!(st.success(), "nginx exited {st}:\n{}", n.log());
+        Ok(n)
+    }
+
+    fn configure(&self, workers: u16, admin: u16) -> anyhow::Result<()> {
+        let conf = nginx_conf(&self.dir, true, workers, 1, admin);
+        Ok(std::fs::write(self.dir.join("nginx.conf"), conf)?)
+    }
+
+    /// The pid in `file` (nginx.pid, or nginx.pid.oldbin during a binary upgrade).
+    fn pid(&self, file: &str) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonNginx {
+    fn drop(&mut self) {
+        // Each master's session (nginx calls setsid when it detaches), workers included.
+        for file in ["nginx.pid", "nginx.pid.oldbin"] {
+            if let Some(pid) = self.pid(file) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `pid` still runs (a zombie, which nothing reaps here, has exited).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+        })
+        .is_some_and(|exited| !exited)
+}
+
+/// nginx's own ways of changing itself in place, under load, with zdt attached: the binary
+/// upgrade (SIGUSR2: a new master inherits every listener, then the old one quits) and a reload
+/// that adds a worker (SIGHUP: with `reuseport` the master opens one more listener). zdt follows
+/// both: the heir takes the active role (status names it at once; the next locked command
+/// records it), the new listener is adopted into the member's slots, no request fails, and the
+/// next deploy drains the heir.
+#[test]
+fn nginx_binary_upgrade_and_reload_are_followed_by_zdt() -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use zdt_tests::harness::{assert_invariants, Role};
+    let ns = Netns::new()?;
+    let v1 = DaemonNginx::start(&ns, "v1", 2, 9001)?;
+    let pid_of = |n: &DaemonNginx, file: &str| {
+        wait_for(scaled(STARTUP), || n.pid(file))
+            .map_err(|_| anyhow::anyhow!("no {file}:\n{}", n.log()))
+    };
+    let old = pid_of(&v1, "nginx.pid")?;
+    let ready = "--readyz=http://127.0.0.1:9001/readyz";
+    zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
+    zdt_ok(&ns, &["promote", &old.to_string(), ready])?;
+    let client = Background::start(&ns, LoadSpec::open(addr(), RATE, MAX_LOAD));
+    std::thread::sleep(SETTLE);
+
+    // The binary upgrade, as nginx's documentation gives it: USR2, WINCH, QUIT.
+    kill(Pid::from_raw(old), Signal::SIGUSR2)?;
+    let heir = wait_for(scaled(STARTUP), || {
+        v1.pid("nginx.pid.oldbin")
+            .and(v1.pid("nginx.pid"))
+            .filter(|&p| p != old)
+    })
+    .map_err(|_| anyhow::anyhow!("no new master:\n{}", v1.log()))?;
+    // Its workers run once it has some children.
+    wait_for(scaled(STARTUP), || {
+        std::fs::read_to_string(format!("/proc/{heir}/task/{heir}/children"))
+            .ok()
+            .filter(|c| !c.trim().is_empty())
+    })
+    .map_err(|_| anyhow::anyhow!("the new master started no worker:\n{}", v1.log()))?;
+    kill(Pid::from_raw(old), Signal::SIGWINCH)?;
+    std::thread::sleep(SETTLE);
+    kill(Pid::from_raw(old), Signal::SIGQUIT)?;
+    wait_for(scaled(STOP), || (!runs(old)).then_some(()))
+        .map_err(|_| anyhow::anyhow!("the old master did not exit:\n{}", v1.log()))?;
+    // Without the lock, status sees the heir at once.
+    let st = report(&ns, PORT)?;
+    assert!(
+        !st.drift.inherited.is_empty() && st.drift.inherited.iter().all(|i| i.pid == heir),
+        "status does not name the heir {heir}: {st:?}"
+    );
+    // The next locked command records it.
+    zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
+    let st = report(&ns, PORT)?;
+    assert_eq!(st.pids(Role::Active), [heir], "{st:?}");
+    assert!(st.drift.inherited.is_empty(), "{st:?}");
+    assert_invariants(&ns, PORT)?;
+
+    // A reload that adds a worker: the master (the member) opens one more `reuseport` listener.
+    let slots = |st: &zdt_ctl::cmd::status::Status| st.member(heir).map_or(0, |m| m.slots.len());
+    let before = slots(&report(&ns, PORT)?);
+    v1.configure(3, 9001)?;
+    kill(Pid::from_raw(heir), Signal::SIGHUP)?;
+    let st = wait_for(scaled(STARTUP), || {
+        report(&ns, PORT)
+            .ok()
+            .filter(|st| !st.drift.unadopted.is_empty())
+    })
+    .map_err(|_| anyhow::anyhow!("status saw no new listener:\n{}", v1.log()))?;
+    assert!(
+        st.drift
+            .unadopted
+            .iter()
+            .all(|u| u.pid == heir && u.role == Role::Active),
+        "{st:?}"
+    );
+    zdt_ok(&ns, &["attach", &format!(":{PORT}")])?;
+    let st = report(&ns, PORT)?;
+    assert_eq!(slots(&st), before + 1, "{st:?}");
+    assert!(st.drift.unadopted.is_empty(), "{st:?}");
+    assert_invariants(&ns, PORT)?;
+
+    // The next deploy drains the heir, as it would have drained the master it replaced.
+    let v2 = DaemonNginx::start(&ns, "v2", 2, 9002)?;
+    let new = pid_of(&v2, "nginx.pid")?;
+    let r = zdt_ok(
+        &ns,
+        &[
+            "promote",
+            &new.to_string(),
+            "--readyz=http://127.0.0.1:9002/readyz",
+        ],
+    )?;
+    assert!(r.stdout.contains(&format!("drained: pid {heir}")), "{r:?}");
+    assert_eq!(report(&ns, PORT)?.role_of(heir), Some(Role::Draining));
+    kill(Pid::from_raw(heir), Signal::SIGQUIT)?;
+    wait_for(scaled(STOP), || (!runs(heir)).then_some(()))
+        .map_err(|_| anyhow::anyhow!("the heir did not exit:\n{}", v1.log()))?;
+    std::thread::sleep(SETTLE);
+    let t = load::tally(&client.finish());
+    print_tally("nginx: binary upgrade, reload, deploy", &t);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.requests >= requests_at(RATE, SETTLE), "{t:?}");
+    Ok(())
 }

@@ -453,11 +453,16 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
 }
 
-/// Start time of `pid`, or None if it has exited.
+/// Start time of `pid`, or None if it has exited. A zombie has exited: the kernel closed its
+/// fds, sockets included, in do_exit before it became one; only its parent's wait is missing,
+/// and a parent that never waits (a container's pid 1 that is the app, an init that does not
+/// reap) keeps it a zombie for good. Counted as running, it kept its slots' role from the
+/// process that inherited its sockets (nginx's binary upgrade under such a parent).
 pub fn start_time(pid: i32) -> Option<u64> {
     Process::new(pid)
         .and_then(|p| p.stat())
         .ok()
+        .filter(|s| !matches!(s.state, 'Z' | 'X'))
         .map(|s| s.starttime)
 }
 
