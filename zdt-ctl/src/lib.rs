@@ -7,8 +7,10 @@ pub mod error;
 pub use zdt_plan as plan;
 pub mod program;
 pub mod readiness;
+pub mod settle;
 pub mod sockets;
 pub mod state;
+pub mod sweep;
 
 /// Raises the soft limit of open files to the hard one: a promote duplicates every listener of
 /// the new process (an nginx with 512 workers has 1024 on a dual-stack port), which the default

@@ -201,7 +201,7 @@ pub struct PortProber {
 
 /// The source of one of zdt-ctl's own connections, in the port's ZDT_PROBES for as long as this
 /// lives (see [`zdt_common::ProbeKey`]); deleted on drop. An entry left by a killed zdt-ctl is
-/// removed by the next command that takes the lock (`State::settle`).
+/// removed by the next command that takes the lock (`settle::settle`).
 pub struct ProbeMark {
     map: ProbesMap,
     key: zdt_common::ProbeKey,

@@ -42,7 +42,7 @@ use crate::{
 
 pub use crate::plan::sets::Slot;
 
-const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 /// Where `upgrade` pins the new program before it is attached everywhere; renamed over
 /// [`names::PROGRAM`] as the last step (bpffs refuses names with a dot).
 const STAGED_PROGRAM: &str = "zdt_select_next";
@@ -93,81 +93,6 @@ fn claim_key(pid: u32) -> ProbeKey {
     }
 }
 
-/// Removes the pinned state of network namespaces that no longer exist, and returns their
-/// cookies. Pins outlive their namespace (bpffs is per boot, not per namespace): every
-/// container or test namespace that used zdt would otherwise leave its maps (about 0.7 MiB of
-/// kernel memory per port) until reboot. A namespace's state is taken for dead only when both
-/// say so: no thread, open namespace file or nsfs mount has its cookie
-/// ([`sockets::live_netns_cookies`]), and none of its ports' socket arrays holds a socket (a
-/// socket keeps its namespace alive, and the array holds only live ones). A port whose lock is
-/// held is left for the next sweep. The cookie counter never repeats within a boot, so a
-/// removed directory cannot belong to a namespace made later.
-pub fn sweep_dead_namespaces() -> anyhow::Result<Vec<u64>> {
-    let root = Path::new(BPFFS).join("zdt");
-    let Ok(dir) = fs::read_dir(&root) else {
-        return Ok(Vec::new());
-    };
-    let mine = sockets::netns_cookie()?;
-    let pinned: Vec<u64> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|c| *c != mine)
-        .collect();
-    if pinned.is_empty() {
-        return Ok(Vec::new());
-    }
-    let live = sockets::live_netns_cookies()?;
-    let mut removed = Vec::new();
-    for cookie in pinned.into_iter().filter(|c| !live.contains(c)) {
-        if remove_dead_netns(&root.join(cookie.to_string()))? {
-            tracing::info!(
-                cookie,
-                "removed the pinned state of a network namespace that is gone"
-            );
-            removed.push(cookie);
-        }
-    }
-    Ok(removed)
-}
-
-/// Removes one dead namespace's directory: each port's pins (program first, as `remove`
-/// does) under its lock, taken without waiting. False if a port was left (locked, or its
-/// socket array still holds a socket).
-fn remove_dead_netns(dir: &Path) -> anyhow::Result<bool> {
-    let mut all = true;
-    for port in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = port.path();
-        let Ok(file) = File::open(&path) else {
-            continue;
-        };
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            all = false;
-            continue;
-        }
-        let holds_socket = match MapData::from_pin(path.join(names::SOCKETS)) {
-            Ok(map) => (0..MAX_SLOTS).any(|slot| {
-                let mut cookie: u64 = 0;
-                bpf_map_elem(BPF_MAP_LOOKUP_ELEM, &map, slot, &mut cookie).is_ok()
-            }),
-            Err(_) => false,
-        };
-        if holds_socket {
-            all = false;
-            continue;
-        }
-        let _ = fs::remove_file(path.join(names::PROGRAM));
-        let _ = fs::remove_file(path.join(STAGED_PROGRAM));
-        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
-            let _ = fs::remove_file(path.join(name));
-        }
-        if fs::remove_dir(&path).is_err() {
-            all = false;
-        }
-    }
-    Ok(all && fs::remove_dir(dir).is_ok())
-}
-
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (a minimal system or container).
 fn ensure_bpffs() -> anyhow::Result<()> {
     let is_bpffs = |p: &str| {
@@ -188,6 +113,28 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     )
     .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
     Ok(())
+}
+
+/// Removes the pins of a port's state directory other than the program's (the staged program
+/// and every map), each if it is there: what `remove` does after the program pin, and what
+/// `create` clears of an interrupted creation.
+pub(crate) fn remove_maps(dir: &Path) {
+    let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
+    for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
+        let _ = fs::remove_file(dir.join(name));
+    }
+}
+
+/// Whether the socket array pinned in `dir` holds any socket (a socket keeps its network
+/// namespace alive, and the array holds only live ones).
+pub(crate) fn holds_socket(dir: &Path) -> bool {
+    match MapData::from_pin(dir.join(names::SOCKETS)) {
+        Ok(map) => (0..MAX_SLOTS).any(|slot| {
+            let mut cookie: u64 = 0;
+            bpf_map_elem(BPF_MAP_LOOKUP_ELEM, &map, slot, &mut cookie).is_ok()
+        }),
+        Err(_) => false,
+    }
 }
 
 /// Creates `dir` (and parents) readable and writable by root only.
@@ -369,7 +316,7 @@ impl State {
             return Err(not_attached(port));
         }
         let mut state = Self::open_checked(dir, Some(lock), program, port.proto)?;
-        state.settle()?;
+        crate::settle::settle(&mut state)?;
         Ok(state)
     }
 
@@ -477,14 +424,11 @@ impl State {
             if state.spec != spec {
                 return Err(attached_as(spec, state.spec));
             }
-            state.settle()?;
+            crate::settle::settle(&mut state)?;
             return Ok((state, false));
         }
         // No program pin: nothing, or an interrupted creation. Start clean.
-        let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
-        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
-            let _ = fs::remove_file(dir.join(name));
-        }
+        remove_maps(&dir);
         let mut ebpf = program::load_fresh(flows)?;
         for name in maps_of(spec.proto) {
             let map = ebpf
@@ -524,10 +468,7 @@ impl State {
         let dir = self.dir.clone();
         fs::remove_file(dir.join(names::PROGRAM))
             .with_context(|| format!("removing {}", dir.display()))?;
-        let _ = fs::remove_file(dir.join(STAGED_PROGRAM));
-        for name in ALL_MAPS.iter().chain(&UDP_MAPS) {
-            let _ = fs::remove_file(dir.join(name));
-        }
+        remove_maps(&dir);
         drop(self);
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         // Leave the per-netns directory for other ports; remove it when it is empty.
@@ -714,7 +655,7 @@ impl State {
     }
 
     /// The metadata of the live set's active and canary slots that hold a live socket.
-    fn serving_slots(&self) -> anyhow::Result<Vec<SlotMeta>> {
+    pub(crate) fn serving_slots(&self) -> anyhow::Result<Vec<SlotMeta>> {
         let Some(set) = self.active_set()? else {
             return Ok(Vec::new());
         };
@@ -738,15 +679,6 @@ impl State {
         self.commit(None, Some(*set)).map(drop)
     }
 
-    /// What every command that takes the lock runs first: [`State::forget_stale_probes`],
-    /// [`State::repair`], then [`State::follow_kernel`].
-    fn settle(&mut self) -> anyhow::Result<()> {
-        // Claims of zdt-ctls that are gone first: the repair keeps probe lists a live one claims.
-        self.forget_stale_probes()?;
-        self.repair()?;
-        self.follow_kernel()
-    }
-
     /// Claims the live probe lists for this zdt-ctl while its `promote --probe` waits without
     /// the lock (see [`zdt_common::PROBE_CLAIM`]); the claim goes when the guard is dropped, or
     /// with this process.
@@ -763,7 +695,7 @@ impl State {
     }
 
     /// The pid of another zdt-ctl that claims the probe lists (a `promote --probe` waiting),
-    /// if one lives (run after [`Self::forget_stale_probes`], so every claim left is live).
+    /// if one lives (run after `settle::forget_stale_probes`, so every claim left is live).
     pub fn probe_claimant(&self) -> anyhow::Result<Option<u32>> {
         let Some(map) = crate::readiness::probes_map(&self.dir)? else {
             return Ok(None);
@@ -776,125 +708,6 @@ impl State {
             .map(|(_, v)| v.pid))
     }
 
-    /// Removes the ZDT_PROBES entries of zdt-ctl processes that are gone (killed before they
-    /// deleted them): such an entry names a loopback address and port that an ordinary client
-    /// may use later, whose SYN cookie's ACK would then be taken for zdt-ctl's.
-    fn forget_stale_probes(&mut self) -> anyhow::Result<()> {
-        // None yet in a state of an earlier build that `upgrade` is about to bring up to date.
-        let Some(mut map) = crate::readiness::probes_map(&self.dir)? else {
-            return Ok(());
-        };
-        let stale: Vec<ProbeKey> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| {
-                let pid = nix::unistd::Pid::from_raw(v.pid as i32);
-                nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            tracing::info!(
-                port = k.port,
-                "removing the probe mark of a zdt-ctl that is gone"
-            );
-            let _ = map.remove(&k);
-        }
-        Ok(())
-    }
-
-    /// Puts right what a command killed halfway left behind; run by every command that takes
-    /// the lock, so no other command is halfway through now:
-    /// - live probe lists (a `promote --probe` killed while it waited): zdt-ctl's own marked
-    ///   connections would keep reaching that process;
-    /// - members of the live set still recorded as candidates (a promote killed between its
-    ///   flip and its roles): `--stop-old` stops only members whose role says they served.
-    fn repair(&mut self) -> anyhow::Result<()> {
-        let Some(live) = self.active_set()? else {
-            return Ok(());
-        };
-        // Only the live set's few slots are read on the way of every command; the whole array
-        // only when there is something to put right.
-        // Probe lists a live `promote --probe` claims are its, while it waits without the lock.
-        let has_probe = live.probe != [SlotList::EMPTY; 2];
-        let claimed = has_probe && self.probe_claimant()?.is_some();
-        let probing = has_probe && !claimed;
-        if !probing
-            && !self
-                .serving_slots()?
-                .iter()
-                .any(|m| Role::from_raw(m.role) == Role::Candidate)
-        {
-            return Ok(());
-        }
-        if let Some(plan) = crate::plan::sets::repair(&self.slots()?, &live, claimed) {
-            tracing::info!(probing, "putting right what an interrupted command left");
-            self.apply(&plan)?;
-        }
-        Ok(())
-    }
-
-    /// Where the slots and the kernel part (see [`sets::drift`]): the listeners of the spec's
-    /// groups in no slot, and the slots whose recorded process is gone, with the processes
-    /// that serve those sockets now. Reads sock_diag's listeners and each recorded process's
-    /// start time; only when one of the two differs does it scan /proc for the holders.
-    pub fn drift(&self, slots: &[Slot]) -> anyhow::Result<sets::Drift> {
-        use std::collections::{BTreeMap, BTreeSet};
-        let table = sockets::listen_entries(self.spec.proto)?;
-        let known: BTreeSet<u64> = slots.iter().map(|s| s.meta.cookie).collect();
-        let mut starts: BTreeMap<i32, Option<u64>> = BTreeMap::new();
-        for s in slots {
-            starts
-                .entry(s.pid())
-                .or_insert_with(|| sockets::start_time(s.pid()));
-        }
-        let alive = |p: &sets::Process| starts.get(&p.pid).copied().flatten() == Some(p.start);
-        let dead: BTreeSet<u64> = slots
-            .iter()
-            .filter(|s| s.recorded() != Role::Hold && !alive(&s.process()))
-            .map(|s| s.meta.cookie)
-            .collect();
-        let inodes: BTreeSet<u64> = table
-            .values()
-            .filter(|e| {
-                self.spec.matches(&e.local)
-                    && (!known.contains(&e.cookie) || dead.contains(&e.cookie))
-            })
-            .map(|e| e.inode)
-            .collect();
-        if inodes.is_empty() {
-            return Ok(sets::Drift::default());
-        }
-        let h = sockets::holders(&inodes);
-        let seen: Vec<sets::Seen> = inodes
-            .iter()
-            .filter_map(|i| table.get(i))
-            .map(|e| sets::Seen {
-                cookie: e.cookie,
-                member: crate::plan::member(&h.pids(e.inode), &h.procs).and_then(|pid| {
-                    Some(sets::Process {
-                        pid,
-                        start: sockets::start_time(pid)?,
-                    })
-                }),
-            })
-            .collect();
-        Ok(sets::drift(
-            slots,
-            &seen,
-            &self.closed_members(slots)?,
-            alive,
-        ))
-    }
-
-    /// [`sets::closed_members`] of the live set, from the slots' metadata.
-    fn closed_members(&self, slots: &[Slot]) -> anyhow::Result<Vec<(sets::Process, Role)>> {
-        let Some(live) = self.active_set()? else {
-            return Ok(Vec::new());
-        };
-        Ok(sets::closed_members(&live, slots, |i| self.recorded(i)))
-    }
-
     /// The process `slot`'s metadata records (which outlives the slot's socket), None if it
     /// cannot be read.
     pub fn recorded(&self, slot: u32) -> Option<sets::Process> {
@@ -903,68 +716,6 @@ impl State {
             pid: m.pid as i32,
             start: m.pid_start,
         })
-    }
-
-    /// Membership follows the kernel; run by every command that takes the lock, after
-    /// [`State::repair`]. A process with a role that holds a listener of the port no slot
-    /// holds (it re-created its listener) gets it adopted, in its role; a slot whose process
-    /// is gone is recorded as the process that serves its socket now (it inherited it); then
-    /// every live socket of an active (canary) process joins the active (canary) lists, in
-    /// one switch. Without this, a re-created listener left the set naming only closed
-    /// sockets: every connection fell to kernel hashing, which handed some to a version still
-    /// warming up. The rollback target is left as it is.
-    fn follow_kernel(&mut self) -> anyhow::Result<()> {
-        let Some(live) = self.active_set()? else {
-            return Ok(());
-        };
-        // Also with no live slot at all: the only member may have re-created its only listener.
-        let slots = self.slots()?;
-        let drift = self.drift(&slots)?;
-        for &(slot, heir) in &drift.rehome {
-            let mut meta = self.meta.get(&slot, 0)?;
-            tracing::warn!(
-                slot,
-                from = meta.pid,
-                to = heir.pid,
-                "a socket's process exited and another holds it (inherited): recorded as its"
-            );
-            meta.pid = heir.pid as u32;
-            meta.pid_start = heir.start;
-            self.set_meta(slot, meta)?;
-        }
-        if !drift.adopt.is_empty() {
-            // Duplicates of the listeners to adopt (the map update takes an fd of ours).
-            for found in sockets::matching_listeners(&self.spec)? {
-                let Some(&(_, p, role)) =
-                    drift.adopt.iter().find(|(c, ..)| *c == found.entry.cookie)
-                else {
-                    continue;
-                };
-                // A listener that cannot be used (no SO_REUSEPORT, a changed fd) is left out:
-                // the command the operator ran must not fail for it.
-                let Ok(l) = sockets::listener_from(p.pid, found.fd, &found.entry) else {
-                    continue;
-                };
-                self.attach_to_group(&l.fd)?;
-                self.insert(p.pid, p.start, std::slice::from_ref(&l), role)?;
-                tracing::warn!(
-                    pid = p.pid,
-                    local = %l.local,
-                    %role,
-                    "a member re-created its listener: adopted in its role"
-                );
-            }
-        }
-        let slots = if drift.is_empty() {
-            slots
-        } else {
-            self.slots()?
-        };
-        let closed = self.closed_members(&slots)?;
-        if let Some(plan) = sets::rejoin(&slots, &live, &closed)? {
-            self.apply(&plan)?;
-        }
-        Ok(())
     }
 
     /// Cookie of the socket in `slot`, or None if the slot is empty. Kernel contract: a lookup
@@ -989,8 +740,15 @@ impl State {
         Ok((meta.cookie == cookie).then_some(meta))
     }
 
-    /// The metadata of every slot, in as few syscalls as the kernel allows (BPF_MAP_LOOKUP_BATCH
-    /// on the array, kernel >= 5.6): with 4096 slots, one lookup each would cost milliseconds.
+    /// Records `process` as the one that serves `slot`'s socket (it inherited it), the slot's
+    /// role and the rest of its metadata unchanged.
+    pub fn record_process(&mut self, slot: u32, process: sets::Process) -> anyhow::Result<()> {
+        let mut meta = self.meta.get(&slot, 0)?;
+        meta.pid = process.pid as u32;
+        meta.pid_start = process.start;
+        self.set_meta(slot, meta)
+    }
+
     /// Writes the metadata of `slot` (and the cached copy).
     fn set_meta(&mut self, slot: u32, meta: SlotMeta) -> anyhow::Result<()> {
         self.meta.set(slot, meta, 0)?;

@@ -7,7 +7,7 @@
 //! target's ([`Buffers`]: the live set, None before the first switch; the rollback target, read
 //! as none when empty, without probe lists).
 //! Commands run as `cmd/*.rs` and `State` run them: a locked command first runs `sets::repair`
-//! and `State::follow_kernel` (`sets::drift`, the adoption of a member's re-created listener,
+//! and `settle::follow_kernel` (`sets::drift`, the adoption of a member's re-created listener,
 //! the heir of an inherited socket, `sets::rejoin`); a new socket gets the slot
 //! `State::insert` gives it; a plan is written as `State::apply_steps` writes it (entries the
 //! control word does not name, the control word, roles: [`Buffers::commit`]), and the command
@@ -325,7 +325,7 @@ impl Model {
         })
     }
 
-    /// `State::follow_kernel`: membership follows the processes that hold the listeners.
+    /// `settle::follow_kernel`: membership follows the processes that hold the listeners.
     fn follow_kernel(&mut self) -> Step {
         let Some(live) = self.live() else {
             return Ok(());
@@ -357,7 +357,7 @@ impl Model {
             (m.pid, m.pid_start) = (heir.pid as u32, heir.start);
         }
         for &(cookie, p, _) in &drift.adopt {
-            // One that finds no free slot is left out (State::follow_kernel goes on).
+            // One that finds no free slot is left out (settle::follow_kernel goes on).
             if let Err(Stop::Violation(v)) = self.insert(p, &[(cookie, open[&cookie])]) {
                 return Err(Stop::Violation(v));
             }
@@ -467,7 +467,7 @@ impl Model {
         })
     }
 
-    /// What a locked command runs first: `State::repair`, then `State::follow_kernel`.
+    /// What a locked command runs first: `settle::repair`, then `settle::follow_kernel`.
     fn lock(&mut self) -> Step {
         if self.live().is_none() {
             return Ok(());

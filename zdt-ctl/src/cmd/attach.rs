@@ -176,7 +176,7 @@ pub fn attach_as(
     }
     // Every attach removes what namespaces that are gone left pinned (a container, a test's
     // namespace): nothing else would, and each port's maps stay in kernel memory until reboot.
-    let swept = crate::state::sweep_dead_namespaces().unwrap_or_else(|e| {
+    let swept = crate::sweep::sweep_dead_namespaces().unwrap_or_else(|e| {
         warnings.push(format!(
             "could not look for the pinned state of namespaces that are gone: {e:#}"
         ));

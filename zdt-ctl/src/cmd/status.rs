@@ -383,7 +383,7 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             m.recent as f64 / recent as f64
         };
     }
-    let d = state.drift(&slots)?;
+    let d = crate::settle::drift(&state, &slots)?;
     let drift = Drift {
         unadopted: d
             .adopt

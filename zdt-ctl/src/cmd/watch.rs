@@ -234,7 +234,10 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
 fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
     let state = State::open_locked(port)?;
     let slots = state.slots()?;
-    Ok((state.drift(&slots)?.newcomers, state.member_uids()?))
+    Ok((
+        crate::settle::drift(&state, &slots)?.newcomers,
+        state.member_uids()?,
+    ))
 }
 
 /// Why `p` is not the app's: its listeners on `port` belong to a uid that the port's members
