@@ -85,26 +85,49 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Through its readiness URL, and with `--probe` through the public port (where the probe lists
+/// name the new process again for the probation).
 #[test]
 fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
-    let ns = Netns::new()?;
-    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
-    zdt_ok(&ns, &["attach", ":8080"])?;
-    let l = load(&ns);
-    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let promote = in_probation(&ns, &v2, &[]);
-    v2.signal(Signal::SIGUSR1); // its /readyz turns 503
-    let r = promote.finish()?;
-    let stderr = &r.stderr;
-    assert_eq!(r.kind(), Some(Kind::RolledBack), "{stderr}");
-    assert!(stderr.contains("stopped being ready"), "{stderr}");
-    assert!(stderr.contains("503"), "{stderr}");
-    assert_eq!(
-        roles(&ns),
-        BTreeSet::from([role(v1.pid, Role::Active), role(v2.pid, Role::Draining)])
-    );
-    let t = load::tally(&l.finish());
-    assert_eq!(t.failures(), 0, "{t:?}");
+    for probe in [false, true] {
+        let ns = Netns::new()?;
+        let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+        zdt_ok(&ns, &["attach", ":8080"])?;
+        let l = load(&ns);
+        let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+        let promote = if probe {
+            let probation = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
+            let pid = v2.pid.to_string();
+            let args = [
+                "promote",
+                &pid,
+                "--probe",
+                "/readyz",
+                "--probation",
+                &probation,
+            ];
+            let args: Vec<String> = args.into_iter().map(String::from).collect();
+            let promote = at_log_event(&ns, &args, zdt_ctl::SWITCHED);
+            std::thread::sleep(Duration::from_millis(500));
+            promote
+        } else {
+            in_probation(&ns, &v2, &[])
+        };
+        v2.signal(Signal::SIGUSR1); // its /readyz turns 503
+        let r = promote.finish()?;
+        let stderr = &r.stderr;
+        assert_eq!(r.kind(), Some(Kind::RolledBack), "probe {probe}: {stderr}");
+        assert!(stderr.contains("stopped being ready"), "{stderr}");
+        assert!(stderr.contains("503"), "{stderr}");
+        assert_eq!(
+            roles(&ns),
+            BTreeSet::from([role(v1.pid, Role::Active), role(v2.pid, Role::Draining)])
+        );
+        // The probation's probe lists are gone with it.
+        assert_eq!(probe_list_len(&ns, PORT)?, 0, "probe {probe}");
+        let t = load::tally(&l.finish());
+        assert_eq!(t.failures(), 0, "probe {probe}: {t:?}");
+    }
     Ok(())
 }
 

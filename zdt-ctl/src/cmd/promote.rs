@@ -529,6 +529,14 @@ pub fn promote(
         }
     }
 
+    // --probe with --probation: the probation asks PATH through the public port as the
+    // readiness wait did, so the probe lists name PID's sockets again while it lasts.
+    let in_probation = match (&opts.probe, opts.probation) {
+        (Some(path), Some(p)) if !p.is_zero() => {
+            Some(probe_in_probation(&mut locked, &done, path)?)
+        }
+        _ => None,
+    };
     // The switch is made on every port: the locks go now. The probation and the stop wait on
     // the app, and other commands (a rollback, another deploy) must not wait on them; what
     // follows takes the locks again and decides from what is live then.
@@ -537,7 +545,16 @@ pub fn promote(
     // The new process must still be there once our references are gone; then, with
     // --probation, stay alive and ready for that long.
     let t3 = Instant::now();
-    if let Err(why) = watch(&target, prober.as_ref(), opts.probation.unwrap_or_default()) {
+    let asker = match (&prober, &in_probation) {
+        (Some(p), _) => Some(Asker::Url(p)),
+        (None, Some(p)) => Some(Asker::Port(&p.prober, &p.what)),
+        (None, None) => None,
+    };
+    let watched = watch(&target, asker, opts.probation.unwrap_or_default());
+    if let Some(p) = in_probation {
+        p.end(&done)?;
+    }
+    if let Err(why) = watched {
         tracing::warn!(pid = opts.pid, why, "rolling back");
         let mut restored = Vec::new();
         let mut moved_on = Vec::new();
@@ -888,10 +905,10 @@ fn probe_through_port(
             ));
         }
     }
-    let mut written = Vec::new();
     // The probe goes to the first port; the family of its wildcard is that of PID's sockets
     // on that port.
     let mut family_v4 = None;
+    let mut news = Vec::new();
     for state in states.iter_mut() {
         let listeners = sockets::fetch_listeners(target, &state.spec)?;
         family_v4.get_or_insert(listeners.first().is_none_or(|l| l.local.is_ipv4()));
@@ -903,32 +920,22 @@ fn probe_through_port(
         for l in &listeners {
             state.attach_to_group(&l.fd)?;
         }
-        let new = state.insert(target.pid, target.start, &listeners, Role::Candidate)?;
-        drop(listeners);
-        let probing = state.snapshot()?.probe(&new)?;
-        state.write_set(&probing)?;
-        written.push(probing.probe);
+        news.push(state.insert(target.pid, target.start, &listeners, Role::Candidate)?);
     }
-    let claims = states
-        .iter()
-        .map(State::claim_probe)
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let spec = states[0].spec;
-    let to = spec.reach(family_v4.unwrap_or(true));
-    let prober = readiness::PortProber::new(to, path).marked(&states[0].dir);
+    let probing = start_probing(&mut states, &news, family_v4.unwrap_or(true), path)?;
     drop(states);
-    let what = format!("{path} on {to} (probed through the public port)");
+    let what = format!("{} (probed through the public port)", probing.what);
     let waited = readiness::wait_until(
         &what,
         timeout,
         check,
-        |limit| prober.probe(limit),
+        |limit| probing.prober.probe(limit),
         |e, a| progress(e, a),
     );
     let mut states = lock_all(ports)?;
     if waited.is_err() {
         // Out of whatever is live now (a switch meanwhile may have replaced them already).
-        for (state, probe) in states.iter_mut().zip(&written) {
+        for (state, probe) in states.iter_mut().zip(&probing.written) {
             if let Some(mut live) = state.active_set()? {
                 if live.probe == *probe {
                     live.probe = [zdt_common::SlotList::EMPTY; 2];
@@ -937,7 +944,7 @@ fn probe_through_port(
             }
         }
     }
-    drop(claims);
+    drop(probing);
     waited.map(|_| states)
 }
 
@@ -970,17 +977,89 @@ fn drop_probe(state: &mut State) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The probe lists of a `--probe` promote (for its readiness wait, and for its probation),
+/// with their claim in ZDT_PROBES and the prober whose marked connections reach them.
+struct Probing {
+    prober: readiness::PortProber,
+    what: String,
+    /// Per port, the probe lists written.
+    written: Vec<[zdt_common::SlotList; 2]>,
+    _claims: Vec<readiness::ProbeMark>,
+}
+
+impl Probing {
+    /// Takes the probe lists out again, where they are still the ones written (a rollback or
+    /// another promote meanwhile replaced them with its own set).
+    fn end(self, done: &[Switched]) -> anyhow::Result<()> {
+        for (s, probe) in done.iter().zip(&self.written) {
+            let mut state = State::open_locked(s.port)?;
+            if state.active_set()?.is_some_and(|live| live.probe == *probe) {
+                drop_probe(&mut state)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the probe lists of each port (`states`, locked) to name PID's slots there (`news`),
+/// and claims them: zdt-ctl's marked connections to PATH on the first port (its IPv4 or IPv6
+/// address, `v4`) reach PID and no other process.
+fn start_probing(
+    states: &mut [State],
+    news: &[Vec<u32>],
+    v4: bool,
+    path: &str,
+) -> anyhow::Result<Probing> {
+    let mut written = Vec::new();
+    for (state, new) in states.iter_mut().zip(news) {
+        let probing = state.snapshot()?.probe(new)?;
+        state.write_set(&probing)?;
+        written.push(probing.probe);
+    }
+    let claims = states
+        .iter()
+        .map(State::claim_probe)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let to = states[0].spec.reach(v4);
+    Ok(Probing {
+        prober: readiness::PortProber::new(to, path).marked(&states[0].dir),
+        what: format!("{path} on {to}"),
+        written,
+        _claims: claims,
+    })
+}
+
+/// After the switch of a `--probe` promote with `--probation`: the probe lists name PID's new
+/// sockets again (the switch cleared them), so the probation asks PATH as the readiness wait
+/// did.
+fn probe_in_probation(
+    states: &mut [State],
+    done: &[Switched],
+    path: &str,
+) -> anyhow::Result<Probing> {
+    let v4 = states[0]
+        .snapshot()?
+        .slots
+        .iter()
+        .any(|x| done[0].new.contains(&x.index) && x.meta.family == zdt_common::AF_INET);
+    let news: Vec<Vec<u32>> = done.iter().map(|s| s.new.clone()).collect();
+    start_probing(states, &news, v4, path)
+}
+
+/// How a probation asks the new process whether it is still ready: its readiness URL (which
+/// it must still serve alone), or `--probe`'s path through the public port.
+enum Asker<'a> {
+    Url(&'a readiness::Prober),
+    Port(&'a readiness::PortProber, &'a str),
+}
+
 /// Consecutive failed readiness answers that end a probation (one can be a blip).
 const PROBATION_FAILURES: u32 = 2;
 
 /// Checks the new process right after the switch and then for `probation`: alive (pidfd) and,
-/// with a readiness URL, answering 200 on it, which it must still serve alone. Err(what
-/// happened) ends it.
-fn watch(
-    target: &PidFd,
-    prober: Option<&readiness::Prober>,
-    probation: Duration,
-) -> Result<(), String> {
+/// with a readiness URL or `--probe`, answering 200 there ([`Asker`]). Err(what happened)
+/// ends it.
+fn watch(target: &PidFd, asker: Option<Asker<'_>>, probation: Duration) -> Result<(), String> {
     let died = || format!("pid {} exited right after the switch", target.pid);
     if !target.alive() {
         return Err(died());
@@ -999,10 +1078,17 @@ fn watch(
                 start.elapsed().as_secs_f64()
             ));
         }
-        if let Some(p) = prober {
-            let answer = match sockets::check_url_owner(target, &p.url, &p.addrs, Some(&cache)) {
-                Ok(()) => p.probe(probation.saturating_sub(start.elapsed())),
-                Err(e) => readiness::Answer::Error(e.to_string()),
+        if let Some(asker) = &asker {
+            let limit = probation.saturating_sub(start.elapsed());
+            let (answer, what) = match asker {
+                Asker::Url(p) => (
+                    match sockets::check_url_owner(target, &p.url, &p.addrs, Some(&cache)) {
+                        Ok(()) => p.probe(limit),
+                        Err(e) => readiness::Answer::Error(e.to_string()),
+                    },
+                    p.url.as_str(),
+                ),
+                Asker::Port(p, what) => (p.probe(limit), *what),
             };
             match answer {
                 readiness::Answer::Ready => failures = 0,
@@ -1013,7 +1099,7 @@ fn watch(
                             "pid {} stopped being ready {:.1}s into its probation ({} answered: {answer})",
                             target.pid,
                             start.elapsed().as_secs_f64(),
-                            p.url
+                            what
                         ));
                     }
                 }
