@@ -2,7 +2,9 @@
 //! in a container with host networking (the test's namespace is the host's network here), and
 //! in a pod whose network namespace its containers share. A new container starts beside the old
 //! one and is promoted, by `zdt-ctl promote` with the container's pid or by the watcher; the old
-//! one is stopped with `podman stop`; under load, not one request fails.
+//! one is stopped with `podman stop`; under load, not one request fails, where the same steps
+//! without zdt (the control of the host-network test) lose the requests the warming container
+//! answers.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -69,43 +71,59 @@ fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
     active_pids(ns, PORT)
 }
 
-#[test]
-fn a_container_on_the_host_network_is_promoted_and_the_old_one_podman_stopped() -> anyhow::Result<()>
-{
-    podman::image()?;
+/// The host-network handover under load: v2 started beside v1 (warming up for [`WARMUP`]),
+/// promoted by `zdt-ctl promote` with the container's pid, v1 stopped with `podman stop`. The
+/// control (`with_zdt` false) does the same without zdt: v2 shares the port by plain
+/// SO_REUSEPORT from its start, and v1 is stopped once v2 answers 200.
+fn host_network(with_zdt: bool) -> anyhow::Result<load::Tally> {
     let ns = Netns::new()?;
     let v1 = start(Network::Host(&ns), "v1", 9001, Duration::ZERO)?;
     ready(&ns, 9001)?;
-    zdt_ok(&ns, &["attach", ":8080"])?;
+    if with_zdt {
+        zdt_ok(&ns, &["attach", ":8080"])?;
+    }
     let l = Background::start(
         &ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
     );
     l.see(load::BEFORE_CHANGE);
     let v2 = start(Network::Host(&ns), "v2", 9002, scaled(WARMUP))?;
-    // The container's pid as the host sees it: the service itself (the container's pid 1).
-    let pid = v2.pid.to_string();
-    let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
-    zdt_ok(
-        &ns,
-        &[
-            "promote",
-            &pid,
-            "--readyz",
-            "http://127.0.0.1:9002/readyz",
-            "--timeout",
-            &timeout,
-        ],
-    )?;
-    assert_eq!(active(&ns)?, [i64::from(v2.pid)]);
+    if with_zdt {
+        // The container's pid as the host sees it: the service itself (the container's pid 1).
+        let pid = v2.pid.to_string();
+        let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
+        let url = "http://127.0.0.1:9002/readyz";
+        zdt_ok(
+            &ns,
+            &["promote", &pid, "--readyz", url, "--timeout", &timeout],
+        )?;
+        assert_eq!(active(&ns)?, [i64::from(v2.pid)]);
+    } else {
+        ready(&ns, 9002)?;
+    }
     v1.stop(Duration::from_secs(10))?;
     assert_eq!(v1.exit_code()?, 0);
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
+    if with_zdt {
+        assert_invariants(&ns, PORT)?;
+    }
+    Ok(t)
+}
+
+/// The control first, then zdt: the same containers, the same load, the same `podman stop`.
+#[test]
+fn a_container_on_the_host_network_is_promoted_and_the_old_one_podman_stopped() -> anyhow::Result<()>
+{
+    podman::image()?;
+    let plain = host_network(false)?;
+    print_tally("== host network, no zdt (control), podman stop:", &plain);
+    let t = host_network(true)?;
     print_tally("== host network, promote, podman stop:", &t);
+    // Without zdt the warming v2 takes its share of new connections from its start.
+    assert!(plain.failures() > 0, "the control lost nothing: {plain:?}");
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.get("v1").copied().unwrap_or(0) > 0, "{t:?}");
     assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
-    assert_invariants(&ns, PORT)?;
     Ok(())
 }
 
