@@ -547,12 +547,12 @@ pub fn promote(
     let t3 = Instant::now();
     let asker = match (&prober, &in_probation) {
         (Some(p), _) => Some(Asker::Url(p)),
-        (None, Some(p)) => Some(Asker::Port(&p.prober, &p.what)),
+        (None, Some(p)) => Some(Asker::Port(p)),
         (None, None) => None,
     };
     let watched = watch(&target, asker, opts.probation.unwrap_or_default());
     if let Some(p) = in_probation {
-        p.end(&done)?;
+        p.take_out(&mut lock_all(&ports)?)?;
     }
     if let Err(why) = watched {
         tracing::warn!(pid = opts.pid, why, "rolling back");
@@ -934,15 +934,7 @@ fn probe_through_port(
     );
     let mut states = lock_all(ports)?;
     if waited.is_err() {
-        // Out of whatever is live now (a switch meanwhile may have replaced them already).
-        for (state, probe) in states.iter_mut().zip(&probing.written) {
-            if let Some(mut live) = state.active_set()? {
-                if live.probe == *probe {
-                    live.probe = [zdt_common::SlotList::EMPTY; 2];
-                    state.write_set(&live)?;
-                }
-            }
-        }
+        probing.take_out(&mut states)?;
     }
     drop(probing);
     waited.map(|_| states)
@@ -988,13 +980,16 @@ struct Probing {
 }
 
 impl Probing {
-    /// Takes the probe lists out again, where they are still the ones written (a rollback or
-    /// another promote meanwhile replaced them with its own set).
-    fn end(self, done: &[Switched]) -> anyhow::Result<()> {
-        for (s, probe) in done.iter().zip(&self.written) {
-            let mut state = State::open_locked(s.port)?;
-            if state.active_set()?.is_some_and(|live| live.probe == *probe) {
-                drop_probe(&mut state)?;
+    /// Takes the probe lists out of the live sets of `states` (locked, in the order they were
+    /// written), where they are still the ones written: a switch meanwhile (a rollback,
+    /// another promote) replaced them with its own set, which stands.
+    fn take_out(&self, states: &mut [State]) -> anyhow::Result<()> {
+        for (state, probe) in states.iter_mut().zip(&self.written) {
+            if let Some(mut live) = state.active_set()? {
+                if live.probe == *probe {
+                    live.probe = [zdt_common::SlotList::EMPTY; 2];
+                    state.write_set(&live)?;
+                }
             }
         }
         Ok(())
@@ -1050,7 +1045,7 @@ fn probe_in_probation(
 /// it must still serve alone), or `--probe`'s path through the public port.
 enum Asker<'a> {
     Url(&'a readiness::Prober),
-    Port(&'a readiness::PortProber, &'a str),
+    Port(&'a Probing),
 }
 
 /// Consecutive failed readiness answers that end a probation (one can be a blip).
@@ -1088,7 +1083,7 @@ fn watch(target: &PidFd, asker: Option<Asker<'_>>, probation: Duration) -> Resul
                     },
                     p.url.as_str(),
                 ),
-                Asker::Port(p, what) => (p.probe(limit), *what),
+                Asker::Port(p) => (p.prober.probe(limit), p.what.as_str()),
             };
             match answer {
                 readiness::Answer::Ready => failures = 0,
