@@ -381,7 +381,7 @@ pub struct Hold {
 
 /// Reads `lines` until `wanted` finds what it looks for in one (at most `timeout`): what it
 /// found, or the lines read meanwhile.
-fn wait_for_line<T>(
+pub fn wait_for_line<T>(
     lines: &mpsc::Receiver<String>,
     timeout: Duration,
     mut wanted: impl FnMut(&str) -> Option<T>,
@@ -641,10 +641,19 @@ pub fn within(
     mut event: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<Option<Duration>> {
     let start = Instant::now();
-    let deadline = start + scaled(timeout);
+    poll_for(timeout, || Ok(event()?.then(|| start.elapsed())))
+}
+
+/// Asks `f` every 20 ms until it gives a value, for at most `timeout` (stretched by the time
+/// scale): that value, or None.
+pub fn poll_for<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<Option<T>> {
+    let deadline = Instant::now() + scaled(timeout);
     loop {
-        if event()? {
-            return Ok(Some(start.elapsed()));
+        if let Some(v) = f()? {
+            return Ok(Some(v));
         }
         if Instant::now() >= deadline {
             return Ok(None);
@@ -744,13 +753,12 @@ pub fn sets(
 /// that can be read from a real port, asserted after a command that completed (the model
 /// asserts them after every step, kills included):
 /// 1. the rollback target, as far as its sockets listen, is not the live set;
-/// 2. new connections reach only sockets the live set names: 20 requests are sent, and only
-///    slots the live set names see their `steered` counter grow (all 20, when the live set
-///    names a listening IPv4 socket);
+/// 2. new connections reach only sockets the live set names
+///    ([`assert_steered_to_the_live_set`]);
 /// 3. every slot the live set names records the role the set gives it;
 ///
 /// and that every slot the live set names holds a socket zdt put there (or none: closed).
-/// [`Checked`] adds 4, 5 and 6, which compare the state before a command with after.
+/// [`checked`] adds 4, 5 and 6, which compare the state before a command with after.
 pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
     use zdt_ctl::plan::sets::{live_only, same};
     let snap = snapshot(ns, port)?;
@@ -792,11 +800,11 @@ pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
     assert_steered_to_the_live_set(ns, port, &snap)
 }
 
-/// Invariant 2 on the real kernel, from `before` (a snapshot taken just now): 20 requests on
-/// new connections are answered only by processes the live set names (the demo app says its
-/// pid in `x-zdt-pid`; an answer without it, or from another pid namespace, is not counted),
-/// and only slots the live set names
-/// see their `steered` counters grow (the background load's connections included).
+/// Invariant 2 on the real kernel, from `before` (a snapshot taken just now): while the live
+/// set names a listening IPv4 socket, 20 requests on new connections are answered only by
+/// processes the live set names (the demo app says its pid in `x-zdt-pid`; an answer without
+/// it, or from another pid namespace, is not counted), and only slots the live set names see
+/// their `steered` counters grow (the background load's connections included).
 fn assert_steered_to_the_live_set(
     ns: &Netns,
     port: u16,
@@ -934,15 +942,9 @@ pub fn checked(ns: &Netns, port: u16, args: &[&str]) -> anyhow::Result<Ctl> {
     Ok(r)
 }
 
-/// Whether `pid` runs: it exists and is not a zombie that exited.
-fn running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().to_string())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+/// Whether `pid` runs: it exists and is not a zombie that exited (as zdt-ctl itself sees it).
+pub fn running(pid: i32) -> bool {
+    zdt_ctl::sockets::start_time(pid).is_some()
 }
 
 /// Prints one load tally as a table row block: requests, ok, each failure kind, versions.

@@ -45,11 +45,12 @@ fn role(pid: i32, r: Role) -> (i32, Role) {
     (pid, r)
 }
 
-/// `promote NEW --probation ... EXTRA...` running in the background, once it is in its probation
-/// (3 s, stretched by the time scale): switched, and watching NEW for half a second already.
-fn in_probation(ns: &Netns, new: &App, extra: &[&str]) -> Paused {
+/// `ARGS --probation ...` (a promote) running in the background, once it is in its probation
+/// (3 s, stretched by the time scale): switched, and watching the new process for half a second
+/// already.
+fn in_probation(ns: &Netns, mut args: Vec<String>) -> Paused {
     let probation = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
-    let args = promote_args(new, &[&["--probation", &probation], extra].concat());
+    args.extend(["--probation".to_string(), probation]);
     let promote = at_log_event(ns, &args, zdt_ctl::SWITCHED);
     std::thread::sleep(Duration::from_millis(500));
     promote
@@ -62,7 +63,7 @@ fn new_process_dying_in_probation_is_rolled_back() -> anyhow::Result<()> {
     zdt_ok(&ns, &["attach", ":8080"])?;
     let l = load(&ns);
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    let promote = in_probation(&ns, &v2, &["--stop-old"]);
+    let promote = in_probation(&ns, promote_args(&v2, &["--stop-old"]));
     v2.signal(Signal::SIGKILL);
     let r = promote.finish()?;
     let stderr = &r.stderr;
@@ -95,24 +96,15 @@ fn new_process_unready_in_probation_is_rolled_back() -> anyhow::Result<()> {
         zdt_ok(&ns, &["attach", ":8080"])?;
         let l = load(&ns);
         let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-        let promote = if probe {
-            let probation = format!("{}ms", scaled(Duration::from_secs(3)).as_millis());
+        let args = if probe {
             let pid = v2.pid.to_string();
-            let args = [
-                "promote",
-                &pid,
-                "--probe",
-                "/readyz",
-                "--probation",
-                &probation,
-            ];
-            let args: Vec<String> = args.into_iter().map(String::from).collect();
-            let promote = at_log_event(&ns, &args, zdt_ctl::SWITCHED);
-            std::thread::sleep(Duration::from_millis(500));
-            promote
+            ["promote", &pid, "--probe", "/readyz"]
+                .map(String::from)
+                .to_vec()
         } else {
-            in_probation(&ns, &v2, &[])
+            promote_args(&v2, &[])
         };
+        let promote = in_probation(&ns, args);
         v2.signal(Signal::SIGUSR1); // its /readyz turns 503
         let r = promote.finish()?;
         let stderr = &r.stderr;

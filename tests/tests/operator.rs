@@ -147,10 +147,7 @@ fn a_promote_that_fails_on_a_later_port_changes_no_port() -> anyhow::Result<()> 
 
     // Paused after the readiness checks, before the first switch; v2 drops 8443 meanwhile.
     let pause = load::scaled(Duration::from_secs(5));
-    let (pid, url) = (v2.pid.to_string(), v2.readyz());
-    let mut args = vec!["promote", &pid, "--readyz", &url];
-    args.extend(ports);
-    let args: Vec<String> = args.into_iter().map(String::from).collect();
+    let args = zdt_tests::harness::promote_args(&v2, &ports);
     let paused = at_failpoint(
         &ns,
         &args,

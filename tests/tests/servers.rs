@@ -380,20 +380,6 @@ fn caddy_handed_over_by_zdt_loses_no_request() -> anyhow::Result<()> {
     control_then_zdt(Kind::Caddy, Duration::ZERO, 5, false)
 }
 
-/// Polls `f` until it gives a value, for at most `timeout`.
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T, ()> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// nginx run as Debian's nginx.service runs it (`daemon on`, see [`nginx_conf`]), from its
 /// absolute path (the binary upgrade execs it again), in `dir`.
 struct DaemonNginx {
@@ -454,17 +440,6 @@ impl Drop for DaemonNginx {
     }
 }
 
-/// Whether `pid` still runs (a zombie, which nothing reaps here, has exited).
-fn runs(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
-        })
-        .is_some_and(|exited| !exited)
-}
-
 /// nginx's own ways of changing itself in place, under load, with zdt attached: the binary
 /// upgrade (SIGUSR2: a new master inherits every listener, then the old one quits) and a reload
 /// that adds a worker (SIGHUP: with `reuseport` the master opens one more listener). zdt follows
@@ -473,14 +448,14 @@ fn runs(pid: i32) -> bool {
 /// next deploy drains the heir.
 #[test]
 fn nginx_binary_upgrade_and_reload_are_followed_by_zdt() -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    use zdt_tests::harness::{assert_invariants, Role};
+    use zdt_tests::harness::{assert_invariants, poll_for, running, Role};
     let ns = Netns::new()?;
     let v1 = DaemonNginx::start(&ns, "v1", 2, 9001)?;
     let pid_of = |n: &DaemonNginx, file: &str| {
-        wait_for(scaled(STARTUP), || n.pid(file))
-            .map_err(|_| anyhow::anyhow!("no {file}:\n{}", n.log()))
+        poll_for(STARTUP, || Ok(n.pid(file)))?.with_context(|| format!("no {file}:\n{}", n.log()))
     };
     let old = pid_of(&v1, "nginx.pid")?;
     let ready = "--readyz=http://127.0.0.1:9001/readyz";
@@ -491,24 +466,27 @@ fn nginx_binary_upgrade_and_reload_are_followed_by_zdt() -> anyhow::Result<()> {
 
     // The binary upgrade, as nginx's documentation gives it: USR2, WINCH, QUIT.
     kill(Pid::from_raw(old), Signal::SIGUSR2)?;
-    let heir = wait_for(scaled(STARTUP), || {
-        v1.pid("nginx.pid.oldbin")
+    let heir = poll_for(STARTUP, || {
+        Ok(v1
+            .pid("nginx.pid.oldbin")
             .and(v1.pid("nginx.pid"))
-            .filter(|&p| p != old)
-    })
-    .map_err(|_| anyhow::anyhow!("no new master:\n{}", v1.log()))?;
+            .filter(|&p| p != old))
+    })?
+    .with_context(|| format!("no new master:\n{}", v1.log()))?;
     // Its workers run once it has some children.
-    wait_for(scaled(STARTUP), || {
-        std::fs::read_to_string(format!("/proc/{heir}/task/{heir}/children"))
-            .ok()
-            .filter(|c| !c.trim().is_empty())
-    })
-    .map_err(|_| anyhow::anyhow!("the new master started no worker:\n{}", v1.log()))?;
+    poll_for(STARTUP, || {
+        Ok(
+            std::fs::read_to_string(format!("/proc/{heir}/task/{heir}/children"))
+                .ok()
+                .filter(|c| !c.trim().is_empty()),
+        )
+    })?
+    .with_context(|| format!("the new master started no worker:\n{}", v1.log()))?;
     kill(Pid::from_raw(old), Signal::SIGWINCH)?;
     std::thread::sleep(SETTLE);
     kill(Pid::from_raw(old), Signal::SIGQUIT)?;
-    wait_for(scaled(STOP), || (!runs(old)).then_some(()))
-        .map_err(|_| anyhow::anyhow!("the old master did not exit:\n{}", v1.log()))?;
+    poll_for(STOP, || Ok((!running(old)).then_some(())))?
+        .with_context(|| format!("the old master did not exit:\n{}", v1.log()))?;
     // Without the lock, status sees the heir at once.
     let st = report(&ns, PORT)?;
     assert!(
@@ -527,12 +505,12 @@ fn nginx_binary_upgrade_and_reload_are_followed_by_zdt() -> anyhow::Result<()> {
     let before = slots(&report(&ns, PORT)?);
     v1.configure(3, 9001)?;
     kill(Pid::from_raw(heir), Signal::SIGHUP)?;
-    let st = wait_for(scaled(STARTUP), || {
-        report(&ns, PORT)
+    let st = poll_for(STARTUP, || {
+        Ok(report(&ns, PORT)
             .ok()
-            .filter(|st| !st.drift.unadopted.is_empty())
-    })
-    .map_err(|_| anyhow::anyhow!("status saw no new listener:\n{}", v1.log()))?;
+            .filter(|st| !st.drift.unadopted.is_empty()))
+    })?
+    .with_context(|| format!("status saw no new listener:\n{}", v1.log()))?;
     assert!(
         st.drift
             .unadopted
@@ -560,8 +538,8 @@ fn nginx_binary_upgrade_and_reload_are_followed_by_zdt() -> anyhow::Result<()> {
     assert!(r.stdout.contains(&format!("drained: pid {heir}")), "{r:?}");
     assert_eq!(report(&ns, PORT)?.role_of(heir), Some(Role::Draining));
     kill(Pid::from_raw(heir), Signal::SIGQUIT)?;
-    wait_for(scaled(STOP), || (!runs(heir)).then_some(()))
-        .map_err(|_| anyhow::anyhow!("the heir did not exit:\n{}", v1.log()))?;
+    poll_for(STOP, || Ok((!running(heir)).then_some(())))?
+        .with_context(|| format!("the heir did not exit:\n{}", v1.log()))?;
     std::thread::sleep(SETTLE);
     let t = load::tally(&client.finish());
     print_tally("nginx: binary upgrade, reload, deploy", &t);

@@ -340,17 +340,11 @@ fn the_watcher_rolls_back_in_probation_and_goes_on_after_a_crash() -> anyhow::Re
     until_active(&ns, v2.pid, scaled(Duration::from_secs(10)))?;
     v2.signal(Signal::SIGUSR1);
     let said = |what: String| -> anyhow::Result<String> {
-        let deadline = Instant::now() + probation + scaled(Duration::from_secs(10));
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match stderr.recv_timeout(left) {
-                Ok(l) if l.contains(&what) => return Ok(l),
-                Ok(_) => {}
-                Err(_) => {
-                    anyhow::bail!("the watcher did not say {what:?}: {:?}", report(&ns, PORT)?)
-                }
-            }
-        }
+        let timeout = probation + scaled(Duration::from_secs(10));
+        zdt_tests::harness::wait_for_line(&stderr, timeout, |l| {
+            l.contains(&what).then(|| l.to_string())
+        })
+        .map_err(|_| anyhow::anyhow!("the watcher did not say {what:?}: {:?}", report(&ns, PORT)))
     };
     let line = said(format!("pid {} not promoted", v2.pid))?;
     assert!(line.contains("stopped being ready"), "{line}");
