@@ -185,11 +185,15 @@ fn http3(server: h3::Server) -> anyhow::Result<()> {
     );
     assert_eq!(zdt.bad(), 0, "{}", summary(&zdt));
     assert!(zdt.ok > 0, "{}", summary(&zdt));
-    // A connection opened after a switch (by the client's clock, before its first datagram;
-    // whole milliseconds, so one more) was answered by the version switched in, until the next
-    // switch. Unless its source port is one an earlier connection had: that is the same flow
-    // to zdt (its 4-tuple), which goes to the process that has it while that one lives
-    // (docs/FAULTS.md).
+    // A connection opened after a switch (by the client's clock, taken before it builds its
+    // first datagram; whole milliseconds, so one more) was answered by the version switched
+    // in, or by one switched in later: never by an older one. A later one only if it was
+    // switched in before that first datagram can have left: the client builds its Initial
+    // (TLS included) in Python among ten busy sessions, which took 4 ms once (a connection
+    // "opened" 4 ms before a switch went to the version it switched in). Unless its source
+    // port is one an earlier connection had: that is the same flow to zdt (its 4-tuple),
+    // which goes to the process that has it while that one lives (docs/FAULTS.md).
+    let first_datagram = scaled(Duration::from_millis(100)).as_millis() as u64;
     let mut checked = 0;
     let mut ports = std::collections::BTreeSet::new();
     for &(opened, pid, port) in &zdt.connections {
@@ -197,9 +201,14 @@ fn http3(server: h3::Server) -> anyhow::Result<()> {
             continue;
         }
         if let Some(&(_, want)) = switches.iter().rev().find(|(at, _)| *at < opened) {
-            assert_eq!(
-                pid, want,
-                "a connection opened at {opened} ms: {switches:?}"
+            let later = switches
+                .iter()
+                .any(|&(at, p)| p == pid && at >= opened && at < opened + first_datagram);
+            assert!(
+                pid == want || later,
+                "a connection opened at {opened} ms was answered by pid {pid}, not by pid \
+                 {want} (switched in before it) nor by one switched in within {first_datagram} \
+                 ms after: {switches:?}"
             );
             checked += 1;
         }
