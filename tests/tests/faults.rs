@@ -330,8 +330,8 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
     let l = load(&ns);
     l.see(load::BEFORE_CHANGE);
-    // The active member dies. Its slot is cleared by the kernel; new connections fall back to
-    // kernel hashing over what still listens (v1), none is lost.
+    // The active member dies. Its slot is cleared by the kernel; the program sends new
+    // connections to what still listens of the rollback target (v1), none is lost.
     v2.signal(Signal::SIGKILL);
     // Once v2 is gone, and the load has seen the state it left.
     until("v2 gone", Duration::from_secs(5), || {
@@ -340,7 +340,9 @@ fn a_member_dying_without_drain_leaves_no_stale_entry() -> anyhow::Result<()> {
     l.see(load::BEFORE_CHANGE);
     assert_eq!(roles(&ns), BTreeSet::from([role(v1.pid, Role::Draining)]));
     let st = report(&ns, PORT)?;
-    assert!(st.counters.fallback > 0, "{st:?}");
+    // Steered by the program, not left to the kernel's hash over the group.
+    assert_eq!(st.counters.fallback, 0, "{st:?}");
+    assert!(st.member(v1.pid).is_some_and(|m| m.steered > 0), "{st:?}");
     // Its listener is gone: nothing (zdt included) kept a duplicate of it.
     let listeners = ns.run(|| {
         zdt_ctl::sockets::listen_entries(zdt_ctl::addr::Proto::Tcp)

@@ -7,8 +7,8 @@ use nix::sys::signal::Signal;
 use zdt_ctl::cmd::status::Drift;
 use zdt_tests::{
     harness::{
-        relistening_member_beside_a_warming_version, replace, report, roles, zdt_ok, App, AppOpts,
-        Role,
+        promote_args, relistening_member_beside_a_warming_version, replace, report, roles, strs,
+        zdt_ok, App, AppOpts, Role,
     },
     load::{self, scaled},
     netns::Netns,
@@ -104,5 +104,40 @@ fn a_process_that_inherits_a_members_socket_becomes_the_member() -> anyhow::Resu
     put_right(&ns, "inherited", |d| d.inherited.len(), &v1b, "v1b")?;
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
     replace(&ns, &v2, &mut v1b)?;
+    Ok(())
+}
+
+/// While nothing of the live set listens (the active member re-created its listener and no
+/// command has adopted it yet; then it crashed), new connections go to the version before it,
+/// which still runs, and never to a version still warming up beside them.
+#[test]
+fn with_the_live_set_gone_the_previous_version_serves_not_a_warming_one() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let mut v2 = App::start(&ns, &AppOpts::new(PORT, "v2").arg("--relisten-on-hup"))?;
+    zdt_ok(&ns, &strs(&promote_args(&v2, &[])))?;
+    let _v3 = App::start(
+        &ns,
+        &AppOpts::new(PORT, "v3").warmup(Duration::from_secs(3600)),
+    )?;
+    let t = load::requests(&ns, PORT, 60, 1000.0);
+    assert_eq!(t.versions.get("v2"), Some(&60), "{t:?}");
+
+    // v2's listener in the live set closes; its new one is in no slot yet.
+    v2.relisten()?;
+    let t = load::requests(&ns, PORT, 60, 1000.0);
+    assert_eq!(
+        t.versions.get("v1"),
+        Some(&60),
+        "after v2 re-listened: {t:?}"
+    );
+
+    // v2 dies: v1 (the rollback target) still takes every new connection.
+    v2.signal(Signal::SIGKILL);
+    assert!(v2.wait_exit(scaled(Duration::from_secs(10))));
+    let t = load::requests(&ns, PORT, 60, 1000.0);
+    assert_eq!(t.versions.get("v1"), Some(&60), "after v2 died: {t:?}");
+    assert!(zdt_tests::harness::running(v1.pid));
     Ok(())
 }

@@ -75,8 +75,11 @@ pub mod names {
 /// byte-wise copy by the kernel cannot produce a value no writer wrote.
 ///
 /// `rollback_buf` names the entry that holds the rollback target the same way (1..=3; 0, as
-/// layout 2 left it, means entry 2); only zdt-ctl reads it. A command writes entries neither
-/// field names, then both fields in one write: see zdt-ctl's `plan::buffers`.
+/// layout 2 left it, means entry 2). The program reads it only while nothing of the live set
+/// can be selected, and then selects only sockets whose [`SlotMeta`] records them active,
+/// canary or draining. A command writes entries the control word does not name (the one
+/// exception, a new target and a new set in one command, rewrites the old target's entry,
+/// which that check covers), then both fields in one write: see zdt-ctl's `plan::buffers`.
 ///
 /// The other fields are written once by `attach` and read only by `zdt-ctl`: the layout the
 /// state was created with, and the listeners it manages (`[ADDR]:PORT`).
@@ -305,8 +308,9 @@ pub struct GlobalCounters {
     pub runs: [u64; 2],
 }
 
-/// Metadata per slot, written by zdt-ctl; of the programs only the UDP one reads it (`cookie`,
-/// which zdt-ctl writes before it puts a socket in the slot). Lives in a pinned map so that
+/// Metadata per slot, written by zdt-ctl before it puts a socket in the slot; the programs
+/// read `role` (before they select a socket of the rollback target) and the UDP one `cookie`
+/// (the socket a flow was recorded on). Lives in a pinned map so that
 /// all of zdt's state is in one place and every update of it is one atomic map write.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -338,6 +342,14 @@ pub const ROLE_DRAINING: u32 = 3;
 pub const ROLE_CANARY: u32 = 4;
 /// A placeholder listener of `zdt-ctl hold`.
 pub const ROLE_HOLD: u32 = 5;
+
+/// Whether a slot whose metadata records `role` holds a socket that was promoted (active,
+/// canary) or served before (draining): what the program may select through the rollback
+/// target. A candidate's, a placeholder's and an empty slot's (0) are not.
+#[inline(always)]
+pub fn served_role(role: u32) -> bool {
+    matches!(role, ROLE_ACTIVE | ROLE_CANARY | ROLE_DRAINING)
+}
 
 /// Key of a UDP port's flow table (`ZDT_FLOWS`): where a datagram comes from and which of the
 /// host's addresses it was sent to. The local port is the port's own, the same for every flow.

@@ -1005,13 +1005,15 @@ impl State {
         control.active_buf = commit.live.map_or(0, |i| i as u32 + 1);
         control.rollback_buf = commit.target as u16 + 1;
         self.control.set(0, control, 0)?;
-        if commit.live == now.live {
-            return Ok(None);
-        }
+        let flipped = commit.live != now.live;
         let flipped_at = now_ms();
-        crate::failpoint(crate::Step::Flipped);
+        if flipped {
+            crate::failpoint(crate::Step::Flipped);
+        }
+        // Also when only the target changed: the program reads the target too (when nothing of
+        // the live set listens), and a slot taken out of it may be given to a new socket next.
         rcu_grace_period();
-        Ok(Some(flipped_at))
+        Ok(flipped.then_some(flipped_at))
     }
 
     /// Writes what `plan` decided: the rollback target and the set in one switch

@@ -28,9 +28,10 @@ mod program {
         EbpfContext,
     };
     use zdt_common::{
-        family_index, flow_seconds, recent_bucket, ActiveSet, Control, FlowConfig, FlowCounters,
-        FlowKey, FlowValue, GlobalCounters, ProbeKey, ProbeValue, SlotCounters, SlotList, SlotMeta,
-        AF_INET, AF_INET6, MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE, PROBE_MSS, WALK,
+        family_index, flow_seconds, recent_bucket, served_role, ActiveSet, Control, FlowConfig,
+        FlowCounters, FlowKey, FlowValue, GlobalCounters, ProbeKey, ProbeValue, SlotCounters,
+        SlotList, SlotMeta, AF_INET, AF_INET6, MAX_PROBES, MAX_SLOTS, PROBES, PROBE_CANDIDATE,
+        PROBE_MSS, WALK,
     };
 
     /// A map definition in the `maps` section, laid out as aya's own (`bpf_map_def` in a cell).
@@ -78,10 +79,11 @@ mod program {
     static ZDT_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
     /// Three entries of the active set: the live one, the rollback target (what `zdt-ctl
-    /// rollback` restores; only zdt-ctl reads it) and a free one. zdt-ctl writes only an entry
-    /// ZDT_CONTROL does not name, names it in one write, then waits for an RCU grace period
-    /// before it may write again, so a running program only ever reads an entry that nobody is
-    /// writing: it sees the old set or the new one, never a mix.
+    /// rollback` restores, and what the program falls back to while nothing of the live set
+    /// listens: [`previous`]) and a free one. zdt-ctl writes only an entry ZDT_CONTROL does not
+    /// name, names it in one write, then waits for an RCU grace period before it may write
+    /// again, so a running program only ever reads a live set that nobody is writing: it sees
+    /// the old set or the new one, never a mix.
     #[map]
     static ZDT_ACTIVE: Array<ActiveSet> = Array::with_max_entries(3, 0);
 
@@ -93,8 +95,9 @@ mod program {
     static ZDT_GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
 
     /// Userspace bookkeeping (pid, role, cookie per slot). Declared here so that it is created
-    /// and pinned with the other maps. The TCP program does not read it; the UDP program reads a
-    /// slot's cookie, to tell the socket a flow was recorded on from one that took its slot since.
+    /// and pinned with the other maps. The programs read a slot's role before they select a
+    /// socket of the rollback target ([`previous`]); the UDP program reads a slot's cookie, to
+    /// tell the socket a flow was recorded on from one that took its slot since.
     #[map]
     static ZDT_SLOT_META: Array<SlotMeta> = Array::with_max_entries(MAX_SLOTS, 0);
 
@@ -179,11 +182,7 @@ mod program {
         let family = unsafe { (*ctx.sk().sock).family };
         let fam = family_index(family);
 
-        let buf = match ZDT_CONTROL.get(0) {
-            // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
-            Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
-            None => 0,
-        };
+        let (buf, target) = bufs();
         // zdt-ctl's own connections: a readiness probe through the public port reaches the
         // candidate and nothing else; with no candidate (or one that cannot be selected), and
         // for status's check that the program runs, it is refused rather than answered by
@@ -246,6 +245,12 @@ mod program {
                     return SK_PASS;
                 }
             }
+            // None of the live set listens (it crashed, or re-created its listener and the
+            // next command has not adopted the new socket yet): the version before it, while it
+            // still runs, was ready and promoted, where a warming one beside it is not.
+            if previous(ctx, buf, target, i, run).is_some() {
+                return SK_PASS;
+            }
             // Nothing ready listens (a restart without overlap, a crash): park the connection on
             // a placeholder, where it waits instead of being refused, reset, or answered by a
             // process that is still warming up. On the migration path too: a dying member's
@@ -273,6 +278,56 @@ mod program {
         SK_PASS
     }
 
+    /// The entries of ZDT_ACTIVE that the control word names: the live set's (1-based, 0 =
+    /// nothing promoted) and the rollback target's (0-based).
+    #[inline(always)]
+    fn bufs() -> (u32, u32) {
+        match ZDT_CONTROL.get(0) {
+            // SAFETY: plain aligned reads of a map value that stays valid under RCU. The two
+            // may come from two different writes of the control word (zdt-ctl writes it whole,
+            // not atomically): see [`previous`] for why that is safe.
+            Some(c) => unsafe {
+                let target = match core::ptr::read_volatile(&c.rollback_buf) {
+                    0 => 2,
+                    n => u32::from(n) - 1,
+                };
+                (core::ptr::read_volatile(&c.active_buf), target)
+            },
+            None => (0, 2),
+        }
+    }
+
+    /// Selects a socket of the rollback target (its active members, then its canary): the
+    /// version that served before the live one, while it still runs. Used only when nothing of
+    /// the live set can be selected, before placeholders and the kernel's hash over the whole
+    /// group (which would reach a candidate that is still warming up).
+    ///
+    /// Why a slot it names can only hold a socket that served: zdt-ctl never gives a slot the
+    /// target names to a new socket (it takes the slot out of the target first, and waits for
+    /// an RCU grace period after every write of the control word, so no run still reads the
+    /// old target then), and it writes a slot's metadata before it puts a socket there. A run
+    /// that read the control word while it was written, or the target's entry while zdt-ctl
+    /// rewrote it for the next command, could see a list that names other slots: so a slot is
+    /// selected only if its metadata records its socket active, canary or draining, never a
+    /// candidate's, a placeholder's or an empty one.
+    #[inline(always)]
+    fn previous(
+        ctx: &SkReuseportContext,
+        buf: u32,
+        target: u32,
+        i: usize,
+        run: Run,
+    ) -> Option<u32> {
+        if target + 1 == buf {
+            return None;
+        }
+        let set = ZDT_ACTIVE.get(target)?;
+        if let Some(slot) = pick_if(ctx, set.lists.get(i)?, run, true) {
+            return Some(slot);
+        }
+        pick_if(ctx, set.canary.get(i)?, run, true)
+    }
+
     /// Selects one of the slots of `list`: the one the flow hash picks, so that the cost of a
     /// selection does not grow with the list; if that fails, the next [`WALK`] slots in turn,
     /// then [`PROBES`] slots at random. A selection fails with -ENOENT for a slot whose socket
@@ -288,6 +343,18 @@ mod program {
     /// [`try_list`], giving the slot selected.
     #[inline(always)]
     fn pick(ctx: &SkReuseportContext, list: &SlotList, run: Run) -> Option<u32> {
+        pick_if(ctx, list, run, false)
+    }
+
+    /// [`pick`]; with `served_only`, a slot is selected only if ZDT_SLOT_META records its
+    /// socket active, canary or draining (see [`previous`]).
+    #[inline(always)]
+    fn pick_if(
+        ctx: &SkReuseportContext,
+        list: &SlotList,
+        run: Run,
+        served_only: bool,
+    ) -> Option<u32> {
         // Not clamped to MAX_ACTIVE on purpose: the bounds check in try_slot (`slots.get`) is
         // what the verifier needs to see, and the compiler would drop it as redundant if it
         // knew that every index is below n <= MAX_ACTIVE. A longer len (never written) only
@@ -305,14 +372,14 @@ mod program {
             if idx >= n {
                 idx -= n;
             }
-            if let Some(slot) = try_slot(ctx, list, idx, run) {
+            if let Some(slot) = try_slot(ctx, list, idx, run, served_only) {
                 return Some(slot);
             }
         }
         for _ in 0..PROBES {
             // SAFETY: a helper without arguments.
             let idx = scale(unsafe { bpf_get_prandom_u32() }, n);
-            if let Some(slot) = try_slot(ctx, list, idx, run) {
+            if let Some(slot) = try_slot(ctx, list, idx, run, served_only) {
                 return Some(slot);
             }
         }
@@ -322,8 +389,19 @@ mod program {
     /// Selects the socket of `list.slots[idx]` and counts it (see [`Run`]); its slot, or None
     /// if it cannot be selected.
     #[inline(always)]
-    fn try_slot(ctx: &SkReuseportContext, list: &SlotList, idx: u32, run: Run) -> Option<u32> {
+    fn try_slot(
+        ctx: &SkReuseportContext,
+        list: &SlotList,
+        idx: u32,
+        run: Run,
+        served_only: bool,
+    ) -> Option<u32> {
         let &slot = list.slots.get(idx as usize)?;
+        if served_only {
+            if !served_role(ZDT_SLOT_META.get(slot).map_or(0, |m| m.role)) {
+                return None;
+            }
+        }
         if !select_slot(ctx, slot) {
             global(|g| g.select_failed += 1);
             return None;
@@ -495,7 +573,13 @@ mod program {
     fn select_udp(ctx: &SkReuseportContext) -> u32 {
         // SAFETY: ctx.sk() is never NULL for sk_reuseport programs.
         let family = unsafe { (*ctx.sk().sock).family };
-        let fam = family_index(family);
+        // A UDP group is IPv4 or IPv6. Leaving here otherwise keeps `i` a plain value below:
+        // as an Option, the compiler spilled an unset register on the None path, which the
+        // verifier refuses to read (`R5 !read_ok`).
+        let Some(i) = family_index(family) else {
+            flows(|f| f.fallback += 1);
+            return SK_PASS;
+        };
         let Some((key, empty)) = flow_key(ctx) else {
             flows(|f| f.fallback += 1);
             return SK_PASS;
@@ -506,13 +590,7 @@ mod program {
         // counted for empty datagrams only: that check is what reads them, and a count per
         // datagram would cost every datagram a per-CPU write.
         if empty {
-            if let Some(i) = fam {
-                global(|g| {
-                    if let Some(r) = g.runs.get_mut(i) {
-                        *r += 1;
-                    }
-                });
-            }
+            count_run(i);
             let mut probe = ProbeKey {
                 family: key.family,
                 port: u16::from_be(key.remote_port),
@@ -527,11 +605,7 @@ mod program {
                 return SK_DROP;
             }
         }
-        let buf = match ZDT_CONTROL.get(0) {
-            // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
-            Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
-            None => 0,
-        };
+        let (buf, target) = bufs();
         if buf == 0 {
             global(|g| g.passthrough += 1);
             return SK_PASS;
@@ -556,7 +630,7 @@ mod program {
             flows(|f| f.orphaned += 1);
         }
         let mut chosen = None;
-        if let (Some(set), Some(i)) = (ZDT_ACTIVE.get(buf - 1), fam) {
+        if let Some(set) = ZDT_ACTIVE.get(buf - 1) {
             if let Some(canary) = set.canary.get(i) {
                 if set.canary_weight > 0
                     && canary.len > 0
@@ -574,6 +648,9 @@ mod program {
                 if let Some(canary) = set.canary.get(i) {
                     chosen = pick(ctx, canary, Run::Flow);
                 }
+            }
+            if chosen.is_none() {
+                chosen = previous(ctx, buf, target, i, Run::Flow);
             }
         }
         let Some(slot) = chosen else {

@@ -21,10 +21,11 @@
 //!    live set itself ([`Model::target_is_live`]), but for the reasons in [`Why`]:
 //!    ARCHITECTURE.md's "the rollback target is never the live set" holds for what every
 //!    command writes, killed anywhere, but not after a drain or a close.
-//! 2. While the program can select a socket of a family (active, canary or hold list), a SYN
-//!    of it reaches only a socket a promote switched to (active, canary) or a registered
-//!    placeholder (hold), never a candidate. (With none selectable, the kernel hashes over
-//!    every listener, warming ones too: by design.)
+//! 2. While the program can select a socket of a family (active or canary list; the rollback
+//!    target's active or canary list, a slot recorded active, canary or draining; hold list),
+//!    a SYN of it reaches only a socket a promote switched to (active, canary, the target's)
+//!    or a registered placeholder (hold), never a candidate. (With none selectable, the kernel
+//!    hashes over every listener, warming ones too: by design.)
 //! 3. Once a plan wrote all its roles, every live slot records what the live set makes it
 //!    (active, canary, hold; else draining or candidate); after the repair, no member of the
 //!    live set records candidate.
@@ -501,7 +502,25 @@ impl Model {
         } else {
             Vec::new()
         };
-        let first = [active, canary, sel(&set.hold[i], "hold")]
+        // The program's `previous`: the entry the control word names as the target (not the
+        // live one), its slots whose metadata records a served role.
+        let previous = match self.bufs.entries.get(self.bufs.target) {
+            Some(t) if Some(self.bufs.target) != self.bufs.live => {
+                let served = |s: &&u32| {
+                    self.meta
+                        .get(*s)
+                        .is_some_and(|m| zdt_common::served_role(m.role))
+                };
+                let (a, c) = (t.lists[i].as_slice(), t.canary[i].as_slice());
+                let slots = a.iter().filter(served).chain(c.iter().filter(served));
+                slots
+                    .filter_map(|s| self.array.get(s))
+                    .map(|&c| (c, "previous"))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let first = [active, canary, previous, sel(&set.hold[i], "hold")]
             .into_iter()
             .find(|l| !l.is_empty());
         out.extend(first?);
