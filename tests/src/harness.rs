@@ -678,6 +678,20 @@ pub fn relistening_member_beside_a_warming_version(
     Ok((member, warming))
 }
 
+/// Waits until `pid` is `port`'s only active member; Err after `within`.
+pub fn until_active(ns: &Netns, port: u16, pid: i32, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while active_pids(ns, port)? != [i64::from(pid)] {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pid {pid} not promoted: {:?}",
+            report(ns, port)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Connections waiting in the accept queues of `port`'s members of role `role`, as
 /// `zdt-ctl status --json` counts them.
 pub fn queued(ns: &Netns, port: u16, role: Role) -> anyhow::Result<u64> {

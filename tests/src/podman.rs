@@ -28,21 +28,115 @@ default_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]
 
 /// `podman GLOBAL ARGS`, inside `ns` when given (`--network host` is then that namespace).
 pub fn podman(ns: Option<&Netns>, args: &[&str]) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.args(GLOBAL).args(args);
+    configured(cmd, ns)
+}
+
+/// `cmd` (podman, or a tool that runs it) with this module's podman configuration, stdin
+/// closed, inside `ns` when given.
+fn configured(mut cmd: Command, ns: Option<&Netns>) -> Command {
     static CONF: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     let conf = CONF.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("zdt-containers-{}.conf", std::process::id()));
         std::fs::write(&path, CONTAINERS_CONF).expect("writing podman's configuration");
         path
     });
-    let mut cmd = Command::new("podman");
-    cmd.args(GLOBAL)
-        .args(args)
-        .stdin(Stdio::null())
-        .env("CONTAINERS_CONF", conf);
+    cmd.stdin(Stdio::null()).env("CONTAINERS_CONF", conf);
     if let Some(ns) = ns {
         ns.command(&mut cmd);
     }
     cmd
+}
+
+/// A compose project run by podman-compose (from the venv `cargo xtask test` names in
+/// ZDT_COMPOSE_VENV): `compose.yaml` in a directory of its own,
+/// whose services run the demo service (`/app`, mounted read-only) from [`IMAGE`]. Its
+/// containers and pod are removed when dropped.
+pub struct Compose {
+    dir: std::path::PathBuf,
+    pub project: String,
+}
+
+impl Compose {
+    /// `services`: (name, network_mode, the demo service's arguments) each.
+    pub fn new(services: &[(&str, &str, Vec<String>)]) -> anyhow::Result<Self> {
+        let project = unique("compose").replace('-', "_");
+        let dir = std::env::temp_dir().join(&project);
+        std::fs::create_dir_all(&dir)?;
+        let app = bin("zdt-demo-app");
+        let mut yaml = String::from("services:\n");
+        for (name, network, args) in services {
+            let command: Vec<String> = std::iter::once("/app".to_string())
+                .chain(args.iter().cloned())
+                .map(|a| format!("{a:?}"))
+                .collect();
+            yaml += &format!(
+                "  {name}:\n    image: {IMAGE}\n    network_mode: {network}\n    volumes:\n      \
+                 - {}:/app:ro\n    command: [{}]\n    stop_grace_period: 10s\n",
+                app.display(),
+                command.join(", ")
+            );
+        }
+        std::fs::write(dir.join("compose.yaml"), yaml)?;
+        Ok(Compose { dir, project })
+    }
+
+    /// `podman-compose ARGS` in the project (podman's global flags passed through), inside
+    /// `ns` when given (`network_mode: host` is then that namespace).
+    pub fn run(&self, ns: Option<&Netns>, args: &[&str]) -> anyhow::Result<String> {
+        let venv = std::env::var_os("ZDT_COMPOSE_VENV").context(
+            "ZDT_COMPOSE_VENV is unset: run this suite with `cargo xtask test --suite containers`",
+        )?;
+        let mut cmd = Command::new(std::path::Path::new(&venv).join("bin/podman-compose"));
+        cmd.current_dir(&self.dir)
+            .args(["-p", &self.project, "-f", "compose.yaml"])
+            .args(["--podman-args", &GLOBAL.join(" ")])
+            .args(args);
+        output(configured(cmd, ns))
+    }
+
+    /// The container podman-compose made for `service`.
+    pub fn container(&self, service: &str) -> String {
+        format!("{}_{service}_1", self.project)
+    }
+
+    /// The service's pid as the host sees it (the container's pid 1).
+    pub fn pid(&self, service: &str) -> anyhow::Result<i32> {
+        output(podman(
+            None,
+            &[
+                "inspect",
+                "--format",
+                "{{.State.Pid}}",
+                &self.container(service),
+            ],
+        ))?
+        .parse()
+        .context("the container's pid")
+    }
+
+    /// The exit code of `service`'s container, once it has stopped.
+    pub fn exit_code(&self, service: &str) -> anyhow::Result<i32> {
+        Ok(output(podman(
+            None,
+            &[
+                "inspect",
+                "--format",
+                "{{.State.ExitCode}}",
+                &self.container(service),
+            ],
+        ))?
+        .parse()?)
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(None, &["down", "-t", "0"]);
+        drop(PodGuard(format!("pod_{}", self.project)));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs podman and returns its stdout, trimmed; Err with its stderr when it fails.

@@ -4,7 +4,8 @@
 //! one and is promoted, by `zdt-ctl promote` with the container's pid or by the watcher; the old
 //! one is stopped with `podman stop`; under load, not one request fails, where the same steps
 //! without zdt (the control of the host-network test) lose the requests the warming container
-//! answers.
+//! answers. A compose project (podman-compose, `network_mode: host`) is deployed the same way
+//! with compose's own commands.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -12,12 +13,12 @@ use std::{
 
 use zdt_tests::{
     harness::{
-        active_pids, assert_invariants, print_tally, report, wait_for_200, zdt_command, zdt_ok,
-        KillOnDrop,
+        active_pids, assert_invariants, print_tally, until_active, wait_for_200, zdt_command,
+        zdt_ok, KillOnDrop,
     },
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
-    podman::{self, Container, Network, Pod},
+    podman::{self, Compose, Container, Network, Pod},
 };
 
 const PORT: u16 = 8080;
@@ -69,6 +70,33 @@ fn ready(ns: &Netns, port: u16) -> anyhow::Result<()> {
 
 fn active(ns: &Netns) -> anyhow::Result<Vec<i64>> {
     active_pids(ns, PORT)
+}
+
+/// `zdt-ctl watch :8080` in `ns`, each version's readiness on its own admin port (found per
+/// container); stopped when dropped.
+fn watcher(ns: &Netns) -> anyhow::Result<KillOnDrop> {
+    let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
+    let args = [
+        "watch",
+        ":8080",
+        "--readyz-path",
+        "/readyz",
+        "--timeout",
+        &timeout,
+    ];
+    Ok(KillOnDrop(zdt_command(ns, &args).spawn()?))
+}
+
+/// Waits until the watcher has made `pid` the one active member, and checks that this was not
+/// before its warm-up (started at `started`) was over.
+fn promoted_after_warmup(ns: &Netns, pid: i32, started: Instant) -> anyhow::Result<()> {
+    until_active(ns, PORT, pid, scaled(Duration::from_secs(20)))?;
+    anyhow::ensure!(
+        started.elapsed() >= scaled(WARMUP),
+        "promoted after {:?}",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// The host-network handover under load: v2 started beside v1 (warming up for [`WARMUP`]),
@@ -135,22 +163,7 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     let v1 = start(Network::Pod(&pod), "v1", 9001, Duration::ZERO)?;
     ready(ns, 9001)?;
     zdt_ok(ns, &["attach", ":8080"])?;
-    // Each version's readiness on its own admin port, found per container.
-    let timeout = format!("{}ms", scaled(Duration::from_secs(20)).as_millis());
-    let _watcher = KillOnDrop(
-        zdt_command(
-            ns,
-            &[
-                "watch",
-                ":8080",
-                "--readyz-path",
-                "/readyz",
-                "--timeout",
-                &timeout,
-            ],
-        )
-        .spawn()?,
-    );
+    let _watcher = watcher(ns)?;
     let l = Background::start(
         ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
@@ -158,20 +171,7 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     l.see(load::BEFORE_CHANGE);
     let started = Instant::now();
     let v2 = start(Network::Pod(&pod), "v2", 9002, scaled(WARMUP))?;
-    let deadline = started + scaled(Duration::from_secs(20));
-    while active(ns)? != [i64::from(v2.pid)] {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "v2 not promoted: {:?}",
-            report(ns, PORT)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        started.elapsed() >= scaled(WARMUP),
-        "promoted after {:?}",
-        started.elapsed()
-    );
+    promoted_after_warmup(ns, v2.pid, started)?;
     v1.stop(Duration::from_secs(10))?;
     assert_eq!(v1.exit_code()?, 0);
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
@@ -179,5 +179,41 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.get("v2").copied().unwrap_or(0) > 0, "{t:?}");
     assert_invariants(ns, PORT)?;
+    Ok(())
+}
+
+/// A compose project (podman-compose 1.3.0, Debian 13's, from PyPI) with two services on the host network, blue and
+/// green, deployed as compose users do: `up -d green` beside blue, then `stop blue`. The
+/// watcher promotes green once its /readyz answers 200, never before its warm-up ends; not one
+/// request fails.
+#[test]
+fn a_compose_projects_blue_green_deploy_is_promoted_by_the_watcher() -> anyhow::Result<()> {
+    podman::image()?;
+    let ns = Netns::new()?;
+    let compose = Compose::new(&[
+        ("blue", "host", app("blue", 9001, Duration::ZERO)),
+        ("green", "host", app("green", 9002, scaled(WARMUP))),
+    ])?;
+    compose.run(Some(&ns), &["up", "-d", "blue"])?;
+    ready(&ns, 9001)?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let _watcher = watcher(&ns)?;
+    let l = Background::start(
+        &ns,
+        LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
+    );
+    l.see(load::BEFORE_CHANGE);
+    let started = Instant::now();
+    compose.run(Some(&ns), &["up", "-d", "green"])?;
+    let green = compose.pid("green")?;
+    promoted_after_warmup(&ns, green, started)?;
+    compose.run(Some(&ns), &["stop", "blue"])?;
+    assert_eq!(compose.exit_code("blue")?, 0);
+    let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
+    print_tally("== compose, host network, watcher, compose stop:", &t);
+    assert_eq!(t.failures(), 0, "{t:?}");
+    assert!(t.versions.get("blue").copied().unwrap_or(0) > 0, "{t:?}");
+    assert!(t.versions.get("green").copied().unwrap_or(0) > 0, "{t:?}");
+    assert_invariants(&ns, PORT)?;
     Ok(())
 }

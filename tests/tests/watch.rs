@@ -1,7 +1,7 @@
 //! `zdt-ctl watch`: new processes promoted once ready, with no deploy script, under load.
 use anyhow::Context as _;
 use std::time::{Duration, Instant};
-use zdt_tests::harness::{report, Role};
+use zdt_tests::harness::{report, until_active, Role};
 
 use zdt_tests::{
     harness::{
@@ -82,20 +82,6 @@ fn the_watcher_promotes_what_starts_once_ready_and_never_a_warming_one() -> anyh
     Ok(())
 }
 
-/// Waits until `pid` is the port's only active member; Err after `within`.
-fn until_active(ns: &Netns, pid: i32, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while active(ns)? != [i64::from(pid)] {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pid {pid} not promoted: {:?}",
-            report(ns, PORT)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// Two versions start one after the other; the older one warms up for 3 s, the newer one is
 /// ready at once. Run with `readiness` (`--probe /readyz` or `--readyz-path /readyz`): the
 /// newer one is promoted while the older still warms up (one newcomer's wait does not hold up
@@ -123,7 +109,7 @@ fn newest_ready_serves(readiness: &[&str]) -> anyhow::Result<()> {
     let older_ready = Instant::now() + warmup;
     std::thread::sleep(scaled(Duration::from_millis(300)));
     let newer = App::start(&ns, &AppOpts::new(PORT, "newer"))?;
-    until_active(&ns, newer.pid, scaled(Duration::from_secs(10)))?;
+    until_active(&ns, PORT, newer.pid, scaled(Duration::from_secs(10)))?;
     assert!(
         Instant::now() < older_ready,
         "the newer version waited for the older one's warm-up"
@@ -204,7 +190,7 @@ fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> any
     drop(first);
     assert_eq!(active(&ns)?, [i64::from(v1.pid)], "promoted while warming");
     let _second = KillOnDrop(zdt_command(&ns, &args).spawn()?);
-    until_active(&ns, v2.pid, scaled(Duration::from_secs(15)))?;
+    until_active(&ns, PORT, v2.pid, scaled(Duration::from_secs(15)))?;
     assert!(
         Instant::now() >= ready_at,
         "v2 promoted before it was ready"
@@ -337,7 +323,7 @@ fn the_watcher_rolls_back_in_probation_and_goes_on_after_a_crash() -> anyhow::Re
 
     // v2 is ready, promoted, then its /readyz turns 503 within the probation: v1 comes back.
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
-    until_active(&ns, v2.pid, scaled(Duration::from_secs(10)))?;
+    until_active(&ns, PORT, v2.pid, scaled(Duration::from_secs(10)))?;
     v2.signal(Signal::SIGUSR1);
     let said = |what: String| -> anyhow::Result<String> {
         let timeout = probation + scaled(Duration::from_secs(10));

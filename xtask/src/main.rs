@@ -107,6 +107,9 @@ fn main() -> anyhow::Result<()> {
             if vm::runs_suite("udp", &suites, vm) {
                 setup::quic()?;
             }
+            if vm::runs_suite("containers", &suites, vm) {
+                setup::compose()?;
+            }
             match kernel {
                 Some(k) => {
                     setup::vm()?;
@@ -334,9 +337,10 @@ fn test(suites: &[String], args: &[String]) -> anyhow::Result<()> {
         .args(args)
         .env("ZDT_BIN_DIR", test_bin_dir())
         // tests/tests/fleet.rs runs ansible-core and ansible-lint from the venv setup made,
-        // tests/tests/udp.rs hypercorn and aioquic.
+        // tests/tests/udp.rs hypercorn and aioquic, tests/tests/containers.rs podman-compose.
         .env("ZDT_ANSIBLE_VENV", setup::ansible_venv())
-        .env("ZDT_QUIC_VENV", setup::quic_venv());
+        .env("ZDT_QUIC_VENV", setup::quic_venv())
+        .env("ZDT_COMPOSE_VENV", setup::compose_venv());
     run(c)
 }
 

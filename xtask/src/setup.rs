@@ -57,6 +57,11 @@ const SERVER_PACKAGES: [&str; 8] = [
 /// machines), and catatonit, the init of a pod's infra container (a recommendation of podman's,
 /// which setup does not install by itself).
 const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "catatonit"];
+/// For tests/tests/containers.rs' compose test ([`compose`]): podman-compose from PyPI, the
+/// version Debian 13 ships. Debian 12's 1.0.3 cannot run `network_mode: host` (it adds the
+/// project's network too, and podman refuses: "cannot set multiple networks without bridge
+/// network mode"), and exits 0 all the same.
+const PODMAN_COMPOSE_VERSION: &str = "1.3.0";
 /// For `cargo xtask dist`: dpkg-shlibdeps (and binutils' strip) to build the package.
 const DIST_PACKAGES: [&str; 1] = ["dpkg-dev"];
 /// For tests/tests/package.rs and systemd_vm.rs, which check the package: lintian to check it,
@@ -254,6 +259,22 @@ pub fn quic() -> anyhow::Result<()> {
             &format!("aioquic=={AIOQUIC_VERSION}"),
         ],
         &venv.join("bin/hypercorn"),
+    )
+}
+
+/// The venv that holds podman-compose from PyPI, named after its version.
+pub fn compose_venv() -> PathBuf {
+    PathBuf::from(format!("/opt/zdt/podman-compose-{PODMAN_COMPOSE_VERSION}"))
+}
+
+/// What tests/tests/containers.rs needs besides [`run`]'s; only a run of that suite installs it.
+pub fn compose() -> anyhow::Result<()> {
+    apt_install(["python3-venv"])?;
+    let venv = compose_venv();
+    pip_venv(
+        &venv,
+        &[&format!("podman-compose=={PODMAN_COMPOSE_VERSION}")],
+        &venv.join("bin/podman-compose"),
     )
 }
 
