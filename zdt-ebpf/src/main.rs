@@ -182,7 +182,7 @@ mod program {
         let family = unsafe { (*ctx.sk().sock).family };
         let fam = family_index(family);
 
-        let (buf, target) = bufs();
+        let buf = live_buf();
         // zdt-ctl's own connections: a readiness probe through the public port reaches the
         // candidate and nothing else; with no candidate (or one that cannot be selected), and
         // for status's check that the program runs, it is refused rather than answered by
@@ -248,7 +248,7 @@ mod program {
             // None of the live set listens (it crashed, or re-created its listener and the
             // next command has not adopted the new socket yet): the version before it, while it
             // still runs, was ready and promoted, where a warming one beside it is not.
-            if previous(ctx, buf, target, i, run).is_some() {
+            if previous(ctx, buf, i, run).is_some() {
                 return SK_PASS;
             }
             // Nothing ready listens (a restart without overlap, a crash): park the connection on
@@ -278,22 +278,30 @@ mod program {
         SK_PASS
     }
 
-    /// The entries of ZDT_ACTIVE that the control word names: the live set's (1-based, 0 =
-    /// nothing promoted) and the rollback target's (0-based).
+    /// The entry of ZDT_ACTIVE that the control word names live (1-based, 0 = nothing
+    /// promoted).
     #[inline(always)]
-    fn bufs() -> (u32, u32) {
+    fn live_buf() -> u32 {
         match ZDT_CONTROL.get(0) {
-            // SAFETY: plain aligned reads of a map value that stays valid under RCU. The two
-            // may come from two different writes of the control word (zdt-ctl writes it whole,
-            // not atomically): see [`previous`] for why that is safe.
-            Some(c) => unsafe {
-                let target = match core::ptr::read_volatile(&c.rollback_buf) {
-                    0 => 2,
-                    n => u32::from(n) - 1,
-                };
-                (core::ptr::read_volatile(&c.active_buf), target)
-            },
-            None => (0, 2),
+            // SAFETY: a plain aligned u32 read of a map value that stays valid under RCU.
+            Some(control) => unsafe { core::ptr::read_volatile(&control.active_buf) },
+            None => 0,
+        }
+    }
+
+    /// The entry of ZDT_ACTIVE that the control word names the rollback target (0-based). Read
+    /// only when the live set could not take a connection, so selections off that path do not
+    /// pay for it. It may come from a later write of the control word than `live_buf` did
+    /// (zdt-ctl writes the word whole, not atomically): see [`previous`] for why that is safe.
+    #[inline(always)]
+    fn target_buf() -> u32 {
+        // SAFETY: a plain aligned u16 read of a map value that stays valid under RCU.
+        let n = ZDT_CONTROL
+            .get(0)
+            .map_or(0, |c| unsafe { core::ptr::read_volatile(&c.rollback_buf) });
+        match n {
+            0 => 2,
+            n => u32::from(n) - 1,
         }
     }
 
@@ -311,13 +319,8 @@ mod program {
     /// selected only if its metadata records its socket active, canary or draining, never a
     /// candidate's, a placeholder's or an empty one.
     #[inline(always)]
-    fn previous(
-        ctx: &SkReuseportContext,
-        buf: u32,
-        target: u32,
-        i: usize,
-        run: Run,
-    ) -> Option<u32> {
+    fn previous(ctx: &SkReuseportContext, buf: u32, i: usize, run: Run) -> Option<u32> {
+        let target = target_buf();
         if target + 1 == buf {
             return None;
         }
@@ -605,7 +608,7 @@ mod program {
                 return SK_DROP;
             }
         }
-        let (buf, target) = bufs();
+        let buf = live_buf();
         if buf == 0 {
             global(|g| g.passthrough += 1);
             return SK_PASS;
@@ -650,7 +653,7 @@ mod program {
                 }
             }
             if chosen.is_none() {
-                chosen = previous(ctx, buf, target, i, Run::Flow);
+                chosen = previous(ctx, buf, i, Run::Flow);
             }
         }
         let Some(slot) = chosen else {
