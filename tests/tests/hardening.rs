@@ -843,21 +843,76 @@ fn a_device_bound_candidate_is_refused() -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
-    // A listener on 0.0.0.0:8080 bound to lo, with SO_REUSEPORT.
-    let bound = python_listener(
-        &ns,
-        None,
-        "s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
-         s.bind(('0.0.0.0', 8080))\n",
-    )?;
+    let bound = device_bound_listener(&ns)?;
     let before = fingerprint(&ns, PORT)?;
     let pid = bound.0.id().to_string();
     let r = zdt(&ns, &["promote", &pid, "--no-readyz"]);
     assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
     assert!(r.stderr.contains("device lo"), "{r:?}");
     assert_eq!(fingerprint(&ns, PORT)?, before);
+    Ok(())
+}
+
+/// A listener on 0.0.0.0:8080 bound to lo (SO_BINDTODEVICE), with SO_REUSEPORT: a group of
+/// its own.
+fn device_bound_listener(ns: &Netns) -> anyhow::Result<KillOnDrop> {
+    python_listener(
+        ns,
+        None,
+        "s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
+         s.bind(('0.0.0.0', 8080))\n",
+    )
+}
+
+/// A device-bound listener that starts while the app's next version warms up, under the
+/// watcher: a newer process, but in a group of its own (promote refuses it), so the watcher
+/// leaves it alone, says why, and still promotes the version it was waiting for; `--stop-old`
+/// never stops it.
+#[test]
+fn the_watcher_leaves_a_device_bound_listener_alone() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let args = ["watch", ":8080", "--readyz-path", "/readyz", "--stop-old"];
+    let (watcher, started) = zdt_tests::harness::spawn_until(
+        &mut zdt_tests::harness::zdt_command(&ns, &args),
+        "watching",
+    )?;
+    anyhow::ensure!(started, "the watcher did not start");
+    let zdt_tests::harness::Paused { child, stderr } = watcher;
+    let _watcher = KillOnDrop(child);
+    let warmup = load::scaled(Duration::from_secs(2));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
+    std::thread::sleep(load::scaled(Duration::from_millis(500)));
+    let mut bound = device_bound_listener(&ns)?;
+    let deadline = std::time::Instant::now() + load::scaled(Duration::from_secs(10));
+    while zdt_tests::harness::active_pids(&ns, PORT)? != [i64::from(v2.pid)] {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "v2 not promoted: {:?}",
+            zdt_tests::harness::report(&ns, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        v1.wait_exit(load::scaled(Duration::from_secs(10))),
+        "v1 not stopped"
+    );
+    let pid = bound.0.id().to_string();
+    let said =
+        zdt_tests::harness::wait_for_line(&stderr, load::scaled(Duration::from_secs(5)), |l| {
+            l.contains(&format!("pid {pid} ")).then(|| l.to_string())
+        })
+        .map_err(|seen| anyhow::anyhow!("the watcher said nothing of pid {pid}: {seen:?}"))?;
+    assert!(said.contains("device lo"), "{said}");
+    assert!(
+        bound.0.try_wait()?.is_none(),
+        "the device-bound process was stopped"
+    );
+    let st = zdt_tests::harness::report(&ns, PORT)?;
+    assert!(st.member(bound.0.id() as i32).is_none(), "{st:?}");
     Ok(())
 }
 

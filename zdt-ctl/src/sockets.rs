@@ -230,13 +230,13 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
-/// The owner uids of the sockets on `port` that `pid` holds.
-pub fn listener_uids(pid: i32, port: Port) -> anyhow::Result<BTreeSet<u32>> {
+/// The listeners on `port` that `pid` holds.
+pub fn held_listeners(pid: i32, port: Port) -> anyhow::Result<Vec<ListenEntry>> {
     let fds = socket_fds(pid)?;
     Ok(listen_entries(port.proto)?
         .into_iter()
         .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() == port.number)
-        .map(|(_, e)| e.uid)
+        .map(|(_, e)| e)
         .collect())
 }
 

@@ -6,7 +6,9 @@
 //! locked command does (a re-created or inherited listener is adopted, a member that exited
 //! leaves), and promotes each new process that serves a listener of the port, once it is ready,
 //! as `zdt-ctl promote` does (the same code, the same lock, the same checks: another uid, hold
-//! or zdt-ctl itself is refused there). It keeps no state of its own: killed and restarted, it
+//! or zdt-ctl itself is refused there). A process of another uid, or bound to a device the
+//! members are not, is not even taken on: it must not make the watcher give up a version of the
+//! app's that is warming up. It keeps no state of its own: killed and restarted, it
 //! finds the port as the pinned maps say.
 use std::{
     collections::BTreeSet,
@@ -36,7 +38,9 @@ const POLL: Duration = Duration::from_millis(100);
     after_help = "Each new process is taken on in its own thread: one that never gets ready does \
                   not hold up the next. Of processes started one after the other, the newest \
                   ready one serves: an older one that gets ready after a newer one was promoted \
-                  stays a candidate.\n\n\
+                  stays a candidate. A process whose listeners belong to another user than the \
+                  members', or are bound to a device theirs are not, is left alone (and said \
+                  so).\n\n\
                   Example, a unit restarted by systemd (a new instance started beside the old \
                   one, or behind `zdt-ctl hold`), served without a deploy script:\n  \
                   zdt-ctl watch :8080 --probe /readyz --stop-old\n\
@@ -109,13 +113,13 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) {
-            let (mut found, uids) = newcomers(spec.key())?;
+            let (mut found, members) = newcomers(spec.key())?;
             found.sort_unstable_by_key(|p| p.start);
             for p in found {
                 if !tried.insert(p) {
                     continue;
                 }
-                if let Some(why) = foreign(&p, spec.key(), &uids) {
+                if let Some(why) = foreign(&p, spec.key(), &members) {
                     eprintln!("zdt-ctl watch: {why}");
                     continue;
                 }
@@ -228,34 +232,61 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
         .collect())
 }
 
+/// What a newcomer must share with the port's members to be the app's next version.
+struct Members {
+    /// The owner uids of the members' sockets (empty when there is no member).
+    uids: Vec<u32>,
+    /// The devices the serving members' sockets are bound to (0 for none; empty when nothing
+    /// serves).
+    devices: BTreeSet<u32>,
+}
+
 /// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns the
-/// processes with no role that serve a listener in no slot, with the uids of the port's
-/// members (empty when it has none).
-fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Vec<u32>)> {
+/// processes with no role that serve a listener in no slot, with what the port's members are.
+fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Members)> {
     let state = State::open_locked(port)?;
     let slots = state.slots()?;
+    let serving = state.serving_cookies()?;
+    let devices = sockets::listen_entries(port.proto)?
+        .into_values()
+        .filter(|e| serving.contains(&e.cookie))
+        .map(|e| e.device)
+        .collect();
     Ok((
         crate::settle::drift(&state, &slots)?.newcomers,
-        state.member_uids()?,
+        Members {
+            uids: state.member_uids()?,
+            devices,
+        },
     ))
 }
 
-/// Why `p` is not the app's: its listeners on `port` belong to a uid that the port's members
-/// (`uids`) do not have. Such a process is another user's: promote would refuse it, and it must
-/// not give up the wait of a newcomer of the app's (any local user can start processes).
-fn foreign(p: &Process, port: Port, uids: &[u32]) -> Option<String> {
-    if uids.is_empty() {
-        return None;
+/// Why `p` is not the app's next version: its listeners on `port` belong to a uid that the
+/// port's members do not have (another user's process), or are bound to a device theirs are not
+/// (a SO_REUSEPORT group of its own). promote would refuse it, and it must not give up the wait
+/// of a newcomer of the app's (any local user can start processes).
+fn foreign(p: &Process, port: Port, members: &Members) -> Option<String> {
+    let theirs = sockets::held_listeners(p.pid, port).ok()?;
+    let uids = &members.uids;
+    if let Some(other) = theirs
+        .iter()
+        .map(|e| e.uid)
+        .find(|u| !uids.is_empty() && !uids.contains(u))
+    {
+        return Some(format!(
+            "pid {} listens on port {port} as uid {other}, not as the app's user (uid {}): \
+             left alone",
+            p.pid,
+            uids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
-    let theirs = sockets::listener_uids(p.pid, port).ok()?;
-    let other = theirs.iter().find(|u| !uids.contains(u))?;
+    let devices: Vec<(SocketAddr, u32)> = theirs.iter().map(|e| (e.local, e.device)).collect();
+    let why = crate::plan::device_conflict(&members.devices, &devices, sockets::interface_name)?;
     Some(format!(
-        "pid {} listens on port {port} as uid {other}, not as the app's user (uid {}): left \
-         alone",
-        p.pid,
-        uids.iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        "pid {} cannot take port {port} over: {why}: left alone",
+        p.pid
     ))
 }
