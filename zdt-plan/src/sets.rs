@@ -498,7 +498,8 @@ pub fn rollback(
 /// How `drain` may leave the port: the flags of `zdt-ctl drain`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainOpts {
-    /// Even with no active socket left: new connections go to kernel hashing.
+    /// Even with no active socket left: new connections go to the rollback target's sockets
+    /// while they listen, else to hold's placeholders, else to kernel hashing.
     pub force: bool,
     /// PID stops next (a unit's ExecStop=): its families may be left to hold's placeholders.
     pub stopping: bool,
@@ -582,7 +583,8 @@ pub fn drain(
             Kind::Refused,
             format!(
                 "draining pid {pid} would leave port {port} with no active socket; promote another \
-                 process first, or pass --force (new connections then go to kernel hashing)"
+                 process first, or pass --force (new connections then go to the previous version \
+                 while it still listens, else to kernel hashing)"
             ),
         ));
     }
