@@ -138,6 +138,13 @@ fn with_the_live_set_gone_the_previous_version_serves_not_a_warming_one() -> any
     assert!(v2.wait_exit(scaled(Duration::from_secs(10))));
     let t = load::requests(&ns, PORT, 60, 1000.0);
     assert_eq!(t.versions.get("v1"), Some(&60), "after v2 died: {t:?}");
+    // status says so, and where new connections go.
+    let st = zdt_ok(&ns, &["status", ":8080"])?;
+    assert!(
+        st.stdout.contains("no active or canary member listens"),
+        "{}",
+        st.stdout
+    );
     assert!(zdt_tests::harness::running(v1.pid));
     Ok(())
 }

@@ -577,6 +577,17 @@ pub fn render(s: &Status) -> String {
             m.queued
         );
     }
+    use crate::plan::sets::Role;
+    let serving = |m: &&Member| matches!(m.role, Role::Active | Role::Canary);
+    if s.promoted && !s.members.iter().any(|m| serving(&m)) {
+        let _ = writeln!(
+            o,
+            "  WARNING: no active or canary member listens (it exited, or re-created its \
+             listener): new connections go to the previous version's members (draining) while \
+             they listen, else to hold's placeholders, else to the kernel's hash over the group, \
+             warming versions included; promote the next version"
+        );
+    }
     for u in &s.drift.unadopted {
         let _ = writeln!(
             o,
