@@ -182,13 +182,12 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A compose project (podman-compose 1.3.0, Debian 13's, from PyPI) with two services on the host network, blue and
-/// green, deployed as compose users do: `up -d green` beside blue, then `stop blue`. The
-/// watcher promotes green once its /readyz answers 200, never before its warm-up ends; not one
-/// request fails.
-#[test]
-fn a_compose_projects_blue_green_deploy_is_promoted_by_the_watcher() -> anyhow::Result<()> {
-    podman::image()?;
+/// A compose project (podman-compose 1.3.0, Debian 13's, from PyPI) with two services on the
+/// host network, blue and green, deployed as compose users do: `up -d green` beside blue, then
+/// `stop blue`. With zdt the watcher promotes green once its /readyz answers 200, never before
+/// its warm-up ends, and blue is stopped after that; the control (`with_zdt` false) stops blue
+/// once green answers 200, with plain SO_REUSEPORT meanwhile.
+fn compose_deploy(with_zdt: bool) -> anyhow::Result<load::Tally> {
     let ns = Netns::new()?;
     let compose = Compose::new(&[
         ("blue", "host", app("blue", 9001, Duration::ZERO)),
@@ -196,8 +195,12 @@ fn a_compose_projects_blue_green_deploy_is_promoted_by_the_watcher() -> anyhow::
     ])?;
     compose.run(Some(&ns), &["up", "-d", "blue"])?;
     ready(&ns, 9001)?;
-    zdt_ok(&ns, &["attach", ":8080"])?;
-    let _watcher = watcher(&ns)?;
+    let _watcher = if with_zdt {
+        zdt_ok(&ns, &["attach", ":8080"])?;
+        Some(watcher(&ns)?)
+    } else {
+        None
+    };
     let l = Background::start(
         &ns,
         LoadSpec::open(([127, 0, 0, 1], PORT).into(), RATE, Duration::from_secs(60)),
@@ -205,15 +208,35 @@ fn a_compose_projects_blue_green_deploy_is_promoted_by_the_watcher() -> anyhow::
     l.see(load::BEFORE_CHANGE);
     let started = Instant::now();
     compose.run(Some(&ns), &["up", "-d", "green"])?;
-    let green = compose.pid("green")?;
-    promoted_after_warmup(&ns, green, started)?;
+    if with_zdt {
+        promoted_after_warmup(&ns, compose.pid("green")?, started)?;
+    } else {
+        ready(&ns, 9002)?;
+    }
     compose.run(Some(&ns), &["stop", "blue"])?;
     assert_eq!(compose.exit_code("blue")?, 0);
     let t = load::tally(&l.finish_after(load::AFTER_LAST_CHANGE));
+    if with_zdt {
+        assert_invariants(&ns, PORT)?;
+    }
+    Ok(t)
+}
+
+/// The control first, then zdt: the same compose project, the same load, the same commands.
+#[test]
+fn a_compose_projects_blue_green_deploy_is_promoted_by_the_watcher() -> anyhow::Result<()> {
+    podman::image()?;
+    let plain = compose_deploy(false)?;
+    print_tally(
+        "== compose, host network, no zdt (control), compose stop:",
+        &plain,
+    );
+    let t = compose_deploy(true)?;
     print_tally("== compose, host network, watcher, compose stop:", &t);
+    // Without zdt the warming green takes its share of new connections from its start.
+    assert!(plain.failures() > 0, "the control lost nothing: {plain:?}");
     assert_eq!(t.failures(), 0, "{t:?}");
     assert!(t.versions.get("blue").copied().unwrap_or(0) > 0, "{t:?}");
     assert!(t.versions.get("green").copied().unwrap_or(0) > 0, "{t:?}");
-    assert_invariants(&ns, PORT)?;
     Ok(())
 }
