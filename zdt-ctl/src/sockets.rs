@@ -230,6 +230,14 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
+/// The listeners whose cookies are among `cookies` (sockets as the socket array names them).
+pub fn listeners_with(proto: Proto, cookies: &[u64]) -> anyhow::Result<Vec<ListenEntry>> {
+    Ok(listen_entries(proto)?
+        .into_values()
+        .filter(|e| cookies.contains(&e.cookie))
+        .collect())
+}
+
 /// The listeners on `port` that `pid` holds.
 pub fn held_listeners(pid: i32, port: Port) -> anyhow::Result<Vec<ListenEntry>> {
     let fds = socket_fds(pid)?;

@@ -400,10 +400,8 @@ mod program {
         served_only: bool,
     ) -> Option<u32> {
         let &slot = list.slots.get(idx as usize)?;
-        if served_only {
-            if !served_role(ZDT_SLOT_META.get(slot).map_or(0, |m| m.role)) {
-                return None;
-            }
+        if served_only && !served_role(ZDT_SLOT_META.get(slot).map_or(0, |m| m.role)) {
+            return None;
         }
         if !select_slot(ctx, slot) {
             global(|g| g.select_failed += 1);

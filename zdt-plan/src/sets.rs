@@ -40,6 +40,11 @@ impl Role {
         }
     }
 
+    /// Whether a socket of this role takes new connections: an active member's or a canary's.
+    pub fn serves(self) -> bool {
+        matches!(self, Role::Active | Role::Canary)
+    }
+
     pub fn raw(self) -> u32 {
         match self {
             Role::Candidate => zdt_common::ROLE_CANDIDATE,

@@ -8,14 +8,16 @@ pub struct Args {
     #[arg(value_parser = super::parse_pid_arg, allow_hyphen_values = true)]
     pub pid: i32,
     /// Drain even if no active socket would remain (new connections then go to the previous
-    /// version while it still listens, else to kernel hashing). Refused all the same while `zdt-ctl hold` runs: its placeholder would take
-    /// them, to wait for a promote, while PID still listens.
+    /// version while it still listens, else to kernel hashing). Refused all the same while
+    /// `zdt-ctl hold` runs: its placeholder would take them, to wait for a promote, while PID
+    /// still listens.
     #[arg(long)]
     pub force: bool,
     /// PID stops next (a unit's ExecStop=, before systemd sends SIGTERM): drain it even if
     /// `zdt-ctl hold`'s placeholder then takes its family's new connections, which wait there
-    /// for the next promote (the previous version takes them first, while it still listens). Taking PID out before it closes its listener keeps the kernel
-    /// from resetting a handshake that completes at the instant the listener closes.
+    /// for the next promote (the previous version takes them first, while it still listens).
+    /// Taking PID out before it closes its listener keeps the kernel from resetting a handshake
+    /// that completes at the instant the listener closes.
     #[arg(long)]
     pub stopping: bool,
     /// The attached port, `443/udp` for a UDP one (needed only when several are attached).

@@ -828,10 +828,7 @@ fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result
     if cookies.is_empty() {
         return Ok(());
     }
-    let serving: Vec<sockets::ListenEntry> = sockets::listen_entries(state.spec.proto)?
-        .into_values()
-        .filter(|e| cookies.contains(&e.cookie))
-        .collect();
+    let serving = sockets::listeners_with(state.spec.proto, &cookies)?;
     let devices: Vec<(std::net::SocketAddr, u32)> =
         listeners.iter().map(|l| (l.local, l.device)).collect();
     let bound = serving.iter().map(|e| e.device).collect();

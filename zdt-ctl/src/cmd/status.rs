@@ -298,12 +298,7 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             .find(|e| e.cookie == cookie)
             .map_or(0, |e| e.queued)
     };
-    let taking = |s: &crate::plan::sets::Slot| {
-        matches!(
-            s.role(),
-            crate::plan::sets::Role::Active | crate::plan::sets::Role::Canary
-        )
-    };
+    let taking = |s: &crate::plan::sets::Slot| s.role().serves();
     // A UDP socket's queue is bytes of datagrams, read in bursts: not a sign of a socket that
     // nothing reads from, as an accept queue that never shrinks is.
     let tcp = state.spec.proto == Proto::Tcp;
@@ -577,9 +572,7 @@ pub fn render(s: &Status) -> String {
             m.queued
         );
     }
-    use crate::plan::sets::Role;
-    let serving = |m: &&Member| matches!(m.role, Role::Active | Role::Canary);
-    if s.promoted && !s.members.iter().any(|m| serving(&m)) {
+    if s.promoted && !s.members.iter().any(|m| m.role.serves()) {
         let _ = writeln!(
             o,
             "  WARNING: no active or canary member listens (it exited, or re-created its \

@@ -246,10 +246,8 @@ struct Members {
 fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Members)> {
     let state = State::open_locked(port)?;
     let slots = state.slots()?;
-    let serving = state.serving_cookies()?;
-    let devices = sockets::listen_entries(port.proto)?
-        .into_values()
-        .filter(|e| serving.contains(&e.cookie))
+    let devices = sockets::listeners_with(port.proto, &state.serving_cookies()?)?
+        .iter()
         .map(|e| e.device)
         .collect();
     Ok((
