@@ -103,31 +103,12 @@ impl Compose {
 
     /// The service's pid as the host sees it (the container's pid 1).
     pub fn pid(&self, service: &str) -> anyhow::Result<i32> {
-        output(podman(
-            None,
-            &[
-                "inspect",
-                "--format",
-                "{{.State.Pid}}",
-                &self.container(service),
-            ],
-        ))?
-        .parse()
-        .context("the container's pid")
+        inspect(&self.container(service), "{{.State.Pid}}")
     }
 
     /// The exit code of `service`'s container, once it has stopped.
     pub fn exit_code(&self, service: &str) -> anyhow::Result<i32> {
-        Ok(output(podman(
-            None,
-            &[
-                "inspect",
-                "--format",
-                "{{.State.ExitCode}}",
-                &self.container(service),
-            ],
-        ))?
-        .parse()?)
+        inspect(&self.container(service), "{{.State.ExitCode}}")
     }
 }
 
@@ -163,6 +144,13 @@ pub fn image() -> anyhow::Result<&'static str> {
     Ok(IMAGE)
 }
 
+/// A number field of `container` (`podman inspect --format FORMAT`): its pid, its exit code.
+fn inspect(container: &str, format: &str) -> anyhow::Result<i32> {
+    output(podman(None, &["inspect", "--format", format, container]))?
+        .parse()
+        .with_context(|| format!("{format} of container {container}"))
+}
+
 /// A name no other test's container or pod has.
 fn unique(what: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -195,12 +183,7 @@ impl Pod {
             None,
             &["pod", "inspect", "--format", "{{.InfraContainerID}}", &name],
         ))?;
-        let pid: i32 = output(podman(
-            None,
-            &["inspect", "--format", "{{.State.Pid}}", &infra],
-        ))?
-        .parse()
-        .context("the infra container's pid")?;
+        let pid = inspect(&infra, "{{.State.Pid}}")?;
         let ns = Netns::of_process(pid)?;
         std::mem::forget(pod);
         Ok(Pod { name, ns })
@@ -257,12 +240,7 @@ impl Container {
         output(podman(ns, &args))?;
         // Removed on drop from here on, also when the pid cannot be read.
         let mut c = Container { name, pid: 0 };
-        c.pid = output(podman(
-            None,
-            &["inspect", "--format", "{{.State.Pid}}", &c.name],
-        ))?
-        .parse()
-        .context("the container's pid")?;
+        c.pid = inspect(&c.name, "{{.State.Pid}}")?;
         Ok(c)
     }
 
@@ -275,11 +253,7 @@ impl Container {
 
     /// The container's exit code, once it has stopped.
     pub fn exit_code(&self) -> anyhow::Result<i32> {
-        Ok(output(podman(
-            None,
-            &["inspect", "--format", "{{.State.ExitCode}}", &self.name],
-        ))?
-        .parse()?)
+        inspect(&self.name, "{{.State.ExitCode}}")
     }
 }
 

@@ -887,15 +887,7 @@ fn the_watcher_leaves_a_device_bound_listener_alone() -> anyhow::Result<()> {
     let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
     std::thread::sleep(load::scaled(Duration::from_millis(500)));
     let mut bound = device_bound_listener(&ns)?;
-    let deadline = std::time::Instant::now() + load::scaled(Duration::from_secs(10));
-    while zdt_tests::harness::active_pids(&ns, PORT)? != [i64::from(v2.pid)] {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "v2 not promoted: {:?}",
-            zdt_tests::harness::report(&ns, PORT)?
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    zdt_tests::harness::until_active(&ns, PORT, v2.pid, load::scaled(Duration::from_secs(10)))?;
     assert!(
         v1.wait_exit(load::scaled(Duration::from_secs(10))),
         "v1 not stopped"
@@ -1230,11 +1222,7 @@ fn the_watcher_leaves_another_users_listener_alone() -> anyhow::Result<()> {
     // app's, so it must not make the watcher give v2 up.
     std::thread::sleep(load::scaled(Duration::from_millis(500)));
     let _foreign2 = another_users_v6_listener(&ns)?;
-    let deadline = std::time::Instant::now() + load::scaled(Duration::from_secs(10));
-    while zdt_tests::harness::active_pids(&ns, PORT)? != [i64::from(v2.pid)] {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "v2 not promoted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    zdt_tests::harness::until_active(&ns, PORT, v2.pid, load::scaled(Duration::from_secs(10)))?;
     assert!(
         v1.wait_exit(load::scaled(Duration::from_secs(10))),
         "v1 not stopped"
