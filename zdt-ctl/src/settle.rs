@@ -5,11 +5,7 @@
 //! module reads the kernel's side and applies them through [`State`], which keeps the maps.
 use zdt_common::{ProbeKey, SlotList};
 
-use crate::{
-    plan::sets::{self, Role, Slot},
-    sockets,
-    state::State,
-};
+use crate::{plan::sets::Role, sockets, state::State};
 
 /// What every command that takes the lock runs first: [`forget_stale_probes`],
 /// [`repair`], then [`follow_kernel`].
@@ -78,66 +74,6 @@ fn repair(state: &mut State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the slots and the kernel part (see [`sets::drift`]): the listeners of the spec's
-/// groups in no slot, and the slots whose recorded process is gone, with the processes
-/// that serve those sockets now. Reads sock_diag's listeners and each recorded process's
-/// start time; only when one of the two differs does it scan /proc for the holders.
-pub fn drift(state: &State, slots: &[Slot]) -> anyhow::Result<sets::Drift> {
-    use std::collections::{BTreeMap, BTreeSet};
-    let table = sockets::listen_entries(state.spec.proto)?;
-    let known: BTreeSet<u64> = slots.iter().map(|s| s.meta.cookie).collect();
-    let mut starts: BTreeMap<i32, Option<u64>> = BTreeMap::new();
-    for s in slots {
-        starts
-            .entry(s.pid())
-            .or_insert_with(|| sockets::start_time(s.pid()));
-    }
-    let alive = |p: &sets::Process| starts.get(&p.pid).copied().flatten() == Some(p.start);
-    let dead: BTreeSet<u64> = slots
-        .iter()
-        .filter(|s| s.recorded() != Role::Hold && !alive(&s.process()))
-        .map(|s| s.meta.cookie)
-        .collect();
-    let inodes: BTreeSet<u64> = table
-        .values()
-        .filter(|e| {
-            state.spec.matches(&e.local) && (!known.contains(&e.cookie) || dead.contains(&e.cookie))
-        })
-        .map(|e| e.inode)
-        .collect();
-    if inodes.is_empty() {
-        return Ok(sets::Drift::default());
-    }
-    let h = sockets::holders(&inodes);
-    let seen: Vec<sets::Seen> = inodes
-        .iter()
-        .filter_map(|i| table.get(i))
-        .map(|e| sets::Seen {
-            cookie: e.cookie,
-            member: crate::plan::member(&h.pids(e.inode), &h.procs).and_then(|pid| {
-                Some(sets::Process {
-                    pid,
-                    start: sockets::start_time(pid)?,
-                })
-            }),
-        })
-        .collect();
-    Ok(sets::drift(
-        slots,
-        &seen,
-        &closed_members(state, slots)?,
-        alive,
-    ))
-}
-
-/// [`sets::closed_members`] of the live set, from the slots' metadata.
-fn closed_members(state: &State, slots: &[Slot]) -> anyhow::Result<Vec<(sets::Process, Role)>> {
-    let Some(live) = state.active_set()? else {
-        return Ok(Vec::new());
-    };
-    Ok(sets::closed_members(&live, slots, |i| state.recorded(i)))
-}
-
 /// Membership follows the kernel; run by every command that takes the lock, after
 /// [`repair`]. A process with a role that holds a listener of the port no slot
 /// holds (it re-created its listener) gets it adopted, in its role; a slot whose process
@@ -147,14 +83,14 @@ fn closed_members(state: &State, slots: &[Slot]) -> anyhow::Result<Vec<(sets::Pr
 /// sockets: every connection fell to kernel hashing, which handed some to a version still
 /// warming up. The rollback target is left as it is.
 fn follow_kernel(state: &mut State) -> anyhow::Result<()> {
-    let Some(live) = state.active_set()? else {
+    if state.active_set()?.is_none() {
         return Ok(());
-    };
+    }
     // Also with no live slot at all: the only member may have re-created its only listener.
-    let slots = state.slots()?;
-    let drift = drift(state, &slots)?;
+    let snap = state.snapshot()?;
+    let drift = snap.drift();
     for &(slot, heir) in &drift.rehome {
-        let from = state.recorded(slot).map(|p| p.pid);
+        let from = snap.recorded(slot).map(|p| p.pid);
         tracing::warn!(
             slot,
             from,
@@ -185,13 +121,12 @@ fn follow_kernel(state: &mut State) -> anyhow::Result<()> {
             );
         }
     }
-    let slots = if drift.is_empty() {
-        slots
+    let snap = if drift.is_empty() {
+        snap
     } else {
-        state.slots()?
+        state.snapshot()?
     };
-    let closed = closed_members(state, &slots)?;
-    if let Some(plan) = sets::rejoin(&slots, &live, &closed)? {
+    if let Some(plan) = snap.rejoin()? {
         state.apply(&plan)?;
     }
     Ok(())

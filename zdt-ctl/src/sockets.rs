@@ -12,7 +12,7 @@ use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags}
 use socket2::SockRef;
 
 use crate::{
-    addr::{Port, PortSpec, Proto},
+    addr::{PortSpec, Proto},
     error::{bad_input, err, Kind},
     plan,
 };
@@ -230,24 +230,6 @@ fn socket_fds(pid: i32) -> anyhow::Result<BTreeMap<u64, i32>> {
     Ok(out)
 }
 
-/// The listeners whose cookies are among `cookies` (sockets as the socket array names them).
-pub fn listeners_with(proto: Proto, cookies: &[u64]) -> anyhow::Result<Vec<ListenEntry>> {
-    Ok(listen_entries(proto)?
-        .into_values()
-        .filter(|e| cookies.contains(&e.cookie))
-        .collect())
-}
-
-/// The listeners on `port` that `pid` holds.
-pub fn held_listeners(pid: i32, port: Port) -> anyhow::Result<Vec<ListenEntry>> {
-    let fds = socket_fds(pid)?;
-    Ok(listen_entries(port.proto)?
-        .into_iter()
-        .filter(|(inode, e)| fds.contains_key(inode) && e.local.port() == port.number)
-        .map(|(_, e)| e)
-        .collect())
-}
-
 /// The addresses of the TCP listeners `pid` holds on ports other than `port`: where its own
 /// admin (readiness) endpoint may be.
 pub fn other_listeners(pid: i32, port: u16) -> anyhow::Result<BTreeSet<SocketAddr>> {
@@ -360,8 +342,8 @@ pub struct Listener {
     pub cookie: u64,
     /// Owner uid of the socket (the kernel groups only sockets of one uid).
     pub uid: u32,
-    /// The kind of reuseport group it is in.
-    pub group_kind: plan::GroupKind,
+    /// IPV6_V6ONLY (false for IPv4 sockets).
+    pub v6only: bool,
     /// The interface index it is bound to, 0 for none.
     pub device: u32,
 }
@@ -369,6 +351,18 @@ pub struct Listener {
 impl Listener {
     pub fn family(&self) -> u32 {
         family_of(&self.local)
+    }
+
+    /// The listener as a plan sees it, served by `member`.
+    pub fn listen(&self, member: Option<plan::sets::Process>) -> plan::snapshot::Listen {
+        plan::snapshot::Listen {
+            cookie: self.cookie,
+            local: self.local,
+            v6only: self.v6only,
+            uid: self.uid,
+            device: self.device,
+            member,
+        }
     }
 }
 
@@ -867,7 +861,7 @@ pub fn listener_from(pid: i32, fd: OwnedFd, entry: &ListenEntry) -> anyhow::Resu
         local: entry.local,
         cookie,
         uid: entry.uid,
-        group_kind: entry.group_kind(),
+        v6only: entry.v6only,
         device: entry.device,
     })
 }

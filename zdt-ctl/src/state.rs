@@ -18,7 +18,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
@@ -34,7 +34,7 @@ use crate::{
     plan::{
         buffers::Buffers,
         sets::{self, Plan, Role},
-        snapshot::Snapshot,
+        snapshot::{self, Listen, Snapshot},
     },
     program,
     sockets::{self, Listener},
@@ -836,7 +836,10 @@ impl State {
         map.fd().as_fd().as_raw_fd()
     }
 
-    /// One read of the port's state, for a plan to decide from: [`Snapshot`].
+    /// One read of the port's state, for a plan to decide from: [`Snapshot`]. The maps; the
+    /// listeners of the spec's groups (sock_diag); whether each recorded process still runs
+    /// (its start time); and, only for the listeners the maps do not account for
+    /// ([`Snapshot::unclaimed`]), the process that serves each, from one scan of /proc.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let b = self.buffers()?;
         let recorded = (0..)
@@ -850,12 +853,48 @@ impl State {
                 (i, p)
             })
             .collect();
+        let slots = self.slots_of(&b.live_set().unwrap_or(ActiveSet::EMPTY))?;
+        let mut running = BTreeSet::new();
+        for p in slots.iter().map(Slot::process) {
+            if !running.contains(&p) && sockets::start_time(p.pid) == Some(p.start) {
+                running.insert(p);
+            }
+        }
+        let table = sockets::listen_entries(self.spec.proto)?;
+        let mine: Vec<&sockets::ListenEntry> = (table.values())
+            .filter(|e| self.spec.matches(&e.local))
+            .collect();
+        let unclaimed: BTreeSet<u64> = (mine.iter())
+            .filter(|e| Snapshot::unclaimed(&slots, &running, e.cookie))
+            .map(|e| e.inode)
+            .collect();
+        let holders = (!unclaimed.is_empty()).then(|| sockets::holders(&unclaimed));
+        let member = |e: &sockets::ListenEntry| {
+            let h = holders.as_ref().filter(|_| unclaimed.contains(&e.inode))?;
+            let pid = crate::plan::member(&h.pids(e.inode), &h.procs)?;
+            Some(sets::Process {
+                pid,
+                start: sockets::start_time(pid)?,
+            })
+        };
+        let listeners = (mine.iter())
+            .map(|e| Listen {
+                cookie: e.cookie,
+                local: e.local,
+                v6only: e.v6only,
+                uid: e.uid,
+                device: e.device,
+                member: member(e),
+            })
+            .collect();
         Ok(Snapshot {
             port: self.spec.port,
-            slots: self.slots_of(&b.live_set().unwrap_or(ActiveSet::EMPTY))?,
+            slots,
             live: b.live_set(),
             target: b.target_set(),
             recorded,
+            listeners,
+            running,
         })
     }
 
@@ -917,9 +956,13 @@ impl State {
         role: Role,
     ) -> anyhow::Result<Vec<u32>> {
         let cookies: Vec<u64> = listeners.iter().map(|l| l.cookie).collect();
-        let placement = self
-            .snapshot()?
-            .place(pid, &cookies, |i| self.is_empty_slot(i))?;
+        // The maps alone decide a placement: no need to read the kernel's side again.
+        let b = self.buffers()?;
+        let slots = self.slots_of(&b.live_set().unwrap_or(ActiveSet::EMPTY))?;
+        let placement =
+            snapshot::place(&slots, b.live_set(), b.target_set(), pid, &cookies, |i| {
+                self.is_empty_slot(i)
+            })?;
         if let Some(target) = &placement.target {
             // Written before the slot is reused: a rollback must never name a new socket.
             self.save_rollback(target)?;

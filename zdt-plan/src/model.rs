@@ -37,7 +37,10 @@
 //! 6. A decision never refuses a promote of a process that listens.
 //!
 //! A refused decision must find the model as it was just before ([`Model::decide`]).
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use proptest::prelude::*;
 use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, AF_INET6};
@@ -45,7 +48,7 @@ use zdt_common::{family_index, ActiveSet, SlotList, SlotMeta, AF_INET, AF_INET6}
 use super::{
     buffers::{without_probe, Buffers},
     sets::{self, Plan, Process, Role, Slot},
-    snapshot::Snapshot,
+    snapshot::{Listen, Snapshot},
 };
 
 const PORT: u16 = 80;
@@ -223,12 +226,42 @@ impl Model {
             .meta
             .keys()
             .filter_map(|&i| Some((i, self.recorded(i)?)));
+        let slots = self.slots();
+        let running: BTreeSet<Process> = (self.procs.iter())
+            .filter(|x| !x.gone && slots.iter().any(|s| s.process() == x.p))
+            .map(|x| x.p)
+            .collect();
+        // As `State::snapshot` reads them: every open listener, its member looked for only
+        // where the maps do not say.
+        let mut listeners: Vec<Listen> = Vec::new();
+        for &(cookie, family, open) in self.procs.iter().flat_map(|x| &x.socks) {
+            if !open || listeners.iter().any(|l| l.cookie == cookie) {
+                continue;
+            }
+            let local = if family == AF_INET {
+                SocketAddr::from(([0, 0, 0, 0], PORT))
+            } else {
+                SocketAddr::from(([0u16; 8], PORT))
+            };
+            listeners.push(Listen {
+                cookie,
+                local,
+                v6only: true,
+                uid: 0,
+                device: 0,
+                member: Snapshot::unclaimed(&slots, &running, cookie)
+                    .then(|| self.member(cookie))
+                    .flatten(),
+            });
+        }
         Snapshot {
             port: PORT,
-            slots: self.slots(),
+            slots,
             live: self.live(),
             target: self.previous(),
             recorded: recorded.collect(),
+            listeners,
+            running,
         }
     }
 
@@ -328,44 +361,27 @@ impl Model {
 
     /// `settle::follow_kernel`: membership follows the processes that hold the listeners.
     fn follow_kernel(&mut self) -> Step {
-        let Some(live) = self.live() else {
+        if self.live().is_none() {
             return Ok(());
-        };
-        let slots = self.slots();
-        let alive = |p: &Process| self.procs.iter().any(|x| x.p == *p && !x.gone);
-        let dead: BTreeSet<u64> = slots
-            .iter()
-            .filter(|s| s.recorded() != Role::Hold && !alive(&s.process()))
-            .map(|s| s.meta.cookie)
-            .collect();
-        let mut open: BTreeMap<u64, u32> = BTreeMap::new();
-        for x in &self.procs {
-            open.extend(x.socks.iter().filter(|s| s.2).map(|s| (s.0, s.1)));
         }
-        let known = |c: &u64| slots.iter().any(|s| s.meta.cookie == *c);
-        let seen: Vec<sets::Seen> = open
-            .keys()
-            .filter(|c| !known(c) || dead.contains(c))
-            .map(|&cookie| sets::Seen {
-                cookie,
-                member: self.member(cookie),
-            })
-            .collect();
-        let closed = sets::closed_members(&live, &slots, |i| self.recorded(i));
-        let drift = sets::drift(&slots, &seen, &closed, alive);
+        let read = self.snapshot();
+        let drift = read.drift();
         for &(slot, heir) in &drift.rehome {
             let m = self.meta.get_mut(&slot).expect("a slot's metadata");
             (m.pid, m.pid_start) = (heir.pid as u32, heir.start);
         }
         for &(cookie, p, _) in &drift.adopt {
+            let family = (self.procs.iter().flat_map(|x| &x.socks))
+                .find(|s| s.0 == cookie)
+                .map(|s| s.1)
+                .expect("an adopted listener is open");
             // One that finds no free slot is left out (settle::follow_kernel goes on).
-            if let Err(Stop::Violation(v)) = self.insert(p, &[(cookie, open[&cookie])]) {
+            if let Err(Stop::Violation(v)) = self.insert(p, &[(cookie, family)]) {
                 return Err(Stop::Violation(v));
             }
         }
-        let (slots, live, snap) = (self.slots(), self.set(), self.clone());
-        let closed = sets::closed_members(&live, &slots, |i| self.recorded(i));
-        if let Some(plan) = self.decide(&snap, "rejoin", sets::rejoin(&slots, &live, &closed))? {
+        let (read, snap) = (self.snapshot(), self.clone());
+        if let Some(plan) = self.decide(&snap, "rejoin", read.rejoin())? {
             self.apply(&plan, Kill::Not, &[], &[]);
         }
         Ok(())

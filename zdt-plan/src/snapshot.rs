@@ -1,16 +1,25 @@
 //! One read of a port's state, and every decision a command makes from it.
 //!
 //! A command that changes the state takes the port's lock, reads a [`Snapshot`] once
-//! (`State::snapshot`), asks it for a plan (pure: no kernel, no /proc), and writes the plan
-//! (`State::apply`, or `State::insert` for a [`Placement`]). Deciding from one read is what
-//! keeps the decisions consistent with each other: the slot a socket gets, whether the rollback
+//! (`State::snapshot`: the maps, and the kernel's listeners of the port's groups with the
+//! processes that serve them), asks it for a plan (pure: no kernel, no /proc), and writes the
+//! plan (`State::apply`, or `State::insert` for a [`Placement`]). Deciding from one read is what
+//! keeps the decisions consistent with each other: which listeners are re-adopted, whether a
+//! new version's sockets can take the port over, the slot a socket gets, whether the rollback
 //! target moves, who becomes active, who drains and who is stopped.
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use zdt_common::{ActiveSet, SlotList};
 
-use super::sets::{self, free_slot, live_only, Plan, Process, Role, Slot};
-use crate::error::{err, Kind};
+use super::sets::{self, free_slot, live_only, Drift, Plan, Process, Role, Seen, Slot};
+use crate::{
+    device_conflict,
+    error::{bad_input, err, Kind},
+    layout_conflict, GroupKind, GroupSet,
+};
 
 /// A port's state as one command read it, under the lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +33,34 @@ pub struct Snapshot {
     pub target: Option<ActiveSet>,
     /// The process each slot's metadata records, also of a slot whose socket has closed.
     pub recorded: BTreeMap<u32, Process>,
+    /// Every listener of the groups the port's spec names, as the kernel showed it in the same
+    /// read (sock_diag).
+    pub listeners: Vec<Listen>,
+    /// The processes the slots record that still run (the same pid and start time).
+    pub running: BTreeSet<Process>,
+}
+
+/// A listener of a group the port's spec names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub cookie: u64,
+    pub local: SocketAddr,
+    /// IPV6_V6ONLY (false for IPv4 sockets).
+    pub v6only: bool,
+    /// The owner uid: the kernel groups only one owner's sockets.
+    pub uid: u32,
+    /// The interface index it is bound to (SO_BINDTODEVICE), 0 for none.
+    pub device: u32,
+    /// The process that serves it ([`crate::member`]), looked for only where the maps do not
+    /// say ([`Snapshot::unclaimed`]); None elsewhere, and where only processes that do not
+    /// serve it (systemd, zdt-ctl) hold it.
+    pub member: Option<Process>,
+}
+
+impl Listen {
+    pub fn group_kind(&self) -> GroupKind {
+        GroupKind::of(&self.local, self.v6only)
+    }
 }
 
 /// Where new sockets go: for each, its slot and whether it is new there (false: it is in the
@@ -54,6 +91,167 @@ impl Snapshot {
         self.recorded.get(&slot).copied()
     }
 
+    /// Whether the maps do not say who serves the listener `cookie`, so that the reader must
+    /// look for its holders: it is in no slot, or in a slot (not a placeholder's) whose recorded
+    /// process no longer runs (`running`). Looking only there keeps the scan of /proc, most of a
+    /// read's cost, off the commands that find nothing new.
+    pub fn unclaimed(slots: &[Slot], running: &BTreeSet<Process>, cookie: u64) -> bool {
+        match slots.iter().find(|s| s.meta.cookie == cookie) {
+            None => true,
+            Some(s) => s.recorded() != Role::Hold && !running.contains(&s.process()),
+        }
+    }
+
+    /// The live set's members whose slots' sockets have closed: [`sets::closed_members`].
+    pub fn closed(&self) -> Vec<(Process, Role)> {
+        match &self.live {
+            Some(live) => sets::closed_members(live, &self.slots, |i| self.recorded(i)),
+            None => Vec::new(),
+        }
+    }
+
+    /// Where the slots and the kernel part: [`sets::drift`] of the listeners the maps do not
+    /// account for.
+    pub fn drift(&self) -> Drift {
+        let seen: Vec<Seen> = (self.listeners.iter())
+            .filter(|l| Self::unclaimed(&self.slots, &self.running, l.cookie))
+            .map(|l| Seen {
+                cookie: l.cookie,
+                member: l.member,
+            })
+            .collect();
+        sets::drift(&self.slots, &seen, &self.closed(), |p| {
+            self.running.contains(p)
+        })
+    }
+
+    /// After adopted listeners were put into the array: [`sets::rejoin`] (None: nothing to
+    /// switch).
+    pub fn rejoin(&self) -> anyhow::Result<Option<Plan>> {
+        match &self.live {
+            Some(live) => sets::rejoin(&self.slots, live, &self.closed()),
+            None => Ok(None),
+        }
+    }
+
+    /// The owner uids of the port's members (empty when there is none).
+    pub fn member_uids(&self) -> Vec<u32> {
+        let uids: BTreeSet<u32> = self.slots.iter().map(|s| s.meta.uid).collect();
+        uids.into_iter().collect()
+    }
+
+    /// The kernel's view of the sockets whose slots match `keep`.
+    fn listeners_of(&self, keep: impl Fn(&Slot) -> bool) -> Vec<Listen> {
+        let cookies: Vec<u64> = (self.slots.iter().filter(|s| keep(s)))
+            .map(|s| s.meta.cookie)
+            .collect();
+        (self.listeners.iter())
+            .filter(|l| cookies.contains(&l.cookie))
+            .copied()
+            .collect()
+    }
+
+    /// The devices the sockets that take new connections (the live set's active and canary
+    /// slots) are bound to; empty when nothing serves.
+    pub fn serving_devices(&self) -> BTreeSet<u32> {
+        (self.listeners_of(|s| s.active || s.canary).iter())
+            .map(|l| l.device)
+            .collect()
+    }
+
+    /// Whether PID's listeners `new` can take the port over from its current sockets (the live
+    /// set's members and hold's placeholders) without a loss: the same owner uid, the same
+    /// devices ([`device_conflict`]) and the same layout of groups ([`layout_conflict`]).
+    /// `name` gives an interface's name, for the message.
+    pub fn fits(
+        &self,
+        pid: i32,
+        new: &[Listen],
+        name: impl Fn(u32) -> String,
+    ) -> anyhow::Result<()> {
+        let port = self.port;
+        // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match):
+        // a socket of another uid would never be selectable from this group. And the port's
+        // members are the app's user's in every family: a process of another user that listens
+        // in a family the app does not serve (`[::]:PORT` beside an app on `0.0.0.0:PORT`) is
+        // someone else's, never the app's next version.
+        if let Some((l, s)) = new.iter().find_map(|l| {
+            (self.slots.iter())
+                .find(|s| s.pid() != pid && s.meta.uid != l.uid)
+                .map(|s| (l, s))
+        }) {
+            return Err(bad_input(format!(
+                "the socket of pid {pid} on {} belongs to uid {}, the port's members to uid {} \
+                 (pid {}): zdt hands over only between processes of the app's user (the kernel \
+                 keeps sockets of different uids in separate groups); run the new version as \
+                 uid {}",
+                l.local, l.uid, s.meta.uid, s.meta.pid, s.meta.uid
+            )));
+        }
+        // The sockets that take connections now, or would park them: the live set's and the
+        // placeholders of `zdt-ctl hold`.
+        let live = self.live_set();
+        let now = self.listeners_of(|s| {
+            s.pid() != pid && (live.names(s.index) || s.recorded() == Role::Hold)
+        });
+        if now.is_empty() {
+            return Ok(());
+        }
+        let devices: Vec<(SocketAddr, u32)> = new.iter().map(|l| (l.local, l.device)).collect();
+        let bound = now.iter().map(|l| l.device).collect();
+        if let Some(why) = device_conflict(&bound, &devices, name) {
+            return Err(err(
+                Kind::Refused,
+                format!("pid {pid} cannot take port {port} over: {why}; nothing was changed"),
+            ));
+        }
+        let current = GroupSet::new(now.iter().map(Listen::group_kind));
+        let new_kinds = GroupSet::new(new.iter().map(Listen::group_kind));
+        let Some(why) = layout_conflict(&current, &new_kinds) else {
+            return Ok(());
+        };
+        let holding = (self.slots.iter())
+            .any(|s| s.recorded() == Role::Hold && now.iter().any(|l| l.cookie == s.meta.cookie));
+        let todo = if holding && new_kinds.has_dual_stack() {
+            "Start the new version with the same sockets or, if the app is meant to listen \
+             dual-stack, restart `zdt-ctl hold` with --dual-stack"
+        } else if holding {
+            "Start the new version with the same sockets, or restart `zdt-ctl hold` with --split"
+        } else {
+            "Start the new version with the same sockets as the running one (IPV6_V6ONLY, and an \
+             IPv4 socket or not). To change the layout, stop the old version first: a restart \
+             without overlap, behind `zdt-ctl hold` started with the new layout"
+        };
+        Err(err(
+            Kind::Refused,
+            format!("pid {pid} cannot take port {port} over: {why}. {todo}; nothing was changed"),
+        ))
+    }
+
+    /// Why the process `p`, which serves listeners in no slot, is not the app's next version,
+    /// so that `zdt-ctl watch` leaves it alone: its listeners belong to a uid the port's members
+    /// do not have (another user's process), or are bound to a device theirs are not (a
+    /// SO_REUSEPORT group of its own). None: it may be.
+    pub fn foreign(&self, p: &Process, name: impl Fn(u32) -> String) -> Option<String> {
+        let theirs: Vec<&Listen> = (self.listeners.iter())
+            .filter(|l| l.member == Some(*p))
+            .collect();
+        let uids = self.member_uids();
+        if let Some(other) =
+            (theirs.iter().map(|l| l.uid)).find(|u| !uids.is_empty() && !uids.contains(u))
+        {
+            let uids: Vec<String> = uids.iter().map(u32::to_string).collect();
+            return Some(format!(
+                "pid {} listens as uid {other}, not as the app's user (uid {})",
+                p.pid,
+                uids.join(", ")
+            ));
+        }
+        let devices: Vec<(SocketAddr, u32)> = theirs.iter().map(|l| (l.local, l.device)).collect();
+        let why = device_conflict(&self.serving_devices(), &devices, name)?;
+        Some(format!("pid {} cannot take the port over: {why}", p.pid))
+    }
+
     /// The slots for `cookies` (sockets of one process, `count` in all for the message). A
     /// socket already in the array keeps its slot; a new one takes a [`free_slot`] that neither
     /// the live set nor the rollback target names (`is_empty`: the array holds no socket
@@ -65,40 +263,7 @@ impl Snapshot {
         cookies: &[u64],
         is_empty: impl Fn(u32) -> bool,
     ) -> anyhow::Result<Placement> {
-        // A slot of the rollback target whose socket has closed can never be restored (the
-        // socket is gone for good): it need not stay reserved. Without this, three generations
-        // of a large app held 3 x its sockets, and the third deploy found no free slot.
-        let pruned = match &self.target {
-            Some(p) => live_only(p, &self.slots, |_| false)?,
-            None => ActiveSet::EMPTY,
-        };
-        let live = self.live_set();
-        let mut taken: Vec<u32> = self.slots.iter().map(|s| s.index).collect();
-        let mut slots = Vec::new();
-        for &cookie in cookies {
-            if let Some(s) = self.slots.iter().find(|s| s.meta.cookie == cookie) {
-                slots.push((s.index, false));
-                continue;
-            }
-            let slot = free_slot(&taken, &live, &pruned, &is_empty).map_err(|e| {
-                err(
-                    Kind::Refused,
-                    format!(
-                        "{e}: pid {pid} has {} sockets to insert; nothing was changed",
-                        cookies.len()
-                    ),
-                )
-            })?;
-            taken.push(slot);
-            slots.push((slot, true));
-        }
-        let reuses_target = slots
-            .iter()
-            .any(|&(slot, new)| new && self.target.is_some_and(|t| t.names(slot)));
-        Ok(Placement {
-            slots,
-            target: reuses_target.then_some(pruned),
-        })
+        place(&self.slots, self.live, self.target, pid, cookies, is_empty)
     }
 
     /// The newest process that takes new connections (active or canary) and started after
@@ -182,6 +347,52 @@ impl Snapshot {
     }
 }
 
+/// [`Snapshot::place`], from the maps alone: `State::insert` places sockets from the slots
+/// and the two sets it reads under the lock, without the kernel's side.
+pub fn place(
+    slots: &[Slot],
+    live: Option<ActiveSet>,
+    target: Option<ActiveSet>,
+    pid: i32,
+    cookies: &[u64],
+    is_empty: impl Fn(u32) -> bool,
+) -> anyhow::Result<Placement> {
+    // A slot of the rollback target whose socket has closed can never be restored (the
+    // socket is gone for good): it need not stay reserved. Without this, three generations
+    // of a large app held 3 x its sockets, and the third deploy found no free slot.
+    let pruned = match &target {
+        Some(p) => live_only(p, slots, |_| false)?,
+        None => ActiveSet::EMPTY,
+    };
+    let live = live.unwrap_or(ActiveSet::EMPTY);
+    let mut taken: Vec<u32> = slots.iter().map(|s| s.index).collect();
+    let mut placed = Vec::new();
+    for &cookie in cookies {
+        if let Some(s) = slots.iter().find(|s| s.meta.cookie == cookie) {
+            placed.push((s.index, false));
+            continue;
+        }
+        let slot = free_slot(&taken, &live, &pruned, &is_empty).map_err(|e| {
+            err(
+                Kind::Refused,
+                format!(
+                    "{e}: pid {pid} has {} sockets to insert; nothing was changed",
+                    cookies.len()
+                ),
+            )
+        })?;
+        taken.push(slot);
+        placed.push((slot, true));
+    }
+    let reuses_target = placed
+        .iter()
+        .any(|&(slot, new)| new && target.is_some_and(|t| t.names(slot)));
+    Ok(Placement {
+        slots: placed,
+        target: reuses_target.then_some(pruned),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use zdt_common::{SlotMeta, AF_INET};
@@ -225,6 +436,8 @@ mod tests {
             live: Some(set(live)),
             target: (!target.is_empty()).then(|| set(target)),
             recorded: BTreeMap::new(),
+            listeners: Vec::new(),
+            running: BTreeSet::new(),
         }
     }
 
@@ -272,6 +485,84 @@ mod tests {
         let e = s.place(200, &[11, 12], |i| i < 2).unwrap_err();
         assert_eq!(crate::error::kind_of(&e), Kind::Refused);
         assert!(e.to_string().contains("pid 200 has 2 sockets"), "{e}");
+    }
+
+    fn listen(cookie: u64, local: &str, uid: u32, device: u32) -> Listen {
+        Listen {
+            cookie,
+            local: local.parse().unwrap(),
+            v6only: false,
+            uid,
+            device,
+            member: None,
+        }
+    }
+
+    /// An active member, pid 100 (slot 0, cookie 10), on 0.0.0.0:80 as uid 1000 on no device.
+    fn serving() -> Snapshot {
+        let mut app = slot(0, 10, Role::Active);
+        app.meta.uid = 1000;
+        app.active = true;
+        let mut s = snapshot(vec![app], &[0], &[]);
+        s.listeners = vec![listen(10, "0.0.0.0:80", 1000, 0)];
+        s
+    }
+
+    #[test]
+    fn a_candidate_fits_only_with_the_members_uid_device_and_layout() {
+        let s = serving();
+        let name = |i: u32| format!("if{i}");
+        s.fits(7, &[listen(20, "0.0.0.0:80", 1000, 0)], name)
+            .expect("the same socket as the member's");
+        let uid = s
+            .fits(7, &[listen(20, "0.0.0.0:80", 0, 0)], name)
+            .unwrap_err();
+        assert_eq!(crate::error::kind_of(&uid), Kind::BadInput);
+        assert!(uid.to_string().contains("belongs to uid 0"), "{uid}");
+        let bound = s
+            .fits(7, &[listen(20, "0.0.0.0:80", 1000, 3)], name)
+            .unwrap_err();
+        assert_eq!(crate::error::kind_of(&bound), Kind::Refused);
+        assert!(bound.to_string().contains("if3"), "{bound}");
+        // A dual-stack socket in place of an IPv4 one: another layout of groups.
+        let mut dual = listen(20, "[::]:80", 1000, 0);
+        dual.v6only = false;
+        let layout = s.fits(7, &[dual], name).unwrap_err();
+        assert_eq!(crate::error::kind_of(&layout), Kind::Refused);
+        assert!(
+            layout.to_string().contains("nothing was changed"),
+            "{layout}"
+        );
+        // Nothing serves yet: any layout and device will do, but never another uid.
+        let mut idle = serving();
+        idle.live = None;
+        idle.slots[0].active = false;
+        idle.fits(7, &[listen(20, "0.0.0.0:80", 1000, 3)], name)
+            .expect("nothing to fit beside");
+    }
+
+    #[test]
+    fn the_watcher_leaves_another_users_or_another_devices_process_alone() {
+        let mut s = serving();
+        let p = |pid| Process { pid, start: 5 };
+        s.listeners.push(Listen {
+            member: Some(p(7)),
+            ..listen(20, "0.0.0.0:80", 1000, 0)
+        });
+        s.listeners.push(Listen {
+            member: Some(p(8)),
+            ..listen(21, "0.0.0.0:80", 0, 0)
+        });
+        s.listeners.push(Listen {
+            member: Some(p(9)),
+            ..listen(22, "0.0.0.0:80", 1000, 4)
+        });
+        let name = |i: u32| format!("if{i}");
+        assert_eq!(s.foreign(&p(7), name), None);
+        let other = s.foreign(&p(8), name).expect("another uid");
+        assert!(other.contains("pid 8 listens as uid 0"), "{other}");
+        let bound = s.foreign(&p(9), name).expect("another device");
+        assert!(bound.contains("pid 9 cannot take the port over"), "{bound}");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use crate::{
     error::{bad_input, err, require_root, Kind},
     failpoint,
     plan::{
-        self,
         sets::{self, Process, Role},
         snapshot::Snapshot,
     },
@@ -794,78 +793,12 @@ fn wait_listening(
 }
 
 /// Checks that PID's `listeners` can take the port over from its current sockets (members and
-/// placeholders) without a loss: the same owner uid, and the same layout of groups
-/// ([`plan::layout_conflict`]). Changes nothing.
+/// placeholders) without a loss, as [`Snapshot::fits`] decides; at most as many per family as
+/// the program steers ([`sets::admit`]). Changes nothing.
 fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
     sets::admit(pid, state.spec.port, listeners.iter().map(Listener::family))?;
-    let slots = state.slots()?;
-    // The kernel groups only sockets of one owner uid (sock_reuseport.c, reuseport_match): a
-    // socket of another uid would never be selectable from this group. And the port's members
-    // are the app's user's in every family: a process of another user that listens in a
-    // family the app does not serve (`[::]:PORT` beside an app on `0.0.0.0:PORT`) is someone
-    // else's, never the app's next version.
-    if let Some((l, s)) = listeners.iter().find_map(|l| {
-        slots
-            .iter()
-            .find(|s| s.meta.pid as i32 != pid && s.meta.uid != l.uid)
-            .map(|s| (l, s))
-    }) {
-        return Err(bad_input(format!(
-            "the socket of pid {pid} on {} belongs to uid {}, the port's members to uid {} (pid \
-             {}): zdt hands over only between processes of the app's user (the kernel keeps \
-             sockets of different uids in separate groups); run the new version as uid {}",
-            l.local, l.uid, s.meta.uid, s.meta.pid, s.meta.uid
-        )));
-    }
-    // The sockets that take connections now, or would park them: the live set's and the
-    // placeholders of `zdt-ctl hold`.
-    let set = state.active_set()?.unwrap_or(ActiveSet::EMPTY);
-    let cookies: Vec<u64> = slots
-        .iter()
-        .filter(|s| s.pid() != pid && (set.names(s.index) || s.recorded() == Role::Hold))
-        .map(|s| s.meta.cookie)
-        .collect();
-    if cookies.is_empty() {
-        return Ok(());
-    }
-    let serving = sockets::listeners_with(state.spec.proto, &cookies)?;
-    let devices: Vec<(std::net::SocketAddr, u32)> =
-        listeners.iter().map(|l| (l.local, l.device)).collect();
-    let bound = serving.iter().map(|e| e.device).collect();
-    if let Some(why) = plan::device_conflict(&bound, &devices, sockets::interface_name) {
-        return Err(err(
-            Kind::Refused,
-            format!(
-                "pid {pid} cannot take port {} over: {why}; nothing was changed",
-                state.spec.port
-            ),
-        ));
-    }
-    let current = plan::GroupSet::new(serving.iter().map(|e| e.group_kind()));
-    let new = plan::GroupSet::new(listeners.iter().map(|l| l.group_kind));
-    if let Some(why) = plan::layout_conflict(&current, &new) {
-        let holding = slots
-            .iter()
-            .any(|s| s.recorded() == Role::Hold && cookies.contains(&s.meta.cookie));
-        let todo = if holding && new.has_dual_stack() {
-            "Start the new version with the same sockets or, if the app is meant to listen \
-             dual-stack, restart `zdt-ctl hold` with --dual-stack"
-        } else if holding {
-            "Start the new version with the same sockets, or restart `zdt-ctl hold` with --split"
-        } else {
-            "Start the new version with the same sockets as the running one (IPV6_V6ONLY, and an \
-             IPv4 socket or not). To change the layout, stop the old version first: a restart \
-             without overlap, behind `zdt-ctl hold` started with the new layout"
-        };
-        return Err(err(
-            Kind::Refused,
-            format!(
-                "pid {pid} cannot take port {} over: {why}. {todo}; nothing was changed",
-                state.spec.port
-            ),
-        ));
-    }
-    Ok(())
+    let new: Vec<_> = listeners.iter().map(|l| l.listen(None)).collect();
+    state.snapshot()?.fits(pid, &new, sockets::interface_name)
 }
 
 /// The states of `ports`, locked, in port order (so two multi-port promotes never wait on each

@@ -5,7 +5,7 @@
 use crate::addr::{Port, Proto};
 use std::collections::BTreeSet;
 
-use crate::{sockets, state::State};
+use crate::{plan::snapshot::Listen, sockets, state::State};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Group {
@@ -266,19 +266,18 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             kernel: KernelCounters::read(),
         });
     };
-    let slots = state.slots()?;
+    // The same read a locked command plans from; the queues from a read of their own, which
+    // the stall check repeats.
+    let snap = state.snapshot()?;
+    let slots = &snap.slots;
     let table = sockets::listen_entries(state.spec.proto)?;
     let mut groups = Vec::new();
-    let on_spec: Vec<&sockets::ListenEntry> = table
-        .values()
-        .filter(|e| state.spec.matches(&e.local))
-        .collect();
-    let uids: Vec<u32> = on_spec.iter().map(|e| e.uid).collect();
-    let members: Vec<u32> = slots.iter().map(|s| s.meta.uid).collect();
-    let owner = crate::plan::owner(&members, &uids).ok().flatten();
+    let uids: Vec<u32> = snap.listeners.iter().map(|l| l.uid).collect();
+    let owner = crate::plan::owner(&snap.member_uids(), &uids)
+        .ok()
+        .flatten();
     for (v4, family) in [(true, "ipv4"), (false, "ipv6")] {
-        let (mine, foreign): (Vec<&sockets::ListenEntry>, Vec<_>) = on_spec
-            .iter()
+        let (mine, foreign): (Vec<&Listen>, Vec<_>) = (snap.listeners.iter())
             .filter(|e| e.local.is_ipv4() == v4)
             .partition(|e| owner.is_none_or(|u| e.uid == u));
         if mine.is_empty() && foreign.is_empty() {
@@ -333,7 +332,7 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             .map(|t| t.by_slot.get(&index).copied().unwrap_or_default())
     };
     let mut members: Vec<Member> = Vec::new();
-    for s in &slots {
+    for s in slots {
         let f = flows_of(s.index);
         let pid = s.meta.pid as i32;
         let role = s.role();
@@ -378,7 +377,7 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
             m.recent as f64 / recent as f64
         };
     }
-    let d = crate::settle::drift(&state, &slots)?;
+    let d = snap.drift();
     let drift = Drift {
         unadopted: d
             .adopt

@@ -24,7 +24,7 @@ use crate::{
     addr::{Port, PortSpec},
     cmd::promote::{promote, superseded, PromoteOptions, Rollout},
     error::{bad_input, err, require_root, Kind},
-    plan::sets::Process,
+    plan::{sets::Process, snapshot::Snapshot},
     sockets,
     state::State,
 };
@@ -113,14 +113,14 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) {
-            let (mut found, members) = newcomers(spec.key())?;
+            let (mut found, read) = newcomers(spec.key())?;
             found.sort_unstable_by_key(|p| p.start);
             for p in found {
                 if !tried.insert(p) {
                     continue;
                 }
-                if let Some(why) = foreign(&p, spec.key(), &members) {
-                    eprintln!("zdt-ctl watch: {why}");
+                if let Some(why) = read.foreign(&p, sockets::interface_name) {
+                    eprintln!("zdt-ctl watch: port {}: {why}: left alone", spec.key());
                     continue;
                 }
                 eprintln!(
@@ -232,59 +232,10 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
         .collect())
 }
 
-/// What a newcomer must share with the port's members to be the app's next version.
-struct Members {
-    /// The owner uids of the members' sockets (empty when there is no member).
-    uids: Vec<u32>,
-    /// The devices the serving members' sockets are bound to (0 for none; empty when nothing
-    /// serves).
-    devices: BTreeSet<u32>,
-}
-
-/// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns the
-/// processes with no role that serve a listener in no slot, with what the port's members are.
-fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Members)> {
-    let state = State::open_locked(port)?;
-    let slots = state.slots()?;
-    let devices = sockets::listeners_with(port.proto, &state.serving_cookies()?)?
-        .iter()
-        .map(|e| e.device)
-        .collect();
-    Ok((
-        crate::settle::drift(&state, &slots)?.newcomers,
-        Members {
-            uids: state.member_uids()?,
-            devices,
-        },
-    ))
-}
-
-/// Why `p` is not the app's next version: its listeners on `port` belong to a uid that the
-/// port's members do not have (another user's process), or are bound to a device theirs are not
-/// (a SO_REUSEPORT group of its own). promote would refuse it, and it must not give up the wait
-/// of a newcomer of the app's (any local user can start processes).
-fn foreign(p: &Process, port: Port, members: &Members) -> Option<String> {
-    let theirs = sockets::held_listeners(p.pid, port).ok()?;
-    let uids = &members.uids;
-    if let Some(other) = theirs
-        .iter()
-        .map(|e| e.uid)
-        .find(|u| !uids.is_empty() && !uids.contains(u))
-    {
-        return Some(format!(
-            "pid {} listens on port {port} as uid {other}, not as the app's user (uid {}): \
-             left alone",
-            p.pid,
-            uids.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    let devices: Vec<(SocketAddr, u32)> = theirs.iter().map(|e| (e.local, e.device)).collect();
-    let why = crate::plan::device_conflict(&members.devices, &devices, sockets::interface_name)?;
-    Some(format!(
-        "pid {} cannot take port {port} over: {why}: left alone",
-        p.pid
-    ))
+/// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns, from
+/// one read, the processes with no role that serve a listener in no slot, and the read (to tell
+/// which of them are not the app's: [`Snapshot::foreign`]).
+fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Snapshot)> {
+    let snap = State::open_locked(port)?.snapshot()?;
+    Ok((snap.drift().newcomers, snap))
 }
