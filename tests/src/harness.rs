@@ -58,6 +58,8 @@ pub struct AppOpts {
     pub bind_delay: Duration,
     /// Run as this uid (and gid), through setpriv(1), as a unit with `User=` does.
     pub uid: Option<u32>,
+    /// Run with this gid (the uid unchanged unless `uid` is set), as `Group=` does.
+    pub gid: Option<u32>,
 }
 
 impl AppOpts {
@@ -72,6 +74,7 @@ impl AppOpts {
             inherit: None,
             bind_delay: Duration::ZERO,
             uid: None,
+            gid: None,
         }
     }
     pub fn bind_delay(mut self, d: Duration) -> Self {
@@ -81,6 +84,12 @@ impl AppOpts {
     /// Run as `uid` (its own gid too, no supplementary groups).
     pub fn uid(mut self, uid: u32) -> Self {
         self.uid = Some(uid);
+        self.gid = Some(uid);
+        self
+    }
+    /// Run with group `gid` (no supplementary groups), the user unchanged.
+    pub fn gid(mut self, gid: u32) -> Self {
+        self.gid = Some(gid);
         self
     }
     pub fn warmup(mut self, d: Duration) -> Self {
@@ -144,17 +153,11 @@ impl App {
     pub fn start(ns: &Netns, o: &AppOpts) -> anyhow::Result<App> {
         // Every wrapper execs the next program, so the pid is the app's from the start.
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(uid) = o.uid {
-            argv.extend(
-                [
-                    "setpriv".to_string(),
-                    format!("--reuid={uid}"),
-                    format!("--regid={uid}"),
-                    "--clear-groups".into(),
-                    "--".into(),
-                ]
-                .map(Into::into),
-            );
+        if o.uid.is_some() || o.gid.is_some() {
+            argv.push("setpriv".into());
+            argv.extend(o.uid.map(|u| format!("--reuid={u}").into()));
+            argv.extend(o.gid.map(|g| format!("--regid={g}").into()));
+            argv.extend(["--clear-groups", "--"].map(Into::into));
         }
         if o.inherit.is_some() {
             // LISTEN_PID must be the app's own pid, known only after the fork: a shell sets it

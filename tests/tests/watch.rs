@@ -377,3 +377,37 @@ fn the_watcher_rolls_back_in_probation_and_goes_on_after_a_crash() -> anyhow::Re
     assert_eq!(t.versions.get("v4"), Some(&100), "{t:?}");
     Ok(())
 }
+
+/// A process of the app's user but another group joins the port's SO_REUSEPORT group (the
+/// kernel groups by uid alone): the watcher says why and leaves it alone, ready as it is, and
+/// then promotes the app's next version, of the app's group, as usual.
+#[test]
+fn the_watcher_leaves_a_process_of_another_group_alone() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let log = tempfile::NamedTempFile::new()?;
+    let args = ["watch", ":8080", "--probe", "/readyz"];
+    let watcher = KillOnDrop(zdt_command(&ns, &args).stderr(log.reopen()?).spawn()?);
+    let other = App::start(&ns, &AppOpts::new(PORT, "other").gid(4242))?;
+    let said = format!(
+        "pid {} runs as gid 4242, not as the app's group (gid 0)",
+        other.pid
+    );
+    let noticed = within(Duration::from_secs(5), || {
+        Ok(std::fs::read_to_string(log.path())?.contains(&said))
+    })?;
+    anyhow::ensure!(
+        noticed.is_some(),
+        "{}",
+        std::fs::read_to_string(log.path())?
+    );
+    assert_eq!(active(&ns)?, [i64::from(v1.pid)]);
+    let t = load::requests(&ns, PORT, 50, 200.0);
+    assert_eq!(t.versions.get("v1"), Some(&50), "{t:?}");
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2"))?;
+    until_active(&ns, PORT, v2.pid, scaled(Duration::from_secs(10)))?;
+    assert_invariants(&ns, PORT)?;
+    drop(watcher);
+    Ok(())
+}

@@ -366,6 +366,11 @@ impl Listener {
     }
 }
 
+/// The effective gid of `pid`, None once it has exited.
+pub fn egid(pid: i32) -> Option<u32> {
+    Some(Process::new(pid).ok()?.status().ok()?.egid)
+}
+
 /// The name of interface `index` (as `ip link` shows it), or its number if it has none now.
 pub fn interface_name(index: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];

@@ -63,6 +63,11 @@ impl Listen {
     }
 }
 
+fn joined(ids: &[u32]) -> String {
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    ids.join(", ")
+}
+
 /// Where new sockets go: for each, its slot and whether it is new there (false: it is in the
 /// array already). `target`: the rollback target pruned of slots whose socket closed, to be
 /// written before a slot it names is given to a new socket (a rollback must never name one).
@@ -230,9 +235,16 @@ impl Snapshot {
 
     /// Why the process `p`, which serves listeners in no slot, is not the app's next version,
     /// so that `zdt-ctl watch` leaves it alone: its listeners belong to a uid the port's members
-    /// do not have (another user's process), or are bound to a device theirs are not (a
-    /// SO_REUSEPORT group of its own). None: it may be.
-    pub fn foreign(&self, p: &Process, name: impl Fn(u32) -> String) -> Option<String> {
+    /// do not have (another user's process), it runs with a group (`gid`: a process's
+    /// effective gid, None once it has exited) that none of the processes serving now has, or
+    /// its listeners are bound to a device theirs are not (a SO_REUSEPORT group of its own).
+    /// None: it may be.
+    pub fn foreign(
+        &self,
+        p: &Process,
+        gid: impl Fn(i32) -> Option<u32>,
+        name: impl Fn(u32) -> String,
+    ) -> Option<String> {
         let theirs: Vec<&Listen> = (self.listeners.iter())
             .filter(|l| l.member == Some(*p))
             .collect();
@@ -240,11 +252,27 @@ impl Snapshot {
         if let Some(other) =
             (theirs.iter().map(|l| l.uid)).find(|u| !uids.is_empty() && !uids.contains(u))
         {
-            let uids: Vec<String> = uids.iter().map(u32::to_string).collect();
             return Some(format!(
                 "pid {} listens as uid {other}, not as the app's user (uid {})",
                 p.pid,
-                uids.join(", ")
+                joined(&uids)
+            ));
+        }
+        // The kernel groups sockets by uid only: a process of the app's user but another
+        // group (another service run as the same user, `User=` without the unit's `Group=`)
+        // would be grouped with the app's sockets all the same.
+        let serving: BTreeSet<Process> = (self.slots.iter())
+            .filter(|s| s.active || s.canary)
+            .filter_map(|s| self.recorded(s.index))
+            .filter(|m| self.running.contains(m))
+            .collect();
+        let gids: BTreeSet<u32> = serving.iter().filter_map(|m| gid(m.pid)).collect();
+        if let Some(other) = gid(p.pid).filter(|g| !gids.is_empty() && !gids.contains(g)) {
+            let gids: Vec<u32> = gids.into_iter().collect();
+            return Some(format!(
+                "pid {} runs as gid {other}, not as the app's group (gid {})",
+                p.pid,
+                joined(&gids)
             ));
         }
         let devices: Vec<(SocketAddr, u32)> = theirs.iter().map(|l| (l.local, l.device)).collect();
@@ -505,6 +533,9 @@ mod tests {
         app.active = true;
         let mut s = snapshot(vec![app], &[0], &[]);
         s.listeners = vec![listen(10, "0.0.0.0:80", 1000, 0)];
+        let member = Process { pid: 100, start: 1 };
+        s.recorded.insert(0, member);
+        s.running.insert(member);
         s
     }
 
@@ -542,7 +573,7 @@ mod tests {
     }
 
     #[test]
-    fn the_watcher_leaves_another_users_or_another_devices_process_alone() {
+    fn the_watcher_leaves_another_users_groups_or_devices_process_alone() {
         let mut s = serving();
         let p = |pid| Process { pid, start: 5 };
         s.listeners.push(Listen {
@@ -558,11 +589,32 @@ mod tests {
             ..listen(22, "0.0.0.0:80", 1000, 4)
         });
         let name = |i: u32| format!("if{i}");
-        assert_eq!(s.foreign(&p(7), name), None);
-        let other = s.foreign(&p(8), name).expect("another uid");
+        // The member (pid 100) and pids 7 to 9 run as gid 1000.
+        let gid = |pid: i32| {
+            Some(if (7..=9).contains(&pid) || pid >= 100 {
+                1000
+            } else {
+                50
+            })
+        };
+        assert_eq!(s.foreign(&p(7), gid, name), None);
+        let other = s.foreign(&p(8), gid, name).expect("another uid");
         assert!(other.contains("pid 8 listens as uid 0"), "{other}");
-        let bound = s.foreign(&p(9), name).expect("another device");
+        let bound = s.foreign(&p(9), gid, name).expect("another device");
         assert!(bound.contains("pid 9 cannot take the port over"), "{bound}");
+        // The app's user, another group.
+        let group = |pid: i32| Some(if pid == 7 { 50 } else { 1000 });
+        let other = s.foreign(&p(7), group, name).expect("another gid");
+        assert!(
+            other.contains("pid 7 runs as gid 50, not as the app's group (gid 1000)"),
+            "{other}"
+        );
+        // A member that has exited tells no group; nor does a newcomer that has.
+        assert_eq!(s.foreign(&p(7), |pid| (pid == 7).then_some(50), name), None);
+        assert_eq!(
+            s.foreign(&p(7), |pid| (pid != 7).then_some(1000), name),
+            None
+        );
     }
 
     #[test]

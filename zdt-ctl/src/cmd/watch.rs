@@ -6,8 +6,8 @@
 //! locked command does (a re-created or inherited listener is adopted, a member that exited
 //! leaves), and promotes each new process that serves a listener of the port, once it is ready,
 //! as `zdt-ctl promote` does (the same code, the same lock, the same checks: another uid, hold
-//! or zdt-ctl itself is refused there). A process of another uid, or bound to a device the
-//! members are not, is not even taken on: it must not make the watcher give up a version of the
+//! or zdt-ctl itself is refused there). A process of another uid or another group, or bound to
+//! a device the members are not, is not even taken on: it must not make the watcher give up a version of the
 //! app's that is warming up. It keeps no state of its own: killed and restarted, it
 //! finds the port as the pinned maps say.
 use std::{
@@ -39,8 +39,8 @@ const POLL: Duration = Duration::from_millis(100);
                   not hold up the next. Of processes started one after the other, the newest \
                   ready one serves: an older one that gets ready after a newer one was promoted \
                   stays a candidate. A process whose listeners belong to another user than the \
-                  members', or are bound to a device theirs are not, is left alone (and said \
-                  so).\n\n\
+                  members', that runs with a group none of the serving processes has, or whose \
+                  listeners are bound to a device theirs are not, is left alone (and said so).\n\n\
                   Example, a unit restarted by systemd (a new instance started beside the old \
                   one, or behind `zdt-ctl hold`), served without a deploy script:\n  \
                   zdt-ctl watch :8080 --probe /readyz --stop-old\n\
@@ -119,7 +119,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                 if !tried.insert(p) {
                     continue;
                 }
-                if let Some(why) = read.foreign(&p, sockets::interface_name) {
+                if let Some(why) = read.foreign(&p, sockets::egid, sockets::interface_name) {
                     eprintln!("zdt-ctl watch: port {}: {why}: left alone", spec.key());
                     continue;
                 }
