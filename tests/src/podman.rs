@@ -5,6 +5,7 @@
 //! machines ("cgroups in hybrid mode not supported"); and sets the containers' open-files limit
 //! below the machine's hard limit (20000), which podman's default would exceed.
 use std::{
+    path::Path,
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -59,27 +60,59 @@ pub struct Compose {
 }
 
 impl Compose {
-    /// `services`: (name, network_mode, the demo service's arguments) each.
-    pub fn new(services: &[(&str, &str, Vec<String>)]) -> anyhow::Result<Self> {
+    /// The project of `examples/compose.yaml`, as it is but for what only the example can
+    /// leave open: each service's image is [`IMAGE`] with the demo service mounted at `/app`,
+    /// its command runs `/app` in place of `app`, and `extra` (service, arguments) adds the
+    /// demo service's arguments (its version, a warm-up). Everything else (the services,
+    /// `network_mode`, ports, the stop grace) is the example's, so that the suite deploys what
+    /// the docs show.
+    pub fn example(extra: &[(&str, Vec<String>)]) -> anyhow::Result<Self> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compose.yaml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let yaml = Self::localized(&text, extra)
+            .with_context(|| format!("adapting {}", path.display()))?;
         let project = unique("compose").replace('-', "_");
         let dir = std::env::temp_dir().join(&project);
         std::fs::create_dir_all(&dir)?;
-        let app = bin("zdt-demo-app");
-        let mut yaml = String::from("services:\n");
-        for (name, network, args) in services {
-            let command: Vec<String> = std::iter::once("/app".to_string())
-                .chain(args.iter().cloned())
-                .map(|a| format!("{a:?}"))
-                .collect();
-            yaml += &format!(
-                "  {name}:\n    image: {IMAGE}\n    network_mode: {network}\n    volumes:\n      \
-                 - {}:/app:ro\n    command: [{}]\n    stop_grace_period: 10s\n",
-                app.display(),
-                command.join(", ")
-            );
-        }
         std::fs::write(dir.join("compose.yaml"), yaml)?;
         Ok(Compose { dir, project })
+    }
+
+    fn localized(text: &str, extra: &[(&str, Vec<String>)]) -> anyhow::Result<String> {
+        let app = bin("zdt-demo-app");
+        let mut service = None;
+        let mut out = String::new();
+        for line in text.lines() {
+            let indent = line.len() - line.trim_start().len();
+            let body = line.trim_start();
+            if indent == 2 && body.ends_with(':') {
+                service = Some(body.trim_end_matches(':').to_string());
+            }
+            if indent == 4 && body.starts_with("image:") {
+                out += &format!(
+                    "    image: {IMAGE}\n    volumes:\n      - {}:/app:ro\n",
+                    app.display()
+                );
+                continue;
+            }
+            if let Some(list) = body.strip_prefix("command:").filter(|_| indent == 4) {
+                // A flow sequence of quoted strings: the same text as a JSON array.
+                let mut argv: Vec<String> = serde_json::from_str(list.trim())
+                    .with_context(|| format!("the command {list:?}"))?;
+                anyhow::ensure!(argv.first().is_some_and(|a| a == "app"), "{line:?}");
+                argv[0] = "/app".into();
+                let name = service.as_deref().unwrap_or_default();
+                if let Some((_, args)) = extra.iter().find(|(s, _)| *s == name) {
+                    argv.extend(args.iter().cloned());
+                }
+                out += &format!("    command: {}\n", serde_json::to_string(&argv)?);
+                continue;
+            }
+            out += line;
+            out.push('\n');
+        }
+        Ok(out)
     }
 
     /// `podman-compose ARGS` in the project (podman's global flags passed through), inside

@@ -27,19 +27,26 @@ const RATE: f64 = 300.0;
 const WARMUP: Duration = Duration::from_secs(1);
 
 /// The demo service's arguments for `version` with its admin port.
-fn app(version: &str, admin: u16, warmup: Duration) -> Vec<String> {
-    [
+/// The demo service's arguments besides its ports: its version and warm-up.
+fn version(version: &str, warmup: Duration) -> Vec<String> {
+    let warmup = format!("{}ms", warmup.as_millis());
+    ["--version", version, "--warmup", &warmup]
+        .map(String::from)
+        .to_vec()
+}
+
+fn app(v: &str, admin: u16, warmup: Duration) -> Vec<String> {
+    let ports = [
         "--port",
         &PORT.to_string(),
-        "--version",
-        version,
         "--admin-port",
         &admin.to_string(),
-        "--warmup",
-        &format!("{}ms", warmup.as_millis()),
-    ]
-    .map(String::from)
-    .to_vec()
+    ];
+    ports
+        .map(String::from)
+        .into_iter()
+        .chain(version(v, warmup))
+        .collect()
 }
 
 fn start(
@@ -182,16 +189,17 @@ fn containers_in_a_pod_are_promoted_by_the_watcher() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A compose project (podman-compose 1.3.0, Debian 13's, from PyPI) with two services on the
-/// host network, blue and green, deployed as compose users do: `up -d green` beside blue, then
+/// The compose project of examples/compose.yaml (podman-compose 1.3.0, Debian 13's, from
+/// PyPI): two services on the host network, blue and green, deployed as compose users do: `up -d green` beside blue, then
 /// `stop blue`. With zdt the watcher promotes green once its /readyz answers 200, never before
 /// its warm-up ends, and blue is stopped after that; the control (`with_zdt` false) stops blue
 /// once green answers 200, with plain SO_REUSEPORT meanwhile.
 fn compose_deploy(with_zdt: bool) -> anyhow::Result<load::Tally> {
     let ns = Netns::new()?;
-    let compose = Compose::new(&[
-        ("blue", "host", app("blue", 9001, Duration::ZERO)),
-        ("green", "host", app("green", 9002, scaled(WARMUP))),
+    // examples/compose.yaml gives the ports (8080, admin 9001 and 9002) and the host network.
+    let compose = Compose::example(&[
+        ("blue", version("blue", Duration::ZERO)),
+        ("green", version("green", scaled(WARMUP))),
     ])?;
     compose.run(Some(&ns), &["up", "-d", "blue"])?;
     ready(&ns, 9001)?;
