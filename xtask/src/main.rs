@@ -262,7 +262,14 @@ pub fn run(mut cmd: Command) -> anyhow::Result<()> {
 
 fn build() -> anyhow::Result<()> {
     let mut c = cargo();
-    c.args(["build", "--release", "--workspace", "--bins"]);
+    // The demo, bench and dist steps run the binaries from target/release: a CARGO_TARGET_DIR
+    // in the caller's environment must not send the build elsewhere.
+    c.env("CARGO_TARGET_DIR", root().join("target")).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]);
     run(c)
 }
 
