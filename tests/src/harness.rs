@@ -756,6 +756,32 @@ pub fn snapshot(ns: &Netns, port: u16) -> anyhow::Result<zdt_ctl::plan::snapshot
     })?
 }
 
+/// [`snapshot`], read while holding the port's lock (waiting for it up to 10 s): a state between
+/// two commands, never one a command is still writing (a watcher may be promoting: its live set
+/// is written before the roles it gives, docs/ARCHITECTURE.md). It does not settle anything.
+pub fn snapshot_between_commands(
+    ns: &Netns,
+    port: u16,
+) -> anyhow::Result<zdt_ctl::plan::snapshot::Snapshot> {
+    use std::os::fd::AsRawFd as _;
+    ns.run(move || -> anyhow::Result<_> {
+        let dir = std::fs::File::open(zdt_ctl::state::port_dir(port.into())?)
+            .with_context(|| format!("port {port} is not attached"))?;
+        let deadline = Instant::now() + scaled(Duration::from_secs(10));
+        // SAFETY: flock on an fd this function owns; the lock goes when `dir` is closed.
+        while unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "port {port}'s lock was held for 10 s: a command is stuck"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        zdt_ctl::state::State::open_read(port.into())?
+            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
+            .snapshot()
+    })?
+}
+
 /// `port`'s live set and rollback target, exactly as the pinned maps hold them (whichever
 /// buffer each is in).
 pub fn sets(
@@ -768,7 +794,7 @@ pub fn sets(
 
 /// The invariants of docs/ARCHITECTURE.md ("The invariants, and the model that checks them")
 /// that can be read from a real port, asserted after a command that completed (the model
-/// asserts them after every step, kills included):
+/// asserts them after every step, kills included), on a state read under the port's lock:
 /// 1. the rollback target, as far as its sockets listen, is not the live set;
 /// 2. new connections reach only sockets the live set names
 ///    ([`assert_steered_to_the_live_set`]);
@@ -778,7 +804,7 @@ pub fn sets(
 /// [`checked`] adds 4, 5 and 6, which compare the state before a command with after.
 pub fn assert_invariants(ns: &Netns, port: u16) -> anyhow::Result<()> {
     use zdt_ctl::plan::sets::{live_only, same};
-    let snap = snapshot(ns, port)?;
+    let snap = snapshot_between_commands(ns, port)?;
     let Some(live) = snap.live else {
         return Ok(());
     };
