@@ -19,7 +19,7 @@ mod program {
             sk_action::{SK_DROP, SK_PASS},
         },
         helpers::generated::{
-            bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_select_reuseport,
+            bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_sk_select_reuseport,
             bpf_skb_load_bytes_relative,
         },
         macros::{map, sk_reuseport},
@@ -56,6 +56,43 @@ mod program {
         id: 0,
         pinning: 0,
     }));
+
+    /// The coarse clock's last reading and the tick (jiffies) it was taken in: see
+    /// [`coarse_ns`]. Global data (.bss), shared by the CPUs: the program's own, not pinned.
+    #[repr(C)]
+    struct TickClock {
+        jiffies: u64,
+        ns: u64,
+    }
+
+    static mut TICK_CLOCK: TickClock = TickClock { jiffies: 0, ns: 0 };
+
+    /// CLOCK_MONOTONIC_COARSE (5.11+), read once per tick. The coarse clock is the time of the
+    /// last tick, so within one value of jiffies it does not move: a run whose tick is the
+    /// cached one reuses the reading, where bpf_ktime_get_coarse_ns costs about 40 ns a call on
+    /// a 2-core AMD VM (the timekeeper's seqcount), a third of a whole selection, and
+    /// bpf_jiffies64 a plain load. Kernel contract: the tick that increments jiffies_64 updates
+    /// the coarse clock right after (tick_do_update_jiffies64, then update_wall_time), so a run
+    /// between the two, or two CPUs refreshing the cache at once, may keep a reading one tick
+    /// old for one tick: a few milliseconds, against the recent-share buckets' 34 s and the
+    /// flow table's 1.07 s units.
+    #[inline(always)]
+    fn coarse_ns() -> u64 {
+        // SAFETY: helpers without arguments; TICK_CLOCK is plain data that every run may read
+        // and write. Torn or racing updates are harmless (see above), and volatile accesses
+        // keep the compiler from caching or merging them.
+        unsafe {
+            let tick = bpf_jiffies64();
+            let cache = core::ptr::addr_of_mut!(TICK_CLOCK);
+            if core::ptr::read_volatile(core::ptr::addr_of!((*cache).jiffies)) == tick {
+                return core::ptr::read_volatile(core::ptr::addr_of!((*cache).ns));
+            }
+            let ns = bpf_ktime_get_coarse_ns();
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*cache).ns), ns);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*cache).jiffies), tick);
+            ns
+        }
+    }
 
     /// bpf_sk_select_reuseport: 0 if `slot`'s socket is now the selected one.
     #[inline(always)]
@@ -420,12 +457,10 @@ mod program {
                 c.steered += 1;
                 // Two rotating buckets give `status` the share of recent connections without a
                 // daemon keeping history.
-                // The coarse clock (CLOCK_MONOTONIC_COARSE, 5.11+): the time of the last tick, a
-                // plain read, where bpf_ktime_get_ns reads the clock source; a tick's
-                // resolution is plenty for buckets of half a minute, and zdt-ctl compares them
-                // with CLOCK_MONOTONIC, of which this is the tick-rounded value.
-                // SAFETY: a helper without arguments.
-                let bucket = recent_bucket(unsafe { bpf_ktime_get_coarse_ns() });
+                // The coarse clock: a tick's resolution is plenty for buckets of half a minute,
+                // and zdt-ctl compares them with CLOCK_MONOTONIC, of which this is the
+                // tick-rounded value.
+                let bucket = recent_bucket(coarse_ns());
                 let i = (bucket & 1) as usize;
                 if let (Some(b), Some(r)) = (c.bucket.get_mut(i), c.recent.get_mut(i)) {
                     if *b != bucket {
@@ -662,12 +697,10 @@ mod program {
         SK_PASS
     }
 
-    /// CLOCK_MONOTONIC in the flow table's seconds, from the coarse clock (a plain read of the
-    /// last tick).
+    /// CLOCK_MONOTONIC in the flow table's seconds, from the coarse clock ([`coarse_ns`]).
     #[inline(always)]
     fn now_s() -> u32 {
-        // SAFETY: a helper without arguments.
-        flow_seconds(unsafe { bpf_ktime_get_coarse_ns() })
+        flow_seconds(coarse_ns())
     }
 
     /// Records a new flow on `slot`, within this CPU's budget of new flows per second.
