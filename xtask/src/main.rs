@@ -313,6 +313,18 @@ fn lint() -> anyhow::Result<()> {
     let mut clippy = test_cargo("clippy");
     clippy.args(["--all-targets", "--workspace", "--", "-D", "warnings"]);
     run(clippy).context("cargo clippy found warnings")?;
+    // The BPF program for its own target, with the toolchain that builds it: the clippy above
+    // sees none of it (the program is compiled only where target_arch is "bpf").
+    let mut ebpf = Command::new("rustup");
+    ebpf.current_dir(root().join("zdt-ebpf"))
+        .args(["run", setup::TOOLCHAIN, "cargo", "clippy", "--release"])
+        .args(["--target", "bpfel-unknown-none", "--target-dir"])
+        .arg(root().join(TEST_TARGET).join("bpf-clippy"))
+        .args(["--", "-D", "warnings"]);
+    run(ebpf).context(
+        "cargo clippy found warnings in the BPF program (zdt-ebpf); `cargo xtask setup` \
+         installs its clippy (rust-web-clippy)",
+    )?;
     // zdt-ctl as it is released, without the hooks.
     let mut release = cargo();
     release.args([

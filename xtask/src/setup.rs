@@ -17,11 +17,14 @@ use anyhow::Context as _;
 
 use crate::run as run_checked;
 
-const PACKAGES: [&str; 4] = [
+/// The toolchain; rust-web-clippy lints the BPF program with the compiler that builds it
+/// (`cargo xtask lint`).
+const PACKAGES: [&str; 5] = [
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
+    "rust-web-clippy",
 ];
 /// For tests/tests/systemd_vm.rs and `cargo xtask test --kernel` (vm.rs), which boot Debian 12's
 /// kernel in qemu: qemu, the kernel (its image, modules and initrd), and e2fsprogs, whose
@@ -91,7 +94,7 @@ const AIOQUIC_VERSION: &str = "1.7.2";
 /// virtme-ng from PyPI (Debian 12 has no package for it).
 const VIRTME_NG_VERSION: &str = "1.42";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TOOLCHAIN: &str = "debian-web";
+pub const TOOLCHAIN: &str = "debian-web";
 
 fn run_quiet(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)

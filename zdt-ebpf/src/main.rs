@@ -562,7 +562,7 @@ mod program {
             return None;
         }
         // SAFETY: a plain read of a hash map value, valid under RCU for this run.
-        unsafe { ZDT_PROBES.get(&key) }.map(|v| v.kind)
+        unsafe { ZDT_PROBES.get(key) }.map(|v| v.kind)
     }
 
     /// A UDP port's flows: which socket got each flow's first datagram (see [`FlowKey`]). An LRU
@@ -636,7 +636,7 @@ mod program {
                 probe.addr.copy_from_slice(src);
             }
             // SAFETY: a plain read of a hash map value, valid under RCU for this run.
-            if unsafe { ZDT_PROBES.get(&probe) }.is_some() {
+            if unsafe { ZDT_PROBES.get(probe) }.is_some() {
                 global(|g| g.probe_refused += 1);
                 return SK_DROP;
             }
@@ -646,7 +646,7 @@ mod program {
             global(|g| g.passthrough += 1);
             return SK_PASS;
         }
-        if let Some(v) = ZDT_FLOWS.get_ptr_mut(&key) {
+        if let Some(v) = ZDT_FLOWS.get_ptr_mut(key) {
             // SAFETY: a value of the LRU table, valid under RCU for this run; a concurrent run
             // on another CPU for the same flow writes the same fields, and a torn `seen_s` is
             // only a refresh time.
@@ -729,7 +729,7 @@ mod program {
                     slot,
                     seen_s: now,
                 };
-                ZDT_FLOWS.insert(key, &value, 0).is_ok()
+                ZDT_FLOWS.insert(key, value, 0).is_ok()
             }
             _ => false,
         };
