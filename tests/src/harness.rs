@@ -749,11 +749,14 @@ pub fn fingerprint(ns: &Netns, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
 
 /// `port`'s pinned state read as one snapshot, as every command reads it.
 pub fn snapshot(ns: &Netns, port: u16) -> anyhow::Result<zdt_ctl::plan::snapshot::Snapshot> {
-    ns.run(move || -> anyhow::Result<_> {
-        zdt_ctl::state::State::open_read(port.into())?
-            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
-            .snapshot()
-    })?
+    ns.run(move || read_snapshot(port))?
+}
+
+/// [`snapshot`]'s read, inside the namespace.
+fn read_snapshot(port: u16) -> anyhow::Result<zdt_ctl::plan::snapshot::Snapshot> {
+    zdt_ctl::state::State::open_read(port.into())?
+        .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
+        .snapshot()
 }
 
 /// [`snapshot`], read while holding the port's lock (waiting for it up to 10 s): a state between
@@ -776,9 +779,7 @@ pub fn snapshot_between_commands(
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        zdt_ctl::state::State::open_read(port.into())?
-            .ok_or_else(|| anyhow::anyhow!("port {port} is not attached"))?
-            .snapshot()
+        read_snapshot(port)
     })?
 }
 

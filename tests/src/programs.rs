@@ -242,29 +242,25 @@ pub fn pin_pass_program(path: &Path) -> anyhow::Result<()> {
 pub fn load_variant(dir: &Path) -> anyhow::Result<OwnedFd> {
     // The pinned maps stay open until the program is loaded (it refers to them by fd).
     let mut maps = Vec::new();
-    let object = aya_obj::Object::parse(zdt_ctl::program::object())?;
-    let relocated = zdt_ctl::program::relocated_instructions(zdt_ctl::addr::Proto::Tcp, |name| {
-        // The object's UDP maps are pinned for UDP ports only; the TCP program never names them.
-        if !dir.join(name).exists() && name.starts_with("ZDT_FLOW") {
-            return Ok(-1);
-        }
-        // The program's global data (.bss) is its own, never pinned: a new one, as a load of
-        // the object makes.
-        let map = if name.starts_with('.') {
-            let def = object
-                .maps
-                .get(name)
-                .with_context(|| format!("the BPF object has no map {name}"))?;
-            aya::maps::MapData::create(def.clone(), name, None)
-                .with_context(|| format!("creating the program's {name}"))?
-        } else {
-            aya::maps::MapData::from_pin(dir.join(name))
-                .with_context(|| format!("map {name} is not pinned in {}", dir.display()))?
-        };
-        let fd = map.fd().as_fd().as_raw_fd();
-        maps.push(map);
-        Ok(fd)
-    })?;
+    let relocated =
+        zdt_ctl::program::relocated_instructions(zdt_ctl::addr::Proto::Tcp, |name, def| {
+            // The object's UDP maps are pinned for UDP ports only; the TCP program never names them.
+            if !dir.join(name).exists() && name.starts_with("ZDT_FLOW") {
+                return Ok(-1);
+            }
+            // The program's global data (.bss) is its own, never pinned: a new one, as a load of
+            // the object makes.
+            let map = if name.starts_with('.') {
+                aya::maps::MapData::create(def.clone(), name, None)
+                    .with_context(|| format!("creating the program's {name}"))?
+            } else {
+                aya::maps::MapData::from_pin(dir.join(name))
+                    .with_context(|| format!("map {name} is not pinned in {}", dir.display()))?
+            };
+            let fd = map.fd().as_fd().as_raw_fd();
+            maps.push(map);
+            Ok(fd)
+        })?;
     let mut insns = vec![insn(MOV64_IMM, 0)];
     insns.extend(relocated);
     let loaded = load_sk_reuseport(

@@ -72,10 +72,10 @@ pub fn is_ours(proto: Proto, tag: u64) -> anyhow::Result<bool> {
 
 /// The instructions of `proto`'s program (`zdt_select`, `zdt_select_udp`) as aya passes them to
 /// BPF_PROG_LOAD: the object relocated as aya relocates it (maps, then bpf-to-bpf calls), each
-/// map's `ld_imm64` holding the fd that `map_fd` gives for the map's name.
+/// map's `ld_imm64` holding the fd that `map_fd` gives for the map's name and definition.
 pub fn relocated_instructions(
     proto: Proto,
-    mut map_fd: impl FnMut(&str) -> anyhow::Result<RawFd>,
+    mut map_fd: impl FnMut(&str, &aya_obj::Map) -> anyhow::Result<RawFd>,
 ) -> anyhow::Result<Vec<bpf_insn>> {
     let name = proto.program();
     let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the BPF object")?;
@@ -90,7 +90,7 @@ pub fn relocated_instructions(
     let maps: Vec<(String, RawFd, aya_obj::Map)> = obj
         .maps
         .iter()
-        .map(|(n, m)| Ok((n.clone(), map_fd(n)?, m.clone())))
+        .map(|(n, m)| Ok((n.clone(), map_fd(n, m)?, m.clone())))
         .collect::<anyhow::Result<_>>()?;
     obj.relocate_maps(
         maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)),
@@ -113,7 +113,7 @@ pub fn relocated_instructions(
 /// The instructions of `proto`'s program as the kernel hashes them for the tag.
 fn tag_input(proto: Proto) -> anyhow::Result<Vec<u8>> {
     // The fd value is irrelevant: the kernel zeroes it before hashing, and so do we below.
-    let instructions = relocated_instructions(proto, |_| Ok(0))?;
+    let instructions = relocated_instructions(proto, |_, _| Ok(0))?;
     let mut out = Vec::with_capacity(instructions.len() * 8);
     let mut was_ld_map = false;
     for insn in &instructions {

@@ -70,7 +70,7 @@ mod program {
     /// CLOCK_MONOTONIC_COARSE (5.11+), read once per tick. The coarse clock is the time of the
     /// last tick, so within one value of jiffies it does not move: a run whose tick is the
     /// cached one reuses the reading, where bpf_ktime_get_coarse_ns costs about 40 ns a call on
-    /// a 2-core AMD VM (the timekeeper's seqcount), a third of a whole selection, and
+    /// a 2-core AMD VM (the timekeeper's seqcount), a fifth of a whole selection, and
     /// bpf_jiffies64 a plain load. Kernel contract: the tick that increments jiffies_64 updates
     /// the coarse clock right after (tick_do_update_jiffies64, then update_wall_time), so a run
     /// between the two, or two CPUs refreshing the cache at once, may keep a reading one tick
