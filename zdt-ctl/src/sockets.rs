@@ -794,66 +794,88 @@ pub struct Found {
     pub fd: OwnedFd,
 }
 
-/// Every listener that `spec` names, whoever holds it. A listener whose holders vanished while
-/// we looked is left out: it is gone.
-pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
-    let table = listen_entries(spec.proto)?;
-    let inodes: BTreeSet<u64> = table
-        .values()
-        .filter(|e| spec.matches(&e.local))
-        .map(|e| e.inode)
-        .collect();
-    let h = holders(&inodes);
-    let mut out = Vec::new();
-    for (inode, held) in &h.by_inode {
-        let Some(entry) = table.get(inode) else {
-            continue;
-        };
+/// Every listener on a spec's port, from one read: one sock_diag dump per family, then one
+/// scan of /proc for the holders of them all. A listener the spec names whose holders vanished
+/// while we looked is left out: it is gone.
+pub struct PortRead {
+    /// What the plan decides from ([`plan::port`]).
+    pub seen: Vec<plan::port::OnPort>,
+    /// The kernel's entry of each listener in `seen`, by cookie.
+    entries: BTreeMap<u64, ListenEntry>,
+    holders: Holders,
+}
+
+impl PortRead {
+    pub fn read(spec: &PortSpec) -> anyhow::Result<Self> {
+        let entries: BTreeMap<u64, ListenEntry> = (listen_entries(spec.proto)?.into_values())
+            .filter(|e| e.local.port() == spec.port)
+            .map(|e| (e.cookie, e))
+            .collect();
+        let inodes: BTreeSet<u64> = entries.values().map(|e| e.inode).collect();
+        let holders = holders(&inodes);
+        let seen = (entries.values())
+            .filter_map(|e| {
+                let pids = holders.pids(e.inode);
+                let named = spec.matches(&e.local);
+                if named && pids.is_empty() {
+                    return None;
+                }
+                let member = plan::member(&pids, &holders.procs);
+                let listen = plan::snapshot::Listen {
+                    cookie: e.cookie,
+                    local: e.local,
+                    v6only: e.v6only,
+                    uid: e.uid,
+                    device: e.device,
+                    member: member.and_then(|pid| {
+                        Some(plan::sets::Process {
+                            pid,
+                            start: start_time(pid)?,
+                        })
+                    }),
+                };
+                Some(plan::port::OnPort {
+                    listen,
+                    named,
+                    pid: member.or(pids.first().copied()),
+                })
+            })
+            .collect();
+        Ok(PortRead {
+            seen,
+            entries,
+            holders,
+        })
+    }
+
+    /// Duplicates the listener `cookie` from one of its holders (the member's own copy first),
+    /// with its entry; None when every holder closed it meanwhile.
+    pub fn dup(&self, cookie: u64) -> Option<Found> {
+        let entry = *self.entries.get(&cookie)?;
+        let held = self.holders.by_inode.get(&entry.inode)?;
         let pids: Vec<i32> = held.iter().map(|(p, _)| *p).collect();
-        let member = plan::member(&pids, &h.procs);
-        // Any holder will do for a duplicate; the member's own copy first.
+        let member = plan::member(&pids, &self.holders.procs);
         let mut order = held.clone();
         order.sort_by_key(|(p, _)| Some(*p) != member);
         let fd = order.iter().find_map(|(pid, fd)| {
             PidFd::open(*pid)
                 .ok()
-                .and_then(|p| dup_checked(&p, *fd, *inode).ok())
-        });
-        if let Some(fd) = fd {
-            out.push(Found {
-                member,
-                entry: *entry,
-                fd,
-            });
-        }
+                .and_then(|p| dup_checked(&p, *fd, entry.inode).ok())
+        })?;
+        Some(Found { member, entry, fd })
     }
-    Ok(out)
+
+    /// Every listener the spec names, duplicated.
+    pub fn named(&self) -> Vec<Found> {
+        (self.seen.iter().filter(|o| o.named))
+            .filter_map(|o| self.dup(o.listen.cookie))
+            .collect()
+    }
 }
 
-/// `found` split by owner: the listeners of `owner` (all of them when None), and the others, each
-/// described for a warning as "ADDR (pid N, uid U)".
-pub fn by_owner(found: Vec<Found>, owner: Option<u32>) -> (Vec<Found>, Vec<String>) {
-    let (mine, foreign): (Vec<Found>, Vec<Found>) = found
-        .into_iter()
-        .partition(|f| owner.is_none_or(|u| f.entry.uid == u));
-    let foreign = foreign
-        .iter()
-        .map(|f| match f.member {
-            Some(p) => format!("{} (pid {p}, uid {})", f.entry.local, f.entry.uid),
-            None => format!("{} (uid {})", f.entry.local, f.entry.uid),
-        })
-        .collect();
-    (mine, foreign)
-}
-
-/// The warning for listeners of another owner on the port.
-pub fn foreign_warning(foreign: &[String], owner: u32) -> String {
-    format!(
-        "{} listen(s) on the port as another user than the app's (uid {owner}): the kernel keeps \
-         them in groups of their own, which zdt leaves alone (never adopted, steered or \
-         stopped); connections the kernel gives them are not zdt's",
-        foreign.join(", ")
-    )
+/// Every listener that `spec` names, whoever holds it, duplicated: [`PortRead::named`].
+pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
+    Ok(PortRead::read(spec)?.named())
 }
 
 /// Validates a socket found by inode (attach takes over existing listeners).

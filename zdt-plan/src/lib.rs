@@ -1,11 +1,11 @@
 //! zdt's pure layer: decisions over values, with no kernel and no /proc. Which SO_REUSEPORT
 //! group a listener is in, whether a new process's listeners can take over from the port's
 //! current ones, which of the processes holding a listener is the one that serves it; one read
-//! of a port ([`snapshot`]) and the plan each command takes from it ([`sets`]); which map
-//! entries a switch writes ([`buffers`]); the error kinds and exit codes ([`error`]). zdt-ctl
-//! reads the kernel and passes values in. This crate builds without the BPF toolchain, so its
-//! unit tests and the model test run with a plain `cargo test -p zdt-plan` on any machine with
-//! Rust, without root.
+//! of a port ([`snapshot`]) and the plan each command takes from it ([`sets`]); what attach and
+//! upgrade decide from the port's listeners alone ([`port`]); which map entries a switch writes
+//! ([`buffers`]); the error kinds and exit codes ([`error`]). zdt-ctl reads the kernel and
+//! passes values in. This crate builds without the BPF toolchain, so its unit tests and the
+//! model test run with a plain `cargo test -p zdt-plan` on any machine with Rust, without root.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -16,6 +16,7 @@ pub mod buffers;
 pub mod error;
 #[cfg(test)]
 mod model;
+pub mod port;
 pub mod sets;
 pub mod snapshot;
 

@@ -2,7 +2,7 @@
 use crate::{
     addr::{PortSpec, Proto},
     error::{bad_input, require_root},
-    sockets::{self, Listener},
+    sockets,
     state::State,
 };
 
@@ -67,62 +67,6 @@ pub struct AttachReport {
     pub swept: Vec<u64>,
 }
 
-/// Existing listeners of `spec` owned by the app's user, validated, each with the process that
-/// serves it (None: only systemd or zdt-ctl hold it), and the other users' listeners, described.
-/// Validation runs before anything is created, so a listener without SO_REUSEPORT fails the
-/// attach cleanly; another user's listener is not validated, only left out.
-type Existing = (Vec<(Option<i32>, Listener)>, Vec<String>, Option<u32>);
-
-fn existing_listeners(spec: &PortSpec, user: Option<&str>) -> anyhow::Result<Existing> {
-    let found = sockets::matching_listeners(spec)?;
-    let members = match State::open_read(spec.key())? {
-        Some(s) => s.member_uids()?,
-        None => Vec::new(),
-    };
-    let uids: Vec<u32> = found.iter().map(|f| f.entry.uid).collect();
-    let owner = match user {
-        Some(u) => Some(crate::cmd::hold::uid_of(u)?),
-        None => crate::plan::owner(&members, &uids).map_err(|many| {
-            bad_input(format!(
-                "{spec} has listeners of several users (uids {many:?}) and no member yet says \
-                 which is the app's: pass --user with the app's user; nothing was changed"
-            ))
-        })?,
-    };
-    let (mine, foreign) = sockets::by_owner(found, owner);
-    let mine = mine
-        .into_iter()
-        .map(|f| {
-            let pid = f.member.unwrap_or(0);
-            Ok((f.member, sockets::listener_from(pid, f.fd, &f.entry)?))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((mine, foreign, owner))
-}
-
-/// The port's listeners that `spec` does not name (bound to a specific address while `spec` is
-/// the wildcard, or the other way round), as "ADDR (pid N)".
-fn others_on_port(spec: &PortSpec) -> anyhow::Result<Vec<String>> {
-    let table = sockets::listen_entries(spec.proto)?;
-    let others: std::collections::BTreeSet<u64> = table
-        .values()
-        .filter(|e| e.local.port() == spec.port && !spec.matches(&e.local))
-        .map(|e| e.inode)
-        .collect();
-    let h = sockets::holders(&others);
-    Ok(others
-        .iter()
-        .filter_map(|i| table.get(i))
-        .map(|e| {
-            let pids = h.pids(e.inode);
-            match crate::plan::member(&pids, &h.procs).or(pids.first().copied()) {
-                Some(p) => format!("{} (pid {p})", e.local),
-                None => e.local.to_string(),
-            }
-        })
-        .collect())
-}
-
 pub fn attach(spec: PortSpec) -> anyhow::Result<AttachReport> {
     attach_as(spec, None, None)
 }
@@ -142,38 +86,22 @@ pub fn attach_as(
             spec
         )));
     }
-    if let Some(attached) = State::open_read(spec.key())?.map(|s| s.spec) {
-        if attached != spec {
-            return Err(crate::state::attached_as(spec, attached));
-        }
-    }
-    let (listeners, foreign, owner) = existing_listeners(&spec, user)?;
-    let others = others_on_port(&spec)?;
-    // Kernel contract: a listener bound to a specific address wins its address's connections
-    // over a wildcard one, and is in a group of its own. Attaching a spec that names none of the
-    // port's listeners would steer nothing at all.
-    if listeners.is_empty() && !others.is_empty() {
-        let first = others[0].split(" (").next().unwrap_or_default();
-        return Err(bad_input(format!(
-            "no listener on {spec}: port {} is served by {} only, which {spec} does not name. \
-             Attach what the service listens on: `zdt-ctl attach {first}` (or make the service \
-             listen on {spec}); nothing was changed",
-            spec.port,
-            others.join(", "),
-        )));
-    }
-    let mut warnings = Vec::new();
-    if let (false, Some(owner)) = (foreign.is_empty(), owner) {
-        warnings.push(sockets::foreign_warning(&foreign, owner));
-    }
-    if !others.is_empty() {
-        warnings.push(format!(
-            "{} also listen(s) on port {}, outside {spec}: connections to that address go there \
-             without zdt's steering",
-            others.join(", "),
-            spec.port
-        ));
-    }
+    let members = match State::open_read(spec.key())? {
+        Some(s) if s.spec != spec => return Err(crate::state::attached_as(spec, s.spec)),
+        Some(s) => s.member_uids()?,
+        None => Vec::new(),
+    };
+    let user = user.map(crate::cmd::hold::uid_of).transpose()?;
+    // One read of the port's listeners and one pure decision from it (a refusal changes
+    // nothing); then the app's listeners duplicated and validated, still before anything is
+    // created, so a listener without SO_REUSEPORT fails the attach cleanly.
+    let read = sockets::PortRead::read(&spec)?;
+    let plan = crate::plan::port::attach(&spec.to_string(), &read.seen, &members, user)?;
+    let listeners = (plan.owned.mine.iter())
+        .filter_map(|o| Some((o.pid, read.dup(o.listen.cookie)?)))
+        .map(|(pid, f)| sockets::listener_from(pid.unwrap_or(0), f.fd, &f.entry))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut warnings = plan.warnings.clone();
     // Every attach removes what namespaces that are gone left pinned (a container, a test's
     // namespace): nothing else would, and each port's maps stay in kernel memory until reboot.
     let swept = crate::sweep::sweep_dead_namespaces().unwrap_or_else(|e| {
@@ -186,26 +114,27 @@ pub fn attach_as(
     crate::failpoint(crate::Step::AttachLocked);
     // (Re)attach to every group present: harmless if already attached, and it repairs a group
     // that was re-created without the program.
-    for (_, l) in &listeners {
+    for l in &listeners {
         state.attach_to_group(&l.fd)?;
     }
     let mut adopted = Vec::new();
-    if state.active_set()?.is_none() && listeners.iter().any(|(m, _)| m.is_some()) {
+    if state.active_set()?.is_none() && !plan.adopt.is_empty() {
         // The listeners already serving keep serving: they become the active set, so from now
-        // on the program steers exactly where kernel hashing did before. Sockets that no process
-        // serves (systemd's before the service started, a placeholder) are not members.
+        // on the program steers exactly where kernel hashing did before.
         let mut slots = Vec::new();
-        for (pid, l) in &listeners {
-            let Some(pid) = *pid else { continue };
-            let start = sockets::start_time(pid).unwrap_or(0);
-            slots.extend(state.insert(
-                pid,
-                start,
-                std::slice::from_ref(l),
-                crate::plan::sets::Role::Candidate,
-            )?);
-            if !adopted.contains(&pid) {
-                adopted.push(pid);
+        for (p, cookies) in &plan.adopt {
+            let mine = listeners.iter().filter(|l| cookies.contains(&l.cookie));
+            let before = slots.len();
+            for l in mine {
+                slots.extend(state.insert(
+                    p.pid,
+                    p.start,
+                    std::slice::from_ref(l),
+                    crate::plan::sets::Role::Candidate,
+                )?);
+            }
+            if slots.len() > before {
+                adopted.push(p.pid);
             }
         }
         let plan = state.snapshot()?.adopt(&slots)?;

@@ -97,18 +97,15 @@ fn upgrade_port(port: Port) -> anyhow::Result<UpgradeReport> {
     // shapes, wrong permissions) before anything is loaded or changed.
     let mut state = State::open_for_upgrade(port)?;
     let from = state.program_tag()?;
-    // Only the app's listeners: another user's (in groups of their own) is not zdt's to steer,
-    // and must not make the upgrade fail (every other command refuses until it succeeds).
-    let found = sockets::matching_listeners(&state.spec)?;
-    let uids: Vec<u32> = found.iter().map(|f| f.entry.uid).collect();
-    let owner = crate::plan::owner(&state.member_uids()?, &uids)
-        .ok()
-        .flatten();
-    let (mine, foreign) = sockets::by_owner(found, owner);
-    let mut warnings = Vec::new();
-    if let (false, Some(owner)) = (foreign.is_empty(), owner) {
-        warnings.push(sockets::foreign_warning(&foreign, owner));
-    }
+    // Only the app's listeners (one read, a pure split): another user's, in groups of their
+    // own, is not zdt's to steer, and must not make the upgrade fail (every other command
+    // refuses until it succeeds).
+    let read = sockets::PortRead::read(&state.spec)?;
+    let owned = crate::plan::port::upgrade(&read.seen, &state.member_uids()?);
+    let mut warnings: Vec<String> = owned.warning().into_iter().collect();
+    let mine: Vec<sockets::Found> = (owned.mine.iter())
+        .filter_map(|o| read.dup(o.listen.cookie))
+        .collect();
     // A listener without SO_REUSEPORT is in no group: there is nothing to attach to.
     let (usable, unusable): (Vec<_>, Vec<_>) = mine
         .into_iter()
