@@ -87,7 +87,7 @@ fn follow_kernel(state: &mut State) -> anyhow::Result<()> {
         return Ok(());
     }
     // Also with no live slot at all: the only member may have re-created its only listener.
-    let snap = state.snapshot()?;
+    let (snap, read) = state.read()?;
     let drift = snap.drift();
     for &(slot, heir) in &drift.rehome {
         let from = snap.recorded(slot).map(|p| p.pid);
@@ -99,27 +99,25 @@ fn follow_kernel(state: &mut State) -> anyhow::Result<()> {
         );
         state.record_process(slot, heir)?;
     }
-    if !drift.adopt.is_empty() {
-        // Duplicates of the listeners to adopt (the map update takes an fd of ours).
-        for found in sockets::matching_listeners(&state.spec)? {
-            let Some(&(_, p, role)) = drift.adopt.iter().find(|(c, ..)| *c == found.entry.cookie)
-            else {
-                continue;
-            };
-            // A listener that cannot be used (no SO_REUSEPORT, a changed fd) is left out:
-            // the command the operator ran must not fail for it.
-            let Ok(l) = sockets::listener_from(p.pid, found.fd, &found.entry) else {
-                continue;
-            };
-            state.attach_to_group(&l.fd)?;
-            state.insert(p.pid, p.start, std::slice::from_ref(&l), role)?;
-            tracing::warn!(
-                pid = p.pid,
-                local = %l.local,
-                %role,
-                "a member re-created its listener: adopted in its role"
-            );
-        }
+    // Duplicates of the listeners to adopt (the map update takes an fd of ours), from the
+    // same read: the snapshot looked for the holders of every listener in no slot.
+    for &(cookie, p, role) in &drift.adopt {
+        let Some(found) = read.dup(cookie) else {
+            continue;
+        };
+        // A listener that cannot be used (no SO_REUSEPORT, a changed fd) is left out:
+        // the command the operator ran must not fail for it.
+        let Ok(l) = sockets::listener_from(p.pid, found.fd, &found.entry) else {
+            continue;
+        };
+        state.attach_to_group(&l.fd)?;
+        state.insert(p.pid, p.start, std::slice::from_ref(&l), role)?;
+        tracing::warn!(
+            pid = p.pid,
+            local = %l.local,
+            %role,
+            "a member re-created its listener: adopted in its role"
+        );
     }
     let snap = if drift.is_empty() {
         snap

@@ -794,11 +794,10 @@ pub struct Found {
     pub fd: OwnedFd,
 }
 
-/// Every listener on a spec's port, from one read: one sock_diag dump per family, then one
-/// scan of /proc for the holders of them all. A listener the spec names whose holders vanished
-/// while we looked is left out: it is gone.
+/// Listeners of a spec's port, from one read: one sock_diag dump per family, then one scan of
+/// /proc for the holders of those that need them.
 pub struct PortRead {
-    /// What the plan decides from ([`plan::port`]).
+    /// What a plan decides from ([`plan::port`], [`plan::snapshot`]).
     pub seen: Vec<plan::port::OnPort>,
     /// The kernel's entry of each listener in `seen`, by cookie.
     entries: BTreeMap<u64, ListenEntry>,
@@ -806,20 +805,34 @@ pub struct PortRead {
 }
 
 impl PortRead {
+    /// Every listener on the spec's port, each with its holders.
     pub fn read(spec: &PortSpec) -> anyhow::Result<Self> {
+        Self::read_where(spec, |_| true, |_| true)
+    }
+
+    /// The listeners on the spec's port that `keep` keeps; their holders are looked for only
+    /// where `look` says (reading every process's fds is most of a read's cost): the member,
+    /// the pid to name and the duplicates of the others are None.
+    pub fn read_where(
+        spec: &PortSpec,
+        keep: impl Fn(&ListenEntry) -> bool,
+        look: impl Fn(&ListenEntry) -> bool,
+    ) -> anyhow::Result<Self> {
         let entries: BTreeMap<u64, ListenEntry> = (listen_entries(spec.proto)?.into_values())
-            .filter(|e| e.local.port() == spec.port)
+            .filter(|e| e.local.port() == spec.port && keep(e))
             .map(|e| (e.cookie, e))
             .collect();
-        let inodes: BTreeSet<u64> = entries.values().map(|e| e.inode).collect();
-        let holders = holders(&inodes);
+        let inodes: BTreeSet<u64> = (entries.values().filter(|e| look(e)))
+            .map(|e| e.inode)
+            .collect();
+        let holders = if inodes.is_empty() {
+            Holders::default()
+        } else {
+            holders(&inodes)
+        };
         let seen = (entries.values())
-            .filter_map(|e| {
+            .map(|e| {
                 let pids = holders.pids(e.inode);
-                let named = spec.matches(&e.local);
-                if named && pids.is_empty() {
-                    return None;
-                }
                 let member = plan::member(&pids, &holders.procs);
                 let listen = plan::snapshot::Listen {
                     cookie: e.cookie,
@@ -834,11 +847,11 @@ impl PortRead {
                         })
                     }),
                 };
-                Some(plan::port::OnPort {
+                plan::port::OnPort {
                     listen,
-                    named,
+                    named: spec.matches(&e.local),
                     pid: member.or(pids.first().copied()),
-                })
+                }
             })
             .collect();
         Ok(PortRead {
@@ -873,7 +886,8 @@ impl PortRead {
     }
 }
 
-/// Every listener that `spec` names, whoever holds it, duplicated: [`PortRead::named`].
+/// Every listener that `spec` names, whoever holds it, duplicated: [`PortRead::named`]. A
+/// listener whose holders vanished while we looked is left out: it is gone.
 pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
     Ok(PortRead::read(spec)?.named())
 }

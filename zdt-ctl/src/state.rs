@@ -34,7 +34,7 @@ use crate::{
     plan::{
         buffers::Buffers,
         sets::{self, Plan, Role},
-        snapshot::{self, Listen, Snapshot},
+        snapshot::{self, Snapshot},
     },
     program,
     sockets::{self, Listener},
@@ -841,6 +841,12 @@ impl State {
     /// (its start time); and, only for the listeners the maps do not account for
     /// ([`Snapshot::unclaimed`]), the process that serves each, from one scan of /proc.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(self.read()?.0)
+    }
+
+    /// [`State::snapshot`], with the read of the kernel's side it was made from, which can
+    /// duplicate the listeners whose holders it looked for (those the maps do not account for).
+    pub fn read(&self) -> anyhow::Result<(Snapshot, sockets::PortRead)> {
         let b = self.buffers()?;
         let recorded = (0..)
             .zip(self.all_meta()?)
@@ -860,34 +866,13 @@ impl State {
                 running.insert(p);
             }
         }
-        let table = sockets::listen_entries(self.spec.proto)?;
-        let mine: Vec<&sockets::ListenEntry> = (table.values())
-            .filter(|e| self.spec.matches(&e.local))
-            .collect();
-        let unclaimed: BTreeSet<u64> = (mine.iter())
-            .filter(|e| Snapshot::unclaimed(&slots, &running, e.cookie))
-            .map(|e| e.inode)
-            .collect();
-        let holders = (!unclaimed.is_empty()).then(|| sockets::holders(&unclaimed));
-        let member = |e: &sockets::ListenEntry| {
-            let h = holders.as_ref().filter(|_| unclaimed.contains(&e.inode))?;
-            let pid = crate::plan::member(&h.pids(e.inode), &h.procs)?;
-            Some(sets::Process {
-                pid,
-                start: sockets::start_time(pid)?,
-            })
-        };
-        let listeners = (mine.iter())
-            .map(|e| Listen {
-                cookie: e.cookie,
-                local: e.local,
-                v6only: e.v6only,
-                uid: e.uid,
-                device: e.device,
-                member: member(e),
-            })
-            .collect();
-        Ok(Snapshot {
+        let read = sockets::PortRead::read_where(
+            &self.spec,
+            |e| self.spec.matches(&e.local),
+            |e| Snapshot::unclaimed(&slots, &running, e.cookie),
+        )?;
+        let listeners = read.seen.iter().map(|o| o.listen).collect();
+        let snap = Snapshot {
             port: self.spec.port,
             slots,
             live: b.live_set(),
@@ -895,7 +880,8 @@ impl State {
             recorded,
             listeners,
             running,
-        })
+        };
+        Ok((snap, read))
     }
 
     /// Every slot that holds a live socket zdt put there (cookie matches its metadata).
