@@ -68,13 +68,19 @@ impl Owned {
     }
 }
 
+/// The owner uids of the listeners the spec names that a process holds (one that no process
+/// holds any more is closing: it says nothing of whose the port is).
+fn held_uids(seen: &[OnPort]) -> Vec<u32> {
+    (seen.iter().filter(|o| o.named && o.pid.is_some()))
+        .map(|o| o.listen.uid)
+        .collect()
+}
+
 /// `upgrade`: the listeners the program is attached through, and the warning for the others.
 /// Listeners of several users with no member to say which is the app's: all are attached
 /// through (the program only steers inside each group, to slots of the group's own sockets).
 pub fn upgrade(seen: &[OnPort], members: &[u32]) -> Owned {
-    let uids: Vec<u32> = (seen.iter().filter(|o| o.named))
-        .map(|o| o.listen.uid)
-        .collect();
+    let uids = held_uids(seen);
     Owned::split(seen, owner(members, &uids).ok().flatten())
 }
 
@@ -101,9 +107,7 @@ pub fn attach(
     members: &[u32],
     user: Option<u32>,
 ) -> anyhow::Result<Attach> {
-    let uids: Vec<u32> = (seen.iter().filter(|o| o.named))
-        .map(|o| o.listen.uid)
-        .collect();
+    let uids = held_uids(seen);
     let owner = match user {
         Some(u) => Some(u),
         None => owner(members, &uids).map_err(|many| {
@@ -212,6 +216,16 @@ mod tests {
                 a.warnings
             );
         }
+    }
+
+    #[test]
+    fn a_listener_no_process_holds_says_nothing_of_the_owner() {
+        let mut closing = on("[::]:80", 65534, None, true);
+        closing.pid = None;
+        let seen = [on("0.0.0.0:80", 0, Some(10), true), closing];
+        let a = attach(":80", &seen, &[], None).unwrap();
+        assert_eq!(a.owned.owner, Some(0));
+        assert_eq!(a.adopt.len(), 1);
     }
 
     #[test]
