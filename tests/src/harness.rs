@@ -766,19 +766,10 @@ pub fn snapshot_between_commands(
     ns: &Netns,
     port: u16,
 ) -> anyhow::Result<zdt_ctl::plan::snapshot::Snapshot> {
-    use std::os::fd::AsRawFd as _;
     ns.run(move || -> anyhow::Result<_> {
-        let dir = std::fs::File::open(zdt_ctl::state::port_dir(port.into())?)
+        let dir = zdt_ctl::state::port_dir(port.into())?;
+        let _lock = zdt_ctl::state::Lock::take_within(&dir, Some(scaled(Duration::from_secs(10))))?
             .with_context(|| format!("port {port} is not attached"))?;
-        let deadline = Instant::now() + scaled(Duration::from_secs(10));
-        // SAFETY: flock on an fd this function owns; the lock goes when `dir` is closed.
-        while unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "port {port}'s lock was held for 10 s: a command is stuck"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
         read_snapshot(port)
     })?
 }

@@ -162,18 +162,44 @@ impl Lock {
     /// the lock of a directory that is gone, beside the holder of the new one's: so after the
     /// lock is granted, the path must still name the locked inode, else the new one is locked.
     fn take(dir: &Path) -> anyhow::Result<Option<Self>> {
+        Self::take_within(dir, None)
+    }
+
+    /// [`Lock::take`], waiting at most `within` for the lock (None: as long as it takes); an
+    /// error once that has passed. For a reader that must not wait on a stuck command forever
+    /// (the tests' invariant checks).
+    pub fn take_within(
+        dir: &Path,
+        within: Option<std::time::Duration>,
+    ) -> anyhow::Result<Option<Self>> {
         use std::os::unix::fs::MetadataExt as _;
+        let deadline = within.map(|w| std::time::Instant::now() + w);
         loop {
             let file = match File::open(dir) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
             };
+            let how = if deadline.is_some() {
+                libc::LOCK_EX | libc::LOCK_NB
+            } else {
+                libc::LOCK_EX
+            };
             // SAFETY: flock on an fd we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("locking {}", dir.display()));
+            while unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
+                let e = std::io::Error::last_os_error();
+                match deadline {
+                    Some(d) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                        anyhow::ensure!(
+                            std::time::Instant::now() < d,
+                            "{} stayed locked for {:?}: a command is stuck",
+                            dir.display(),
+                            within.unwrap_or_default()
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    _ => return Err(e).with_context(|| format!("locking {}", dir.display())),
+                }
             }
             crate::failpoint(crate::Step::LockTaken);
             let locked = file.metadata()?.ino();
@@ -1526,5 +1552,28 @@ fn rcu_grace_period() {
     let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
     if rc != 0 {
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bounded wait gives up on a lock someone holds, takes it once released, and says when
+    /// the directory is gone.
+    #[test]
+    fn a_bounded_lock_gives_up_takes_a_free_lock_and_sees_a_missing_dir() {
+        let dir = std::env::temp_dir().join(format!("zdt-lock-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let short = Some(std::time::Duration::from_millis(50));
+        let held = Lock::take(&dir).unwrap().expect("the directory exists");
+        let e = Lock::take_within(&dir, short)
+            .err()
+            .expect("the lock is held");
+        assert!(e.to_string().contains("stayed locked"), "{e}");
+        drop(held);
+        assert!(Lock::take_within(&dir, short).unwrap().is_some());
+        fs::remove_dir(&dir).unwrap();
+        assert!(Lock::take_within(&dir, short).unwrap().is_none());
     }
 }
