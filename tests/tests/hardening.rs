@@ -970,8 +970,8 @@ fn another_users_v6_listener(ns: &Netns) -> anyhow::Result<KillOnDrop> {
 
 /// An unprivileged user listening on `[::]:PORT` (IPv6-only, with SO_REUSEPORT) beside a root
 /// app on `0.0.0.0:PORT`: attach asks which user is the app's instead of adopting both, and
-/// once it knows, the other user's socket is left alone by attach, upgrade, hold, status and
-/// a `--stop-old` deploy, none of which fails for it.
+/// once it knows (and refuses a `--user` naming another), the other user's socket is left alone
+/// by attach, upgrade, hold, status and a `--stop-old` deploy, none of which fails for it.
 #[test]
 fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
     let ns = Netns::new()?;
@@ -992,6 +992,16 @@ fn another_users_listener_is_left_alone() -> anyhow::Result<()> {
     );
     let r = zdt_ok(&ns, &["upgrade", "8080"])?;
     assert!(r.stderr.contains("another user"), "{r:?}");
+    // Once members say whose the port is, --user cannot name another user.
+    let before = fingerprint(&ns, PORT)?;
+    let r = zdt(&ns, &["attach", ":8080", "--user", "nobody"]);
+    assert_eq!(r.kind(), Some(Kind::BadInput), "{r:?}");
+    assert!(r.stderr.contains("run as uid 0"), "{r:?}");
+    assert_eq!(
+        fingerprint(&ns, PORT)?,
+        before,
+        "a refused attach changed the state"
+    );
     let hold = zdt_tests::harness::Hold::start(&ns, &[":8080"])?;
     let st = zdt_tests::harness::report(&ns, PORT)?;
     assert!(st.attached, "{st:?}");

@@ -98,9 +98,10 @@ pub struct Attach {
 
 /// `attach SPEC` (`spec` as the user wrote it, for messages) over the listeners `seen` on its
 /// port, with the uids of the port's members (`members`, empty when it has none) and the app's
-/// user if `--user` named one. Refused (bad input, nothing changed): listeners of several
-/// users and nothing to say which is the app's; no listener of the app on the spec while the
-/// port has others, which the spec does not name (it would steer nothing at all).
+/// user if `--user` named one. Refused (bad input, nothing changed): `--user` naming another
+/// uid than the members'; listeners of several users and nothing to say which is the app's; no
+/// listener of the app on the spec while the port has others, which the spec does not name (it
+/// would steer nothing at all).
 pub fn attach(
     spec: &str,
     seen: &[OnPort],
@@ -108,9 +109,18 @@ pub fn attach(
     user: Option<u32>,
 ) -> anyhow::Result<Attach> {
     let uids = held_uids(seen);
-    let owner = match user {
-        Some(u) => Some(u),
-        None => owner(members, &uids).map_err(|many| {
+    let owner = match (user, members.first()) {
+        // The members say whose the port is: the kernel groups only one owner's sockets.
+        (Some(u), Some(&m)) if u != m => {
+            return Err(bad_input(format!(
+                "--user names uid {u}, but the members of {spec} run as uid {m}: zdt hands over \
+                 only between processes of the app's user (the kernel keeps sockets of \
+                 different uids in separate groups); pass --user {m} or leave it out; nothing \
+                 was changed"
+            )))
+        }
+        (Some(u), _) => Some(u),
+        (None, _) => owner(members, &uids).map_err(|many| {
             bad_input(format!(
                 "{spec} has listeners of several users (uids {many:?}) and no member yet says \
                  which is the app's: pass --user with the app's user; nothing was changed"
@@ -226,6 +236,18 @@ mod tests {
         let a = attach(":80", &seen, &[], None).unwrap();
         assert_eq!(a.owned.owner, Some(0));
         assert_eq!(a.adopt.len(), 1);
+    }
+
+    #[test]
+    fn user_cannot_name_another_user_than_the_members() {
+        let seen = [
+            on("0.0.0.0:80", 0, Some(10), true),
+            on("[::]:80", 65534, Some(20), true),
+        ];
+        let e = attach(":80", &seen, &[0], Some(65534)).unwrap_err();
+        assert_eq!(kind_of(&e), Kind::BadInput);
+        assert!(e.to_string().contains("uid 0"), "{e}");
+        assert!(attach(":80", &seen, &[0], Some(0)).is_ok());
     }
 
     #[test]

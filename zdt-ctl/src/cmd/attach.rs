@@ -23,7 +23,8 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub flows: Option<u32>,
     /// The app's user (a name or uid), when listeners of several users are on the port and
-    /// none is a member yet: the others' are left alone, with a warning.
+    /// none is a member yet: the others' are left alone, with a warning. Once there are
+    /// members, it must be their user.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
 }
