@@ -173,3 +173,25 @@ fn more_sockets_of_a_family_than_zdt_steers_are_refused_before_any_change() -> a
     );
     Ok(())
 }
+
+/// attach of an app already serving with more sockets of a family than the active lists hold
+/// is refused before any change: no state is left, and the app keeps serving as before.
+#[test]
+fn attach_of_an_app_with_more_sockets_than_zdt_steers_changes_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &split_app("v1", 1025))?;
+    let r = zdt_tests::harness::zdt(&ns, &["attach", ":8080"]);
+    assert_eq!(r.kind(), Some(Kind::Refused), "{r:?}");
+    assert!(r.stderr.contains("1025 IPv4 sockets"), "{r:?}");
+    assert_eq!(
+        zdt_tests::harness::fingerprint(&ns, PORT)?,
+        None,
+        "the refused attach left state"
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], PORT).into();
+    let (code, body) =
+        ns.run(move || zdt_tests::harness::http_get(addr, "/", Duration::from_secs(5)))??;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&v1.pid.to_string()), "{body}");
+    Ok(())
+}

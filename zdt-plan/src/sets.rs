@@ -377,6 +377,15 @@ pub fn same(a: &ActiveSet, b: &ActiveSet) -> bool {
 /// program reads: at most [`MAX_ACTIVE`] per family. Checked before anything is inserted, so a
 /// process that cannot fit is refused having changed nothing.
 pub fn admit(pid: i32, port: u16, families: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
+    admit_as(&format!("pid {pid} has"), port, families)
+}
+
+/// [`admit`], `who` saying whose sockets they are ("pid 7 has", "pids 7, 9 have").
+pub fn admit_as(
+    who: &str,
+    port: u16,
+    families: impl IntoIterator<Item = u32>,
+) -> anyhow::Result<()> {
     let mut count = [0usize; 2];
     for f in families {
         if let Some(n) = family_index(f).and_then(|i| count.get_mut(i)) {
@@ -389,7 +398,7 @@ pub fn admit(pid: i32, port: u16, families: impl IntoIterator<Item = u32>) -> an
             return Err(err(
                 Kind::Refused,
                 format!(
-                    "pid {pid} has {n} {family} sockets on port {port}; zdt steers at most \
+                    "{who} {n} {family} sockets on port {port}; zdt steers at most \
                      {MAX_ACTIVE} per family (fewer workers with `reuseport`, or workers sharing \
                      their sockets); nothing was changed"
                 ),
