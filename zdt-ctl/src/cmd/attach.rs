@@ -142,21 +142,19 @@ pub fn attach_as(
     if adopting {
         // The listeners already serving keep serving: they become the active set, so from now
         // on the program steers exactly where kernel hashing did before.
+        // Each process's sockets in one insert: its slots are all chosen before any is written.
         let mut slots = Vec::new();
+        let mut rest = listeners;
         for (p, cookies) in &plan.adopt {
-            let mine = listeners.iter().filter(|l| cookies.contains(&l.cookie));
-            let before = slots.len();
-            for l in mine {
-                slots.extend(state.insert(
-                    p.pid,
-                    p.start,
-                    std::slice::from_ref(l),
-                    crate::plan::sets::Role::Candidate,
-                )?);
+            let (mine, others): (Vec<_>, Vec<_>) =
+                (rest.into_iter()).partition(|l: &sockets::Listener| cookies.contains(&l.cookie));
+            rest = others;
+            if mine.is_empty() {
+                continue;
             }
-            if slots.len() > before {
-                adopted.push(p.pid);
-            }
+            let role = crate::plan::sets::Role::Candidate;
+            slots.extend(state.insert(p.pid, p.start, &mine, role)?);
+            adopted.push(p.pid);
         }
         let plan = state.snapshot()?.adopt(&slots)?;
         state.apply(&plan)?;
