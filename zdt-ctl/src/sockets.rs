@@ -785,11 +785,8 @@ fn dup_checked(pidfd: &PidFd, fd: i32, inode: u64) -> anyhow::Result<OwnedFd> {
     Ok(dup)
 }
 
-/// A listener that a spec names, duplicated, with the process that serves it.
+/// A listener of a spec's port, duplicated.
 pub struct Found {
-    /// The member to record for it ([`plan::member`]); None when only processes that do not
-    /// serve it hold it (systemd before the service started, a `zdt-ctl hold` placeholder).
-    pub member: Option<i32>,
     pub entry: ListenEntry,
     pub fd: OwnedFd,
 }
@@ -866,8 +863,9 @@ impl PortRead {
     pub fn dup(&self, cookie: u64) -> Option<Found> {
         let entry = *self.entries.get(&cookie)?;
         let held = self.holders.by_inode.get(&entry.inode)?;
-        let pids: Vec<i32> = held.iter().map(|(p, _)| *p).collect();
-        let member = plan::member(&pids, &self.holders.procs);
+        let member = (self.seen.iter().find(|o| o.listen.cookie == cookie))
+            .and_then(|o| o.listen.member)
+            .map(|p| p.pid);
         let mut order = held.clone();
         order.sort_by_key(|(p, _)| Some(*p) != member);
         let fd = order.iter().find_map(|(pid, fd)| {
@@ -875,7 +873,7 @@ impl PortRead {
                 .ok()
                 .and_then(|p| dup_checked(&p, *fd, entry.inode).ok())
         })?;
-        Some(Found { member, entry, fd })
+        Some(Found { entry, fd })
     }
 
     /// Every listener the spec names, duplicated.
@@ -889,7 +887,8 @@ impl PortRead {
 /// Every listener that `spec` names, whoever holds it, duplicated: [`PortRead::named`]. A
 /// listener whose holders vanished while we looked is left out: it is gone.
 pub fn matching_listeners(spec: &PortSpec) -> anyhow::Result<Vec<Found>> {
-    Ok(PortRead::read(spec)?.named())
+    let named = |e: &ListenEntry| spec.matches(&e.local);
+    Ok(PortRead::read_where(spec, named, named)?.named())
 }
 
 /// Validates a socket found by inode (attach takes over existing listeners).

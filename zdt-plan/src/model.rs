@@ -722,7 +722,7 @@ impl Model {
         }
         let snap = self.clone();
         let families = socks.iter().map(|s| s.1);
-        self.decide(&snap, "admit", sets::admit(p.pid, PORT, families))?;
+        self.decide(&snap, "admit", sets::admit(&[p.pid], PORT, families))?;
         if probe != Probe::Off {
             let new = self.insert(p, &socks)?;
             let (before, snap) = (self.set(), self.clone());

@@ -373,16 +373,12 @@ pub fn same(a: &ActiveSet, b: &ActiveSet) -> bool {
         && weight(a) == weight(b)
 }
 
-/// Whether a process with sockets of `families` (one entry per socket) fits in the lists the
-/// program reads: at most [`MAX_ACTIVE`] per family. Checked before anything is inserted, so a
-/// process that cannot fit is refused having changed nothing.
-pub fn admit(pid: i32, port: u16, families: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
-    admit_as(&format!("pid {pid} has"), port, families)
-}
-
-/// [`admit`], `who` saying whose sockets they are ("pid 7 has", "pids 7, 9 have").
-pub fn admit_as(
-    who: &str,
+/// Whether the sockets of `families` (one entry per socket) of the processes `pids` (a
+/// promote's one, or those an attach adopts) fit in the lists the program reads: at most
+/// [`MAX_ACTIVE`] per family. Checked before anything is inserted, so what cannot fit is
+/// refused having changed nothing.
+pub fn admit(
+    pids: &[i32],
     port: u16,
     families: impl IntoIterator<Item = u32>,
 ) -> anyhow::Result<()> {
@@ -395,6 +391,11 @@ pub fn admit_as(
     for (i, n) in count.into_iter().enumerate() {
         if n > MAX_ACTIVE {
             let family = if i == 0 { "IPv4" } else { "IPv6" };
+            let list: Vec<String> = pids.iter().map(i32::to_string).collect();
+            let who = match pids {
+                [one] => format!("pid {one} has"),
+                _ => format!("pids {} have", list.join(", ")),
+            };
             return Err(err(
                 Kind::Refused,
                 format!(
@@ -1053,12 +1054,12 @@ mod tests {
     fn more_sockets_of_a_family_than_the_lists_hold_are_refused() {
         let v4 = |n| std::iter::repeat_n(AF_INET, n);
         admit(
-            7,
+            &[7],
             80,
             v4(MAX_ACTIVE).chain(std::iter::repeat_n(AF_INET6, MAX_ACTIVE)),
         )
         .unwrap();
-        let e = admit(7, 80, v4(MAX_ACTIVE + 1)).unwrap_err();
+        let e = admit(&[7], 80, v4(MAX_ACTIVE + 1)).unwrap_err();
         assert_eq!(code(&e), 7, "{e}");
         assert!(e.to_string().contains("1025 IPv4 sockets"), "{e}");
     }

@@ -113,48 +113,46 @@ pub fn attach_as(
     });
     let (mut state, created) = State::create(spec, flows.unwrap_or(zdt_common::DEFAULT_FLOWS))?;
     crate::failpoint(crate::Step::AttachLocked);
-    let adopting = state.active_set()?.is_none() && !plan.adopt.is_empty();
-    if adopting {
-        // The adopted sockets become the active lists, which hold at most MAX_ACTIVE per
-        // family: refused before anything is attached or inserted, and a state made by this
-        // attach is removed, so the port is exactly as it was.
-        let pids: Vec<i32> = plan.adopt.iter().map(|(p, _)| p.pid).collect();
-        let who = match pids.as_slice() {
-            [one] => format!("pid {one} has"),
-            _ => format!("pids {} have", super::pid_list(&pids)),
-        };
-        let adopted =
-            |l: &&sockets::Listener| plan.adopt.iter().any(|(_, c)| c.contains(&l.cookie));
-        let families = listeners.iter().filter(adopted).map(|l| l.family());
-        if let Err(e) = crate::plan::sets::admit_as(&who, spec.port, families) {
-            if created {
-                state.remove()?;
-            }
-            return Err(e);
-        }
-    }
-    // (Re)attach to every group present: harmless if already attached, and it repairs a group
-    // that was re-created without the program.
-    for l in &listeners {
-        state.attach_to_group(&l.fd)?;
-    }
-    let mut adopted = Vec::new();
-    if adopting {
-        // The listeners already serving keep serving: they become the active set, so from now
-        // on the program steers exactly where kernel hashing did before.
-        // Each process's sockets in one insert: its slots are all chosen before any is written.
-        let mut slots = Vec::new();
-        let mut rest = listeners;
+    // The app's listeners by the process attach adopts (none if the port has a live set
+    // already), and the rest (no process serves them: systemd's, a placeholder).
+    let mut rest = listeners;
+    let mut adopt = Vec::new();
+    if state.active_set()?.is_none() {
         for (p, cookies) in &plan.adopt {
             let (mine, others): (Vec<_>, Vec<_>) =
                 (rest.into_iter()).partition(|l: &sockets::Listener| cookies.contains(&l.cookie));
             rest = others;
-            if mine.is_empty() {
-                continue;
+            if !mine.is_empty() {
+                adopt.push((*p, mine));
             }
+        }
+    }
+    let adopted: Vec<i32> = adopt.iter().map(|(p, _)| p.pid).collect();
+    // The adopted sockets become the active lists, which hold at most MAX_ACTIVE per family:
+    // refused before anything is attached or inserted, and a state made by this attach is
+    // removed, so the port is exactly as it was.
+    let families = adopt
+        .iter()
+        .flat_map(|(_, ls)| ls.iter().map(|l| l.family()));
+    if let Err(e) = crate::plan::sets::admit(&adopted, spec.port, families) {
+        if created {
+            state.remove()?;
+        }
+        return Err(e);
+    }
+    // (Re)attach to every group present: harmless if already attached, and it repairs a group
+    // that was re-created without the program.
+    for l in adopt.iter().flat_map(|(_, ls)| ls).chain(&rest) {
+        state.attach_to_group(&l.fd)?;
+    }
+    if !adopt.is_empty() {
+        // The listeners already serving keep serving: they become the active set, so from now
+        // on the program steers exactly where kernel hashing did before. Each process's
+        // sockets in one insert: its slots are all chosen before any is written.
+        let mut slots = Vec::new();
+        for (p, mine) in &adopt {
             let role = crate::plan::sets::Role::Candidate;
-            slots.extend(state.insert(p.pid, p.start, &mine, role)?);
-            adopted.push(p.pid);
+            slots.extend(state.insert(p.pid, p.start, mine, role)?);
         }
         let plan = state.snapshot()?.adopt(&slots)?;
         state.apply(&plan)?;

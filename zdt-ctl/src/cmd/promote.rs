@@ -796,7 +796,11 @@ fn wait_listening(
 /// placeholders) without a loss, as [`Snapshot::fits`] decides; at most as many per family as
 /// the program steers ([`sets::admit`]). Changes nothing.
 fn check_fits(state: &State, pid: i32, listeners: &[Listener]) -> anyhow::Result<()> {
-    sets::admit(pid, state.spec.port, listeners.iter().map(Listener::family))?;
+    sets::admit(
+        &[pid],
+        state.spec.port,
+        listeners.iter().map(Listener::family),
+    )?;
     let new: Vec<_> = listeners.iter().map(|l| l.listen(None)).collect();
     state.snapshot()?.fits(pid, &new, sockets::interface_name)
 }
@@ -843,7 +847,7 @@ fn probe_through_port(
         let listeners = sockets::fetch_listeners(target, &state.spec)?;
         family_v4.get_or_insert(listeners.first().is_none_or(|l| l.local.is_ipv4()));
         sets::admit(
-            target.pid,
+            &[target.pid],
             state.spec.port,
             listeners.iter().map(Listener::family),
         )?;
