@@ -5,7 +5,7 @@
 use crate::addr::{Port, Proto};
 use std::collections::BTreeSet;
 
-use crate::{plan::snapshot::Listen, sockets, state::State};
+use crate::{sockets, state::State};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Group {
@@ -268,27 +268,26 @@ pub fn status(port: Port) -> anyhow::Result<Status> {
     };
     // The same read a locked command plans from; the queues from a read of their own, which
     // the stall check repeats.
-    let snap = state.snapshot()?;
+    let (snap, read) = state.read()?;
     let slots = &snap.slots;
     let table = sockets::listen_entries(state.spec.proto)?;
     let mut groups = Vec::new();
-    let uids: Vec<u32> = snap.listeners.iter().map(|l| l.uid).collect();
-    let owner = crate::plan::owner(&snap.member_uids(), &uids)
-        .ok()
-        .flatten();
+    // Whose listeners are the app's, decided as `upgrade` decides it from the same read.
+    let owned = crate::plan::port::upgrade(&read.seen, &snap.member_uids());
     for (v4, family) in [(true, "ipv4"), (false, "ipv6")] {
-        let (mine, foreign): (Vec<&Listen>, Vec<_>) = (snap.listeners.iter())
-            .filter(|e| e.local.is_ipv4() == v4)
-            .partition(|e| owner.is_none_or(|u| e.uid == u));
-        if mine.is_empty() && foreign.is_empty() {
+        let of_family = |l: &[crate::plan::port::OnPort]| {
+            l.iter().filter(|o| o.listen.local.is_ipv4() == v4).count()
+        };
+        let (mine, foreign) = (of_family(&owned.mine), of_family(&owned.foreign));
+        if mine == 0 && foreign == 0 {
             continue;
         }
         groups.push(Group {
             family: family.into(),
-            listeners: mine.len(),
-            foreign: foreign.len(),
+            listeners: mine,
+            foreign,
             // Another user's group has another program, or none: not zdt's to check.
-            steering: !mine.is_empty() && state.probe_attached(v4)?,
+            steering: mine > 0 && state.probe_attached(v4)?,
         });
     }
     let queued = |table: &std::collections::BTreeMap<u64, sockets::ListenEntry>, cookie| {
