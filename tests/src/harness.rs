@@ -507,6 +507,28 @@ pub fn spawn_until(cmd: &mut Command, want: &str) -> anyhow::Result<(Paused, boo
     Ok((Paused { child, stderr: rx }, said))
 }
 
+/// The arguments of `zdt-ctl exec --listen :PORT -- zdt-demo-app` serving `version`, its
+/// readiness on 127.0.0.1:`admin_port` (the demo app takes its sockets from exec).
+pub fn exec_demo_args(port: u16, version: &str, admin_port: u16) -> Vec<String> {
+    let listen = format!(":{port}");
+    let demo = bin("zdt-demo-app").display().to_string();
+    let (v, admin) = (version.to_string(), admin_port.to_string());
+    [
+        "exec",
+        "--listen",
+        &listen,
+        "--",
+        &demo,
+        "--port",
+        "1",
+        "--version",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([v, "--admin-port".into(), admin])
+    .collect()
+}
+
 /// Runs zdt-ctl with ZDT_FAILPOINT set to `point` in the background; returns once it got there.
 pub fn at_failpoint(ns: &Netns, args: &[String], point: &str) -> Paused {
     let mut cmd = zdt_command(ns, &strs(args));

@@ -5,8 +5,8 @@ use zdt_ctl::Step;
 use zdt_tests::harness::{kind_of, report, Kind};
 use zdt_tests::{
     harness::{
-        at_failpoint, bin, connect_when_listening, exit_within, status, zdt, zdt_command, zdt_ok,
-        App, AppOpts, KillOnDrop,
+        at_failpoint, bin, connect_when_listening, exec_demo_args, exit_within, status, zdt,
+        zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
     },
     load::{self, Background, LoadSpec},
     netns::Netns,
@@ -242,12 +242,7 @@ fn promote_of_an_exec_that_has_not_run_its_app_yet_waits_for_it() -> anyhow::Res
     let _v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
     // Held for a while with its sockets made, before it runs the app.
-    let args = ["exec", "--listen", ":8080", "--"]
-        .map(String::from)
-        .into_iter()
-        .chain([bin("zdt-demo-app").display().to_string()])
-        .chain(["--port", "1", "--version", "v2", "--admin-port", "9102"].map(String::from))
-        .collect::<Vec<_>>();
+    let args = exec_demo_args(PORT, "v2", 9102);
     let v2 = KillOnDrop(
         at_failpoint(
             &ns,

@@ -1,12 +1,14 @@
 //! `zdt-ctl watch`: new processes promoted once ready, with no deploy script, under load.
 use anyhow::Context as _;
 use std::time::{Duration, Instant};
+use zdt_ctl::Step;
 use zdt_tests::harness::{report, until_active, Role};
 
 use zdt_tests::{
     harness::{
-        active_pids, assert_invariants, relistening_member_beside_a_warming_version, within,
-        zdt_command, zdt_ok, App, AppOpts, KillOnDrop,
+        active_pids, assert_invariants, at_failpoint, exec_demo_args,
+        relistening_member_beside_a_warming_version, within, zdt_command, zdt_ok, App, AppOpts,
+        KillOnDrop,
     },
     load::{self, scaled, Background, LoadSpec},
     netns::Netns,
@@ -159,6 +161,18 @@ fn the_watcher_checks_each_process_on_its_own_admin_port() -> anyhow::Result<()>
 /// nothing was lost meanwhile.
 #[test]
 fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> anyhow::Result<()> {
+    killed_during_a_readiness_wait("--readyz-path")
+}
+
+/// The same with `--probe`, whose wait has put the new version's sockets into slots as
+/// candidates: the restarted watcher takes that candidate on, though its listeners are in slots
+/// already and so are no newcomer's.
+#[test]
+fn a_watcher_killed_during_a_probe_and_restarted_loses_nothing() -> anyhow::Result<()> {
+    killed_during_a_readiness_wait("--probe")
+}
+
+fn killed_during_a_readiness_wait(readiness: &str) -> anyhow::Result<()> {
     let ns = Netns::new()?;
     let mut v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
     zdt_ok(&ns, &["attach", ":8080"])?;
@@ -166,7 +180,7 @@ fn a_watcher_killed_during_a_readiness_wait_and_restarted_loses_nothing() -> any
     let args = [
         "watch",
         ":8080",
-        "--readyz-path",
+        readiness,
         "/readyz",
         "--stop-old",
         "--timeout",
@@ -409,5 +423,24 @@ fn the_watcher_leaves_a_process_of_another_group_alone() -> anyhow::Result<()> {
     until_active(&ns, PORT, v2.pid, scaled(Duration::from_secs(10)))?;
     assert_invariants(&ns, PORT)?;
     drop(watcher);
+    Ok(())
+}
+
+/// A unit's `zdt-ctl exec --listen :8080 -- APP`, which the watcher looks at while the pid is
+/// still zdt-ctl making the sockets (no process serves them yet). Once exec runs the app the
+/// port's listeners are the same sockets, so nothing changes that the watcher would see: it
+/// looks again while a listener is unserved, and promotes the app.
+#[test]
+fn the_watcher_promotes_an_exec_it_first_saw_before_the_app_ran() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let v1 = App::start(&ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    let _watcher = KillOnDrop(zdt_command(&ns, &["watch", ":8080", "--no-readyz"]).spawn()?);
+    let args = exec_demo_args(PORT, "v2", 9102);
+    // Paused with its sockets made for several of the watcher's looks (one every 100 ms).
+    let pause = Step::ExecListening.pausing(scaled(Duration::from_secs(1)));
+    let v2 = KillOnDrop(at_failpoint(&ns, &args, &pause).child);
+    until_active(&ns, PORT, v2.0.id() as i32, scaled(Duration::from_secs(10)))?;
+    assert_eq!(report(&ns, PORT)?.role_of(v1.pid), Some(Role::Draining));
     Ok(())
 }

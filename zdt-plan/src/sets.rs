@@ -714,6 +714,31 @@ impl Drift {
     }
 }
 
+/// Processes whose every live slot is a candidate's that no running `promote --probe` names
+/// (`live`'s probe lists; a gone zdt-ctl's are cleared before any command plans): a promote
+/// that put them in slots ended before its switch (killed, or a watcher restarted during its
+/// wait). Their listeners are in slots, so they are no [`Drift::newcomers`]; `zdt-ctl watch`
+/// takes them on as it does newcomers. `alive` tells whether a recorded process still runs.
+pub fn waiting(
+    slots: &[Slot],
+    live: Option<&ActiveSet>,
+    alive: impl Fn(&Process) -> bool,
+) -> Vec<Process> {
+    let probed = |i: u32| live.is_some_and(|l| l.probe.iter().any(|p| p.as_slice().contains(&i)));
+    let mut out: Vec<Process> = Vec::new();
+    for s in slots {
+        let p = s.process();
+        if out.contains(&p) || !alive(&p) {
+            continue;
+        }
+        let mine = || slots.iter().filter(|t| t.process() == p);
+        if mine().all(|t| t.role() == Role::Candidate && !probed(t.index)) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// The processes the live set names through slots whose socket has closed, with the role the
 /// set gives them (active, canary): a member that re-created its only listener has no live slot
 /// left, and is still what the set made it. `recorded` reads a slot's metadata (which outlives
@@ -946,6 +971,27 @@ mod tests {
 
     fn code(e: &anyhow::Error) -> i32 {
         crate::error::kind_of(e).exit_code()
+    }
+
+    #[test]
+    fn waiting_candidates_are_those_no_running_probe_names() {
+        let slots = vec![
+            slot(0, 100, AF_INET, Role::Active),
+            slot(2, 200, AF_INET, Role::Candidate),
+            slot(3, 200, AF_INET6, Role::Candidate),
+            slot(4, 300, AF_INET, Role::Candidate),
+            slot(5, 400, AF_INET, Role::Candidate),
+            slot(6, 500, AF_INET, Role::Candidate),
+            slot(7, 500, AF_INET, Role::Draining),
+        ];
+        let mut live = set_of(&slots, &[0]);
+        live.probe = lists_of(&slots, &[4]).unwrap();
+        let alive = |p: &Process| p.pid != 400;
+        // 300 is being probed, 400 is gone, 500 served before: only 200 waits.
+        let pids = |w: Vec<Process>| w.iter().map(|p| p.pid).collect::<Vec<_>>();
+        assert_eq!(pids(waiting(&slots, Some(&live), alive)), [200]);
+        // Once the probe's zdt-ctl is gone (its lists cleared), 300 waits too.
+        assert_eq!(pids(waiting(&slots, None, alive)), [200, 300]);
     }
 
     #[test]

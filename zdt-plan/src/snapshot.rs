@@ -130,6 +130,13 @@ impl Snapshot {
         })
     }
 
+    /// Candidates left by a promote that ended before its switch: [`sets::waiting`].
+    pub fn waiting(&self) -> Vec<Process> {
+        sets::waiting(&self.slots, self.live.as_ref(), |p| {
+            self.running.contains(p)
+        })
+    }
+
     /// After adopted listeners were put into the array: [`sets::rejoin`] (None: nothing to
     /// switch).
     pub fn rejoin(&self) -> anyhow::Result<Option<Plan>> {

@@ -9,7 +9,7 @@
 //! or zdt-ctl itself is refused there). A process of another uid or another group, or bound to
 //! a device the members are not, is not even taken on: it must not make the watcher give up a version of the
 //! app's that is warming up. It keeps no state of its own: killed and restarted, it
-//! finds the port as the pinned maps say.
+//! finds the port as the pinned maps say, candidates a `--probe` wait left in slots included.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -31,6 +31,10 @@ use crate::{
 
 /// How often the watcher looks at the port's listeners (one sock_diag dump).
 const POLL: Duration = Duration::from_millis(100);
+
+/// How soon the watcher looks again at a listener no process served (each look takes the lock
+/// and scans /proc, so less often than [`POLL`]).
+const UNSERVED_AGAIN: Duration = Duration::from_millis(500);
 
 /// Promote each new process that listens on the port once it is ready (runs until stopped).
 #[derive(clap::Args, Debug)]
@@ -108,12 +112,19 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     // Processes already taken on (promoted, refused or never ready): not tried again.
     let mut tried: BTreeSet<Process> = BTreeSet::new();
     let mut last: Option<BTreeSet<u64>> = None;
+    // When a listener no process served yet was seen: looked at again after UNSERVED_AGAIN.
+    let mut again: Option<Instant> = None;
     // The newest process taken on: its flag, set when a newer one comes, and its thread.
     let mut current: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
     loop {
         let now = listener_cookies(&spec)?;
-        if last.as_ref() != Some(&now) {
-            let (mut found, read) = newcomers(spec.key())?;
+        if last.as_ref() != Some(&now) || again.is_some_and(|t| Instant::now() >= t) {
+            let Look {
+                mut found,
+                unserved,
+                snap: read,
+            } = look(spec.key())?;
+            again = unserved.then(|| Instant::now() + UNSERVED_AGAIN);
             found.sort_unstable_by_key(|p| p.start);
             for p in found {
                 if !tried.insert(p) {
@@ -232,10 +243,34 @@ fn listener_cookies(spec: &PortSpec) -> anyhow::Result<BTreeSet<u64>> {
         .collect())
 }
 
-/// Takes the port's lock (which re-adopts and re-homes members' listeners) and returns, from
-/// one read, the processes with no role that serve a listener in no slot, and the read (to tell
-/// which of them are not the app's: [`Snapshot::foreign`]).
-fn newcomers(port: Port) -> anyhow::Result<(Vec<Process>, Snapshot)> {
+/// What one locked look at the port found.
+struct Look {
+    /// The processes to take on: those with no role that serve a listener in no slot, and
+    /// candidates a promote that ended before its switch left in slots (a watcher killed during
+    /// `--probe`'s wait: [`Snapshot::waiting`]).
+    found: Vec<Process>,
+    /// A listener in no slot that no process serves yet: `zdt-ctl exec` before it runs the
+    /// app, a socket unit's before the service starts. Its process shows with no change of
+    /// the port's listeners, so the watcher looks again.
+    unserved: bool,
+    /// The read, to tell which processes are not the app's ([`Snapshot::foreign`]).
+    snap: Snapshot,
+}
+
+/// Takes the port's lock (which re-adopts and re-homes members' listeners) and looks, from one
+/// read.
+fn look(port: Port) -> anyhow::Result<Look> {
     let snap = State::open_locked(port)?.snapshot()?;
-    Ok((snap.drift().newcomers, snap))
+    let mut found = snap.drift().newcomers;
+    let waiting: Vec<Process> = (snap.waiting().into_iter())
+        .filter(|p| !found.contains(p))
+        .collect();
+    found.extend(waiting);
+    let claimed = |cookie| snap.slots.iter().any(|s| s.meta.cookie == cookie);
+    let unserved = (snap.listeners.iter()).any(|l| l.member.is_none() && !claimed(l.cookie));
+    Ok(Look {
+        found,
+        unserved,
+        snap,
+    })
 }
