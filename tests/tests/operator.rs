@@ -118,6 +118,32 @@ fn one_promote_hands_over_several_ports() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A version that serves two attached ports, promoted on one of them with `--stop-old`: the
+/// old version still serves the other port (its only serving version there), so it is not
+/// signalled, and says so; the promote of the other port then stops it. Before the fix it was
+/// stopped, and the other port's live set named a dead process.
+#[test]
+fn stop_old_never_stops_a_version_another_port_still_serves() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let opts = |v| AppOpts::new(PORT, v).arg("--extra-port").arg("8443");
+    let mut v1 = App::start(&ns, &opts("v1"))?;
+    zdt_ok(&ns, &["attach", ":8080"])?;
+    zdt_ok(&ns, &["attach", ":8443"])?;
+    let v2 = App::start(&ns, &opts("v2"))?;
+    let r = promote(&ns, &v2, &["--port", "8080", "--stop-old", "--json"])?;
+    let reports: serde_json::Value = serde_json::from_str(&r.stdout)?;
+    // One port: one report, not a list.
+    let stopped = &reports["stopped"];
+    assert_eq!(stopped[0]["pid"], serde_json::json!(v1.pid), "{reports}");
+    assert_eq!(stopped[0]["outcome"], "serves-another-port", "{reports}");
+    assert!(!v1.wait_exit(Duration::from_millis(500)), "v1 was stopped");
+    let t = requests_to(&ns, ([127, 0, 0, 1], 8443).into(), 50)?;
+    assert_eq!(t.versions.get("v1"), Some(&50), "{t:?}");
+    promote(&ns, &v2, &["--port", "8443", "--stop-old"])?;
+    assert!(v1.wait_exit(Duration::from_secs(10)), "v1 not stopped");
+    Ok(())
+}
+
 /// A promote over two ports whose second port's switch fails (the new version dropped that
 /// port between its readiness check and the switch, as a reload that lost a `listen` line
 /// does) changes neither port: the first port's switch is put back with its rollback target,

@@ -91,7 +91,7 @@ pub struct Rollout {
     /// SIGTERM the previous members after the switch (and probation) and wait for them to exit.
     /// Checked first under the lock: if PID no longer serves (a rollback or another promote
     /// switched during the probation), nothing is stopped (exit code 7); a member that serves
-    /// again is never stopped.
+    /// again, or that another attached port still serves, is never stopped.
     #[arg(long)]
     pub stop_old: bool,
     /// How long --stop-old waits for the previous members to exit (and, with
@@ -282,6 +282,9 @@ pub enum StopOutcome {
     Gone,
     /// pid 1 or zdt-ctl, recorded by an older zdt-ctl: never signalled.
     NotAService,
+    /// It still serves (active or canary) another attached port of this network namespace,
+    /// which this promote did not name: not signalled (the promote of that port stops it).
+    ServesAnotherPort,
 }
 
 impl StopOutcome {
@@ -291,6 +294,7 @@ impl StopOutcome {
             StopOutcome::StillRunning => "still-running",
             StopOutcome::Gone => "gone",
             StopOutcome::NotAService => "not-a-service",
+            StopOutcome::ServesAnotherPort => "serves-another-port",
         }
     }
 }
@@ -624,8 +628,18 @@ pub fn promote(
         .map(|s| (s.port, s.new, s.drained, s.switch, s.switched_at_ms))
         .collect();
     let stopped = if opts.stop_old {
-        let signalled = signal_all(&to_stop);
+        // A process the other attached ports still serve is their only version there, maybe:
+        // stopping it would leave them to fallback (the previous version, hold, or hashing).
+        let elsewhere = serving_elsewhere(&ports)?;
+        let (kept, to_stop): (Vec<Process>, Vec<Process>) =
+            to_stop.into_iter().partition(|p| elsewhere.contains(p));
+        let mut signalled = signal_all(&to_stop);
         drop(states);
+        signalled.2.extend(kept.iter().map(|p| Stopped {
+            pid: p.pid,
+            outcome: StopOutcome::ServesAnotherPort,
+            after_ms: 0,
+        }));
         wait_all(signalled, opts.drain_timeout)
     } else {
         Vec::new()
@@ -1115,6 +1129,24 @@ fn wait_idle(done: &[Switched], idle: Duration, timeout: Duration) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+/// The processes the live sets of the attached ports other than `ports` name (active or
+/// canary), read without those ports' locks: a switch there meanwhile makes a process serve it
+/// or not a moment later, and `--stop-old` errs on the side of not stopping.
+fn serving_elsewhere(ports: &[Port]) -> anyhow::Result<Vec<Process>> {
+    let mut out = Vec::new();
+    for port in super::status::attached_ports()? {
+        if ports.contains(&port) {
+            continue;
+        }
+        let Some(state) = State::open_read(port)? else {
+            continue;
+        };
+        let slots = state.snapshot()?.slots;
+        out.extend((slots.iter().filter(|x| x.active || x.canary)).map(sets::Slot::process));
+    }
+    Ok(out)
 }
 
 /// SIGTERM to each previous member (only if it is still the process that was promoted then):
