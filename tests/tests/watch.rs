@@ -444,3 +444,61 @@ fn the_watcher_promotes_an_exec_it_first_saw_before_the_app_ran() -> anyhow::Res
     assert_eq!(report(&ns, PORT)?.role_of(v1.pid), Some(Role::Draining));
     Ok(())
 }
+
+/// Of two new processes, the older one (started first) binds its port after the newer one: the
+/// newer one, warming up, is being taken on when the older one shows, ready at once. The newest
+/// wins by start time, not by when the watcher noticed it: the older one is left a candidate and
+/// the newer one promoted once ready.
+#[test]
+fn the_newest_by_start_wins_though_it_listened_first() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let (_v1, _watcher) = v1_under_a_probing_watcher(&ns)?;
+    let older = App::start(
+        &ns,
+        &AppOpts::new(PORT, "older").bind_delay(scaled(Duration::from_millis(1500))),
+    )?;
+    // Start times count clock ticks (10 ms): several apart, so that one is newer.
+    std::thread::sleep(Duration::from_millis(100));
+    let newer = App::start(
+        &ns,
+        &AppOpts::new(PORT, "newer").warmup(scaled(Duration::from_secs(3))),
+    )?;
+    until_active(&ns, PORT, newer.pid, scaled(Duration::from_secs(15)))?;
+    assert_eq!(
+        report(&ns, PORT)?.role_of(older.pid),
+        None,
+        "the older one was taken on"
+    );
+    Ok(())
+}
+
+/// The port's listeners change while the watcher's `--probe` waits for a new version (a process of
+/// another group listens, which the watcher leaves alone): the watcher takes the port's lock
+/// for the change while its own probe waits without it, and the probe goes on: the new version
+/// is promoted once ready.
+#[test]
+fn a_change_of_the_port_during_the_watchers_probe_leaves_the_probe_alone() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let (_v1, _watcher) = v1_under_a_probing_watcher(&ns)?;
+    let warmup = scaled(Duration::from_secs(2));
+    let v2 = App::start(&ns, &AppOpts::new(PORT, "v2").warmup(warmup))?;
+    std::thread::sleep(warmup / 4);
+    let _other = App::start(&ns, &AppOpts::new(PORT, "other").gid(65534))?;
+    until_active(&ns, PORT, v2.pid, scaled(Duration::from_secs(15)))
+}
+
+/// v1 serving the attached port, and `watch --probe /readyz` (a 10 s timeout) beside it.
+fn v1_under_a_probing_watcher(ns: &Netns) -> anyhow::Result<(App, KillOnDrop)> {
+    let v1 = App::start(ns, &AppOpts::new(PORT, "v1"))?;
+    zdt_ok(ns, &["attach", ":8080"])?;
+    let timeout = format!("{}ms", scaled(Duration::from_secs(10)).as_millis());
+    let args = [
+        "watch",
+        ":8080",
+        "--probe",
+        "/readyz",
+        "--timeout",
+        &timeout,
+    ];
+    Ok((v1, KillOnDrop(zdt_command(ns, &args).spawn()?)))
+}

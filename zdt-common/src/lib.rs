@@ -163,7 +163,7 @@ pub const PROBE_CANDIDATE: u32 = 1;
 /// reaches no process.
 pub const PROBE_REFUSE: u32 = 2;
 /// Not a connection's: a `promote --probe` that waits, without the port's lock, while its probe
-/// lists are live (key: family 0, port 0, its pid in the address's first four bytes). The
+/// lists are live (key: family 0, port 0, its thread's id in the address's first four bytes). The
 /// program never looks such a key up (a packet's family is AF_INET or AF_INET6); commands that
 /// take the lock leave live probe lists alone while their claimant lives.
 pub const PROBE_CLAIM: u32 = 3;

@@ -83,6 +83,16 @@ pub fn port_dir(port: Port) -> anyhow::Result<PathBuf> {
 }
 
 /// The ZDT_PROBES key of `pid`'s claim of the probe lists: family 0, which no packet has.
+/// Who claims the probe lists: the thread, not the process. `zdt-ctl watch` probes in one
+/// thread while its main thread takes the port's lock on every change of the port's listeners;
+/// with the process's pid, that lock's repair took the live claim for its own command's and
+/// cleared the probe lists under the waiting probe (its marked connections were then refused).
+/// A thread id is a pid to kill(2), so a claim whose thread has ended is forgotten as a gone
+/// process's is; in a one-threaded zdt-ctl it is the pid.
+fn prober_id() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
 fn claim_key(pid: u32) -> ProbeKey {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&pid.to_le_bytes());
@@ -709,7 +719,7 @@ impl State {
     /// the lock (see [`zdt_common::PROBE_CLAIM`]); the claim goes when the guard is dropped, or
     /// with this process.
     pub fn claim_probe(&self) -> anyhow::Result<crate::readiness::ProbeMark> {
-        let pid = std::process::id();
+        let pid = prober_id();
         crate::readiness::ProbeMark::write(
             &self.dir,
             claim_key(pid),
@@ -726,7 +736,7 @@ impl State {
         let Some(map) = crate::readiness::probes_map(&self.dir)? else {
             return Ok(None);
         };
-        let me = std::process::id();
+        let me = prober_id();
         Ok(map
             .iter()
             .filter_map(Result::ok)

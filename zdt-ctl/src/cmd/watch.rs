@@ -41,7 +41,7 @@ const UNSERVED_AGAIN: Duration = Duration::from_millis(500);
 #[command(
     after_help = "Each new process is taken on in its own thread: one that never gets ready does \
                   not hold up the next. Of processes started one after the other, the newest \
-                  ready one serves: an older one that gets ready after a newer one was promoted \
+                  ready one serves (newest by start time, whichever listens first): an older one that gets ready after a newer one was promoted \
                   stays a candidate. A process whose listeners belong to another user than the \
                   members', that runs with a group none of the serving processes has, or whose \
                   listeners are bound to a device theirs are not, is left alone (and said so).\n\n\
@@ -114,8 +114,8 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
     let mut last: Option<BTreeSet<u64>> = None;
     // When a listener no process served yet was seen: looked at again after UNSERVED_AGAIN.
     let mut again: Option<Instant> = None;
-    // The newest process taken on: its flag, set when a newer one comes, and its thread.
-    let mut current: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
+    // The newest process taken on, its flag (set when a newer one comes) and its thread.
+    let mut current: Option<(Process, Arc<AtomicBool>, std::thread::JoinHandle<()>)> = None;
     loop {
         let now = listener_cookies(&spec)?;
         if last.as_ref() != Some(&now) || again.is_some_and(|t| Instant::now() >= t) {
@@ -134,6 +134,18 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                     eprintln!("zdt-ctl watch: port {}: {why}: left alone", spec.key());
                     continue;
                 }
+                // Newest by start time, not by when it was noticed: a process that started
+                // before the one being taken on (it bound its port later) gives way to it.
+                if let Some((newer, ..)) =
+                    (current.as_ref()).filter(|(q, _, t)| q.start > p.start && !t.is_finished())
+                {
+                    eprintln!(
+                        "zdt-ctl watch: pid {} listens on {spec}, but pid {} started after it \
+                         and is being taken on: left a candidate",
+                        p.pid, newer.pid
+                    );
+                    continue;
+                }
                 eprintln!(
                     "zdt-ctl watch: pid {} listens on {spec}: promoting it once ready",
                     p.pid
@@ -143,7 +155,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                 // one promote runs at a time (--probe's lists are one per family). The wait
                 // takes no lock: every verb goes on meanwhile.
                 let previous = current.take();
-                if let Some((flag, _)) = &previous {
+                if let Some((_, flag, _)) = &previous {
                     flag.store(true, Ordering::SeqCst);
                 }
                 let flag = Arc::new(AtomicBool::new(false));
@@ -154,7 +166,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                 };
                 let path = args.readyz_path.clone();
                 let thread = std::thread::spawn(move || {
-                    if let Some((_, t)) = previous {
+                    if let Some((.., t)) = previous {
                         let _ = t.join();
                     }
                     let role = match opts.weight {
@@ -166,7 +178,7 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
                         Err(e) => eprintln!("zdt-ctl watch: pid {} not promoted: {e:#}", p.pid),
                     }
                 });
-                current = Some((flag, thread));
+                current = Some((p, flag, thread));
             }
             // The promotes run in their threads: what they and the stops change shows as a
             // change from this table on a later round.
