@@ -502,3 +502,15 @@ fn v1_under_a_probing_watcher(ns: &Netns) -> anyhow::Result<(App, KillOnDrop)> {
     ];
     Ok((v1, KillOnDrop(zdt_command(ns, &args).spawn()?)))
 }
+
+/// `watch PORT/udp --probe PATH` is refused at start (a probe is an HTTP request through the
+/// public port), as `promote --probe` is: not taken for a watcher that would then refuse every
+/// new process.
+#[test]
+fn a_probe_on_a_udp_port_is_refused_when_the_watcher_starts() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let r = zdt_tests::harness::zdt(&ns, &["watch", ":8080/udp", "--probe", "/readyz"]);
+    assert_eq!(r.kind(), Some(zdt_tests::harness::Kind::BadInput), "{r:?}");
+    assert!(r.stderr.contains("is UDP"), "{r:?}");
+    Ok(())
+}

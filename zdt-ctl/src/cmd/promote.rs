@@ -377,11 +377,7 @@ pub fn promote(
         opts.ports.clone()
     };
     if let (Some(path), Some(udp)) = (&opts.probe, ports.iter().find(|p| p.proto == Proto::Udp)) {
-        return Err(bad_input(format!(
-            "--probe {path}: a probe is an HTTP request through the public port, and port {udp} \
-             is UDP; check the new process's readiness with --readyz URL (or the watcher's \
-             --readyz-path) on its TCP admin port; nothing was changed"
-        )));
+        return Err(probe_on_udp(path, udp));
     }
     if let (Some(idle), false) = (
         opts.stop_when_idle,
@@ -889,6 +885,15 @@ fn probe_through_port(
 }
 
 /// Err when `watch` has seen a newer process since it started this promote.
+/// `--probe PATH` with a UDP port (promote's or the watcher's): bad input.
+pub fn probe_on_udp(path: &str, udp: &Port) -> anyhow::Error {
+    bad_input(format!(
+        "--probe {path}: a probe is an HTTP request through the public port, and port {udp} is \
+         UDP; check the new process's readiness with --readyz URL (or the watcher's \
+         --readyz-path) on its TCP admin port; nothing was changed"
+    ))
+}
+
 pub fn superseded(opts: &PromoteOptions) -> Option<anyhow::Error> {
     let newer = opts
         .superseded

@@ -56,7 +56,8 @@ pub struct Args {
     #[arg(value_parser = super::parse_spec)]
     pub addr: PortSpec,
     /// Check each new process's readiness at PATH through the public port (as `promote
-    /// --probe`): zdt's marked connections reach that process and no one else.
+    /// --probe`): zdt's marked connections reach that process and no one else. TCP ports
+    /// only.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["no_readyz", "readyz_path"], value_parser = super::parse_probe_path)]
     pub probe: Option<String>,
     /// Check each new process's readiness at http://ADMIN PATH, where ADMIN is the one TCP
@@ -84,6 +85,9 @@ pub fn execute(args: Args) -> anyhow::Result<()> {
             "--stop-when-idle waits for a UDP port's flows, and {spec} is TCP; a TCP port's \
              queue moves to the new version by itself"
         )));
+    }
+    if let (Some(path), crate::addr::Proto::Udp) = (&args.probe, spec.proto) {
+        return Err(super::promote::probe_on_udp(path, &spec.key()));
     }
     let state =
         State::open_read(spec.key())?.ok_or_else(|| crate::state::not_attached(spec.key()))?;
