@@ -215,12 +215,14 @@ impl ActiveSet {
         self.hold.iter().any(|l| l.as_slice().contains(&slot))
     }
 
+    /// `slot` is in the probe lists of a `promote --probe`.
+    pub fn is_probe(&self, slot: u32) -> bool {
+        self.probe.iter().any(|l| l.as_slice().contains(&slot))
+    }
+
     /// `slot` is named anywhere in the set (active, canary, probe or hold).
     pub fn names(&self, slot: u32) -> bool {
-        self.contains(slot)
-            || self.is_canary(slot)
-            || self.is_hold(slot)
-            || self.probe.iter().any(|l| l.as_slice().contains(&slot))
+        self.contains(slot) || self.is_canary(slot) || self.is_hold(slot) || self.is_probe(slot)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -82,17 +82,17 @@ pub fn port_dir(port: Port) -> anyhow::Result<PathBuf> {
     Ok(netns_dir()?.join(port.dir_name()))
 }
 
-/// The ZDT_PROBES key of `pid`'s claim of the probe lists: family 0, which no packet has.
 /// Who claims the probe lists: the thread, not the process. `zdt-ctl watch` probes in one
 /// thread while its main thread takes the port's lock on every change of the port's listeners;
-/// with the process's pid, that lock's repair took the live claim for its own command's and
-/// cleared the probe lists under the waiting probe (its marked connections were then refused).
+/// a claim by process would be that lock's own command's to its repair, which would clear the
+/// probe lists under the waiting probe (its marked connections would then be refused).
 /// A thread id is a pid to kill(2), so a claim whose thread has ended is forgotten as a gone
 /// process's is; in a one-threaded zdt-ctl it is the pid.
 fn prober_id() -> u32 {
     nix::unistd::gettid().as_raw() as u32
 }
 
+/// The ZDT_PROBES key of `pid`'s claim of the probe lists: family 0, which no packet has.
 fn claim_key(pid: u32) -> ProbeKey {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&pid.to_le_bytes());

@@ -724,7 +724,7 @@ pub fn waiting(
     live: Option<&ActiveSet>,
     alive: impl Fn(&Process) -> bool,
 ) -> Vec<Process> {
-    let probed = |i: u32| live.is_some_and(|l| l.probe.iter().any(|p| p.as_slice().contains(&i)));
+    let probed = |i: u32| live.is_some_and(|l| l.is_probe(i));
     let mut out: Vec<Process> = Vec::new();
     for s in slots {
         let p = s.process();

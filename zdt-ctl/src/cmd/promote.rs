@@ -884,7 +884,6 @@ fn probe_through_port(
     waited.map(|_| states)
 }
 
-/// Err when `watch` has seen a newer process since it started this promote.
 /// `--probe PATH` with a UDP port (promote's or the watcher's): bad input.
 pub fn probe_on_udp(path: &str, udp: &Port) -> anyhow::Error {
     bad_input(format!(
@@ -894,6 +893,7 @@ pub fn probe_on_udp(path: &str, udp: &Port) -> anyhow::Error {
     ))
 }
 
+/// Err when `watch` has seen a newer process since it started this promote.
 pub fn superseded(opts: &PromoteOptions) -> Option<anyhow::Error> {
     let newer = opts
         .superseded
@@ -1148,7 +1148,8 @@ fn serving_elsewhere(ports: &[Port]) -> anyhow::Result<Vec<Process>> {
         let Some(state) = State::open_read(port)? else {
             continue;
         };
-        let slots = state.snapshot()?.slots;
+        // The maps alone say who serves: no read of the kernel's listeners or of /proc.
+        let slots = state.slots()?;
         out.extend((slots.iter().filter(|x| x.active || x.canary)).map(sets::Slot::process));
     }
     Ok(out)
